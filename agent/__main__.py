@@ -1,0 +1,43 @@
+"""`python -m agent --host h1 --controller tcp://127.0.0.1:PORT`: one simulated hypervisor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from dataclasses import fields
+
+from agent.config import AgentConfig
+from agent.runtime import AgentRuntime
+from agent.zmqloop import install_uvloop, setup_logging
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m agent", description="dvswitch agent (one host)")
+    p.add_argument("--host", required=True, help="host id, e.g. h1")
+    p.add_argument("--controller", required=True, help="controller endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--bind-ip", default="127.0.0.1", help="address to bind sockets on (default 127.0.0.1)")
+    p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
+    p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault-injection RNG (default 0)")
+    p.add_argument("--log-level", default="info")
+    for f in fields(AgentConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", default=f.default)
+        else:
+            p.add_argument(flag, type=int, default=f.default)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(f"agent[{args.host}]", args.log_level)
+    config = AgentConfig(**{f.name: getattr(args, f.name) for f in fields(AgentConfig)})
+    install_uvloop()
+    rt = AgentRuntime(args.host, args.controller, config, bind_ip=args.bind_ip, ready_fd=args.ready_fd,
+                      fault_seed=args.fault_seed)
+    return asyncio.run(rt.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,535 @@
+"""The agent's protocol core: no I/O, no clock, no randomness.
+
+Drivers (the asyncio/ZeroMQ runtime, the simulator) feed it frames and timer ticks
+with the current monotonic time in ns, then take its outbox: a list of
+`(destination, payload)` pairs where destination is one of
+
+- `"pub"`                 publish to every subscriber (gossip);
+- `("peer", host)`        send to that peer's rpc socket (repair requests);
+- `("reply", envelope)`   answer a request on our rpc socket, back along `envelope`;
+- `"ctl"`                 send to the controller;
+- `("connect", PeerState)` / `("disconnect", host)`   membership changed: (un)subscribe.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from agent import wire
+from agent.config import AgentConfig
+from agent.mactable import Entry, MacTable, format_mac
+from agent.peers import PeerState
+from agent.switch import LocalSwitch
+from agent.wire import MsgType, WireError
+
+NS_PER_MS = 1_000_000
+
+# Which message types each input channel may carry; anything else is dropped and counted.
+ALLOWED = {
+    "sub": {MsgType.HEARTBEAT, MsgType.UPDATES},
+    "rpc": {MsgType.PULL_REQ, MsgType.SNAPSHOT_REQ, MsgType.REQUEST},
+    "pull": {MsgType.PULL_REPLY, MsgType.SNAPSHOT},
+    "ctl": {
+        MsgType.PEERS,
+        MsgType.ATTACH,
+        MsgType.DETACH,
+        MsgType.PREPARE,
+        MsgType.SWITCHOVER,
+        MsgType.REQUEST,
+    },
+}
+
+
+class Stats:
+    __slots__ = (
+        "dropped_malformed",
+        "dropped_unexpected",
+        "updates_received",
+        "updates_applied",
+        "updates_originated",
+        "pulls_sent",
+        "pulls_served",
+        "snapshots_requested",
+        "snapshots_served",
+        "snapshots_received",
+        "repaired_updates",
+        "heartbeats_received",
+        "flap_reports",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class AgentCore:
+    def __init__(
+        self,
+        host: str,
+        incarnation: int,
+        config: AgentConfig | None = None,
+        *,
+        pub_endpoint: str = "",
+        rpc_endpoint: str = "",
+        pid: int = 0,
+    ) -> None:
+        self.host = host
+        self.incarnation = incarnation
+        self.config = config or AgentConfig()
+        self.pub_endpoint = pub_endpoint
+        self.rpc_endpoint = rpc_endpoint
+        self.pid = pid
+        self.table = MacTable(reverse_merge_rule=self.config.defect_reverse_merge)
+        self.switch = LocalSwitch()
+        self.peers: dict[str, PeerState] = {}
+        self.stats = Stats()
+        self.registered = False
+        self.outbox: list[tuple[object, object]] = []
+        # Own numbered updates, kept for peers that pull a range: _log[i] has n = _log_base + i + 1.
+        self.n = 0
+        self._log: deque[list] = deque()
+        self._log_base = 0
+        self._pending_pub: list[list] = []
+        self._applied: list[list] = []
+        self._next_heartbeat_ns = 0
+        self._pulls_pending = 0
+        self._bootstrapped = False
+        # Flap guard: key -> recent times (ns) its host changed.
+        self._moves: dict[tuple[int, int], deque[int]] = {}
+        self.flapping: dict[tuple[int, int], int] = {}
+        self.extra_methods: dict[str, Callable[[dict], object]] = {}
+        c = self.config
+        self._hb_ns = c.heartbeat_interval_ms * NS_PER_MS
+        self._suspect_ns = c.suspect_after_ms * NS_PER_MS
+        self._pull_timeout_ns = c.pull_timeout_ms * NS_PER_MS
+        self._flap_window_ns = c.flap_window_ms * NS_PER_MS
+
+    # ------------------------------------------------------------------ driver API
+
+    def start(self, now_ns: int) -> None:
+        self._send_register()
+        self._next_heartbeat_ns = now_ns
+
+    def take_outbox(self) -> list[tuple[object, object]]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def next_deadline_ns(self) -> int:
+        return self._next_heartbeat_ns
+
+    def on_frame(self, channel: str, frame: bytes, now_ns: int, envelope: object = None) -> None:
+        """One frame arrived on `channel` ("sub", "rpc", "pull" or "ctl")."""
+        try:
+            mt, body = wire.decode(frame)
+        except WireError:
+            self.stats.dropped_malformed += 1
+            return
+        if mt not in ALLOWED[channel]:
+            self.stats.dropped_unexpected += 1
+            return
+        try:
+            self._dispatch(mt, body, now_ns, envelope)
+        except WireError:
+            # Well-formed but semantically impossible (e.g. a snapshot naming us as origin of
+            # an entry we never made with a bad port): the sender's fault, dropped and counted.
+            self.stats.dropped_malformed += 1
+
+    def on_timer(self, now_ns: int) -> None:
+        if now_ns < self._next_heartbeat_ns:
+            self._retry_pulls(now_ns)
+            return
+        self._next_heartbeat_ns = now_ns + self._hb_ns
+        if not self.registered:
+            self._send_register()
+        self.outbox.append(
+            ("pub", wire.encode(MsgType.HEARTBEAT, [self.host, self.incarnation, self.n, self.table.digest, len(self.table)]))
+        )
+        self.outbox.append(
+            (
+                "ctl",
+                wire.encode(
+                    MsgType.AGENT_STATUS,
+                    [
+                        self.host,
+                        self.incarnation,
+                        self.peers_heard(now_ns),
+                        self.table.live_count(),
+                        self.table.digest,
+                        self.stats.dropped_malformed + self.stats.dropped_unexpected,
+                    ],
+                ),
+            )
+        )
+        self._retry_pulls(now_ns)
+
+    def flush(self, now_ns: int) -> None:
+        """Emit what accumulated during a batch of events: own updates, applied reports."""
+        if self._pending_pub:
+            self.outbox.append(("pub", wire.encode(MsgType.UPDATES, [self.host, self.incarnation, self._pending_pub])))
+            self._pending_pub = []
+        if self._applied:
+            self.outbox.append(("ctl", wire.encode(MsgType.APPLIED, [self.host, self._applied])))
+            self._applied = []
+
+    def note_malformed(self) -> None:
+        """A driver saw a frame it could not even hand over (bad envelope): count it."""
+        self.stats.dropped_malformed += 1
+
+    # ------------------------------------------------------------------ queries
+
+    def peers_heard(self, now_ns: int) -> int:
+        return sum(
+            1 for p in self.peers.values() if p.last_heard_ns >= 0 and now_ns - p.last_heard_ns <= self._suspect_ns
+        )
+
+    def status(self, now_ns: int) -> dict:
+        return {
+            "host": self.host,
+            "incarnation": self.incarnation,
+            "pid": self.pid,
+            "registered": self.registered,
+            "pub_endpoint": self.pub_endpoint,
+            "rpc_endpoint": self.rpc_endpoint,
+            "peers": len(self.peers),
+            "peers_heard": self.peers_heard(now_ns),
+            "mac_entries": self.table.live_count(),
+            "table_size": len(self.table),
+            "digest": f"{self.table.digest:016x}",
+            "ports": len(self.switch.ports),
+            "updates_originated": self.n,
+            "dropped_malformed": self.stats.dropped_malformed + self.stats.dropped_unexpected,
+            "flapping": [{"vlan": k[0], "mac": format_mac(k[1]), "moves": v} for k, v in self.flapping.items()],
+            "stats": self.stats.as_dict(),
+        }
+
+    def mac_table(self) -> dict:
+        local = {(p.vlan, p.mac): p for p in self.switch.ports.values()}
+        rows = []
+        for (vlan, mac), e in sorted(self.table.items()):
+            port = local.get((vlan, mac))
+            rows.append(
+                {
+                    "vlan": vlan,
+                    "mac": format_mac(mac),
+                    "host": e.host,
+                    "port": e.port,
+                    "seq": e.seq,
+                    "tombstone": e.tombstone,
+                    "local": e.host == self.host,
+                    "rx_frames": port.rx_frames if port else 0,
+                    "tx_frames": port.tx_frames if port else 0,
+                    "drop_frames": port.drop_frames if port else 0,
+                }
+            )
+        return {"host": self.host, "digest": f"{self.table.digest:016x}", "entries": rows, "ports": self.switch.describe()}
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self, mt: MsgType, body: list, now_ns: int, envelope: object) -> None:
+        if mt is MsgType.UPDATES:
+            self._on_updates(body[0], body[1], body[2], now_ns, repaired=False)
+        elif mt is MsgType.HEARTBEAT:
+            self._on_heartbeat(*body, now_ns=now_ns)
+        elif mt is MsgType.PULL_REQ:
+            self._on_pull_req(body, envelope)
+        elif mt is MsgType.PULL_REPLY:
+            self._on_pull_reply(body, now_ns)
+        elif mt is MsgType.SNAPSHOT_REQ:
+            self.stats.snapshots_served += 1
+            self.outbox.append((("reply", envelope), self._snapshot_frame()))
+        elif mt is MsgType.SNAPSHOT:
+            self._on_snapshot(body, now_ns)
+        elif mt is MsgType.PEERS:
+            self._on_peers(body[0], now_ns)
+        elif mt is MsgType.ATTACH:
+            self._on_attach(body, now_ns)
+        elif mt is MsgType.PREPARE:
+            op, vm, vlan, mac, port = body
+            self.switch.prepare(port, vm, vlan, mac)
+            self._ack(op, True, "prepared", now_ns)
+        elif mt is MsgType.SWITCHOVER:
+            self._on_switchover(body, now_ns)
+        elif mt is MsgType.DETACH:
+            self._on_detach(body, now_ns)
+        elif mt is MsgType.REQUEST:
+            self._on_request(body, now_ns, "ctl" if envelope is None else ("reply", envelope))
+
+    # ------------------------------------------------------------------ gossip in
+
+    def _peer(self, origin: str, incarnation: int) -> PeerState | None:
+        """The peer's state for this incarnation; None if the message is from an older life."""
+        peer = self.peers.get(origin)
+        if peer is None:
+            peer = self.peers[origin] = PeerState(origin)
+        if incarnation > peer.incarnation:
+            peer.new_incarnation(incarnation)
+        elif incarnation < peer.incarnation:
+            return None
+        return peer
+
+    def _on_updates(self, origin: str, incarnation: int, updates: list, now_ns: int, repaired: bool) -> None:
+        if origin == self.host:
+            return
+        peer = self._peer(origin, incarnation)
+        for n, vlan, mac, host, port, seq, tomb in updates:
+            self.stats.updates_received += 1
+            if self._merge(vlan, mac, Entry(host, port, seq, tomb), now_ns) and repaired:
+                self.stats.repaired_updates += 1
+            if peer is not None:
+                peer.mark(n)
+        if peer is not None and not repaired:
+            self._maybe_pull(peer, now_ns)
+
+    def _on_heartbeat(self, origin: str, incarnation: int, latest: int, digest: int, count: int, now_ns: int) -> None:
+        if origin == self.host:
+            return
+        self.stats.heartbeats_received += 1
+        peer = self._peer(origin, incarnation)
+        if peer is None:
+            return
+        peer.last_heard_ns = now_ns
+        if latest > peer.latest_seen:
+            peer.latest_seen = latest
+        if self._maybe_pull(peer, now_ns):
+            return
+        # Caught up with this peer's own updates: a digest that differs, stably, means one of
+        # us lost something from a third party (e.g. an origin that died). Ask for its table.
+        if digest == self.table.digest or peer.pull_pending or peer.contiguous < latest:
+            peer.mismatch = (0, 0, 0)
+            return
+        mine, theirs, rounds = peer.mismatch
+        rounds = rounds + 1 if (mine, theirs) == (self.table.digest, digest) else 1
+        if rounds >= self.config.digest_mismatch_rounds and not self.config.defect_no_repair:
+            rounds = 0
+            self._request_snapshot(peer, now_ns)
+        peer.mismatch = (self.table.digest, digest, rounds)
+
+    def _maybe_pull(self, peer: PeerState, now_ns: int) -> bool:
+        """Pull the first missing range from its origin, unless a pull is already in flight."""
+        if peer.pull_pending or self.config.defect_no_repair:
+            return peer.pull_pending
+        rng = peer.missing_range()
+        if rng is None:
+            return False
+        lo, hi = rng
+        hi = min(hi, lo + self.config.pull_batch_max - 1)
+        self.stats.pulls_sent += 1
+        self._set_pending(peer, now_ns)
+        self.outbox.append(
+            (("peer", peer.host), wire.encode(MsgType.PULL_REQ, [peer.host, peer.incarnation, lo, hi]))
+        )
+        return True
+
+    def _request_snapshot(self, peer: PeerState, now_ns: int) -> None:
+        self.stats.snapshots_requested += 1
+        self._set_pending(peer, now_ns)
+        self.outbox.append((("peer", peer.host), wire.encode(MsgType.SNAPSHOT_REQ, [self.host])))
+
+    def _set_pending(self, peer: PeerState, now_ns: int) -> None:
+        if not peer.pull_pending:
+            self._pulls_pending += 1
+        peer.pull_pending = True
+        peer.pull_retry_at_ns = now_ns + self._pull_timeout_ns
+
+    def _clear_pending(self, peer: PeerState) -> None:
+        if peer.pull_pending:
+            self._pulls_pending -= 1
+        peer.pull_pending = False
+
+    def _retry_pulls(self, now_ns: int) -> None:
+        if not self._pulls_pending:
+            return
+        for peer in self.peers.values():
+            if peer.pull_pending and now_ns >= peer.pull_retry_at_ns:
+                self._clear_pending(peer)
+                self._maybe_pull(peer, now_ns)
+
+    def _on_pull_req(self, body: list, envelope: object) -> None:
+        origin, incarnation, lo, hi = body
+        self.stats.pulls_served += 1
+        first_held = self._log_base + 1
+        if origin != self.host or incarnation != self.incarnation or lo < first_held or lo > hi:
+            # Not ours, an older life of ours, or a range we no longer keep: the whole table.
+            self.outbox.append((("reply", envelope), self._snapshot_frame()))
+            return
+        hi = min(hi, self.n, lo + self.config.pull_batch_max - 1)
+        start = lo - first_held
+        updates = [self._log[i] for i in range(start, start + max(0, hi - lo + 1))]
+        self.outbox.append(
+            (("reply", envelope), wire.encode(MsgType.PULL_REPLY, [self.host, self.incarnation, updates]))
+        )
+
+    def _on_pull_reply(self, body: list, now_ns: int) -> None:
+        origin, incarnation, updates = body
+        peer = self.peers.get(origin)
+        if peer is not None:
+            self._clear_pending(peer)
+        self._on_updates(origin, incarnation, updates, now_ns, repaired=True)
+        if peer is not None and peer.incarnation == incarnation:
+            self._maybe_pull(peer, now_ns)
+
+    def _snapshot_frame(self) -> bytes:
+        versions = [[self.host, self.incarnation, self.n]]
+        versions += [[p.host, p.incarnation, p.contiguous] for p in self.peers.values() if p.incarnation]
+        return wire.encode(MsgType.SNAPSHOT, [self.host, self.table.snapshot(), versions])
+
+    def _on_snapshot(self, body: list, now_ns: int) -> None:
+        sender, entries, versions = body
+        self.stats.snapshots_received += 1
+        sender_peer = self.peers.get(sender)
+        if sender_peer is not None:
+            self._clear_pending(sender_peer)
+        for vlan, mac, host, port, seq, tomb in entries:
+            if self._merge(vlan, mac, Entry(host, port, seq, tomb), now_ns):
+                self.stats.repaired_updates += 1
+        # Our table now dominates every update the sender held, so we hold them too.
+        for origin, incarnation, n in versions:
+            if origin == self.host:
+                continue
+            peer = self._peer(origin, incarnation)
+            if peer is not None:
+                peer.advance_to(n)
+
+    # ------------------------------------------------------------------ merge and origination
+
+    def _merge(self, vlan: int, mac: int, entry: Entry, now_ns: int) -> bool:
+        key = (vlan, mac)
+        res = self.table.merge(key, entry)
+        if not res.applied:
+            return False
+        self.stats.updates_applied += 1
+        self._applied.append([vlan, mac, entry.host, entry.seq, entry.tombstone, now_ns])
+        if entry.host != self.host:
+            # The VM lives elsewhere now: a local port for it must not stay active.
+            port = self.switch.port_for(vlan, mac)
+            if port is not None and port.state == "active":
+                self.switch.remove_key(vlan, mac)
+        if res.old is not None and res.old.host != entry.host and not entry.tombstone:
+            self._note_move(key, now_ns)
+        return True
+
+    def _note_move(self, key: tuple[int, int], now_ns: int) -> None:
+        times = self._moves.setdefault(key, deque())
+        times.append(now_ns)
+        while times and now_ns - times[0] > self._flap_window_ns:
+            times.popleft()
+        if len(times) > self.config.flap_moves:
+            if key not in self.flapping:
+                self.stats.flap_reports += 1
+            self.flapping[key] = len(times)
+        else:
+            self.flapping.pop(key, None)
+
+    def _originate(self, vlan: int, mac: int, entry: Entry) -> None:
+        self.n += 1
+        self.stats.updates_originated += 1
+        upd = [self.n, vlan, mac, entry.host, entry.port, entry.seq, entry.tombstone]
+        self._log.append(upd)
+        if len(self._log) > self.config.log_max_updates:
+            self._log.popleft()
+            self._log_base += 1
+        self._pending_pub.append(upd)
+
+    def _claim(self, vlan: int, mac: int, entry: Entry, now_ns: int) -> bool:
+        if not self._merge(vlan, mac, entry, now_ns):
+            return False
+        self._originate(vlan, mac, entry)
+        return True
+
+    # ------------------------------------------------------------------ control commands
+
+    def _send_register(self) -> None:
+        self.outbox.append(
+            (
+                "ctl",
+                wire.encode(
+                    MsgType.REGISTER, [self.host, self.incarnation, self.pub_endpoint, self.rpc_endpoint, self.pid]
+                ),
+            )
+        )
+
+    def _ack(self, op: int, ok: bool, detail: str, now_ns: int) -> None:
+        self.outbox.append(("ctl", wire.encode(MsgType.ACK, [op, ok, detail, now_ns])))
+
+    def _on_peers(self, members: list, now_ns: int) -> None:
+        self.registered = True
+        seen = set()
+        for host, incarnation, pub, rpc in members:
+            if host == self.host:
+                continue
+            seen.add(host)
+            peer = self.peers.get(host)
+            if peer is None:
+                peer = self.peers[host] = PeerState(host)
+            if incarnation > peer.incarnation:
+                peer.new_incarnation(incarnation)
+            if (pub, rpc) != (peer.pub_endpoint, peer.rpc_endpoint):
+                peer.pub_endpoint, peer.rpc_endpoint = pub, rpc
+                self.outbox.append((("connect", peer), None))
+        for host in [h for h in self.peers if h not in seen]:
+            peer = self.peers.pop(host)
+            if peer.pull_pending:
+                self._pulls_pending -= 1
+            self.outbox.append((("disconnect", host), None))
+        if not self._bootstrapped and self.peers:
+            # Joining (or rejoining): one snapshot beats pulling every origin's history.
+            self._bootstrapped = True
+            first = self.peers[min(self.peers)]
+            if first.rpc_endpoint and not self.config.defect_no_repair:
+                self._request_snapshot(first, now_ns)
+
+    def _on_attach(self, body: list, now_ns: int) -> None:
+        op, vm, vlan, mac, port, seq = body
+        self.switch.activate(port, vm, vlan, mac)
+        entry = Entry(self.host, port, seq)
+        if self._claim(vlan, mac, entry, now_ns) or self.table.get((vlan, mac)) == entry:
+            self._ack(op, True, "attached", now_ns)
+        else:
+            self.switch.remove_key(vlan, mac)
+            held = self.table.get((vlan, mac))
+            self._ack(op, False, f"stale: table holds seq {held.seq} on {held.host}", now_ns)
+
+    def _on_switchover(self, body: list, now_ns: int) -> None:
+        op, vm, vlan, mac, port, seq = body
+        self.switch.activate(port, vm, vlan, mac)
+        entry = Entry(self.host, port, seq)
+        if self._claim(vlan, mac, entry, now_ns) or self.table.get((vlan, mac)) == entry:
+            self._ack(op, True, "switched", now_ns)
+        else:
+            self.switch.remove_key(vlan, mac)
+            held = self.table.get((vlan, mac))
+            self._ack(op, False, f"stale: table holds seq {held.seq} on {held.host}", now_ns)
+
+    def _on_detach(self, body: list, now_ns: int) -> None:
+        op, vm, vlan, mac, tomb_seq = body
+        port = self.switch.remove_key(vlan, mac)
+        if tomb_seq:
+            name = port.name if port else (self.table.get((vlan, mac)) or Entry("", "-", 0)).port
+            self._claim(vlan, mac, Entry(self.host, name, tomb_seq, True), now_ns)
+        self._ack(op, True, "detached" if port else "no such port", now_ns)
+
+    def _on_request(self, body: list, now_ns: int, dest: object) -> None:
+        req_id, method, args = body
+        if method == "register" and dest == "ctl":
+            # The controller does not know us (it restarted): introduce ourselves again.
+            self._send_register()
+            return
+        try:
+            if method == "status":
+                result = self.status(now_ns)
+            elif method == "mac_table":
+                result = self.mac_table()
+            elif method == "ping":
+                result = {"host": self.host, "incarnation": self.incarnation}
+            elif method in self.extra_methods:
+                result = self.extra_methods[method](args)
+            else:
+                raise ValueError(f"unknown method {method!r}")
+        except (ValueError, TypeError, KeyError) as e:
+            self.outbox.append((dest, wire.encode(MsgType.REPLY, [req_id, False, str(e)])))
+            return
+        self.outbox.append((dest, wire.encode(MsgType.REPLY, [req_id, True, result])))

@@ -1,0 +1,101 @@
+"""The MAC address table and the one merge rule of DESIGN.md.
+
+Key `(vlan, mac)`; value `(host, port, seq, tombstone)`. An incoming entry wins iff
+`(seq, host)` is greater than what we hold: a last-writer-wins register with a total
+order, so any delivery order, duplicate or delay converges to the same table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import NamedTuple
+
+Key = tuple[int, int]  # (vlan, mac)
+
+
+class Entry(NamedTuple):
+    host: str
+    port: str
+    seq: int
+    tombstone: bool = False
+
+    def rank(self) -> tuple[int, str]:
+        return (self.seq, self.host)
+
+
+def entry_hash(vlan: int, mac: int, e: Entry) -> int:
+    """A stable 64-bit hash of one entry (the same in every process, unlike hash())."""
+    data = f"{vlan}|{mac}|{e.host}|{e.port}|{e.seq}|{int(e.tombstone)}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def format_mac(mac: int) -> str:
+    return ":".join(f"{(mac >> s) & 0xFF:02x}" for s in range(40, -1, -8))
+
+
+def parse_mac(text: str) -> int:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"not a MAC address: {text!r}")
+    return int("".join(parts), 16)
+
+
+@dataclass
+class MergeResult:
+    applied: bool
+    old: Entry | None
+
+
+class MacTable:
+    """The replicated table. `digest` is the XOR of entry hashes, kept current in O(1)."""
+
+    def __init__(self, *, reverse_merge_rule: bool = False) -> None:
+        self._entries: dict[Key, Entry] = {}
+        self.digest = 0
+        # A deliberate defect for checker tests: accept lower (seq, host) instead of higher.
+        self._reverse = reverse_merge_rule
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._entries
+
+    def get(self, key: Key) -> Entry | None:
+        return self._entries.get(key)
+
+    def items(self):
+        return self._entries.items()
+
+    def live_count(self) -> int:
+        return sum(1 for e in self._entries.values() if not e.tombstone)
+
+    def wins(self, key: Key, new: Entry) -> bool:
+        old = self._entries.get(key)
+        if old is None:
+            return True
+        if self._reverse:
+            return new.rank() < old.rank()
+        return new.rank() > old.rank()
+
+    def merge(self, key: Key, new: Entry) -> MergeResult:
+        """Apply `new` iff it is greater than what we hold (the merge rule)."""
+        old = self._entries.get(key)
+        if old is not None:
+            if self._reverse:
+                if not new.rank() < old.rank():
+                    return MergeResult(False, old)
+            elif not new.rank() > old.rank():
+                return MergeResult(False, old)
+            self.digest ^= entry_hash(key[0], key[1], old)
+        self._entries[key] = new
+        self.digest ^= entry_hash(key[0], key[1], new)
+        return MergeResult(True, old)
+
+    def snapshot(self) -> list[list]:
+        return [[k[0], k[1], e.host, e.port, e.seq, e.tombstone] for k, e in self._entries.items()]
+
+    def as_placement(self) -> dict[Key, tuple[str, int, bool]]:
+        """(vlan, mac) -> (host, seq, tombstone): what convergence is judged on."""
+        return {k: (e.host, e.seq, e.tombstone) for k, e in self._entries.items()}

@@ -1,0 +1,78 @@
+"""The local switch of one host: vEthernet ports, one per VM vNIC, each in a VLAN.
+
+Port names are given by the controller (as the Nexus 1000V VSM numbers vEthernet
+interfaces) and stay with the VM across moves. A port is `prepared` while a VM is
+migrating in and `active` once it switched over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Port profiles: the VLAN a port in that profile belongs to. A small fixed set, as an
+# administrator would define on the VSM; the controller hands out the VLAN with the port.
+DEFAULT_PROFILES: dict[str, int] = {"default": 100, "web": 110, "app": 120, "db": 130}
+
+
+@dataclass
+class Port:
+    name: str
+    vm: str
+    vlan: int
+    mac: int
+    state: str = "active"  # "prepared" | "active"
+    rx_frames: int = 0
+    tx_frames: int = 0
+    drop_frames: int = 0
+
+
+@dataclass
+class LocalSwitch:
+    ports: dict[str, Port] = field(default_factory=dict)
+    by_key: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    def prepare(self, name: str, vm: str, vlan: int, mac: int) -> Port:
+        port = Port(name, vm, vlan, mac, state="prepared")
+        self._put(port)
+        return port
+
+    def activate(self, name: str, vm: str, vlan: int, mac: int) -> Port:
+        port = self.ports.get(name)
+        if port is None or port.vm != vm or port.vlan != vlan or port.mac != mac:
+            port = Port(name, vm, vlan, mac)
+            self._put(port)
+        port.state = "active"
+        return port
+
+    def remove_key(self, vlan: int, mac: int) -> Port | None:
+        name = self.by_key.pop((vlan, mac), None)
+        if name is None:
+            return None
+        return self.ports.pop(name, None)
+
+    def port_for(self, vlan: int, mac: int) -> Port | None:
+        name = self.by_key.get((vlan, mac))
+        return self.ports.get(name) if name else None
+
+    def _put(self, port: Port) -> None:
+        old = self.ports.get(port.name)
+        if old is not None:
+            self.by_key.pop((old.vlan, old.mac), None)
+        self.remove_key(port.vlan, port.mac)
+        self.ports[port.name] = port
+        self.by_key[(port.vlan, port.mac)] = port.name
+
+    def describe(self) -> list[dict]:
+        return [
+            {
+                "port": p.name,
+                "vm": p.vm,
+                "vlan": p.vlan,
+                "mac": p.mac,
+                "state": p.state,
+                "rx_frames": p.rx_frames,
+                "tx_frames": p.tx_frames,
+                "drop_frames": p.drop_frames,
+            }
+            for p in self.ports.values()
+        ]

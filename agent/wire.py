@@ -1,0 +1,184 @@
+"""The wire format: msgpack `[schema_version, msg_type, body]`, validated on the way in.
+
+Every message from the bus is untrusted. `decode` either returns a well-typed
+`(msg_type, body)` or raises `WireError` saying what was wrong; callers drop and
+count. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import msgpack
+
+SCHEMA_VERSION = 1
+
+# Largest frame we accept, in bytes. A full snapshot of 64k entries is ~3 MB.
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+
+MAX_U64 = (1 << 64) - 1
+MAX_MAC = (1 << 48) - 1
+MAX_VLAN = 4094
+MAX_NAME_LEN = 64
+MAX_LIST_LEN = 200_000
+
+
+class MsgType(IntEnum):
+    """Message types. Only append: a number once used keeps its meaning forever."""
+
+    HEARTBEAT = 1  # gossip PUB: origin's liveness, latest update number, table digest
+    UPDATES = 2  # gossip PUB: a batch of MAC updates numbered by their origin
+    PULL_REQ = 3  # peer -> origin: resend my updates numbered from..to
+    PULL_REPLY = 4  # origin -> peer: those updates (or a snapshot when they are gone)
+    SNAPSHOT_REQ = 5  # peer -> peer: send me your whole table
+    SNAPSHOT = 6  # the whole table, plus the sender's version vector
+    REGISTER = 7  # agent -> controller: I am up, here are my endpoints
+    PEERS = 8  # controller -> agent: the membership (who to subscribe to)
+    ATTACH = 9  # controller -> agent: create and activate a port for a VM
+    DETACH = 10  # controller -> agent: remove a VM's port (optionally delete the VM)
+    PREPARE = 11  # controller -> agent: reserve a port for an incoming VM (move step 1)
+    SWITCHOVER = 12  # controller -> agent: activate the incoming VM with its new seq (move step 2)
+    ACK = 13  # agent -> controller: result of a command, stamped
+    APPLIED = 14  # agent -> controller: entries this agent applied, stamped
+    AGENT_STATUS = 15  # agent -> controller: periodic liveness and mesh/table state
+    REQUEST = 16  # client -> controller or agent: an API call
+    REPLY = 17  # the answer to a REQUEST
+
+
+class WireError(ValueError):
+    """A message that is not ours or not well-formed: the sender's fault, not ours."""
+
+
+def encode(msg_type: MsgType, body: list) -> bytes:
+    return msgpack.packb([SCHEMA_VERSION, int(msg_type), body], use_bin_type=True)
+
+
+# ---- validators: each takes a value and returns it (possibly normalised) or raises WireError
+
+
+def _int(lo: int, hi: int):
+    def check(v):
+        if type(v) is not int or v < lo or v > hi:
+            raise WireError(f"expected int in [{lo}, {hi}], got {v!r:.40}")
+        return v
+
+    return check
+
+
+def _str(max_len: int = MAX_NAME_LEN, allow_empty: bool = False):
+    def check(v):
+        if type(v) is not str or len(v) > max_len or (not allow_empty and not v):
+            raise WireError(f"expected str of length <= {max_len}, got {v!r:.40}")
+        return v
+
+    return check
+
+
+def _bool(v):
+    if type(v) is not bool:
+        raise WireError(f"expected bool, got {v!r:.40}")
+    return v
+
+
+def _any(v):
+    return v
+
+
+def _dict(v):
+    if type(v) is not dict:
+        raise WireError(f"expected map, got {type(v).__name__}")
+    return v
+
+
+def _list_of(item, max_len: int = MAX_LIST_LEN):
+    def check(v):
+        if type(v) is not list or len(v) > max_len:
+            raise WireError(f"expected list of <= {max_len} items")
+        return [item(x) for x in v]
+
+    return check
+
+
+def _tuple(*fields):
+    n = len(fields)
+
+    def check(v):
+        if type(v) is not list or len(v) != n:
+            raise WireError(f"expected a list of {n} fields, got {v!r:.60}")
+        return [f(x) for f, x in zip(fields, v, strict=True)]
+
+    return check
+
+
+U64 = _int(0, MAX_U64)
+I64 = _int(-(1 << 63), (1 << 63) - 1)
+SEQ = _int(0, (1 << 32) - 1)
+VLAN = _int(1, MAX_VLAN)
+MAC = _int(0, MAX_MAC)
+NAME = _str()
+ENDPOINT = _str(256)
+TEXT = _str(1024, allow_empty=True)
+
+# An entry of the MAC table as it travels: vlan, mac, host, port, seq, tombstone
+ENTRY = _tuple(VLAN, MAC, NAME, NAME, SEQ, _bool)
+# A numbered update from its origin: n, then the entry fields
+UPDATE = _tuple(U64, VLAN, MAC, NAME, NAME, SEQ, _bool)
+# origin -> (incarnation, highest contiguous update number)
+VERSION = _tuple(NAME, U64, U64)
+
+SCHEMAS = {
+    # origin, incarnation, latest update number, table digest, entry count
+    MsgType.HEARTBEAT: _tuple(NAME, U64, U64, U64, U64),
+    # origin, incarnation, updates
+    MsgType.UPDATES: _tuple(NAME, U64, _list_of(UPDATE)),
+    # origin wanted, its incarnation, first n, last n
+    MsgType.PULL_REQ: _tuple(NAME, U64, U64, U64),
+    # origin, incarnation, updates (empty and snapshot follows when the range is gone)
+    MsgType.PULL_REPLY: _tuple(NAME, U64, _list_of(UPDATE)),
+    MsgType.SNAPSHOT_REQ: _tuple(NAME),
+    # sender, entries, sender's version vector
+    MsgType.SNAPSHOT: _tuple(NAME, _list_of(ENTRY), _list_of(VERSION)),
+    # host, incarnation, pub endpoint, rpc endpoint, pid
+    MsgType.REGISTER: _tuple(NAME, U64, ENDPOINT, ENDPOINT, U64),
+    # [[host, incarnation, pub endpoint, rpc endpoint], ...]
+    MsgType.PEERS: _tuple(_list_of(_tuple(NAME, U64, ENDPOINT, ENDPOINT))),
+    # op id, vm, vlan, mac, port, seq
+    MsgType.ATTACH: _tuple(U64, NAME, VLAN, MAC, NAME, SEQ),
+    # op id, vm, vlan, mac, tombstone seq (0 = only detach the port, keep the entry)
+    MsgType.DETACH: _tuple(U64, NAME, VLAN, MAC, SEQ),
+    # op id, vm, vlan, mac, port
+    MsgType.PREPARE: _tuple(U64, NAME, VLAN, MAC, NAME),
+    # op id, vm, vlan, mac, port, seq
+    MsgType.SWITCHOVER: _tuple(U64, NAME, VLAN, MAC, NAME, SEQ),
+    # op id, ok, detail, monotonic ns
+    MsgType.ACK: _tuple(U64, _bool, TEXT, U64),
+    # host, [[vlan, mac, host, seq, tombstone, monotonic ns], ...]
+    MsgType.APPLIED: _tuple(NAME, _list_of(_tuple(VLAN, MAC, NAME, SEQ, _bool, U64))),
+    # host, incarnation, peers heard, entries, digest, dropped malformed
+    MsgType.AGENT_STATUS: _tuple(NAME, U64, U64, U64, U64, U64),
+    # request id, method, args
+    MsgType.REQUEST: _tuple(U64, NAME, _dict),
+    # request id, ok, result (any msgpack value) or error text
+    MsgType.REPLY: _tuple(U64, _bool, _any),
+}
+
+
+def decode(frame: bytes) -> tuple[MsgType, list]:
+    """Parse and validate one frame. Raises WireError on anything unexpected."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        # unpackb bounds every container and string by the frame's own length.
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise WireError(f"not msgpack: {type(e).__name__}") from None
+    if type(obj) is not list or len(obj) != 3:
+        raise WireError("expected [schema_version, msg_type, body]")
+    version, mtype, body = obj
+    if version != SCHEMA_VERSION:
+        raise WireError(f"schema version {version!r:.20} is not {SCHEMA_VERSION}")
+    try:
+        mt = MsgType(mtype)
+    except (ValueError, TypeError):
+        raise WireError(f"unknown message type {mtype!r:.20}") from None
+    return mt, SCHEMAS[mt](body)

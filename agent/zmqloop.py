@@ -1,0 +1,133 @@
+"""Shared plumbing for the asyncio + ZeroMQ drivers (agent and controller).
+
+ZeroMQ's socket FD is edge-triggered: it signals when the socket's state changes,
+not while input is queued. So on every wake-up we drain with NOBLOCK while EVENTS
+reports POLLIN, and after sending on a socket we check it again, since a send can
+consume the edge that announced new input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import zmq
+
+# Frames handled per wake-up of one socket before yielding to the loop, so one busy
+# socket cannot starve timers and the others.
+DRAIN_BATCH = 512
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency; fall back quietly
+        logging.getLogger(__name__).warning("uvloop not available; using the default asyncio loop")
+
+
+class Reader:
+    """Drains one socket into `handle(frames)` whenever it becomes readable."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket, handle: Callable[[list[bytes]], None],
+                 after: Callable[[], None]) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.handle = handle
+        self.after = after
+        self._scheduled = False
+        loop.add_reader(sock.getsockopt(zmq.FD), self.kick)
+
+    def kick(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        sock = self.sock
+        n = 0
+        try:
+            while n < DRAIN_BATCH and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                n += 1
+                self.handle(frames)
+        except zmq.ZMQError:
+            return  # socket closed during shutdown
+        if n:
+            self.after()
+        if n >= DRAIN_BATCH:
+            self.kick()
+
+    def check(self) -> None:
+        try:
+            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self.kick()
+        except zmq.ZMQError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+        except (zmq.ZMQError, ValueError):
+            pass
+
+
+def bind_ephemeral(sock: zmq.Socket, ip: str) -> str:
+    sock.bind(f"tcp://{ip}:*")
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def write_ready(fd: int | None, info: dict) -> None:
+    """Tell the launcher we are up: one JSON line on the inherited pipe, then close it."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, (json.dumps(info) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+class Timer:
+    """One pending wake-up at a monotonic-ns deadline, moved as the core asks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fire: Callable[[], None]) -> None:
+        self.loop = loop
+        self.fire = fire
+        self.handle: asyncio.TimerHandle | None = None
+        self.deadline_ns = 0
+
+    def set(self, deadline_ns: int) -> None:
+        if self.handle is not None:
+            if self.deadline_ns == deadline_ns:
+                return
+            self.handle.cancel()
+        self.deadline_ns = deadline_ns
+        delay_s = max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9)
+        self.handle = self.loop.call_later(delay_s, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        self.fire()
+
+
+def on_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def setup_logging(name: str, level: str) -> logging.Logger:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s {name} %(levelname)s %(message)s",
+    )
+    return logging.getLogger(name)

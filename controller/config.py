@@ -1,0 +1,20 @@
+"""Controller settings. Every field says its unit and default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    # How often the controller checks deadlines and host liveness, in ms. Default 50.
+    tick_interval_ms: int = 50
+    # A host silent (no status, ack or report) for this long is suspect, in ms. Default 1500
+    # (three missed agent heartbeats at the agent's default 500 ms).
+    suspect_after_ms: int = 1500
+    # A host silent for this long is dead: it leaves the membership and moves stop waiting
+    # for it, in ms. Default 3000.
+    dead_after_ms: int = 3000
+    # A VM create, move or delete that has not converged by then is reported as not
+    # converged, in ms. Default 10,000.
+    op_timeout_ms: int = 10_000

@@ -1,0 +1,447 @@
+"""The controller's protocol core: inventory, VM create/move/delete, convergence tracking.
+
+No I/O and no clock: drivers feed `on_frame(envelope, frame, now_ns)` and `on_timer(now_ns)`
+and take `outbox`, a list of `(envelope, payload)` to send on the controller's ROUTER socket.
+
+A VM operation is converged when every live agent has reported applying the target
+`(host, seq)` for the VM's `(vlan, mac)`. Its latency is the last agent's apply time minus
+the switchover time, both `CLOCK_MONOTONIC` stamps taken by the agents themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from agent import wire
+from agent.wire import MsgType, WireError
+from controller.config import ControllerConfig
+from controller.inventory import Host, Inventory, Vm
+
+NS_PER_MS = 1_000_000
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ApiError(Exception):
+    """A client asked for something impossible: the message says what and what to do."""
+
+
+@dataclass
+class Op:
+    op_id: int
+    kind: str  # create | move | delete
+    vm: str
+    src: str
+    dst: str
+    target: tuple[str, int, bool]  # (host, seq, tombstone) every agent must reach
+    key: tuple[int, int]
+    started_ns: int
+    deadline_ns: int
+    phase: str = "start"  # prepare | switchover | converging | done
+    switch_ns: int = 0
+    applied: dict[str, int] = field(default_factory=dict)
+    waiters: list = field(default_factory=list)  # Batch objects waiting on this op
+    converged: bool = False
+    error: str = ""
+    latency_ms: float | None = None
+    missing: list[str] = field(default_factory=list)
+
+    def record(self) -> dict:
+        return {
+            "op": self.op_id,
+            "kind": self.kind,
+            "vm": self.vm,
+            "src": self.src,
+            "dst": self.dst,
+            "seq": self.target[1],
+            "converged": self.converged,
+            "latency_ms": self.latency_ms,
+            "error": self.error,
+            "missing": self.missing,
+            "switch_ns": self.switch_ns,
+        }
+
+
+@dataclass
+class Batch:
+    """A client request waiting for one or more ops to finish."""
+
+    envelope: list
+    req_id: int
+    pending: set[int]
+    ops: list[Op]
+    single: bool
+
+
+@dataclass
+class ReadyWaiter:
+    envelope: list
+    req_id: int
+    hosts: int
+    deadline_ns: int
+
+
+class ControllerCore:
+    def __init__(self, config: ControllerConfig | None = None) -> None:
+        self.config = config or ControllerConfig()
+        self.inv = Inventory()
+        self.outbox: list[tuple[list, bytes]] = []
+        self.ops: dict[int, Op] = {}  # in flight, by op id
+        self.ops_by_key: dict[tuple[int, int], Op] = {}
+        self.history: list[dict] = []  # finished moves, oldest first
+        self._routes: dict[bytes, str] = {}  # first envelope frame -> host
+        self._next_op = 1
+        self._ready_waiters: list[ReadyWaiter] = []
+        self.dropped_malformed = 0
+        self._tick_ns = self.config.tick_interval_ms * NS_PER_MS
+        self._next_tick_ns = 0
+
+    # ------------------------------------------------------------------ driver API
+
+    def take_outbox(self) -> list[tuple[list, bytes]]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def next_deadline_ns(self) -> int:
+        return self._next_tick_ns
+
+    def on_frame(self, envelope: list, frame: bytes, now_ns: int) -> None:
+        try:
+            mt, body = wire.decode(frame)
+        except WireError:
+            self.dropped_malformed += 1
+            return
+        host = self._routes.get(envelope[0]) if envelope else None
+        if mt is MsgType.REQUEST:
+            self._on_request(envelope, body, now_ns)
+        elif mt is MsgType.REGISTER:
+            self._on_register(envelope, body, now_ns)
+        elif host is None or host not in self.inv.hosts:
+            if mt in (MsgType.AGENT_STATUS, MsgType.APPLIED, MsgType.ACK):
+                # An agent we do not know (we restarted, or it did): ask it to register again.
+                self.outbox.append((envelope, wire.encode(MsgType.REQUEST, [0, "register", {}])))
+            else:
+                self.dropped_malformed += 1
+        elif mt is MsgType.AGENT_STATUS:
+            self._on_status(host, body, now_ns)
+        elif mt is MsgType.APPLIED:
+            self._seen(host, now_ns)
+            self._on_applied(host, body[1], now_ns)
+        elif mt is MsgType.ACK:
+            self._seen(host, now_ns)
+            self._on_ack(host, body, now_ns)
+        elif mt is MsgType.REPLY:
+            self._seen(host, now_ns)
+        else:
+            self.dropped_malformed += 1
+
+    def on_timer(self, now_ns: int) -> None:
+        if now_ns < self._next_tick_ns:
+            return
+        self._next_tick_ns = now_ns + self._tick_ns
+        self._check_liveness(now_ns)
+        for op in [op for op in self.ops.values() if now_ns >= op.deadline_ns]:
+            self._finish(op, now_ns, timed_out=True)
+        self._check_ready(now_ns)
+
+    # ------------------------------------------------------------------ agents
+
+    def _on_register(self, envelope: list, body: list, now_ns: int) -> None:
+        name, incarnation, pub, rpc, pid = body
+        old = self.inv.hosts.get(name)
+        if old is not None and incarnation < old.incarnation:
+            return  # a stale message from an earlier life of that host
+        if old is not None:
+            self._routes.pop(old.route[0], None)
+        self.inv.hosts[name] = Host(name, incarnation, pub, rpc, pid, envelope, last_seen_ns=now_ns,
+                                    registered_ns=now_ns)
+        self._routes[envelope[0]] = name
+        self._broadcast_peers()
+        self._check_ready(now_ns)
+
+    def _broadcast_peers(self) -> None:
+        members = [[h.name, h.incarnation, h.pub_endpoint, h.rpc_endpoint]
+                   for h in self.inv.hosts.values() if h.state != "dead"]
+        frame = wire.encode(MsgType.PEERS, [members])
+        for h in self.inv.hosts.values():
+            if h.state != "dead":
+                self.outbox.append((h.route, frame))
+
+    def _seen(self, host: str, now_ns: int) -> None:
+        h = self.inv.hosts[host]
+        h.last_seen_ns = now_ns
+        if h.state == "suspect":
+            h.state = "alive"
+
+    def _on_status(self, host: str, body: list, now_ns: int) -> None:
+        _, incarnation, peers_heard, entries, digest, dropped = body
+        h = self.inv.hosts[host]
+        if incarnation != h.incarnation:
+            return
+        self._seen(host, now_ns)
+        h.peers_heard, h.mac_entries, h.digest, h.dropped_malformed = peers_heard, entries, digest, dropped
+        if self._ready_waiters:
+            self._check_ready(now_ns)
+
+    def _check_liveness(self, now_ns: int) -> None:
+        suspect_ns = self.config.suspect_after_ms * NS_PER_MS
+        dead_ns = self.config.dead_after_ms * NS_PER_MS
+        changed = False
+        for h in self.inv.hosts.values():
+            silent = now_ns - h.last_seen_ns
+            if h.state != "dead" and silent > dead_ns:
+                h.state = "dead"
+                changed = True
+            elif h.state == "alive" and silent > suspect_ns:
+                h.state = "suspect"
+        if changed:
+            self._broadcast_peers()
+            for op in list(self.ops.values()):
+                self._check_converged(op, now_ns)
+
+    def _on_applied(self, host: str, applied: list, now_ns: int) -> None:
+        for vlan, mac, ehost, seq, tomb, t_ns in applied:
+            op = self.ops_by_key.get((vlan, mac))
+            if op is None:
+                continue
+            if (ehost, seq, tomb) == op.target or seq > op.target[1]:
+                # A later seq for the same MAC also means this agent moved past the target.
+                op.applied.setdefault(host, t_ns)
+                if op.phase == "converging":
+                    self._check_converged(op, now_ns)
+
+    def _on_ack(self, host: str, body: list, now_ns: int) -> None:
+        op_id, ok, detail, t_ns = body
+        op = self.ops.get(op_id)
+        if op is None:
+            return  # the ack of a detach, or of an op already finished
+        if not ok:
+            op.error = f"{host} refused: {detail}"
+            self._finish(op, now_ns)
+            return
+        vm = self.inv.vms[op.vm]
+        if op.phase == "prepare" and host == op.dst:
+            op.phase = "switchover"
+            self._send(op.dst, MsgType.SWITCHOVER, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, op.target[1]])
+        elif op.phase in ("switchover", "attach", "tombstone") and host == op.target[0]:
+            op.switch_ns = t_ns
+            op.phase = "converging"
+            vm.host, vm.seq = op.target[0], op.target[1]
+            if op.kind == "move":
+                # The source lets go only once the destination owns the MAC (make before break).
+                self._send(op.src, MsgType.DETACH, [self._new_op_id(), vm.name, vm.vlan, vm.mac, 0])
+            self._check_converged(op, now_ns)
+
+    # ------------------------------------------------------------------ ops
+
+    def _new_op_id(self) -> int:
+        op_id = self._next_op
+        self._next_op += 1
+        return op_id
+
+    def _send(self, host: str, mt: MsgType, body: list) -> None:
+        self.outbox.append((self.inv.hosts[host].route, wire.encode(mt, body)))
+
+    def _start_op(self, kind: str, vm: Vm, src: str, dst: str, target: tuple[str, int, bool], now_ns: int) -> Op:
+        op = Op(self._new_op_id(), kind, vm.name, src, dst, target, vm.key, now_ns,
+                now_ns + self.config.op_timeout_ms * NS_PER_MS)
+        self.ops[op.op_id] = op
+        self.ops_by_key[vm.key] = op
+        if kind == "create":
+            op.phase = "attach"
+            self._send(dst, MsgType.ATTACH, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, target[1]])
+        elif kind == "move":
+            op.phase = "prepare"
+            vm.state = "moving"
+            self._send(dst, MsgType.PREPARE, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port])
+        elif kind == "delete":
+            op.phase = "tombstone"
+            self._send(src, MsgType.DETACH, [op.op_id, vm.name, vm.vlan, vm.mac, target[1]])
+        return op
+
+    def _check_converged(self, op: Op, now_ns: int) -> None:
+        if op.phase != "converging":
+            return
+        live = self.inv.live_hosts()
+        if all(h in op.applied for h in live):
+            op.converged = True
+            last = max((op.applied[h] for h in live), default=op.switch_ns)
+            op.latency_ms = max(0, last - op.switch_ns) / NS_PER_MS
+            self._finish(op, now_ns)
+
+    def _finish(self, op: Op, now_ns: int, timed_out: bool = False) -> None:
+        self.ops.pop(op.op_id, None)
+        if self.ops_by_key.get(op.key) is op:
+            del self.ops_by_key[op.key]
+        vm = self.inv.vms.get(op.vm)
+        if timed_out and not op.converged:
+            live = self.inv.live_hosts()
+            op.missing = sorted(h for h in live if h not in op.applied)
+            if not op.error:
+                op.error = (f"not converged within {self.config.op_timeout_ms} ms "
+                            f"(phase {op.phase}; {len(op.missing)} hosts have not applied it)")
+        if vm is not None:
+            if op.phase == "converging":
+                # The destination owns the MAC: the inventory follows it even if some agent lags.
+                vm.state = "deleted" if op.kind == "delete" else "active"
+            elif op.kind == "create":
+                vm.state = "failed"
+            elif op.kind == "move":
+                vm.state = "active"  # aborted before switchover: the VM stays on its source
+        op.phase = "done"
+        if op.kind == "move":
+            self.history.append(op.record())
+        for batch in op.waiters:
+            batch.pending.discard(op.op_id)
+            if not batch.pending:
+                self._reply_batch(batch)
+
+    def _reply_batch(self, batch: Batch) -> None:
+        records = [op.record() for op in batch.ops]
+        if batch.single:
+            op = batch.ops[0]
+            if op.error and not op.converged and op.phase == "done" and op.switch_ns == 0:
+                self._reply(batch.envelope, batch.req_id, False, op.error)
+                return
+            self._reply(batch.envelope, batch.req_id, True, records[0])
+        else:
+            self._reply(batch.envelope, batch.req_id, True, {"ops": records})
+
+    # ------------------------------------------------------------------ client API
+
+    def _reply(self, envelope: list, req_id: int, ok: bool, result) -> None:
+        self.outbox.append((envelope, wire.encode(MsgType.REPLY, [req_id, ok, result])))
+
+    def _on_request(self, envelope: list, body: list, now_ns: int) -> None:
+        req_id, method, args = body
+        handler = getattr(self, f"api_{method}", None)
+        if handler is None:
+            self._reply(envelope, req_id, False, f"unknown method {method!r}")
+            return
+        try:
+            result = handler(args, now_ns, envelope, req_id)
+        except ApiError as e:
+            self._reply(envelope, req_id, False, str(e))
+            return
+        except (KeyError, TypeError, ValueError) as e:
+            self._reply(envelope, req_id, False, f"bad arguments for {method}: {e}")
+            return
+        if result is not None:
+            self._reply(envelope, req_id, True, result)
+
+    def _wait(self, envelope: list, req_id: int, ops: list[Op], single: bool) -> None:
+        batch = Batch(envelope, req_id, {op.op_id for op in ops if op.phase != "done"}, ops, single)
+        if not batch.pending:
+            self._reply_batch(batch)
+            return
+        for op in ops:
+            op.waiters.append(batch)
+
+    def api_status(self, args, now_ns, envelope, req_id) -> dict:
+        return {
+            "hosts": [h.describe() for h in sorted(self.inv.hosts.values(), key=lambda h: _host_order(h.name))],
+            "vms": sum(1 for v in self.inv.vms.values() if v.state != "deleted"),
+            "ops_in_flight": len(self.ops),
+            "moves_done": len(self.history),
+            "dropped_malformed": self.dropped_malformed,
+        }
+
+    def api_vm_list(self, args, now_ns, envelope, req_id) -> dict:
+        include_deleted = bool(args.get("all", False))
+        vms = [vm.describe() for vm in self.inv.vms.values() if include_deleted or vm.state != "deleted"]
+        return {"vms": vms}
+
+    def api_expected_table(self, args, now_ns, envelope, req_id) -> dict:
+        return {"entries": [[k[0], k[1], h, s, t] for k, (h, s, t) in self.inv.expected_table().items()],
+                "live_hosts": self.inv.live_hosts()}
+
+    def api_moves(self, args, now_ns, envelope, req_id) -> dict:
+        return {"moves": self.history[-int(args.get("last", 1000)):]}
+
+    def api_wait_ready(self, args, now_ns, envelope, req_id) -> None:
+        hosts = int(args["hosts"])
+        timeout_ms = int(args.get("timeout_ms", 30_000))
+        self._ready_waiters.append(ReadyWaiter(envelope, req_id, hosts, now_ns + timeout_ms * NS_PER_MS))
+        self._check_ready(now_ns)
+
+    def _check_ready(self, now_ns: int) -> None:
+        if not self._ready_waiters:
+            return
+        live = [h for h in self.inv.hosts.values() if h.state == "alive"]
+        keep = []
+        for w in self._ready_waiters:
+            if len(live) >= w.hosts and all(h.peers_heard >= w.hosts - 1 for h in live):
+                self._reply(w.envelope, w.req_id, True, {"hosts": len(live)})
+            elif now_ns >= w.deadline_ns:
+                meshed = sum(1 for h in live if h.peers_heard >= w.hosts - 1)
+                self._reply(w.envelope, w.req_id, False,
+                            f"cluster not ready: {len(live)}/{w.hosts} agents registered, "
+                            f"{meshed} hear all their peers")
+            else:
+                keep.append(w)
+        self._ready_waiters = keep
+
+    def _check_host(self, name: str) -> Host:
+        h = self.inv.hosts.get(name)
+        if h is None:
+            known = ", ".join(sorted(self.inv.hosts, key=_host_order)) or "none"
+            raise ApiError(f"unknown host {name!r} (known: {known})")
+        if h.state == "dead":
+            raise ApiError(f"host {name!r} is dead; pick a live host")
+        return h
+
+    def _check_vm(self, name: str) -> Vm:
+        vm = self.inv.vms.get(name)
+        if vm is None or vm.state in ("deleted", "failed"):
+            raise ApiError(f"unknown VM {name!r}; `dvs vm list` shows the VMs")
+        if name in (op.vm for op in self.ops.values()):
+            raise ApiError(f"VM {name!r} has an operation in flight; wait for it to finish")
+        return vm
+
+    def api_vm_create(self, args, now_ns, envelope, req_id) -> None:
+        specs = args.get("vms")
+        single = specs is None
+        if single:
+            specs = [[args["name"], args["host"], args.get("profile", "default")]]
+        if not isinstance(specs, list) or not specs:
+            raise ApiError("vm_create needs at least one VM")
+        names = set()
+        for spec in specs:
+            if not isinstance(spec, list) or len(spec) != 3:
+                raise ApiError("each VM is [name, host, profile]")
+            name, host, profile = spec
+            if not isinstance(name, str) or not NAME_RE.match(name):
+                raise ApiError(f"bad VM name {name!r}: use letters, digits, '-', '_' or '.', at most 64")
+            if name in names or (name in self.inv.vms and self.inv.vms[name].state not in ("deleted", "failed")):
+                raise ApiError(f"VM {name!r} already exists")
+            names.add(name)
+            self._check_host(host)
+            if profile not in self.inv.profiles:
+                raise ApiError(f"unknown port profile {profile!r} (known: {', '.join(self.inv.profiles)})")
+        ops = []
+        for name, host, profile in specs:
+            vm = self.inv.new_vm(name, host, profile)
+            ops.append(self._start_op("create", vm, host, host, (host, 0, False), now_ns))
+        self._wait(envelope, req_id, ops, single)
+
+    def api_vm_move(self, args, now_ns, envelope, req_id) -> None:
+        vm = self._check_vm(args["name"])
+        dst = args["to"]
+        self._check_host(dst)
+        if vm.host == dst:
+            raise ApiError(f"VM {vm.name!r} is already on {dst}; pick another host")
+        op = self._start_op("move", vm, vm.host, dst, (dst, vm.seq + 1, False), now_ns)
+        self._wait(envelope, req_id, [op], True)
+
+    def api_vm_delete(self, args, now_ns, envelope, req_id) -> None:
+        vm = self._check_vm(args["name"])
+        if self.inv.hosts[vm.host].state == "dead":
+            raise ApiError(f"VM {vm.name!r} is on dead host {vm.host}; wait for HA to restart it")
+        op = self._start_op("delete", vm, vm.host, vm.host, (vm.host, vm.seq + 1, True), now_ns)
+        self._wait(envelope, req_id, [op], True)
+
+
+def _host_order(name: str) -> tuple:
+    """h2 before h10: sort by the number in the name when there is one."""
+    m = re.match(r"^([A-Za-z_-]*)(\d+)$", name)
+    return (m.group(1), int(m.group(2)), "") if m else (name, -1, name)

@@ -1,0 +1,104 @@
+"""The controller's inventory: hosts, port profiles and VMs. Plain data, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.mactable import format_mac
+from agent.switch import DEFAULT_PROFILES
+
+# Locally administered unicast MACs: 02:00:00 followed by a 24-bit VM number.
+MAC_BASE = 0x02_00_00_00_00_00
+
+
+@dataclass
+class Host:
+    name: str
+    incarnation: int
+    pub_endpoint: str
+    rpc_endpoint: str
+    pid: int
+    route: list[bytes]
+    state: str = "alive"  # alive | suspect | dead
+    last_seen_ns: int = 0
+    registered_ns: int = 0
+    peers_heard: int = 0
+    mac_entries: int = 0
+    digest: int = 0
+    dropped_malformed: int = 0
+
+    def describe(self) -> dict:
+        return {
+            "host": self.name,
+            "incarnation": self.incarnation,
+            "pid": self.pid,
+            "state": self.state,
+            "pub_endpoint": self.pub_endpoint,
+            "rpc_endpoint": self.rpc_endpoint,
+            "peers_heard": self.peers_heard,
+            "mac_entries": self.mac_entries,
+            "digest": f"{self.digest:016x}",
+            "dropped_malformed": self.dropped_malformed,
+        }
+
+
+@dataclass
+class Vm:
+    name: str
+    number: int
+    profile: str
+    vlan: int
+    host: str
+    seq: int = 0
+    state: str = "creating"  # creating | active | moving | deleted | failed
+
+    @property
+    def mac(self) -> int:
+        return MAC_BASE + self.number
+
+    @property
+    def port(self) -> str:
+        # vEthernet numbers are global and stay with the VM across moves, as on a Nexus 1000V.
+        return f"vEth{self.number}"
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.vlan, self.mac)
+
+    def describe(self) -> dict:
+        return {
+            "vm": self.name,
+            "mac": format_mac(self.mac),
+            "vlan": self.vlan,
+            "profile": self.profile,
+            "host": self.host,
+            "port": self.port,
+            "seq": self.seq,
+            "state": self.state,
+        }
+
+
+@dataclass
+class Inventory:
+    hosts: dict[str, Host] = field(default_factory=dict)
+    vms: dict[str, Vm] = field(default_factory=dict)
+    profiles: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PROFILES))
+    next_vm_number: int = 1
+
+    def live_hosts(self) -> list[str]:
+        return [h.name for h in self.hosts.values() if h.state != "dead"]
+
+    def new_vm(self, name: str, host: str, profile: str) -> Vm:
+        vm = Vm(name, self.next_vm_number, profile, self.profiles[profile], host)
+        self.next_vm_number += 1
+        self.vms[name] = vm
+        return vm
+
+    def expected_table(self) -> dict[tuple[int, int], tuple[str, int, bool]]:
+        """What every live agent's table must hold once converged: (vlan, mac) -> (host, seq, tombstone)."""
+        out = {}
+        for vm in self.vms.values():
+            if vm.state in ("creating", "failed"):
+                continue
+            out[vm.key] = (vm.host, vm.seq, vm.state == "deleted")
+        return out

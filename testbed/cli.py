@@ -1,0 +1,330 @@
+"""`dvs`: launch a local dvswitch cluster, look at it, move VMs, run the demo."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from testbed.client import ClusterError
+from testbed.cluster import Cluster, default_state_dir
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=1, default=str))
+
+
+state_dir_option = click.option(
+    "--state-dir",
+    default=default_state_dir,
+    show_default="./.dvs or $DVS_STATE_DIR",
+    help="Where the cluster keeps pids, endpoints and logs.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """dvswitch: a distributed virtual switch on one machine, and a lab to test it."""
+
+
+# ---------------------------------------------------------------------- lifecycle
+
+
+def agent_flags(heartbeat_interval_ms: int | None) -> list[str]:
+    return ["--heartbeat-interval-ms", str(heartbeat_interval_ms)] if heartbeat_interval_ms else []
+
+
+@cli.command()
+@click.option("--hosts", type=click.IntRange(1, 256), required=True, help="Number of agents (h1..hN).")
+@click.option("--vms", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
+              help="VMs to place round-robin (vm1..vmM).")
+@click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the cluster.")
+@click.option("--heartbeat-interval-ms", type=click.IntRange(10, 60_000), default=None,
+              help="Agent heartbeat interval in ms (agent default 500).")
+@click.option("--timeout-s", type=click.FloatRange(1, 600), default=60, show_default=True,
+              help="How long to wait for the cluster to be ready.")
+@state_dir_option
+def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, state_dir) -> None:
+    """Start the controller and N agents, wait until the mesh is connected, place VMs."""
+    with err_console.status(f"starting controller and {hosts} agents"):
+        cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms),
+                             ready_timeout_s=timeout_s)
+    try:
+        if vms:
+            with err_console.status(f"placing {vms} VMs"):
+                cluster.create_vms(vms)
+    except BaseException:
+        cluster.down()
+        raise
+    click.echo(f"cluster up: {hosts} hosts, {vms} VMs, state in {state_dir} "
+               f"(controller {cluster.controller_endpoint})")
+    if foreground:
+        click.echo("running in the foreground; Ctrl-C stops it")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(0.5):
+                if not cluster.any_alive():
+                    click.echo("every process has exited")
+                    break
+        except KeyboardInterrupt:
+            pass
+        killed = cluster.down()
+        click.echo("cluster stopped" + (f" (SIGKILL needed for {', '.join(killed)})" if killed else ""))
+
+
+@cli.command()
+@state_dir_option
+def down(state_dir) -> None:
+    """Stop every process of the cluster (SIGTERM, then SIGKILL after 5 s)."""
+    cluster = Cluster.load(state_dir)
+    killed = cluster.down()
+    click.echo("cluster stopped" + (f" (SIGKILL needed for {', '.join(killed)})" if killed else ""))
+
+
+# ---------------------------------------------------------------------- reading
+
+
+def gather_status(cluster: Cluster) -> dict:
+    """The controller's view of each host, completed by each agent's own answer."""
+    ctl_hosts = {}
+    controller = {"endpoint": cluster.controller_endpoint, "pid": cluster.controller.pid, "state": "up"}
+    try:
+        with cluster.controller_client(timeout_ms=2_000) as ctl:
+            st = ctl.call("status")
+        ctl_hosts = {h["host"]: h for h in st["hosts"]}
+        controller.update(vms=st["vms"], ops_in_flight=st["ops_in_flight"], moves_done=st["moves_done"],
+                          dropped_malformed=st["dropped_malformed"])
+    except ClusterError:
+        controller["state"] = "unreachable"
+    hosts = []
+    for name, proc in cluster.agents.items():
+        row = {"host": name, "pid": proc.pid, "state": ctl_hosts.get(name, {}).get("state", "unknown"),
+               "pub_endpoint": proc.info["pub"], "rpc_endpoint": proc.info["rpc"]}
+        try:
+            with cluster.agent_client(name, timeout_ms=1_000) as a:
+                s = a.call("status")
+            row.update(pid=s["pid"], incarnation=s["incarnation"], mac_entries=s["mac_entries"],
+                       digest=s["digest"], dropped_malformed=s["dropped_malformed"], peers_heard=s["peers_heard"],
+                       flapping=s["flapping"], stats=s["stats"])
+        except ClusterError:
+            row.update(state="unreachable", mac_entries=None, digest=None, dropped_malformed=None)
+        hosts.append(row)
+    digests = sorted({h["digest"] for h in hosts if h.get("digest")})
+    return {"state_dir": str(cluster.state_dir), "controller": controller, "hosts": hosts, "digests": digests}
+
+
+@cli.command()
+@json_option
+@state_dir_option
+def status(as_json, state_dir) -> None:
+    """Hosts, their state, MAC entries, table digests and dropped messages."""
+    st = gather_status(Cluster.load(state_dir))
+    if as_json:
+        emit_json(st)
+        return
+    c = st["controller"]
+    console.print(f"controller pid {c['pid']} {c['state']} at {c['endpoint']}"
+                  + (f", {c['vms']} VMs, {c['moves_done']} moves done" if "vms" in c else ""))
+    t = Table("host", "pid", "state", "peers heard", "MAC entries", "digest", "dropped")
+    for h in st["hosts"]:
+        t.add_row(h["host"], str(h["pid"]), h["state"], str(h.get("peers_heard", "-")),
+                  str(h.get("mac_entries", "-")), h.get("digest") or "-", str(h.get("dropped_malformed", "-")))
+    console.print(t)
+    n = len(st["digests"])
+    console.print("tables agree (one digest)" if n == 1 else f"[yellow]{n} different table digests[/yellow]")
+
+
+@cli.command("mac-table")
+@click.argument("host")
+@json_option
+@state_dir_option
+def mac_table(host, as_json, state_dir) -> None:
+    """The MAC address table of one host, asked of its agent directly."""
+    with Cluster.load(state_dir).agent_client(host) as a:
+        table = a.call("mac_table")
+    if as_json:
+        emit_json(table)
+        return
+    t = Table("vlan", "mac", "host", "port", "seq", "where", "rx", "tx", "drop",
+              title=f"{host} MAC table (digest {table['digest']})")
+    for e in table["entries"]:
+        where = "tombstone" if e["tombstone"] else ("local" if e["local"] else "remote")
+        t.add_row(str(e["vlan"]), e["mac"], e["host"], e["port"], str(e["seq"]), where,
+                  str(e["rx_frames"]), str(e["tx_frames"]), str(e["drop_frames"]))
+    console.print(t)
+
+
+@cli.command()
+@click.option("--settle-s", type=click.FloatRange(0, 600), default=5, show_default=True,
+              help="Keep re-checking this long while tables disagree.")
+@json_option
+@state_dir_option
+def check(settle_s, as_json, state_dir) -> None:
+    """Verify every live agent's table equals the controller's inventory (exit 1 if not)."""
+    from testbed.check import check as run_check
+
+    result = run_check(Cluster.load(state_dir), settle_s=settle_s)
+    if as_json:
+        emit_json(result)
+    else:
+        for host, h in result["hosts"].items():
+            if not h["ok"]:
+                console.print(f"{host}: {h.get('error') or h}")
+        console.print(("[green]OK[/green]" if result["ok"] else "[red]MISMATCH[/red]")
+                      + f": {len(result['hosts'])} hosts, {result['entries']} entries, "
+                      f"{len(result['digests'])} digest(s)")
+    sys.exit(0 if result["ok"] else 1)
+
+
+# ---------------------------------------------------------------------- VMs
+
+
+@cli.group()
+def vm() -> None:
+    """Create, list, move and delete VMs."""
+
+
+@vm.command("list")
+@click.option("--all", "include_deleted", is_flag=True, help="Include deleted VMs.")
+@json_option
+@state_dir_option
+def vm_list(include_deleted, as_json, state_dir) -> None:
+    """VMs in the controller's inventory."""
+    with Cluster.load(state_dir).controller_client() as ctl:
+        vms = ctl.call("vm_list", {"all": include_deleted})["vms"]
+    if as_json:
+        emit_json(vms)
+        return
+    t = Table("vm", "mac", "vlan", "profile", "host", "port", "seq", "state")
+    for v in vms:
+        t.add_row(v["vm"], v["mac"], str(v["vlan"]), v["profile"], v["host"], v["port"], str(v["seq"]), v["state"])
+    console.print(t)
+
+
+@vm.command("create")
+@click.argument("name")
+@click.option("--host", required=True, help="Host to start it on, e.g. h1.")
+@click.option("--profile", default="default", show_default=True, help="Port profile (default, web, app, db).")
+@json_option
+@state_dir_option
+def vm_create(name, host, profile, as_json, state_dir) -> None:
+    """Create a VM on a host and wait until every agent knows it."""
+    with Cluster.load(state_dir).controller_client(timeout_ms=30_000) as ctl:
+        rec = ctl.call("vm_create", {"name": name, "host": host, "profile": profile})
+    if as_json:
+        emit_json(rec)
+    elif rec["converged"]:
+        click.echo(f"created {name} on {host}; every agent knows it ({rec['latency_ms']:.2f} ms)")
+    else:
+        raise ClusterError(f"created {name} on {host} but it did not converge: {rec['error']}")
+
+
+def _report_op(rec: dict, as_json: bool, what: str) -> None:
+    if as_json:
+        emit_json(rec)
+        if not rec["converged"]:
+            sys.exit(1)
+    elif rec["converged"]:
+        click.echo(f"{what}: converged on every live host in {rec['latency_ms']:.2f} ms (seq {rec['seq']})")
+    else:
+        raise ClusterError(f"{what}: not converged: {rec['error']}")
+
+
+@vm.command("move")
+@click.argument("name")
+@click.option("--to", "to", required=True, help="Destination host, e.g. h3.")
+@json_option
+@state_dir_option
+def vm_move(name, to, as_json, state_dir) -> None:
+    """Live-migrate a VM and print how long until every host knew its new location."""
+    with Cluster.load(state_dir).controller_client(timeout_ms=30_000) as ctl:
+        rec = ctl.call("vm_move", {"name": name, "to": to})
+    _report_op(rec, as_json, f"moved {name} {rec['src']} -> {rec['dst']}")
+
+
+@vm.command("delete")
+@click.argument("name")
+@json_option
+@state_dir_option
+def vm_delete(name, as_json, state_dir) -> None:
+    """Delete a VM; its MAC becomes a tombstone on every host."""
+    with Cluster.load(state_dir).controller_client(timeout_ms=30_000) as ctl:
+        rec = ctl.call("vm_delete", {"name": name})
+    _report_op(rec, as_json, f"deleted {name}")
+
+
+@cli.command()
+@json_option
+@state_dir_option
+def moves(as_json, state_dir) -> None:
+    """Moves done so far, with their convergence latency."""
+    with Cluster.load(state_dir).controller_client() as ctl:
+        recs = ctl.call("moves")["moves"]
+    if as_json:
+        emit_json(recs)
+        return
+    from testbed.demo import moves_table
+
+    console.print(moves_table(recs))
+
+
+# ---------------------------------------------------------------------- demo
+
+
+@cli.command()
+@click.option("--hosts", type=click.IntRange(2, 256), default=8, show_default=True)
+@click.option("--vms", type=click.IntRange(1, 100_000), default=64, show_default=True)
+@click.option("--moves", "n_moves", type=click.IntRange(0, 100_000), default=20, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed for which VMs move where.")
+@click.option("--heartbeat-interval-ms", type=click.IntRange(10, 60_000), default=None)
+@json_option
+@click.option("--state-dir", default=None, help="State dir for the demo cluster (default: a new temp dir).")
+def demo(hosts, vms, n_moves, seed, heartbeat_interval_ms, as_json, state_dir) -> None:
+    """Start a cluster, create VMs, move random VMs one after another, report latency, stop."""
+    from testbed.demo import run_demo
+
+    ok = run_demo(hosts=hosts, vms=vms, n_moves=n_moves, seed=seed, as_json=as_json, state_dir=state_dir,
+                  agent_args=agent_flags(heartbeat_interval_ms), console=console, err_console=err_console)
+    sys.exit(0 if ok else 1)
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `dvs`: errors the user can act on print as one line, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="dvs", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("dvs: aborted", err=True)
+        return 130
+    except click.UsageError as e:
+        hint = f"; see `{e.ctx.command_path} --help`" if e.ctx else ""
+        click.echo(f"dvs: error: {e.format_message()}{hint}", err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo(f"dvs: error: {e.format_message()}", err=True)
+        return e.exit_code
+    except ClusterError as e:
+        click.echo(f"dvs: error: {e}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("dvs: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""A local cluster's lifecycle: `up` starts a controller and N agents, `down` stops them.
+
+Everything about a running cluster lives in its state dir: `cluster.json` (pids, start
+times, endpoints, log paths) and `logs/`. Commands find the cluster through that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testbed import procs
+from testbed.client import Client, ClusterError
+from testbed.procs import Proc
+
+STATE_FILE = "cluster.json"
+DEFAULT_STATE_DIR = ".dvs"
+
+
+def default_state_dir() -> str:
+    return os.environ.get("DVS_STATE_DIR", DEFAULT_STATE_DIR)
+
+
+@dataclass
+class Cluster:
+    state_dir: Path
+    controller: Proc | None = None
+    agents: dict[str, Proc] = field(default_factory=dict)
+    started_at: float = 0.0
+
+    # ------------------------------------------------------------------ persistence
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    def save(self) -> None:
+        data = {
+            "started_at": self.started_at,
+            "controller": self.controller.to_json() if self.controller else None,
+            "agents": [a.to_json() for a in self.agents.values()],
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.state_file)
+
+    @classmethod
+    def load(cls, state_dir: str | Path) -> Cluster:
+        state_dir = Path(state_dir)
+        path = state_dir / STATE_FILE
+        if not path.exists():
+            raise ClusterError(f"no cluster is running in {state_dir}; start one with `dvs up --hosts N`")
+        try:
+            data = json.loads(path.read_text())
+            c = cls(state_dir, started_at=data.get("started_at", 0.0))
+            if data.get("controller"):
+                c.controller = Proc.from_json(data["controller"])
+            for a in data.get("agents", []):
+                p = Proc.from_json(a)
+                c.agents[p.name] = p
+        except (ValueError, KeyError, TypeError) as e:
+            raise ClusterError(f"{path} is damaged ({e}); stop its processes by hand and remove it") from None
+        return c
+
+    def any_alive(self) -> bool:
+        procs_ = ([self.controller] if self.controller else []) + list(self.agents.values())
+        return any(procs.alive(p) for p in procs_)
+
+    # ------------------------------------------------------------------ endpoints and clients
+
+    @property
+    def controller_endpoint(self) -> str:
+        if self.controller is None:
+            raise ClusterError(f"the cluster in {self.state_dir} has no controller")
+        return self.controller.info["controller"]
+
+    def controller_client(self, timeout_ms: int = 5_000) -> Client:
+        return Client(self.controller_endpoint, name="the controller", timeout_ms=timeout_ms)
+
+    def agent(self, host: str) -> Proc:
+        if host not in self.agents:
+            known = ", ".join(self.agents) or "none"
+            raise ClusterError(f"unknown host {host!r} (hosts: {known})")
+        return self.agents[host]
+
+    def agent_client(self, host: str, timeout_ms: int = 3_000) -> Client:
+        return Client(self.agent(host).info["rpc"], name=f"agent {host}", timeout_ms=timeout_ms)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def up(
+        cls,
+        state_dir: str | Path,
+        hosts: int,
+        *,
+        agent_args: list[str] | None = None,
+        controller_args: list[str] | None = None,
+        ready_timeout_s: float = 60.0,
+    ) -> Cluster:
+        state_dir = Path(state_dir)
+        if hosts < 1 or hosts > 256:
+            raise ClusterError(f"--hosts must be between 1 and 256, got {hosts}")
+        if (state_dir / STATE_FILE).exists():
+            old = cls.load(state_dir)
+            if old.any_alive():
+                raise ClusterError(f"a cluster is already running in {state_dir}; run `dvs down` first")
+            (state_dir / STATE_FILE).unlink()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        logs = state_dir / "logs"
+        c = cls(state_dir, started_at=time.time())
+        [c.controller] = procs.wait_ready(
+            [procs.spawn("controller", "controller", controller_args or [], logs / "controller.log")],
+            ready_timeout_s,
+        )
+        c.save()  # from here on `dvs down` can clean up whatever happens next
+        try:
+            pending = [
+                procs.spawn(f"h{i}", "agent", ["--host", f"h{i}", "--controller", c.controller_endpoint,
+                                               *(agent_args or [])], logs / f"h{i}.log")
+                for i in range(1, hosts + 1)
+            ]
+            for p in procs.wait_ready(pending, ready_timeout_s):
+                c.agents[p.name] = p
+            c.save()
+            with c.controller_client(timeout_ms=int(ready_timeout_s * 1000) + 2_000) as ctl:
+                ctl.call("wait_ready", {"hosts": hosts, "timeout_ms": int(ready_timeout_s * 1000)})
+        except BaseException:
+            c.down()
+            raise
+        return c
+
+    def down(self, timeout_s: float = 5.0) -> list[str]:
+        """Stop every process of this cluster by pid. Returns the ones that needed SIGKILL."""
+        all_procs = list(self.agents.values()) + ([self.controller] if self.controller else [])
+        killed = procs.stop(all_procs, timeout_s)
+        if self.state_file.exists():
+            self.state_file.unlink()
+        return killed
+
+    # ------------------------------------------------------------------ helpers for commands
+
+    def create_vms(self, count: int, *, prefix: str = "vm", timeout_ms: int = 60_000) -> dict:
+        """Place `count` VMs round-robin over the hosts, in one batch."""
+        hosts = list(self.agents)
+        specs = [[f"{prefix}{i}", hosts[(i - 1) % len(hosts)], "default"] for i in range(1, count + 1)]
+        with self.controller_client(timeout_ms=timeout_ms) as ctl:
+            result = ctl.call("vm_create", {"vms": specs})
+        failed = [op for op in result["ops"] if not op["converged"]]
+        if failed:
+            raise ClusterError(f"{len(failed)} of {count} VMs did not converge: {failed[0]['error']}")
+        return result
