@@ -41,6 +41,17 @@ ALLOWED = {
 }
 
 
+# Largest frame per channel, in bytes: only repair replies carry whole tables.
+FRAME_LIMIT = {
+    "sub": wire.MAX_SMALL_FRAME_BYTES,
+    "rpc": wire.MAX_SMALL_FRAME_BYTES,
+    "pull": wire.MAX_FRAME_BYTES,
+    "ctl": wire.MAX_SMALL_FRAME_BYTES,
+}
+# Updates (or applied reports) per frame at most, so a batch stays far below the limit.
+PUB_BATCH_MAX = 2_000
+
+
 class Stats:
     __slots__ = (
         "dropped_malformed",
@@ -96,6 +107,7 @@ class AgentCore:
         self._pending_pub: list[list] = []
         self._applied: list[list] = []
         self._next_heartbeat_ns = 0
+        self._next_status_ns = 0
         self._pulls_pending = 0
         self._bootstrapped = False
         # Flap guard: key -> recent times (ns) its host changed.
@@ -103,8 +115,9 @@ class AgentCore:
         self.flapping: dict[tuple[int, int], int] = {}
         self.extra_methods: dict[str, Callable[[dict], object]] = {}
         c = self.config
-        self._hb_ns = c.heartbeat_interval_ms * NS_PER_MS
-        self._suspect_ns = c.suspect_after_ms * NS_PER_MS
+        self._status_ns = c.heartbeat_interval_ms * NS_PER_MS
+        self._hb_ns = self._suspect_ns = 0
+        self._rescale()
         self._pull_timeout_ns = c.pull_timeout_ms * NS_PER_MS
         self._flap_window_ns = c.flap_window_ms * NS_PER_MS
 
@@ -112,19 +125,30 @@ class AgentCore:
 
     def start(self, now_ns: int) -> None:
         self._send_register()
-        self._next_heartbeat_ns = now_ns
+        self._next_heartbeat_ns = self._next_status_ns = now_ns
 
     def take_outbox(self) -> list[tuple[object, object]]:
         out, self.outbox = self.outbox, []
         return out
 
     def next_deadline_ns(self) -> int:
-        return self._next_heartbeat_ns
+        return min(self._next_heartbeat_ns, self._next_status_ns)
+
+    def gossip_interval_ms(self) -> int:
+        """The heartbeat interval for the current membership (see AgentConfig.heartbeat_budget_per_s)."""
+        n = len(self.peers) + 1
+        scaled = 1000 * n * (n - 1) // max(1, self.config.heartbeat_budget_per_s)
+        return max(self.config.heartbeat_interval_ms, scaled)
+
+    def _rescale(self) -> None:
+        gossip_ms = self.gossip_interval_ms()
+        self._hb_ns = gossip_ms * NS_PER_MS
+        self._suspect_ns = max(self.config.suspect_after_ms, 3 * gossip_ms) * NS_PER_MS
 
     def on_frame(self, channel: str, frame: bytes, now_ns: int, envelope: object = None) -> None:
         """One frame arrived on `channel` ("sub", "rpc", "pull" or "ctl")."""
         try:
-            mt, body = wire.decode(frame)
+            mt, body = wire.decode(frame, FRAME_LIMIT[channel])
         except WireError:
             self.stats.dropped_malformed += 1
             return
@@ -139,15 +163,20 @@ class AgentCore:
             self.stats.dropped_malformed += 1
 
     def on_timer(self, now_ns: int) -> None:
-        if now_ns < self._next_heartbeat_ns:
-            self._retry_pulls(now_ns)
-            return
-        self._next_heartbeat_ns = now_ns + self._hb_ns
+        if now_ns >= self._next_heartbeat_ns:
+            self._next_heartbeat_ns = now_ns + self._hb_ns
+            self.outbox.append(
+                ("pub", wire.encode(MsgType.HEARTBEAT,
+                                    [self.host, self.incarnation, self.n, self.table.digest, len(self.table)]))
+            )
+        if now_ns >= self._next_status_ns:
+            self._next_status_ns = now_ns + self._status_ns
+            self._send_status(now_ns)
+        self._retry_pulls(now_ns)
+
+    def _send_status(self, now_ns: int) -> None:
         if not self.registered:
             self._send_register()
-        self.outbox.append(
-            ("pub", wire.encode(MsgType.HEARTBEAT, [self.host, self.incarnation, self.n, self.table.digest, len(self.table)]))
-        )
         self.outbox.append(
             (
                 "ctl",
@@ -164,16 +193,18 @@ class AgentCore:
                 ),
             )
         )
-        self._retry_pulls(now_ns)
 
     def flush(self, now_ns: int) -> None:
         """Emit what accumulated during a batch of events: own updates, applied reports."""
-        if self._pending_pub:
-            self.outbox.append(("pub", wire.encode(MsgType.UPDATES, [self.host, self.incarnation, self._pending_pub])))
-            self._pending_pub = []
-        if self._applied:
-            self.outbox.append(("ctl", wire.encode(MsgType.APPLIED, [self.host, self._applied])))
-            self._applied = []
+        pending = self._pending_pub
+        for i in range(0, len(pending), PUB_BATCH_MAX):
+            batch = pending[i : i + PUB_BATCH_MAX]
+            self.outbox.append(("pub", wire.encode(MsgType.UPDATES, [self.host, self.incarnation, batch])))
+        self._pending_pub = []
+        applied = self._applied
+        for i in range(0, len(applied), PUB_BATCH_MAX):
+            self.outbox.append(("ctl", wire.encode(MsgType.APPLIED, [self.host, applied[i : i + PUB_BATCH_MAX]])))
+        self._applied = []
 
     def note_malformed(self) -> None:
         """A driver saw a frame it could not even hand over (bad envelope): count it."""
@@ -196,6 +227,7 @@ class AgentCore:
             "rpc_endpoint": self.rpc_endpoint,
             "peers": len(self.peers),
             "peers_heard": self.peers_heard(now_ns),
+            "gossip_interval_ms": self._hb_ns // NS_PER_MS,
             "mac_entries": self.table.live_count(),
             "table_size": len(self.table),
             "digest": f"{self.table.digest:016x}",
@@ -475,6 +507,7 @@ class AgentCore:
             if peer.pull_pending:
                 self._pulls_pending -= 1
             self.outbox.append((("disconnect", host), None))
+        self._rescale()
         if not self._bootstrapped and self.peers:
             # Joining (or rejoining): one snapshot beats pulling every origin's history.
             self._bootstrapped = True

@@ -46,7 +46,7 @@ class AgentRuntime:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, HWM)
         s.setsockopt(zmq.RCVHWM, HWM)
-        s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
+        s.setsockopt(zmq.MAXMSGSIZE, wire.SOCKET_MAX_BYTES)
         return s
 
     async def run(self) -> int:
@@ -68,12 +68,11 @@ class AgentRuntime:
                               pid=os.getpid())
         self.core.extra_methods["faults"] = self.faults.configure
         self.timer = Timer(loop, self._on_timer)
-        self.readers = [
-            Reader(loop, self.sub, self._on_sub, self._after),
-            Reader(loop, self.rpc, self._on_rpc, self._after),
-            Reader(loop, self.pull, self._on_pull, self._after),
-            Reader(loop, self.ctl, self._on_ctl, self._after),
-        ]
+        self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after)
+        self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after)
+        self.ctl_reader = Reader(loop, self.ctl, self._on_ctl, self._after)
+        self.readers = [Reader(loop, self.sub, self._on_sub, self._after), self.rpc_reader, self.pull_reader,
+                        self.ctl_reader]
         stop = asyncio.Event()
         on_stop_signals(loop, stop)
         self.core.start(time.monotonic_ns())
@@ -126,15 +125,19 @@ class AgentRuntime:
     def _after(self) -> None:
         core = self.core
         core.flush(time.monotonic_ns())
+        sent_ctl = sent_pull = sent_rpc = False
         for dest, payload in core.take_outbox():
             try:
                 if dest == "pub":
                     self.pub.send(payload, zmq.NOBLOCK)
                 elif dest == "ctl":
+                    sent_ctl = True
                     self.ctl.send(payload, zmq.NOBLOCK)
                 elif dest[0] == "peer":
+                    sent_pull = True
                     self.pull.send_multipart([dest[1].encode(), payload], zmq.NOBLOCK)
                 elif dest[0] == "reply":
+                    sent_rpc = True
                     self.rpc.send_multipart([*dest[1], payload], zmq.NOBLOCK)
                 elif dest[0] == "connect":
                     self._connect(dest[1])
@@ -144,8 +147,14 @@ class AgentRuntime:
                 # Queue full or peer gone: the repair path recovers whatever this loses.
                 log.debug("send to %s failed: %s", dest, e)
         self.timer.set(core.next_deadline_ns())
-        for r in self.readers:
-            r.check()
+        # A send can swallow the edge that announced new input on the same socket; check
+        # only the sockets we sent on (each check costs a syscall inside libzmq).
+        if sent_ctl:
+            self.ctl_reader.check()
+        if sent_pull:
+            self.pull_reader.check()
+        if sent_rpc:
+            self.rpc_reader.check()
 
     def _connect(self, peer) -> None:
         self._disconnect(peer.host)

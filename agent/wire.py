@@ -15,6 +15,12 @@ SCHEMA_VERSION = 1
 
 # Largest frame we accept, in bytes. A full snapshot of 64k entries is ~3 MB.
 MAX_FRAME_BYTES = 8 * 1024 * 1024
+# Largest frame on channels that never carry a snapshot (gossip, requests, control), in bytes.
+MAX_SMALL_FRAME_BYTES = 1024 * 1024
+# Hard cap set on sockets (ZMQ_MAXMSGSIZE): above it libzmq drops the connection before we
+# ever see the frame, so hostile giants cannot exhaust memory. Between the two caps a frame
+# reaches decode(), which rejects and counts it.
+SOCKET_MAX_BYTES = 2 * MAX_FRAME_BYTES
 
 MAX_U64 = (1 << 64) - 1
 MAX_MAC = (1 << 48) - 1
@@ -163,10 +169,10 @@ SCHEMAS = {
 }
 
 
-def decode(frame: bytes) -> tuple[MsgType, list]:
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[MsgType, list]:
     """Parse and validate one frame. Raises WireError on anything unexpected."""
-    if len(frame) > MAX_FRAME_BYTES:
-        raise WireError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    if len(frame) > max_bytes:
+        raise WireError(f"frame of {len(frame)} bytes exceeds {max_bytes}")
     try:
         # unpackb bounds every container and string by the frame's own length.
         obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)

@@ -42,7 +42,7 @@ class Reader:
         self.handle = handle
         self.after = after
         self._scheduled = False
-        loop.add_reader(sock.getsockopt(zmq.FD), self.kick)
+        loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
 
     def kick(self) -> None:
         if not self._scheduled:

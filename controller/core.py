@@ -59,6 +59,9 @@ class Op:
             "error": self.error,
             "missing": self.missing,
             "switch_ns": self.switch_ns,
+            # Per host, ms from switchover until that agent applied it: who lagged.
+            "applied_ms": {h: round((t - self.switch_ns) / NS_PER_MS, 3) for h, t in self.applied.items()}
+            if self.switch_ns else {},
         }
 
 
@@ -107,7 +110,7 @@ class ControllerCore:
 
     def on_frame(self, envelope: list, frame: bytes, now_ns: int) -> None:
         try:
-            mt, body = wire.decode(frame)
+            mt, body = wire.decode(frame, wire.MAX_SMALL_FRAME_BYTES)
         except WireError:
             self.dropped_malformed += 1
             return

@@ -32,7 +32,7 @@ class ControllerRuntime:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, wire.SOCKET_MAX_BYTES)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if self.bind:
             self.sock.bind(self.bind)

@@ -133,6 +133,19 @@ class Cluster:
             raise
         return c
 
+    def add_agent(self, host: str, *, agent_args: list[str] | None = None, ready_timeout_s: float = 30.0) -> Proc:
+        """Start one more agent (or restart a stopped one) that joins the running cluster."""
+        if host in self.agents and procs.alive(self.agents[host]):
+            raise ClusterError(f"host {host} is already running (pid {self.agents[host].pid})")
+        [p] = procs.wait_ready(
+            [procs.spawn(host, "agent", ["--host", host, "--controller", self.controller_endpoint,
+                                         *(agent_args or [])], self.state_dir / "logs" / f"{host}.log")],
+            ready_timeout_s,
+        )
+        self.agents[host] = p
+        self.save()
+        return p
+
     def down(self, timeout_s: float = 5.0) -> list[str]:
         """Stop every process of this cluster by pid. Returns the ones that needed SIGKILL."""
         all_procs = list(self.agents.values()) + ([self.controller] if self.controller else [])

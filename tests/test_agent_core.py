@@ -1,0 +1,650 @@
+"""agent/core.py driven directly: several AgentCores wired by an in-test router, fake monotonic time."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import wire
+from agent.config import AgentConfig
+from agent.core import AgentCore
+from agent.mactable import Entry
+from agent.wire import MsgType
+
+NS_PER_MS = 1_000_000
+INC = 1
+VLAN = 100
+MAC_BASE = 0x02_00_00_00_00_00
+
+
+def mac_of(vm: int) -> int:
+    return MAC_BASE + vm
+
+
+class Cluster:
+    """Routes outboxes between cores, as the runtime's sockets would, synchronously.
+
+    - "pub"             -> every other up core's on_frame("sub", ...), unless `drop` says no;
+    - ("peer", host)    -> that host's on_frame("rpc", ..., envelope=[sender]);
+    - ("reply", env)    -> the requester's on_frame("pull", ...);
+    - "ctl"             -> self.ctl, as (host, msg_type, body);
+    - connect/disconnect are ignored (the router reaches everyone).
+    A host in `down` neither sends nor receives.
+    """
+
+    def __init__(self, hosts: list[str], config: AgentConfig | None = None, now_ns: int = 1_000 * NS_PER_MS):
+        self.now = now_ns
+        self.config = config or AgentConfig()
+        self.cores: dict[str, AgentCore] = {}
+        self.ctl: list[tuple[str, MsgType, list]] = []
+        self.down: set[str] = set()
+        # drop(src, dst, msg_type, frame) -> True to lose that publication on the way to dst.
+        self.drop: Callable[[str, str, MsgType, bytes], bool] | None = None
+        # drop_rpc(src, dst, frame) -> True to lose a request or a reply.
+        self.drop_rpc: Callable[[str, str, bytes], bool] | None = None
+        self.published: list[tuple[str, MsgType, bytes]] = []
+        self.dropped = 0
+        self.dropped_updates = 0
+        for h in hosts:
+            self._add(h)
+        self.pump()
+        self.send_peers()
+
+    def _add(self, host: str, incarnation: int = INC) -> AgentCore:
+        core = AgentCore(host, incarnation, self.config, pub_endpoint=f"pub-{host}", rpc_endpoint=f"rpc-{host}")
+        core.start(self.now)
+        self.cores[host] = core
+        return core
+
+    def members(self) -> list[list]:
+        return [[h, c.incarnation, c.pub_endpoint, c.rpc_endpoint] for h, c in self.cores.items()]
+
+    def send_peers(self, to: list[str] | None = None) -> None:
+        peers = wire.encode(MsgType.PEERS, [self.members()])
+        for h in to or list(self.cores):
+            self.cores[h].on_frame("ctl", peers, self.now)
+        self.pump()
+
+    def join(self, host: str) -> AgentCore:
+        core = self._add(host)
+        self.send_peers()
+        return core
+
+    # -------------------------------------------------------------- routing
+
+    def pump(self) -> None:
+        for _ in range(10_000):
+            moved = False
+            for host, core in list(self.cores.items()):
+                core.flush(self.now)
+                for dest, payload in core.take_outbox():
+                    moved = True
+                    if host not in self.down:
+                        self._route(host, dest, payload)
+            if not moved:
+                return
+        raise AssertionError("messages still flowing after 10,000 rounds: a request/reply loop")
+
+    def _route(self, src: str, dest, payload) -> None:
+        if dest == "pub":
+            mt, _ = wire.decode(payload)
+            self.published.append((src, mt, payload))
+            for dst, core in self.cores.items():
+                if dst == src or dst in self.down:
+                    continue
+                if self.drop is not None and self.drop(src, dst, mt, payload):
+                    self.dropped += 1
+                    self.dropped_updates += mt is MsgType.UPDATES
+                    continue
+                core.on_frame("sub", payload, self.now)
+        elif dest == "ctl":
+            mt, body = wire.decode(payload)
+            self.ctl.append((src, mt, body))
+        elif isinstance(dest, tuple) and dest[0] == "peer":
+            dst = dest[1]
+            if dst in self.down or dst not in self.cores:
+                return
+            if self.drop_rpc is not None and self.drop_rpc(src, dst, payload):
+                return
+            self.cores[dst].on_frame("rpc", payload, self.now, envelope=[src.encode()])
+        elif isinstance(dest, tuple) and dest[0] == "reply":
+            dst = dest[1][0].decode()
+            if dst in self.down:
+                return
+            if self.drop_rpc is not None and self.drop_rpc(src, dst, payload):
+                return
+            self.cores[dst].on_frame("pull", payload, self.now)
+        elif isinstance(dest, tuple) and dest[0] in ("connect", "disconnect"):
+            pass
+        else:
+            raise AssertionError(f"unknown destination {dest!r}")
+
+    # -------------------------------------------------------------- driving
+
+    def command(self, host: str, mt: MsgType, body: list) -> tuple[bool, str]:
+        """A controller command to `host`; returns its ACK (ok, detail)."""
+        before = len(self.ctl)
+        self.cores[host].on_frame("ctl", wire.encode(mt, body), self.now)
+        self.pump()
+        acks = [b for src, m, b in self.ctl[before:] if src == host and m is MsgType.ACK]
+        assert len(acks) == 1, acks
+        assert acks[0][0] == body[0] and acks[0][3] == self.now
+        return acks[0][1], acks[0][2]
+
+    def attach(self, host: str, vm: int, seq: int = 0) -> tuple[bool, str]:
+        return self.command(host, MsgType.ATTACH, [vm, f"vm{vm}", VLAN, mac_of(vm), f"vEth{vm}", seq])
+
+    def move(self, vm: int, src: str, dst: str, seq: int) -> tuple[bool, str]:
+        """The controller's move: prepare on dst, switchover to seq, detach the source port."""
+        assert self.command(dst, MsgType.PREPARE, [vm, f"vm{vm}", VLAN, mac_of(vm), f"vEth{vm}"]) == (True, "prepared")
+        result = self.command(dst, MsgType.SWITCHOVER, [vm, f"vm{vm}", VLAN, mac_of(vm), f"vEth{vm}", seq])
+        if result[0]:
+            self.command(src, MsgType.DETACH, [vm, f"vm{vm}", VLAN, mac_of(vm), 0])
+        return result
+
+    def advance(self, ms: float) -> None:
+        self.now += int(ms * NS_PER_MS)
+
+    def heartbeat_round(self) -> None:
+        self.advance(self.config.heartbeat_interval_ms)
+        for host, core in self.cores.items():
+            if host not in self.down:
+                core.on_timer(self.now)
+        self.pump()
+
+    # -------------------------------------------------------------- looking
+
+    def up(self) -> dict[str, AgentCore]:
+        return {h: c for h, c in self.cores.items() if h not in self.down}
+
+    def placements(self) -> dict[str, dict]:
+        return {h: c.table.as_placement() for h, c in self.up().items()}
+
+    def converged_to(self, expected: dict) -> bool:
+        cores = self.up().values()
+        return all(c.table.as_placement() == expected for c in cores) and len({c.table.digest for c in cores}) == 1
+
+    def stat(self, name: str) -> int:
+        return sum(getattr(c.stats, name) for c in self.cores.values())
+
+
+def key(vm: int) -> tuple[int, int]:
+    return (VLAN, mac_of(vm))
+
+
+# ------------------------------------------------------------------ membership and bootstrap
+
+
+def test_peers_message_sets_up_the_mesh():
+    c = Cluster(["h1", "h2", "h3"])
+    for h, core in c.cores.items():
+        assert core.registered
+        assert sorted(core.peers) == sorted(set(c.cores) - {h})
+        assert all(p.incarnation == INC and p.rpc_endpoint == f"rpc-{p.host}" for p in core.peers.values())
+    # Every core introduced itself to the controller when it started.
+    assert sorted(b[0] for _, m, b in c.ctl if m is MsgType.REGISTER) == ["h1", "h2", "h3"]
+    # Nobody is heard before the first heartbeat; everyone after it.
+    assert all(core.peers_heard(c.now) == 0 for core in c.cores.values())
+    c.heartbeat_round()
+    assert all(core.peers_heard(c.now) == 2 for core in c.cores.values())
+    statuses = [b for _, m, b in c.ctl if m is MsgType.AGENT_STATUS]
+    assert statuses and all(s[1] == INC for s in statuses)
+    # A peer silent past suspect_after_ms is no longer counted.
+    c.down.add("h3")
+    for _ in range(c.config.suspect_after_ms // c.config.heartbeat_interval_ms + 1):
+        c.heartbeat_round()
+    assert c.cores["h1"].peers_heard(c.now) == 1
+
+
+def test_membership_change_drops_a_peer():
+    c = Cluster(["h1", "h2", "h3"])
+    core = c.cores["h1"]
+    core.on_frame("ctl", wire.encode(MsgType.PEERS, [[m for m in c.members() if m[0] != "h3"]]), c.now)
+    out = core.take_outbox()
+    assert (("disconnect", "h3"), None) in out
+    assert sorted(core.peers) == ["h2"]
+
+
+# ------------------------------------------------------------------ attach, switchover, late messages
+
+
+def test_attach_propagates_to_all():
+    c = Cluster(["h1", "h2", "h3", "h4"])
+    assert c.attach("h2", 1) == (True, "attached")
+    for h, core in c.cores.items():
+        assert core.table.get(key(1)) == Entry("h2", "vEth1", 0), h
+    assert len({core.table.digest for core in c.cores.values()}) == 1
+    assert c.cores["h2"].switch.port_for(*key(1)).state == "active"
+    assert all(c.cores[h].switch.port_for(*key(1)) is None for h in ("h1", "h3", "h4"))
+    # Every core reported what it applied, stamped with the fake clock.
+    applied = {src: body[1] for src, m, body in c.ctl if m is MsgType.APPLIED}
+    assert sorted(applied) == ["h1", "h2", "h3", "h4"]
+    assert all(rows == [[VLAN, mac_of(1), "h2", 0, False, c.now]] for rows in applied.values())
+
+
+def test_switchover_with_higher_seq_wins_everywhere_and_removes_the_old_port():
+    c = Cluster(["h1", "h2", "h3"])
+    c.attach("h1", 7)
+    assert c.cores["h1"].switch.port_for(*key(7)) is not None
+    assert c.command("h2", MsgType.PREPARE, [70, "vm7", VLAN, mac_of(7), "vEth7"]) == (True, "prepared")
+    assert c.cores["h2"].switch.port_for(*key(7)).state == "prepared"
+    assert c.cores["h2"].table.get(key(7)).host == "h1"  # preparing changes nothing in the table
+    assert c.command("h2", MsgType.SWITCHOVER, [71, "vm7", VLAN, mac_of(7), "vEth7", 1]) == (True, "switched")
+    for core in c.cores.values():
+        assert core.table.get(key(7)) == Entry("h2", "vEth7", 1)
+    # No DETACH was sent: the gossip alone took the MAC away from h1's switch.
+    assert c.cores["h1"].switch.port_for(*key(7)) is None
+    assert c.cores["h2"].switch.port_for(*key(7)).state == "active"
+    assert c.converged_to({key(7): ("h2", 1, False)})
+
+
+def test_prepared_port_survives_gossip_about_its_key():
+    c = Cluster(["h1", "h2"])
+    c.command("h2", MsgType.PREPARE, [1, "vm1", VLAN, mac_of(1), "vEth1"])
+    c.attach("h1", 1)  # the VM's current owner announces it
+    assert c.cores["h2"].switch.port_for(*key(1)).state == "prepared"
+
+
+def test_lower_seq_arriving_late_never_pulls_the_mac_back():
+    c = Cluster(["h1", "h2", "h3"])
+    c.attach("h1", 1)
+    old_updates = [f for src, mt, f in c.published if src == "h1" and mt is MsgType.UPDATES]
+    assert len(old_updates) == 1
+    assert c.move(1, "h1", "h2", 1) == (True, "switched")
+    target = {key(1): ("h2", 1, False)}
+    assert c.converged_to(target)
+    applied_before = c.stat("updates_applied")
+    # The old announcement, delivered again (late, duplicated), to everyone.
+    for h in ("h2", "h3"):
+        c.cores[h].on_frame("sub", old_updates[0], c.now)
+    # A fresh update from h1 still claiming seq 0 (an old host that did not notice the move).
+    stale = wire.encode(MsgType.UPDATES, ["h1", INC, [[2, VLAN, mac_of(1), "h1", "vEth1", 0, False]]])
+    for h in ("h2", "h3"):
+        c.cores[h].on_frame("sub", stale, c.now)
+    c.pump()
+    assert c.converged_to(target)
+    assert c.stat("updates_applied") == applied_before
+    assert c.cores["h2"].switch.port_for(*key(1)).state == "active"
+    # The old host is told to attach with the old seq: refused, its port does not come back.
+    ok, detail = c.attach("h1", 1, seq=0)
+    assert not ok and "stale" in detail and "seq 1 on h2" in detail
+    assert c.cores["h1"].switch.port_for(*key(1)) is None
+    c.heartbeat_round()
+    assert c.converged_to(target)
+
+
+def test_concurrent_claims_for_the_same_seq_are_settled_by_host_order():
+    # Headless: two hosts claim seq 1 at once; the larger host id (as a string) wins everywhere.
+    c = Cluster(["h1", "h2", "h3"])
+    c.attach("h1", 1)
+    c.drop = lambda src, dst, mt, f: True  # the two claims cross in flight
+    c.command("h3", MsgType.SWITCHOVER, [1, "vm1", VLAN, mac_of(1), "vEth1", 1])
+    c.command("h2", MsgType.SWITCHOVER, [2, "vm1", VLAN, mac_of(1), "vEth1", 1])
+    c.drop = None
+    for _ in range(3):
+        c.heartbeat_round()
+    assert c.converged_to({key(1): ("h3", 1, False)})
+    assert c.cores["h2"].switch.port_for(*key(1)) is None
+
+
+def test_detach_with_tombstone_deletes_everywhere():
+    c = Cluster(["h1", "h2", "h3"])
+    c.attach("h1", 1)
+    assert c.command("h1", MsgType.DETACH, [9, "vm1", VLAN, mac_of(1), 1]) == (True, "detached")
+    assert c.converged_to({key(1): ("h1", 1, True)})
+    assert all(core.table.live_count() == 0 for core in c.cores.values())
+    assert c.cores["h1"].switch.port_for(*key(1)) is None
+    # Detaching again: no port, still acked.
+    assert c.command("h1", MsgType.DETACH, [10, "vm1", VLAN, mac_of(1), 0]) == (True, "no such port")
+
+
+# ------------------------------------------------------------------ repair
+
+
+def test_dropped_updates_are_repaired_by_pulls_after_heartbeats():
+    c = Cluster(["h1", "h2", "h3", "h4"])
+    # h3 misses every other update batch from h1, and h4 misses all of them.
+    counter = {"n": 0}
+
+    def drop(src, dst, mt, frame):
+        if mt is not MsgType.UPDATES or src != "h1":
+            return False
+        if dst == "h4":
+            return True
+        if dst == "h3":
+            counter["n"] += 1
+            return counter["n"] % 2 == 1
+        return False
+
+    c.drop = drop
+    for vm in range(1, 7):
+        c.attach("h1", vm)
+    c.move(2, "h1", "h2", 1)
+    c.attach("h1", 7)
+    expected = {key(vm): ("h1", 0, False) for vm in range(1, 8)} | {key(2): ("h2", 1, False)}
+    assert c.dropped_updates > 0
+    assert c.cores["h4"].table.as_placement() == {key(2): ("h2", 1, False)}
+    assert c.cores["h3"].table.as_placement() != expected  # h3 already noticed gaps but lags
+    c.drop = None
+    c.heartbeat_round()
+    c.heartbeat_round()
+    assert c.converged_to(expected), c.placements()
+    assert c.cores["h4"].stats.pulls_sent > 0
+    assert c.cores["h4"].stats.repaired_updates > 0
+    assert c.cores["h3"].stats.pulls_sent > 0
+    assert c.stat("pulls_served") >= c.stat("pulls_sent")
+    # Repaired, they stay quiet: no more pulls once caught up.
+    pulls = c.stat("pulls_sent")
+    c.heartbeat_round()
+    assert c.stat("pulls_sent") == pulls
+
+
+def test_lost_pull_is_retried_after_pull_timeout():
+    c = Cluster(["h1", "h2"])
+    c.drop = lambda src, dst, mt, f: mt is MsgType.UPDATES
+    c.attach("h1", 1)
+    c.drop = None
+    c.drop_rpc = lambda src, dst, f: True  # the first pull request is lost
+    c.heartbeat_round()
+    assert c.cores["h2"].stats.pulls_sent == 1
+    assert c.cores["h2"].table.get(key(1)) is None
+    c.drop_rpc = None
+    # Before pull_timeout_ms the pull is not repeated; after it, it is (also between heartbeats).
+    c.advance(c.config.pull_timeout_ms - 1)
+    c.cores["h2"].on_timer(c.now)
+    c.pump()
+    assert c.cores["h2"].stats.pulls_sent == 1
+    c.advance(1)
+    c.cores["h2"].on_timer(c.now)
+    c.pump()
+    assert c.cores["h2"].stats.pulls_sent == 2
+    assert c.converged_to({key(1): ("h1", 0, False)})
+
+
+def test_range_pulled_past_the_log_is_answered_with_a_snapshot():
+    cfg = AgentConfig(log_max_updates=3)
+    c = Cluster(["h1", "h2"], cfg)
+    c.drop = lambda src, dst, mt, f: mt is MsgType.UPDATES
+    for vm in range(1, 9):
+        c.attach("h1", vm)
+    c.drop = None
+    c.heartbeat_round()
+    assert c.converged_to({key(vm): ("h1", 0, False) for vm in range(1, 9)})
+    assert c.cores["h1"].stats.snapshots_served >= 1
+    assert c.cores["h2"].peers["h1"].contiguous == 8
+
+
+def test_core_that_only_gets_a_snapshot_converges():
+    c = Cluster(["h1", "h2"])
+    for vm in range(1, 5):
+        c.attach("h1" if vm % 2 else "h2", vm)
+    c.move(3, "h1", "h2", 1)
+    expected = {key(1): ("h1", 0, False), key(2): ("h2", 0, False), key(3): ("h2", 1, False),
+                key(4): ("h2", 0, False)}
+    assert c.converged_to(expected)
+    h3 = c.join("h3")  # none of the earlier gossip ever reached it
+    assert h3.stats.updates_received == 0
+    assert h3.stats.snapshots_requested == 1 and h3.stats.snapshots_received == 1
+    assert h3.table.as_placement() == expected and h3.table.digest == c.cores["h1"].table.digest
+    # The snapshot's version vector covers every origin: no pulls follow.
+    assert h3.peers["h1"].contiguous == c.cores["h1"].n
+    assert h3.peers["h2"].contiguous == c.cores["h2"].n
+    for _ in range(3):
+        c.heartbeat_round()
+    assert h3.stats.pulls_sent == 0 and h3.stats.updates_received == 0
+    assert c.converged_to(expected)
+
+
+@pytest.mark.parametrize("rounds", [1, 3, 5])
+def test_digest_mismatch_with_dead_origin_is_repaired_by_snapshot(rounds):
+    c = Cluster(["h1", "h2", "h3"], AgentConfig(digest_mismatch_rounds=rounds))
+    c.drop = lambda src, dst, mt, f: src == "h1" and dst == "h3"
+    c.attach("h1", 1)
+    c.down.add("h1")  # the origin dies before anyone hears its heartbeat
+    c.drop = None
+    h3 = c.cores["h3"]
+    assert key(1) not in h3.table
+    for _ in range(rounds - 1):
+        c.heartbeat_round()
+    # Nothing tells h3 it misses an update of h1: only the digests disagree, not yet for long enough.
+    assert key(1) not in h3.table
+    assert h3.stats.pulls_sent == 0 and h3.stats.snapshots_requested == 1  # (the bootstrap one)
+    c.heartbeat_round()
+    assert h3.stats.snapshots_requested == 2
+    assert h3.stats.repaired_updates >= 1
+    assert c.converged_to({key(1): ("h1", 0, False)})
+    c.heartbeat_round()
+    assert h3.stats.snapshots_requested == 2  # agreed digests: no more snapshots
+
+
+def test_restarted_agent_with_new_incarnation_rebuilds_from_peers():
+    c = Cluster(["h1", "h2", "h3"])
+    for vm in range(1, 4):
+        c.attach("h2", vm)
+    expected = c.cores["h1"].table.as_placement()
+    c._add("h2", incarnation=INC + 1)  # same host, new life, empty table
+    c.send_peers()
+    h2 = c.cores["h2"]
+    assert h2.table.as_placement() == expected
+    c.heartbeat_round()
+    # Peers forgot h2's old numbering: its new update 1 is not mistaken for the old update 1.
+    c.attach("h2", 4)
+    c.heartbeat_round()
+    assert c.converged_to(expected | {key(4): ("h2", 0, False)})
+    assert c.cores["h1"].peers["h2"].incarnation == INC + 1
+    assert c.cores["h1"].peers["h2"].contiguous == 1
+
+
+def test_no_repair_defect_with_drops_does_not_converge():
+    c = Cluster(["h1", "h2", "h3"], AgentConfig(defect_no_repair=True))
+    c.drop = lambda src, dst, mt, f: mt is MsgType.UPDATES and dst == "h3"
+    c.attach("h1", 1)
+    c.attach("h2", 2)
+    c.drop = None
+    expected = {key(1): ("h1", 0, False), key(2): ("h2", 0, False)}
+    for _ in range(10):
+        c.heartbeat_round()
+    assert not c.converged_to(expected)
+    assert c.cores["h3"].table.as_placement() == {}
+    assert c.stat("pulls_sent") == 0 and c.stat("snapshots_requested") == 0
+
+
+# ------------------------------------------------------------------ flap guard
+
+
+def test_flap_guard_reports_more_than_five_moves_in_the_window():
+    c = Cluster(["h1", "h2", "h3"])
+    c.attach("h1", 1)
+    hosts = ["h1", "h2"]
+    for seq in range(1, 6):
+        assert c.move(1, hosts[(seq - 1) % 2], hosts[seq % 2], seq) == (True, "switched")
+        c.advance(1000)
+    assert c.stat("flap_reports") == 0
+    c.move(1, "h2", "h1", 6)
+    assert all(core.stats.flap_reports == 1 for core in c.cores.values())
+    flapping = c.cores["h3"].status(c.now)["flapping"]
+    assert flapping == [{"vlan": VLAN, "mac": "02:00:00:00:00:01", "moves": 6}]
+
+
+def test_moves_spread_beyond_the_window_do_not_flap():
+    c = Cluster(["h1", "h2"])
+    c.attach("h1", 1)
+    hosts = ["h1", "h2"]
+    for seq in range(1, 10):
+        assert c.move(1, hosts[(seq - 1) % 2], hosts[seq % 2], seq) == (True, "switched")
+        c.advance(c.config.flap_window_ms / 4)
+    assert c.stat("flap_reports") == 0
+
+
+# ------------------------------------------------------------------ malformed input
+
+
+def test_malformed_frames_are_dropped_and_counted():
+    c = Cluster(["h1", "h2"])
+    c.attach("h1", 1)
+    core = c.cores["h2"]
+    before = core.table.as_placement(), core.table.digest
+    good_hb = ["h1", INC, 1, 0, 1]
+    malformed = [
+        ("sub", b"garbage"),
+        ("sub", b""),
+        ("rpc", b"\xc1\xc1"),
+        ("pull", b"\x93\x01"),
+        ("ctl", b"\xff" * 50),
+        ("sub", msgpack.packb([2, 1, good_hb])),  # wrong schema version
+        ("sub", msgpack.packb([1, 99, good_hb])),  # unknown type
+        ("sub", msgpack.packb([1, 1, ["h1", "one", 1, 0, 1]])),  # wrong field type
+        ("sub", msgpack.packb([1, 2, ["h1", INC, [[2, 0, mac_of(5), "h1", "p", 0, False]]]])),  # vlan 0
+        ("ctl", msgpack.packb([1, int(MsgType.ATTACH), [1, "vm9", 5000, mac_of(9), "vEth9", 0]])),  # vlan 5000
+        ("ctl", msgpack.packb([1, int(MsgType.ATTACH), [1, "vm9", VLAN, mac_of(9), "vEth9", True]])),  # bool seq
+        ("pull", msgpack.packb([1, int(MsgType.SNAPSHOT), ["h1", [[VLAN, 1, "h1", "p", -1, False]], []]])),
+        ("rpc", wire.encode(MsgType.PULL_REQ, ["h2", 1, 1])),  # wrong list length
+    ]
+    unexpected = [
+        ("sub", wire.encode(MsgType.ATTACH, [1, "vm9", VLAN, mac_of(9), "vEth9", 0])),
+        ("sub", wire.encode(MsgType.SNAPSHOT, ["h1", [[VLAN, mac_of(9), "h1", "p", 9, False]], []])),
+        ("ctl", wire.encode(MsgType.HEARTBEAT, good_hb)),
+        ("ctl", wire.encode(MsgType.UPDATES, ["h1", INC, [[2, VLAN, mac_of(9), "h1", "p", 9, False]]])),
+        ("rpc", wire.encode(MsgType.UPDATES, ["h1", INC, []])),
+        ("rpc", wire.encode(MsgType.DETACH, [1, "vm1", VLAN, mac_of(1), 5])),
+        ("pull", wire.encode(MsgType.PEERS, [[]])),
+        ("pull", wire.encode(MsgType.PULL_REQ, ["h2", 1, 1, 5])),
+    ]
+    for channel, frame in malformed + unexpected:
+        core.on_frame(channel, frame, c.now, envelope=[b"h1"])
+    assert core.take_outbox() == []  # no reaction to any of it
+    assert core.stats.dropped_malformed == len(malformed)
+    assert core.stats.dropped_unexpected == len(unexpected)
+    assert core.status(c.now)["dropped_malformed"] == len(malformed) + len(unexpected)
+    assert (core.table.as_placement(), core.table.digest) == before
+    assert sorted(core.peers) == ["h1"]
+    core.note_malformed()
+    assert core.status(c.now)["dropped_malformed"] == len(malformed) + len(unexpected) + 1
+    # The count reaches the controller in the next status report.
+    c.heartbeat_round()
+    statuses = [b for src, m, b in c.ctl if src == "h2" and m is MsgType.AGENT_STATUS]
+    assert statuses[-1][5] == len(malformed) + len(unexpected) + 1
+    # And the core still works.
+    c.attach("h1", 2)
+    assert c.converged_to({key(1): ("h1", 0, False), key(2): ("h1", 0, False)})
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(channel=st.sampled_from(["sub", "rpc", "pull", "ctl"]), data=st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise_from_on_frame(channel, data):
+    core = AgentCore("h1", 1, pub_endpoint="p", rpc_endpoint="r")
+    core.on_frame(channel, data, 5, envelope=[b"x"])
+    status = core.status(5)
+    # Either dropped and counted, or a valid message that was handled.
+    assert status["dropped_malformed"] in (0, 1)
+
+
+@pytest.mark.xfail(strict=True, raises=RecursionError,
+                   reason="BUG in wire.decode (see tests/test_wire.py): a 1 KB deeply nested frame raises "
+                   "RecursionError, which on_frame does not catch: the agent dies from a message")
+def test_deeply_nested_frame_does_not_kill_the_agent():
+    core = AgentCore("h1", 1, pub_endpoint="p", rpc_endpoint="r")
+    core.on_frame("sub", b"\x93\x01\x01" + b"\x91" * 1015 + b"\x90", 5)
+    assert core.status(5)["dropped_malformed"] == 1
+
+
+def test_requests_on_rpc_and_ctl_are_answered():
+    c = Cluster(["h1", "h2"])
+    c.attach("h1", 1)
+    core = c.cores["h2"]
+    core.on_frame("rpc", wire.encode(MsgType.REQUEST, [7, "mac_table", {}]), c.now, envelope=[b"client"])
+    core.on_frame("rpc", wire.encode(MsgType.REQUEST, [8, "nope", {}]), c.now, envelope=[b"client"])
+    core.on_frame("ctl", wire.encode(MsgType.REQUEST, [9, "ping", {}]), c.now)
+    (d1, f1), (d2, f2), (d3, f3) = core.take_outbox()
+    assert d1 == ("reply", [b"client"]) and d2 == ("reply", [b"client"]) and d3 == "ctl"
+    _, (rid, ok, table) = wire.decode(f1)
+    assert rid == 7 and ok and table["entries"][0]["mac"] == "02:00:00:00:00:01"
+    assert table["entries"][0]["host"] == "h1" and not table["entries"][0]["local"]
+    assert wire.decode(f2)[1][:2] == [8, False] and "unknown method" in wire.decode(f2)[1][2]
+    assert wire.decode(f3)[1] == [9, True, {"host": "h2", "incarnation": INC}]
+    # The controller asking us to register again gets a REGISTER, not a reply.
+    core.on_frame("ctl", wire.encode(MsgType.REQUEST, [0, "register", {}]), c.now)
+    ((dest, frame),) = core.take_outbox()
+    assert dest == "ctl" and wire.decode(frame)[0] is MsgType.REGISTER
+
+
+# ------------------------------------------------------------------ the convergence property
+
+
+HOST_NAMES = ["h1", "h2", "h3", "h4", "h5"]
+
+
+@st.composite
+def scenarios(draw):
+    n_hosts = draw(st.integers(3, 5))
+    hosts = HOST_NAMES[:n_hosts]
+    cmd = st.tuples(st.just("cmd"), st.integers(1, 5), st.sampled_from(hosts))
+    tick = st.tuples(st.just("tick"), st.just(0), st.just(""))
+    steps = draw(st.lists(st.one_of(cmd, cmd, cmd, tick), min_size=5, max_size=40))
+    return hosts, steps, draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from([0.0, 0.3, 0.6, 0.9, 1.0]))
+
+
+def run_scenario(hosts, steps, seed, drop_p, config=None, drop_rpc=False):
+    """Attach/move VMs as the controller would while gossip is lossy; return (cluster, expected)."""
+    rng = random.Random(seed)
+    c = Cluster(hosts, config)
+    placement: dict[int, tuple[str, int]] = {}
+    c.drop = lambda src, dst, mt, f: rng.random() < drop_p
+    if drop_rpc:
+        c.drop_rpc = lambda src, dst, f: rng.random() < drop_p
+    for kind, vm, host in steps:
+        if kind == "tick":
+            c.heartbeat_round()
+        elif vm not in placement:
+            assert c.attach(host, vm) == (True, "attached")
+            placement[vm] = (host, 0)
+        elif placement[vm][0] != host:
+            src, seq = placement[vm]
+            assert c.move(vm, src, host, seq + 1) == (True, "switched")
+            placement[vm] = (host, seq + 1)
+    c.drop = c.drop_rpc = None
+    expected = {key(vm): (h, seq, False) for vm, (h, seq) in placement.items()}
+    return c, expected, placement
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(scenario=scenarios(), drop_rpc=st.booleans())
+def test_random_moves_with_lossy_gossip_converge(scenario, drop_rpc):
+    hosts, steps, seed, drop_p = scenario
+    c, expected, placement = run_scenario(hosts, steps, seed, drop_p, drop_rpc=drop_rpc)
+    for _ in range(3):
+        c.heartbeat_round()
+    assert c.converged_to(expected), (expected, c.placements())
+    # Exactly the VM's current host has an active port for it.
+    for vm, (host, _) in placement.items():
+        for h, core in c.cores.items():
+            port = core.switch.port_for(*key(vm))
+            if h == host:
+                assert port is not None and port.state == "active" and port.name == f"vEth{vm}"
+            else:
+                assert port is None, (vm, h)
+    if c.dropped_updates:
+        # Repair did the work: pulls, or snapshots beyond the one each core asks for when it joins.
+        # (repaired_updates may stay 0: a lost update can be superseded before it is pulled.)
+        assert c.stat("pulls_sent") + c.stat("snapshots_requested") > len(hosts)
+
+
+def test_property_scenario_fails_without_repair():
+    # The same harness and check as the property above, with the repair turned off: it must fail.
+    steps = [("cmd", 1, "h1"), ("cmd", 2, "h2"), ("cmd", 1, "h3"), ("cmd", 3, "h3"), ("cmd", 2, "h1")]
+    hosts = ["h1", "h2", "h3", "h4"]
+    c, expected, _ = run_scenario(hosts, steps, seed=1, drop_p=0.6, config=AgentConfig(defect_no_repair=True))
+    assert c.dropped_updates > 0
+    for _ in range(10):
+        c.heartbeat_round()
+    assert not c.converged_to(expected)
+    # ... and with repair on, the very same run converges.
+    c, expected, _ = run_scenario(hosts, steps, seed=1, drop_p=0.6)
+    for _ in range(3):
+        c.heartbeat_round()
+    assert c.converged_to(expected)

@@ -1,0 +1,97 @@
+"""`dvs` as a user runs it: one process per command, clear one-line errors, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+
+from tests.conftest import run_dvs
+
+pytestmark = pytest.mark.cluster
+
+
+def assert_one_line_error(proc, *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_commands_without_a_cluster_say_so(tmp_path):
+    assert_one_line_error(run_dvs("status", state_dir=tmp_path), "no cluster is running", "dvs up")
+    assert_one_line_error(run_dvs("down", state_dir=tmp_path), "no cluster is running")
+    assert_one_line_error(run_dvs("mac-table", "h1", state_dir=tmp_path), "no cluster is running")
+
+
+def test_bad_flags_are_one_line(tmp_path):
+    assert_one_line_error(run_dvs("up", "--hosts", "0", state_dir=tmp_path), "--hosts")
+    assert_one_line_error(run_dvs("up", "--hosts", "many", state_dir=tmp_path), "--hosts")
+    assert_one_line_error(run_dvs("up", "--hostz", "3", state_dir=tmp_path), "--hostz")
+    assert_one_line_error(run_dvs("vm", "move", "vm1", state_dir=tmp_path), "--to")
+
+
+def test_cluster_lifecycle_through_the_cli(tmp_path):
+    sd = tmp_path / "state"
+    up = run_dvs("up", "--hosts", "3", "--vms", "6", state_dir=sd)
+    assert up.returncode == 0, up.stderr
+    try:
+        assert_one_line_error(run_dvs("up", "--hosts", "3", state_dir=sd), "already running", "dvs down")
+
+        st = json.loads(run_dvs("status", "--json", state_dir=sd).stdout)
+        assert [h["host"] for h in st["hosts"]] == ["h1", "h2", "h3"]
+        for h in st["hosts"]:
+            assert h["state"] == "alive" and h["mac_entries"] == 6 and h["dropped_malformed"] == 0
+            assert h["pub_endpoint"].startswith("tcp://") and h["rpc_endpoint"].startswith("tcp://")
+            assert psutil.pid_exists(h["pid"])
+        assert len(st["digests"]) == 1
+
+        assert_one_line_error(run_dvs("vm", "move", "no-such-vm", "--to", "h1", state_dir=sd), "unknown VM")
+        assert_one_line_error(run_dvs("vm", "move", "vm1", "--to", "h9", state_dir=sd), "unknown host", "h9")
+        assert_one_line_error(run_dvs("vm", "move", "vm1", "--to", "h1", state_dir=sd), "already on h1")
+        assert_one_line_error(run_dvs("mac-table", "h7", state_dir=sd), "unknown host")
+        assert_one_line_error(run_dvs("vm", "create", "vm1", "--host", "h2", state_dir=sd), "already exists")
+        assert_one_line_error(run_dvs("vm", "create", "x", "--host", "h2", "--profile", "nope", state_dir=sd),
+                              "unknown port profile")
+
+        mv = run_dvs("vm", "move", "vm1", "--to", "h3", "--json", state_dir=sd)
+        assert mv.returncode == 0, mv.stderr
+        rec = json.loads(mv.stdout)
+        assert (rec["vm"], rec["src"], rec["dst"], rec["seq"], rec["converged"]) == ("vm1", "h1", "h3", 1, True)
+        plain = run_dvs("vm", "move", "vm1", "--to", "h2", state_dir=sd)
+        assert plain.returncode == 0 and "converged" in plain.stdout and " ms" in plain.stdout
+
+        created = run_dvs("vm", "create", "web1", "--host", "h2", "--profile", "web", state_dir=sd)
+        assert created.returncode == 0, created.stderr
+        vms = {v["vm"]: v for v in json.loads(run_dvs("vm", "list", "--json", state_dir=sd).stdout)}
+        assert (vms["vm1"]["host"], vms["vm1"]["seq"]) == ("h2", 2)
+        assert (vms["web1"]["host"], vms["web1"]["vlan"]) == ("h2", 110)
+
+        table = json.loads(run_dvs("mac-table", "h1", "--json", state_dir=sd).stdout)
+        vm1 = next(e for e in table["entries"] if e["mac"] == vms["vm1"]["mac"])
+        assert (vm1["host"], vm1["seq"], vm1["local"]) == ("h2", 2, False)
+
+        assert run_dvs("check", state_dir=sd).returncode == 0
+        moves = json.loads(run_dvs("moves", "--json", state_dir=sd).stdout)
+        assert [m["dst"] for m in moves] == ["h3", "h2"]
+    finally:
+        pids = [h["pid"] for h in json.loads((sd / "cluster.json").read_text())["agents"]]
+        down = run_dvs("down", state_dir=sd)
+    assert down.returncode == 0, down.stderr
+    assert not [p for p in pids if psutil.pid_exists(p)]
+    assert_one_line_error(run_dvs("status", state_dir=sd), "no cluster is running")
+
+
+def test_demo_json(tmp_path):
+    proc = run_dvs("demo", "--hosts", "3", "--vms", "9", "--moves", "4", "--json", state_dir=tmp_path / "d")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["hosts"], out["vms"], len(out["moves"])) == (3, 9, 4)
+    assert all(m["converged"] and m["latency_ms"] >= 0 for m in out["moves"])
+    s = out["summary"]
+    assert s["moves"] == s["converged"] == 4
+    assert s["latency_ms_p50"] <= s["latency_ms_p99"] <= s["latency_ms_max"]
+    assert not (tmp_path / "d" / "cluster.json").exists()
