@@ -67,6 +67,7 @@ class Stats:
         "repaired_updates",
         "heartbeats_received",
         "flap_reports",
+        "handler_errors",
     )
 
     def __init__(self) -> None:
@@ -114,6 +115,7 @@ class AgentCore:
         self._moves: dict[tuple[int, int], deque[int]] = {}
         self.flapping: dict[tuple[int, int], int] = {}
         self.extra_methods: dict[str, Callable[[dict], object]] = {}
+        self.last_error = ""
         c = self.config
         self._status_ns = c.heartbeat_interval_ms * NS_PER_MS
         self._hb_ns = self._suspect_ns = 0
@@ -152,15 +154,23 @@ class AgentCore:
         except WireError:
             self.stats.dropped_malformed += 1
             return
+        self.on_message(channel, mt, body, now_ns, envelope)
+
+    def on_message(self, channel: str, mt: MsgType, body: list, now_ns: int, envelope: object = None) -> None:
+        """A frame already decoded and validated by `wire.decode` (the simulator decodes a
+        published frame once and hands the same read-only body to every subscriber)."""
         if mt not in ALLOWED[channel]:
             self.stats.dropped_unexpected += 1
             return
         try:
             self._dispatch(mt, body, now_ns, envelope)
         except WireError:
-            # Well-formed but semantically impossible (e.g. a snapshot naming us as origin of
-            # an entry we never made with a bad port): the sender's fault, dropped and counted.
+            # Well-formed but semantically impossible: the sender's fault, dropped and counted.
             self.stats.dropped_malformed += 1
+        except Exception as e:  # noqa: BLE001 - a bug of ours must not kill the agent either
+            # Our fault, not the sender's: counted apart and shown in status so it gets fixed.
+            self.stats.handler_errors += 1
+            self.last_error = f"{mt.name}: {type(e).__name__}: {e}"[:300]
 
     def on_timer(self, now_ns: int) -> None:
         if now_ns >= self._next_heartbeat_ns:
@@ -236,6 +246,7 @@ class AgentCore:
             "dropped_malformed": self.stats.dropped_malformed + self.stats.dropped_unexpected,
             "flapping": [{"vlan": k[0], "mac": format_mac(k[1]), "moves": v} for k, v in self.flapping.items()],
             "stats": self.stats.as_dict(),
+            "last_error": self.last_error,
         }
 
     def mac_table(self) -> dict:

@@ -34,10 +34,13 @@ def format_mac(mac: int) -> str:
     return ":".join(f"{(mac >> s) & 0xFF:02x}" for s in range(40, -1, -8))
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
 def parse_mac(text: str) -> int:
     parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"not a MAC address: {text!r}")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in _HEX for c in p) for p in parts):
+        raise ValueError(f"not a MAC address: {text!r} (expected six hex pairs like 02:00:00:00:00:01)")
     return int("".join(parts), 16)
 
 

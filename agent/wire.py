@@ -62,10 +62,17 @@ def encode(msg_type: MsgType, body: list) -> bytes:
 # ---- validators: each takes a value and returns it (possibly normalised) or raises WireError
 
 
+def _show(v) -> str:
+    """A short description of an offending value; never recurses into a (hostile) nested one."""
+    if isinstance(v, (list, dict, tuple)):
+        return f"a {type(v).__name__} of {len(v)} items"
+    return repr(v)[:40]
+
+
 def _int(lo: int, hi: int):
     def check(v):
         if type(v) is not int or v < lo or v > hi:
-            raise WireError(f"expected int in [{lo}, {hi}], got {v!r:.40}")
+            raise WireError(f"expected int in [{lo}, {hi}], got {_show(v)}")
         return v
 
     return check
@@ -74,7 +81,7 @@ def _int(lo: int, hi: int):
 def _str(max_len: int = MAX_NAME_LEN, allow_empty: bool = False):
     def check(v):
         if type(v) is not str or len(v) > max_len or (not allow_empty and not v):
-            raise WireError(f"expected str of length <= {max_len}, got {v!r:.40}")
+            raise WireError(f"expected str of length <= {max_len}, got {_show(v)}")
         return v
 
     return check
@@ -82,7 +89,7 @@ def _str(max_len: int = MAX_NAME_LEN, allow_empty: bool = False):
 
 def _bool(v):
     if type(v) is not bool:
-        raise WireError(f"expected bool, got {v!r:.40}")
+        raise WireError(f"expected bool, got {_show(v)}")
     return v
 
 
@@ -110,7 +117,7 @@ def _tuple(*fields):
 
     def check(v):
         if type(v) is not list or len(v) != n:
-            raise WireError(f"expected a list of {n} fields, got {v!r:.60}")
+            raise WireError(f"expected a list of {n} fields, got {_show(v)}")
         return [f(x) for f, x in zip(fields, v, strict=True)]
 
     return check
@@ -169,6 +176,9 @@ SCHEMAS = {
 }
 
 
+_BY_VALUE = {int(m): m for m in MsgType}
+
+
 def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[MsgType, list]:
     """Parse and validate one frame. Raises WireError on anything unexpected."""
     if len(frame) > max_bytes:
@@ -178,13 +188,15 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> tuple[MsgType, lis
         obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise WireError(f"not msgpack: {type(e).__name__}") from None
+    except RecursionError:  # pragma: no cover - msgpack bounds nesting, but never let it through
+        raise WireError("not msgpack: nested too deeply") from None
     if type(obj) is not list or len(obj) != 3:
         raise WireError("expected [schema_version, msg_type, body]")
     version, mtype, body = obj
-    if version != SCHEMA_VERSION:
-        raise WireError(f"schema version {version!r:.20} is not {SCHEMA_VERSION}")
-    try:
-        mt = MsgType(mtype)
-    except (ValueError, TypeError):
-        raise WireError(f"unknown message type {mtype!r:.20}") from None
+    # `type(...) is int`: True and 1.0 compare equal to 1 but are not what a peer of ours sends.
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise WireError(f"schema version {_show(version)} is not {SCHEMA_VERSION}")
+    if type(mtype) is not int or mtype not in _BY_VALUE:
+        raise WireError(f"unknown message type {_show(mtype)}")
+    mt = _BY_VALUE[mtype]
     return mt, SCHEMAS[mt](body)

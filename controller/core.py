@@ -96,6 +96,8 @@ class ControllerCore:
         self._next_op = 1
         self._ready_waiters: list[ReadyWaiter] = []
         self.dropped_malformed = 0
+        self.handler_errors = 0
+        self.last_error = ""
         self._tick_ns = self.config.tick_interval_ms * NS_PER_MS
         self._next_tick_ns = 0
 
@@ -114,6 +116,13 @@ class ControllerCore:
         except WireError:
             self.dropped_malformed += 1
             return
+        try:
+            self._dispatch(envelope, mt, body, now_ns)
+        except Exception as e:  # noqa: BLE001 - a bug of ours must not kill the controller
+            self.handler_errors += 1
+            self.last_error = f"{mt.name}: {type(e).__name__}: {e}"[:300]
+
+    def _dispatch(self, envelope: list, mt: MsgType, body: list, now_ns: int) -> None:
         host = self._routes.get(envelope[0]) if envelope else None
         if mt is MsgType.REQUEST:
             self._on_request(envelope, body, now_ns)
@@ -347,6 +356,8 @@ class ControllerCore:
             "ops_in_flight": len(self.ops),
             "moves_done": len(self.history),
             "dropped_malformed": self.dropped_malformed,
+            "handler_errors": self.handler_errors,
+            "last_error": self.last_error,
         }
 
     def api_vm_list(self, args, now_ns, envelope, req_id) -> dict:

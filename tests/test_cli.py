@@ -95,3 +95,29 @@ def test_demo_json(tmp_path):
     assert s["moves"] == s["converged"] == 4
     assert s["latency_ms_p50"] <= s["latency_ms_p99"] <= s["latency_ms_max"]
     assert not (tmp_path / "d" / "cluster.json").exists()
+
+
+def test_foreground_stops_everything_on_ctrl_c(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    sd = tmp_path / "fg"
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "up", "--hosts", "2", "--foreground",
+                             "--state-dir", str(sd)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "Ctrl-C" in line:
+                break
+        pids = [a["pid"] for a in json.loads((sd / "cluster.json").read_text())["agents"]]
+        assert all(psutil.pid_exists(p) for p in pids)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "cluster stopped" in out
+    assert not [p for p in pids if psutil.pid_exists(p)]
+    assert not (sd / "cluster.json").exists()

@@ -151,10 +151,6 @@ def test_unknown_message_type_raises(mtype):
         wire.decode(frame(SCHEMA_VERSION, mtype, VALID[MsgType.HEARTBEAT]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the header is compared with == / looked up by value, so bool and float stand in for ints",
-)
 @pytest.mark.parametrize(
     "version,mtype",
     [(True, 1), (1.0, 1), (SCHEMA_VERSION, True), (SCHEMA_VERSION, 1.0)],
@@ -354,14 +350,25 @@ def test_very_deep_nesting_beyond_msgpack_limit_raises_wire_error():
         wire.decode(_nested_list_frame(5000))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="BUG: the error message formats the offending value with !r; repr of a ~1000-deep list "
-    "(still inside msgpack's nesting limit) raises RecursionError instead of WireError",
-)
-def test_deep_nesting_within_msgpack_limit_raises_wire_error():
-    data = _nested_list_frame(1015)
-    assert len(data) < 1100  # a 1 KB frame
+@pytest.mark.parametrize("depth", [900, 1000, 1015, 1100])
+def test_deep_nesting_within_msgpack_limit_raises_wire_error(depth):
+    # Regression: error messages once repr()'d the offending value, and repr of a ~1000-deep
+    # list (inside msgpack's own nesting limit) raised RecursionError instead of WireError.
+    data = _nested_list_frame(depth)
+    assert len(data) < 1200  # a 1 KB frame
     with pytest.raises(WireError):
         wire.decode(data)
+
+
+def test_deeply_nested_header_fields_raise_wire_error():
+    nested = b"\x91" * 1015 + b"\x90"
+    for data in (b"\x93" + nested + b"\x01\x90", b"\x93\x01" + nested + b"\x90"):
+        with pytest.raises(WireError):
+            wire.decode(data)
+
+
+def test_decode_takes_a_smaller_size_bound():
+    data = _reply_with_blob(1000)
+    assert wire.decode(data, len(data))[0] is MsgType.REPLY
+    with pytest.raises(WireError, match="exceeds"):
+        wire.decode(data, len(data) - 1)
