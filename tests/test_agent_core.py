@@ -281,6 +281,11 @@ def test_lower_seq_arriving_late_never_pulls_the_mac_back():
     ok, detail = c.attach("h1", 1, seq=0)
     assert not ok and "stale" in detail and "seq 1 on h2" in detail
     assert c.cores["h1"].switch.port_for(*key(1)) is None
+    # A switchover below what the table holds is refused the same way.
+    c.command("h3", MsgType.PREPARE, [5, "vm1", VLAN, mac_of(1), "vEth1"])
+    ok, detail = c.command("h3", MsgType.SWITCHOVER, [5, "vm1", VLAN, mac_of(1), "vEth1", 0])
+    assert not ok and detail == "stale: table holds seq 1 on h2"
+    assert c.cores["h3"].switch.port_for(*key(1)) is None
     c.heartbeat_round()
     assert c.converged_to(target)
 
@@ -345,6 +350,9 @@ def test_dropped_updates_are_repaired_by_pulls_after_heartbeats():
     assert c.cores["h4"].stats.repaired_updates > 0
     assert c.cores["h3"].stats.pulls_sent > 0
     assert c.stat("pulls_served") >= c.stat("pulls_sent")
+    # Ranges still in the origin's log come back as updates, not as whole tables:
+    # the only snapshots are the one each core took when it joined.
+    assert c.stat("snapshots_received") == len(c.cores)
     # Repaired, they stay quiet: no more pulls once caught up.
     pulls = c.stat("pulls_sent")
     c.heartbeat_round()
@@ -445,6 +453,36 @@ def test_restarted_agent_with_new_incarnation_rebuilds_from_peers():
     assert c.converged_to(expected | {key(4): ("h2", 0, False)})
     assert c.cores["h1"].peers["h2"].incarnation == INC + 1
     assert c.cores["h1"].peers["h2"].contiguous == 1
+
+
+def test_new_incarnation_learned_from_gossip_resets_the_version_vector():
+    c = Cluster(["h1", "h2", "h3"])
+    for vm in range(1, 4):
+        c.attach("h2", vm)
+    assert c.cores["h1"].peers["h2"].contiguous == 3
+    c._add("h2", incarnation=INC + 1)  # restarted; the others hear of it by gossip before any PEERS
+    c.send_peers(to=["h2"])
+    first = {"n": 0}
+
+    def drop_first_update_to_h1(src, dst, mt, f):
+        if src == "h2" and dst == "h1" and mt is MsgType.UPDATES:
+            first["n"] += 1
+            return first["n"] == 1
+        return False
+
+    c.drop = drop_first_update_to_h1
+    c.attach("h2", 4)  # update 1 of the new life: lost on the way to h1
+    c.attach("h2", 5)  # update 2: h1 sees the gap below it and pulls at once
+    h1 = c.cores["h1"]
+    assert h1.peers["h2"].incarnation == INC + 1
+    assert h1.peers["h2"].contiguous == 2
+    assert key(4) in h1.table and h1.stats.pulls_sent == 1
+    # Gossip of the earlier life, arriving late, no longer moves the version vector.
+    c.cores["h1"].on_frame("sub", wire.encode(MsgType.HEARTBEAT, ["h2", INC, 9, 0, 0]), c.now)
+    assert h1.peers["h2"].incarnation == INC + 1 and h1.peers["h2"].latest_seen == 2
+    c.drop = None
+    c.heartbeat_round()
+    assert c.converged_to({key(vm): ("h2", 0, False) for vm in range(1, 6)})
 
 
 @pytest.mark.xfail(strict=True, reason="minor BUG: PeerState.new_incarnation() clears pull_pending without "

@@ -289,11 +289,12 @@ def test_vm_move_prepare_switchover_detach_and_latency():
     assert mt is MsgType.DETACH and body[1:] == ["vm1", VLAN, MAC_BASE + 1, 0] and body[0] != op
     # 4. converged once every live host applied (h3, 1); stale reports do not count.
     c.applied("h3", 1, "h3", 1, t_ns=t_sw)
-    c.applied("h2", 1, "h1", 0, t_ns=t_sw + NS_PER_MS)  # an old entry
-    c.applied("h2", 1, "h3", 1, t_ns=t_sw + 4 * NS_PER_MS)
+    c.applied("h2", 1, "h1", 0, t_ns=t_sw + NS_PER_MS)  # an old entry: not the target
+    c.applied("h1", 1, "h3", 1, t_ns=t_sw + 4 * NS_PER_MS)
     assert c.reply(req) is None
     c.ack("h1", body[0], detail="detached")  # the detach's own ack changes nothing
-    c.applied("h1", 1, "h3", 1, t_ns=t_sw + 7_500_000)
+    assert c.reply(req) is None
+    c.applied("h2", 1, "h3", 1, t_ns=t_sw + 7_500_000)
     ok, rec = c.reply(req)
     assert ok, rec
     assert (rec["kind"], rec["vm"], rec["src"], rec["dst"], rec["seq"]) == ("move", "vm1", "h1", "h3", 1)
