@@ -116,6 +116,8 @@ class AgentCore:
         self.flapping: dict[tuple[int, int], int] = {}
         self.extra_methods: dict[str, Callable[[dict], object]] = {}
         self.last_error = ""
+        # When each key last changed here (monotonic ns): how headless moves measure convergence.
+        self.applied_at: dict[tuple[int, int], int] = {}
         c = self.config
         self._status_ns = c.heartbeat_interval_ms * NS_PER_MS
         self._hb_ns = self._suspect_ns = 0
@@ -309,6 +311,7 @@ class AgentCore:
         if peer is None:
             peer = self.peers[origin] = PeerState(origin)
         if incarnation > peer.incarnation:
+            self._clear_pending(peer)
             peer.new_incarnation(incarnation)
         elif incarnation < peer.incarnation:
             return None
@@ -445,6 +448,7 @@ class AgentCore:
         if not res.applied:
             return False
         self.stats.updates_applied += 1
+        self.applied_at[key] = now_ns
         self._applied.append([vlan, mac, entry.host, entry.seq, entry.tombstone, now_ns])
         if entry.host != self.host:
             # The VM lives elsewhere now: a local port for it must not stay active.
@@ -499,7 +503,13 @@ class AgentCore:
         self.outbox.append(("ctl", wire.encode(MsgType.ACK, [op, ok, detail, now_ns])))
 
     def _on_peers(self, members: list, now_ns: int) -> None:
-        self.registered = True
+        if not self.registered:
+            # Newly (re)registered: tell the controller what we hold, so one that restarted
+            # can reconcile its inventory (the highest (seq, host) wins there too).
+            self.registered = True
+            snap = self.table.snapshot()
+            for i in range(0, len(snap), PUB_BATCH_MAX):
+                self.outbox.append(("ctl", wire.encode(MsgType.TABLE_REPORT, [self.host, snap[i : i + PUB_BATCH_MAX]])))
         seen = set()
         for host, incarnation, pub, rpc in members:
             if host == self.host:
@@ -509,12 +519,18 @@ class AgentCore:
             if peer is None:
                 peer = self.peers[host] = PeerState(host)
             if incarnation > peer.incarnation:
+                self._clear_pending(peer)
                 peer.new_incarnation(incarnation)
             if (pub, rpc) != (peer.pub_endpoint, peer.rpc_endpoint):
                 peer.pub_endpoint, peer.rpc_endpoint = pub, rpc
                 self.outbox.append((("connect", peer), None))
         for host in [h for h in self.peers if h not in seen]:
-            peer = self.peers.pop(host)
+            peer = self.peers[host]
+            if peer.last_heard_ns >= 0 and now_ns - peer.last_heard_ns <= self._suspect_ns:
+                # Still talking to us: a controller that just restarted lists only the agents
+                # registered so far. Only silent peers leave the mesh.
+                continue
+            del self.peers[host]
             if peer.pull_pending:
                 self._pulls_pending -= 1
             self.outbox.append((("disconnect", host), None))
@@ -556,10 +572,27 @@ class AgentCore:
             self._claim(vlan, mac, Entry(self.host, name, tomb_seq, True), now_ns)
         self._ack(op, True, "detached" if port else "no such port", now_ns)
 
+    def _api_claim(self, args: dict, now_ns: int) -> dict:
+        """Headless move: take a VM's MAC over without the controller, EVPN style: the
+        destination claims max-known seq + 1 and the merge rule settles any race."""
+        vlan, mac, port, vm = int(args["vlan"]), int(args["mac"]), str(args["port"]), str(args["vm"])
+        if not (1 <= vlan <= wire.MAX_VLAN and 0 <= mac <= wire.MAX_MAC):
+            raise ValueError("vlan or mac out of range")
+        held = self.table.get((vlan, mac))
+        if held is not None and held.tombstone:
+            raise ValueError(f"{vm} was deleted (tombstone seq {held.seq}); it cannot move")
+        if held is not None and held.host == self.host:
+            raise ValueError(f"{vm} is already on {self.host}")
+        seq = held.seq + 1 if held is not None else 0
+        self.switch.activate(port, vm, vlan, mac)
+        self._claim(vlan, mac, Entry(self.host, port, seq), now_ns)
+        return {"host": self.host, "seq": seq, "t_ns": now_ns}
+
     def _on_request(self, body: list, now_ns: int, dest: object) -> None:
         req_id, method, args = body
         if method == "register" and dest == "ctl":
             # The controller does not know us (it restarted): introduce ourselves again.
+            self.registered = False
             self._send_register()
             return
         try:
@@ -567,6 +600,13 @@ class AgentCore:
                 result = self.status(now_ns)
             elif method == "mac_table":
                 result = self.mac_table()
+            elif method == "claim":
+                result = self._api_claim(args, now_ns)
+            elif method == "lookup":
+                key = (int(args["vlan"]), int(args["mac"]))
+                e = self.table.get(key)
+                result = None if e is None else {"host": e.host, "port": e.port, "seq": e.seq,
+                                                  "tombstone": e.tombstone, "applied_ns": self.applied_at.get(key, 0)}
             elif method == "ping":
                 result = {"host": self.host, "incarnation": self.incarnation}
             elif method in self.extra_methods:

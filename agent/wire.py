@@ -49,6 +49,7 @@ class MsgType(IntEnum):
     AGENT_STATUS = 15  # agent -> controller: periodic liveness and mesh/table state
     REQUEST = 16  # client -> controller or agent: an API call
     REPLY = 17  # the answer to a REQUEST
+    TABLE_REPORT = 18  # agent -> controller: (part of) its whole table, after (re)registering
 
 
 class WireError(ValueError):
@@ -173,6 +174,8 @@ SCHEMAS = {
     MsgType.REQUEST: _tuple(U64, NAME, _dict),
     # request id, ok, result (any msgpack value) or error text
     MsgType.REPLY: _tuple(U64, _bool, _any),
+    # host, entries
+    MsgType.TABLE_REPORT: _tuple(NAME, _list_of(ENTRY)),
 }
 
 

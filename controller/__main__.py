@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bind", default=None, help="endpoint to bind (default: tcp://127.0.0.1:<ephemeral>)")
     p.add_argument("--bind-ip", default="127.0.0.1")
     p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
+    p.add_argument("--journal", default=None, help="file to keep the inventory in (fsynced; replayed on start)")
     p.add_argument("--log-level", default="info")
     for f in fields(ControllerConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ControllerConfig(**{f.name: getattr(args, f.name) for f in fields(ControllerConfig)})
     install_uvloop()
     return asyncio.run(ControllerRuntime(config, bind=args.bind, bind_ip=args.bind_ip,
-                                         ready_fd=args.ready_fd).run())
+                                         ready_fd=args.ready_fd, journal=args.journal).run())
 
 
 if __name__ == "__main__":

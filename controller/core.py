@@ -6,6 +6,11 @@ and take `outbox`, a list of `(envelope, payload)` to send on the controller's R
 A VM operation is converged when every live agent has reported applying the target
 `(host, seq)` for the VM's `(vlan, mac)`. Its latency is the last agent's apply time minus
 the switchover time, both `CLOCK_MONOTONIC` stamps taken by the agents themselves.
+
+Durability: every change of a VM is also appended to `journal_out` (one dict per change; the
+latest record of a VM wins). The runtime writes it to disk with fsync before acting on the
+outbox; a restarted controller replays it, then reconciles with the tables agents report:
+the highest `(seq, host)` wins, as everywhere else.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class ApiError(Exception):
 @dataclass
 class Op:
     op_id: int
-    kind: str  # create | move | delete
+    kind: str  # create | move | delete | restart (HA: VM of a dead host started elsewhere)
     vm: str
     src: str
     dst: str
@@ -39,6 +44,7 @@ class Op:
     deadline_ns: int
     phase: str = "start"  # prepare | switchover | converging | done
     switch_ns: int = 0
+    switched: bool = False  # the target host acked the step that claims the MAC
     applied: dict[str, int] = field(default_factory=dict)
     waiters: list = field(default_factory=list)  # Batch objects waiting on this op
     converged: bool = False
@@ -61,7 +67,7 @@ class Op:
             "switch_ns": self.switch_ns,
             # Per host, ms from switchover until that agent applied it: who lagged.
             "applied_ms": {h: round((t - self.switch_ns) / NS_PER_MS, 3) for h, t in self.applied.items()}
-            if self.switch_ns else {},
+            if self.switched else {},
         }
 
 
@@ -85,9 +91,12 @@ class ReadyWaiter:
 
 
 class ControllerCore:
-    def __init__(self, config: ControllerConfig | None = None) -> None:
+    def __init__(self, config: ControllerConfig | None = None, journal: list[dict] | None = None) -> None:
         self.config = config or ControllerConfig()
         self.inv = Inventory()
+        self.journal_out: list[dict] = []
+        for record in journal or []:
+            self.inv.apply_record(record)
         self.outbox: list[tuple[list, bytes]] = []
         self.ops: dict[int, Op] = {}  # in flight, by op id
         self.ops_by_key: dict[tuple[int, int], Op] = {}
@@ -106,6 +115,13 @@ class ControllerCore:
     def take_outbox(self) -> list[tuple[list, bytes]]:
         out, self.outbox = self.outbox, []
         return out
+
+    def take_journal(self) -> list[dict]:
+        out, self.journal_out = self.journal_out, []
+        return out
+
+    def _persist(self, vm: Vm) -> None:
+        self.journal_out.append(self.inv.to_record(vm))
 
     def next_deadline_ns(self) -> int:
         return self._next_tick_ns
@@ -129,7 +145,7 @@ class ControllerCore:
         elif mt is MsgType.REGISTER:
             self._on_register(envelope, body, now_ns)
         elif host is None or host not in self.inv.hosts:
-            if mt in (MsgType.AGENT_STATUS, MsgType.APPLIED, MsgType.ACK):
+            if mt in (MsgType.AGENT_STATUS, MsgType.APPLIED, MsgType.ACK, MsgType.TABLE_REPORT):
                 # An agent we do not know (we restarted, or it did): ask it to register again.
                 self.outbox.append((envelope, wire.encode(MsgType.REQUEST, [0, "register", {}])))
             else:
@@ -139,6 +155,10 @@ class ControllerCore:
         elif mt is MsgType.APPLIED:
             self._seen(host, now_ns)
             self._on_applied(host, body[1], now_ns)
+        elif mt is MsgType.TABLE_REPORT:
+            self._seen(host, now_ns)
+            for vlan, mac, ehost, _port, seq, tomb in body[1]:
+                self._adopt((vlan, mac), ehost, seq, tomb, now_ns)
         elif mt is MsgType.ACK:
             self._seen(host, now_ns)
             self._on_ack(host, body, now_ns)
@@ -184,6 +204,11 @@ class ControllerCore:
         h.last_seen_ns = now_ns
         if h.state == "suspect":
             h.state = "alive"
+        elif h.state == "dead":
+            # It was only paused (SIGSTOP) or cut off: readmit it. Its VMs were restarted
+            # elsewhere with higher seqs, so its stale ports lose under the merge rule.
+            h.state = "alive"
+            self._broadcast_peers()
 
     def _on_status(self, host: str, body: list, now_ns: int) -> None:
         _, incarnation, peers_heard, entries, digest, dropped = body
@@ -198,23 +223,47 @@ class ControllerCore:
     def _check_liveness(self, now_ns: int) -> None:
         suspect_ns = self.config.suspect_after_ms * NS_PER_MS
         dead_ns = self.config.dead_after_ms * NS_PER_MS
-        changed = False
+        died = []
         for h in self.inv.hosts.values():
             silent = now_ns - h.last_seen_ns
             if h.state != "dead" and silent > dead_ns:
                 h.state = "dead"
-                changed = True
+                died.append(h.name)
             elif h.state == "alive" and silent > suspect_ns:
                 h.state = "suspect"
-        if changed:
-            self._broadcast_peers()
-            for op in list(self.ops.values()):
+        if not died:
+            return
+        self._broadcast_peers()
+        for op in list(self.ops.values()):
+            if op.phase not in ("converging", "done") and op.target[0] in died:
+                op.error = f"{op.target[0]} died before it took over {op.vm}"
+                self._finish(op, now_ns)
+            else:
                 self._check_converged(op, now_ns)
+        # HA: every VM of a dead host starts again on a live one, with a new seq.
+        for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
+            if vm.host in died and vm.state == "active" and vm.key not in self.ops_by_key:
+                self._restart(vm, now_ns)
+
+    def _restart(self, vm: Vm, now_ns: int, prefer: str | None = None) -> Op | None:
+        """Start `vm` on `prefer` if it is alive, else on the live host with the fewest VMs."""
+        alive = [h.name for h in self.inv.hosts.values() if h.state == "alive"]
+        if not alive:
+            return None  # nowhere to go: it stays put until a host comes back
+        if prefer not in alive:
+            load = dict.fromkeys(alive, 0)
+            for other in self.inv.vms.values():
+                if other.host in load and other.state in ("active", "moving", "creating"):
+                    load[other.host] += 1
+            prefer = min(alive, key=lambda h: (load[h], _host_order(h)))
+        vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
+        return self._start_op("restart", vm, vm.host, prefer, (prefer, vm.seq_issued, False), now_ns)
 
     def _on_applied(self, host: str, applied: list, now_ns: int) -> None:
         for vlan, mac, ehost, seq, tomb, t_ns in applied:
             op = self.ops_by_key.get((vlan, mac))
             if op is None:
+                self._adopt((vlan, mac), ehost, seq, tomb, now_ns)
                 continue
             if (ehost, seq, tomb) == op.target or seq > op.target[1]:
                 # A later seq for the same MAC also means this agent moved past the target.
@@ -222,27 +271,56 @@ class ControllerCore:
                 if op.phase == "converging":
                     self._check_converged(op, now_ns)
 
+    def _adopt(self, key: tuple[int, int], host: str, seq: int, tomb: bool, now_ns: int) -> None:
+        """An agent holds a newer placement than our inventory (a headless move, or one that
+        finished while we were down): the highest (seq, host) wins, here as in every agent."""
+        vm = self.inv.by_key(key)
+        if vm is None or key in self.ops_by_key or (seq, host) <= (vm.seq, vm.host):
+            return
+        if vm.state == "deleted" and not tomb:
+            return  # a tombstone is final: nothing resurrects a deleted VM
+        vm.host, vm.seq = host, seq
+        vm.seq_issued = max(vm.seq_issued, seq)
+        vm.state = "deleted" if tomb else "active"
+        self._persist(vm)
+        h = self.inv.hosts.get(host)
+        if not tomb and (h is None or h.state == "dead") and self.inv.hosts:
+            self._restart(vm, now_ns)
+
+    # Which ack detail completes which phase: a duplicated "prepared" must not pass for "switched".
+    _ACK_FOR_PHASE = {
+        "prepare": ("prepared",),
+        "switchover": ("switched",),
+        "attach": ("attached",),
+        "tombstone": ("detached", "no such port"),
+    }
+
     def _on_ack(self, host: str, body: list, now_ns: int) -> None:
         op_id, ok, detail, t_ns = body
         op = self.ops.get(op_id)
         if op is None:
             return  # the ack of a detach, or of an op already finished
-        if not ok:
-            op.error = f"{host} refused: {detail}"
-            self._finish(op, now_ns)
-            return
+        if host != op.target[0] or detail not in self._ACK_FOR_PHASE.get(op.phase, ()):
+            if not ok and host == op.target[0] and op.phase not in ("converging", "done"):
+                op.error = f"{host} refused: {detail}"
+                self._finish(op, now_ns)
+            return  # a duplicate, or an ack for a step we are past
         vm = self.inv.vms[op.vm]
-        if op.phase == "prepare" and host == op.dst:
+        if op.phase == "prepare":
             op.phase = "switchover"
             self._send(op.dst, MsgType.SWITCHOVER, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, op.target[1]])
-        elif op.phase in ("switchover", "attach", "tombstone") and host == op.target[0]:
-            op.switch_ns = t_ns
-            op.phase = "converging"
-            vm.host, vm.seq = op.target[0], op.target[1]
-            if op.kind == "move":
-                # The source lets go only once the destination owns the MAC (make before break).
-                self._send(op.src, MsgType.DETACH, [self._new_op_id(), vm.name, vm.vlan, vm.mac, 0])
-            self._check_converged(op, now_ns)
+            return
+        op.switch_ns = t_ns
+        op.switched = True
+        op.phase = "converging"
+        vm.host, vm.seq = op.target[0], op.target[1]
+        vm.seq_issued = max(vm.seq_issued, vm.seq)
+        vm.state = "deleted" if op.kind == "delete" else "active"
+        self._persist(vm)
+        if op.kind == "move" and self.inv.hosts[op.src].state != "dead":
+            # The source lets go only once the destination owns the MAC (make before break).
+            self._send(op.src, MsgType.DETACH, [self._new_op_id(), vm.name, vm.vlan, vm.mac, 0])
+        self._check_converged(op, now_ns)
 
     # ------------------------------------------------------------------ ops
 
@@ -259,7 +337,7 @@ class ControllerCore:
                 now_ns + self.config.op_timeout_ms * NS_PER_MS)
         self.ops[op.op_id] = op
         self.ops_by_key[vm.key] = op
-        if kind == "create":
+        if kind in ("create", "restart"):
             op.phase = "attach"
             self._send(dst, MsgType.ATTACH, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, target[1]])
         elif kind == "move":
@@ -292,16 +370,23 @@ class ControllerCore:
             if not op.error:
                 op.error = (f"not converged within {self.config.op_timeout_ms} ms "
                             f"(phase {op.phase}; {len(op.missing)} hosts have not applied it)")
-        if vm is not None:
-            if op.phase == "converging":
-                # The destination owns the MAC: the inventory follows it even if some agent lags.
-                vm.state = "deleted" if op.kind == "delete" else "active"
-            elif op.kind == "create":
-                vm.state = "failed"
-            elif op.kind == "move":
-                vm.state = "active"  # aborted before switchover: the VM stays on its source
+        sent_claim = op.phase == "switchover" or (op.phase == "attach" and op.kind == "restart")
+        was = op.phase
         op.phase = "done"
-        if op.kind == "move":
+        if vm is not None and was != "converging":
+            # Aborted before the target owned the MAC (the inventory already follows a target
+            # that did, even if some agent lags).
+            if op.kind == "create":
+                vm.state = "failed"
+                self._persist(vm)
+            elif op.kind in ("move", "restart"):
+                vm.state = "active"
+                h = self.inv.hosts.get(vm.host)
+                if sent_claim or h is None or h.state == "dead":
+                    # The target may have claimed seq+1 after all, or the VM's host is gone:
+                    # a fresh claim with a higher seq leaves exactly one owner.
+                    self._restart(vm, now_ns, prefer=vm.host)
+        if op.kind in ("move", "restart"):
             self.history.append(op.record())
         for batch in op.waiters:
             batch.pending.discard(op.op_id)
@@ -312,7 +397,7 @@ class ControllerCore:
         records = [op.record() for op in batch.ops]
         if batch.single:
             op = batch.ops[0]
-            if op.error and not op.converged and op.phase == "done" and op.switch_ns == 0:
+            if op.error and not op.converged and not op.switched:
                 self._reply(batch.envelope, batch.req_id, False, op.error)
                 return
             self._reply(batch.envelope, batch.req_id, True, records[0])
@@ -335,7 +420,7 @@ class ControllerCore:
         except ApiError as e:
             self._reply(envelope, req_id, False, str(e))
             return
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             self._reply(envelope, req_id, False, f"bad arguments for {method}: {e}")
             return
         if result is not None:
@@ -370,7 +455,8 @@ class ControllerCore:
                 "live_hosts": self.inv.live_hosts()}
 
     def api_moves(self, args, now_ns, envelope, req_id) -> dict:
-        return {"moves": self.history[-int(args.get("last", 1000)):]}
+        last = int(args.get("last", 1000))
+        return {"moves": self.history[-last:] if last > 0 else []}
 
     def api_wait_ready(self, args, now_ns, envelope, req_id) -> None:
         hosts = int(args["hosts"])
@@ -435,6 +521,7 @@ class ControllerCore:
         ops = []
         for name, host, profile in specs:
             vm = self.inv.new_vm(name, host, profile)
+            self._persist(vm)
             ops.append(self._start_op("create", vm, host, host, (host, 0, False), now_ns))
         self._wait(envelope, req_id, ops, single)
 
@@ -444,14 +531,16 @@ class ControllerCore:
         self._check_host(dst)
         if vm.host == dst:
             raise ApiError(f"VM {vm.name!r} is already on {dst}; pick another host")
-        op = self._start_op("move", vm, vm.host, dst, (dst, vm.seq + 1, False), now_ns)
+        vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
+        op = self._start_op("move", vm, vm.host, dst, (dst, vm.seq_issued, False), now_ns)
         self._wait(envelope, req_id, [op], True)
 
     def api_vm_delete(self, args, now_ns, envelope, req_id) -> None:
         vm = self._check_vm(args["name"])
         if self.inv.hosts[vm.host].state == "dead":
             raise ApiError(f"VM {vm.name!r} is on dead host {vm.host}; wait for HA to restart it")
-        op = self._start_op("delete", vm, vm.host, vm.host, (vm.host, vm.seq + 1, True), now_ns)
+        vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
+        op = self._start_op("delete", vm, vm.host, vm.host, (vm.host, vm.seq_issued, True), now_ns)
         self._wait(envelope, req_id, [op], True)
 
 

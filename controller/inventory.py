@@ -51,6 +51,9 @@ class Vm:
     host: str
     seq: int = 0
     state: str = "creating"  # creating | active | moving | deleted | failed
+    # Highest seq ever handed out for this VM (>= seq): a switchover whose ack never came may
+    # still have been applied, so its seq is never handed out again (single writer).
+    seq_issued: int = 0
 
     @property
     def mac(self) -> int:
@@ -84,15 +87,34 @@ class Inventory:
     vms: dict[str, Vm] = field(default_factory=dict)
     profiles: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PROFILES))
     next_vm_number: int = 1
+    _by_key: dict[tuple[int, int], Vm] = field(default_factory=dict)
+
+    def by_key(self, key: tuple[int, int]) -> Vm | None:
+        return self._by_key.get(key)
 
     def live_hosts(self) -> list[str]:
         return [h.name for h in self.hosts.values() if h.state != "dead"]
 
     def new_vm(self, name: str, host: str, profile: str) -> Vm:
         vm = Vm(name, self.next_vm_number, profile, self.profiles[profile], host)
-        self.next_vm_number += 1
-        self.vms[name] = vm
+        self.add(vm)
         return vm
+
+    def add(self, vm: Vm) -> None:
+        self.next_vm_number = max(self.next_vm_number, vm.number + 1)
+        self.vms[vm.name] = vm
+        self._by_key[vm.key] = vm
+
+    def to_record(self, vm: Vm) -> dict:
+        return {"vm": vm.name, "number": vm.number, "profile": vm.profile, "vlan": vm.vlan, "host": vm.host,
+                "seq": vm.seq, "seq_issued": vm.seq_issued, "state": vm.state}
+
+    def apply_record(self, r: dict) -> None:
+        """Replay one journal record (the latest record of a VM wins)."""
+        vm = Vm(r["vm"], r["number"], r["profile"], r["vlan"], r["host"], r["seq"], r["state"], r["seq_issued"])
+        if vm.state == "moving":
+            vm.state = "active"  # a move cut short by our crash: agents tell us where it ended
+        self.add(vm)
 
     def expected_table(self) -> dict[tuple[int, int], tuple[str, int, bool]]:
         """What every live agent's table must hold once converged: (vlan, mac) -> (host, seq, tombstone)."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import zmq
 
@@ -19,11 +21,13 @@ log = logging.getLogger("controller")
 
 class ControllerRuntime:
     def __init__(self, config: ControllerConfig, *, bind: str | None = None, bind_ip: str = "127.0.0.1",
-                 ready_fd: int | None = None) -> None:
+                 ready_fd: int | None = None, journal: str | None = None) -> None:
         self.config = config
         self.bind = bind
         self.bind_ip = bind_ip
         self.ready_fd = ready_fd
+        self.journal_path = Path(journal) if journal else None
+        self.journal_file = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -39,7 +43,9 @@ class ControllerRuntime:
             endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             endpoint = bind_ephemeral(self.sock, self.bind_ip)
-        self.core = ControllerCore(self.config)
+        self.core = ControllerCore(self.config, journal=self._read_journal())
+        if self.journal_path is not None:
+            self.journal_file = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
         self.timer = Timer(loop, self._on_timer)
         self.reader = Reader(loop, self.sock, self._on_frames, self._after)
         stop = asyncio.Event()
@@ -52,6 +58,8 @@ class ControllerRuntime:
         log.info("controller stopping")
         self.reader.close()
         self.sock.close(linger=0)
+        if self.journal_file:
+            self.journal_file.close()
         self.ctx.term()
         return 0
 
@@ -65,7 +73,27 @@ class ControllerRuntime:
         self.core.on_timer(time.monotonic_ns())
         self._after()
 
+    def _read_journal(self) -> list[dict]:
+        if self.journal_path is None or not self.journal_path.exists():
+            return []
+        records = []
+        with open(self.journal_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    # A torn last line from a crash mid-write: everything before it is intact.
+                    log.warning("journal %s line %d unreadable; ignoring it", self.journal_path, n)
+        log.info("recovered %d journal records from %s", len(records), self.journal_path)
+        return records
+
     def _after(self) -> None:
+        records = self.core.take_journal()
+        if records and self.journal_file is not None:
+            # Durable before anyone hears of it: write and fsync, then send.
+            self.journal_file.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+            self.journal_file.flush()
+            os.fsync(self.journal_file.fileno())
         for envelope, payload in self.core.take_outbox():
             try:
                 self.sock.send_multipart([*envelope, payload], zmq.NOBLOCK)

@@ -17,6 +17,7 @@ from testbed.client import Client, ClusterError
 from testbed.procs import Proc
 
 STATE_FILE = "cluster.json"
+JOURNAL_FILE = "controller.journal"
 DEFAULT_STATE_DIR = ".dvs"
 
 
@@ -30,6 +31,7 @@ class Cluster:
     controller: Proc | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
     started_at: float = 0.0
+    controller_args: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ persistence
 
@@ -112,8 +114,13 @@ class Cluster:
         state_dir.mkdir(parents=True, exist_ok=True)
         logs = state_dir / "logs"
         c = cls(state_dir, started_at=time.time())
+        journal = state_dir / JOURNAL_FILE
+        if journal.exists():
+            journal.unlink()  # a new cluster starts with an empty inventory
+        c.controller_args = list(controller_args or [])
         [c.controller] = procs.wait_ready(
-            [procs.spawn("controller", "controller", controller_args or [], logs / "controller.log")],
+            [procs.spawn("controller", "controller", ["--journal", str(journal), *c.controller_args],
+                         logs / "controller.log")],
             ready_timeout_s,
         )
         c.save()  # from here on `dvs down` can clean up whatever happens next
@@ -132,6 +139,22 @@ class Cluster:
             c.down()
             raise
         return c
+
+    def start_controller(self, ready_timeout_s: float = 30.0) -> Proc:
+        """(Re)start the controller on its old endpoint; it recovers from its journal and the
+        agents, whose control sockets reconnect by themselves."""
+        if self.controller is not None and procs.alive(self.controller):
+            raise ClusterError(f"the controller is already running (pid {self.controller.pid})")
+        endpoint = self.controller_endpoint
+        [p] = procs.wait_ready(
+            [procs.spawn("controller", "controller",
+                         ["--bind", endpoint, "--journal", str(self.state_dir / JOURNAL_FILE)],
+                         self.state_dir / "logs" / "controller.log")],
+            ready_timeout_s,
+        )
+        self.controller = p
+        self.save()
+        return p
 
     def add_agent(self, host: str, *, agent_args: list[str] | None = None, ready_timeout_s: float = 30.0) -> Proc:
         """Start one more agent (or restart a stopped one) that joins the running cluster."""

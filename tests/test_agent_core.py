@@ -485,9 +485,6 @@ def test_new_incarnation_learned_from_gossip_resets_the_version_vector():
     assert c.converged_to({key(vm): ("h2", 0, False) for vm in range(1, 6)})
 
 
-@pytest.mark.xfail(strict=True, reason="minor BUG: PeerState.new_incarnation() clears pull_pending without "
-                   "decrementing AgentCore._pulls_pending, so the counter leaks and _retry_pulls never "
-                   "short-circuits again (a scan of every peer on every timer; no wrong result)")
 def test_pending_pull_counter_matches_after_peer_restart():
     c = Cluster(["h1", "h2"])
     c.drop = lambda src, dst, mt, f: mt is MsgType.UPDATES

@@ -35,6 +35,7 @@ VALID: dict[MsgType, list] = {
     MsgType.AGENT_STATUS: ["h1", 1, 2, 3, 4, 0],
     MsgType.REQUEST: [1, "status", {"verbose": True, "n": [1, 2.5, None, "x"]}],
     MsgType.REPLY: [1, False, {"nested": {"a": [1, b"raw"]}}],
+    MsgType.TABLE_REPORT: ["h1", [[100, 5, "h1", "vEth1", 3, False]]],
 }
 
 
@@ -66,7 +67,7 @@ def test_message_type_numbers_never_change():
         ("HEARTBEAT", 1), ("UPDATES", 2), ("PULL_REQ", 3), ("PULL_REPLY", 4), ("SNAPSHOT_REQ", 5),
         ("SNAPSHOT", 6), ("REGISTER", 7), ("PEERS", 8), ("ATTACH", 9), ("DETACH", 10), ("PREPARE", 11),
         ("SWITCHOVER", 12), ("ACK", 13), ("APPLIED", 14), ("AGENT_STATUS", 15), ("REQUEST", 16),
-        ("REPLY", 17),
+        ("REPLY", 17), ("TABLE_REPORT", 18),
     ]
 
 
@@ -145,7 +146,7 @@ def test_wrong_schema_version_raises(version):
         wire.decode(frame(version, int(MsgType.HEARTBEAT), VALID[MsgType.HEARTBEAT]))
 
 
-@pytest.mark.parametrize("mtype", [0, 18, 99, 1000, -1, "1", "HEARTBEAT", None, [1], 2.5])
+@pytest.mark.parametrize("mtype", [0, 99, 1000, -1, "1", "HEARTBEAT", None, [1], 2.5])
 def test_unknown_message_type_raises(mtype):
     with pytest.raises(WireError, match="unknown message type"):
         wire.decode(frame(SCHEMA_VERSION, mtype, VALID[MsgType.HEARTBEAT]))
