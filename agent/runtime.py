@@ -21,6 +21,7 @@ from agent import wire
 from agent.config import AgentConfig
 from agent.core import AgentCore
 from agent.faults import NetFaults
+from agent.mactable import format_mac
 from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, write_ready
 
 log = logging.getLogger("agent")
@@ -40,6 +41,7 @@ class AgentRuntime:
         self.faults = NetFaults(fault_seed)
         self.ctx = zmq.Context.instance()
         self._peer_eps: dict[str, tuple[str, str]] = {}
+        self._flaps_logged = 0
 
     def _socket(self, kind: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -146,6 +148,11 @@ class AgentRuntime:
             except zmq.ZMQError as e:
                 # Queue full or peer gone: the repair path recovers whatever this loses.
                 log.debug("send to %s failed: %s", dest, e)
+        if core.stats.flap_reports != self._flaps_logged:
+            self._flaps_logged = core.stats.flap_reports
+            for (vlan, mac), moves in core.flapping.items():
+                log.warning("MAC flap: vlan %d mac %s moved %d times within %d ms", vlan, format_mac(mac), moves,
+                            self.config.flap_window_ms)
         self.timer.set(core.next_deadline_ns())
         # A send can swallow the edge that announced new input on the same socket; check
         # only the sockets we sent on (each check costs a syscall inside libzmq).

@@ -189,6 +189,12 @@ class ControllerCore:
                                     registered_ns=now_ns)
         self._routes[envelope[0]] = name
         self._broadcast_peers()
+        if old is not None and incarnation > old.incarnation:
+            # The host's agent restarted: the VMs it ran died with it. Start them again there
+            # (with a new seq, so the new ports win over anything stale).
+            for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
+                if vm.host == name and vm.state == "active" and vm.key not in self.ops_by_key:
+                    self._restart(vm, now_ns, prefer=name)
         self._check_ready(now_ns)
 
     def _broadcast_peers(self) -> None:

@@ -186,6 +186,41 @@ def check(settle_s, as_json, state_dir) -> None:
     sys.exit(0 if result["ok"] else 1)
 
 
+# ---------------------------------------------------------------------- processes
+
+
+@cli.group()
+def controller() -> None:
+    """The controller process."""
+
+
+@controller.command("start")
+@state_dir_option
+def controller_start(state_dir) -> None:
+    """Start the controller again (after a crash or kill) on its old endpoint; it recovers its
+    inventory from its journal and from what the agents hold."""
+    cluster = Cluster.load(state_dir)
+    p = cluster.start_controller()
+    click.echo(f"controller started (pid {p.pid}) on {cluster.controller_endpoint}")
+
+
+@cli.group()
+def agent() -> None:
+    """Agent processes."""
+
+
+@agent.command("start")
+@click.argument("host")
+@state_dir_option
+def agent_start(host, state_dir) -> None:
+    """Start a stopped or crashed agent again; it rejoins with a new incarnation and rebuilds
+    its table from its peers."""
+    cluster = Cluster.load(state_dir)
+    cluster.agent(host)
+    p = cluster.add_agent(host)
+    click.echo(f"agent {host} started (pid {p.pid})")
+
+
 # ---------------------------------------------------------------------- VMs
 
 

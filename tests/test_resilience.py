@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -51,8 +52,15 @@ def test_headless_move_then_controller_recovers(make_cluster):
         assert len(a.call("mac_table")["entries"]) == 8
     rec = headless.move(cluster, "vm1", "h3")
     assert rec["converged"] and rec["seq"] == 1 and rec["dst"] == "h3", rec
-    rec = headless.move(cluster, "vm2", "h1")
-    assert rec["converged"] and rec["seq"] == 2, rec
+    # The same through `dvs`, which notices the controller is gone and says so.
+    from tests.conftest import run_dvs
+
+    proc = run_dvs("vm", "move", "vm2", "--to", "h1", "--json", state_dir=cluster.state_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "controller unreachable" in proc.stderr
+    rec = json.loads(proc.stdout)
+    assert rec["converged"] and rec["seq"] == 2 and rec["headless"], rec
+    assert run_dvs("mac-table", "h4", state_dir=cluster.state_dir).returncode == 0
 
     # The controller comes back on its old endpoint, replays its journal and adopts what the
     # agents hold: nothing lost, the headless moves included.
@@ -69,3 +77,28 @@ def test_headless_move_then_controller_recovers(make_cluster):
     with cluster.controller_client(timeout_ms=30_000) as ctl:
         rec = ctl.call("vm_move", {"name": "vm2", "to": "h2"})
     assert rec["converged"] and rec["seq"] == 3
+
+
+def test_restarted_agent_rejoins_and_gets_its_vms_back(make_cluster, tmp_path):
+    from tests.conftest import run_dvs
+
+    cluster = make_cluster(3)
+    cluster.create_vms(6)  # h2 holds vm2 and vm5
+    with cluster.controller_client(timeout_ms=30_000) as ctl:
+        assert ctl.call("vm_move", {"name": "vm1", "to": "h2"})["converged"]
+    old = cluster.agents["h2"]
+    os.kill(old.pid, signal.SIGKILL)
+    psutil.Process(old.pid).wait(timeout=5)
+    # Back before the controller declares it dead: a new incarnation, an empty table.
+    proc = run_dvs("agent", "start", "h2", state_dir=cluster.state_dir)
+    assert proc.returncode == 0, proc.stderr
+    cluster.agents["h2"] = type(cluster).load(cluster.state_dir).agents["h2"]
+    result = check(cluster, settle_s=15)
+    assert result["ok"], result
+    vms = vms_by_name(cluster)
+    # Its VMs died with it and started again on it with a new seq; nothing else moved.
+    assert {n: (v["host"], v["seq"]) for n, v in vms.items() if n in ("vm1", "vm2", "vm5")} == {
+        "vm1": ("h2", 2), "vm2": ("h2", 1), "vm5": ("h2", 1)}
+    with cluster.agent_client("h2") as a:
+        st = a.call("status")
+    assert st["incarnation"] != 0 and st["mac_entries"] == 6 and st["ports"] == 3
