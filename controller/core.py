@@ -108,6 +108,8 @@ class ControllerCore:
         self.handler_errors = 0
         self.last_error = ""
         self._tick_ns = self.config.tick_interval_ms * NS_PER_MS
+        self._started_ns: int | None = None
+        self._orphans_checked = False
         self._next_tick_ns = 0
 
     # ------------------------------------------------------------------ driver API
@@ -170,8 +172,13 @@ class ControllerCore:
     def on_timer(self, now_ns: int) -> None:
         if now_ns < self._next_tick_ns:
             return
+        if self._started_ns is None:
+            self._started_ns = now_ns
         self._next_tick_ns = now_ns + self._tick_ns
         self._check_liveness(now_ns)
+        if not self._orphans_checked and now_ns - self._started_ns > self.config.dead_after_ms * NS_PER_MS:
+            self._orphans_checked = True
+            self._restart_orphans(now_ns)
         for op in [op for op in self.ops.values() if now_ns >= op.deadline_ns]:
             self._finish(op, now_ns, timed_out=True)
         self._check_ready(now_ns)
@@ -251,6 +258,13 @@ class ControllerCore:
             if vm.host in died and vm.state == "active" and vm.key not in self.ops_by_key:
                 self._restart(vm, now_ns)
 
+    def _restart_orphans(self, now_ns: int) -> None:
+        """After a restart of ours: VMs on hosts that never registered again within the dead
+        timeout are as good as on a dead host (HA)."""
+        for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
+            if vm.state == "active" and vm.host not in self.inv.hosts and vm.key not in self.ops_by_key:
+                self._restart(vm, now_ns)
+
     def _restart(self, vm: Vm, now_ns: int, prefer: str | None = None) -> Op | None:
         """Start `vm` on `prefer` if it is alive, else on the live host with the fewest VMs."""
         alive = [h.name for h in self.inv.hosts.values() if h.state == "alive"]
@@ -290,8 +304,10 @@ class ControllerCore:
         vm.state = "deleted" if tomb else "active"
         self._persist(vm)
         h = self.inv.hosts.get(host)
-        if not tomb and (h is None or h.state == "dead") and self.inv.hosts:
+        if not tomb and h is not None and h.state == "dead":
             self._restart(vm, now_ns)
+        # A host we have not heard from yet may still register (we may have just restarted):
+        # _restart_orphans deals with hosts that never do.
 
     # Which ack detail completes which phase: a duplicated "prepared" must not pass for "switched".
     _ACK_FOR_PHASE = {

@@ -684,3 +684,36 @@ def test_end_to_end_with_real_agents():
     assert ok and rec["converged"] and rec["kind"] == "delete"
     assert all(a.table.as_placement() == {(110, MAC_BASE + 1): ("h1", 4, True)} for a in lab.agents.values())
     assert lab.call("vm_list", {})[1] == {"vms": []}
+
+
+# ------------------------------------------------------------------ recovery from the journal
+
+
+def test_recovered_controller_adopts_agent_tables_and_restarts_orphans():
+    journal = [
+        {"vm": "vm1", "number": 1, "profile": "default", "vlan": VLAN, "host": "h1", "seq": 0, "seq_issued": 0,
+         "state": "active"},
+        {"vm": "vm2", "number": 2, "profile": "default", "vlan": VLAN, "host": "h3", "seq": 0, "seq_issued": 0,
+         "state": "active"},
+    ]
+    cfg = ControllerConfig()
+    core = ControllerCore(cfg, journal=journal)
+    now = 1_000 * NS_PER_MS
+    core.on_timer(now)
+    core.on_frame(route("h1"), wire.encode(MsgType.REGISTER, ["h1", 1, "pub1", "rpc1", 11]), now)
+    # h1 holds vm1 moved headless to h2 (seq 1); h2 has not registered with us yet.
+    core.on_frame(route("h1"), wire.encode(MsgType.TABLE_REPORT, ["h1", [
+        [VLAN, MAC_BASE + 1, "h2", "vEth1", 1, False], [VLAN, MAC_BASE + 2, "h3", "vEth2", 0, False]]]), now)
+    vm1 = core.inv.vms["vm1"]
+    assert (vm1.host, vm1.seq, vm1.state) == ("h2", 1, "active")
+    assert not core.ops  # an unregistered host is not a dead one: no restart yet
+    assert core.take_journal()[-1]["host"] == "h2"
+    core.on_frame(route("h2"), wire.encode(MsgType.REGISTER, ["h2", 1, "pub2", "rpc2", 12]), now)
+    # h3 never comes back: after dead_after_ms its VM starts on a live host with a new seq.
+    for step in range(cfg.dead_after_ms // cfg.tick_interval_ms + 2):
+        t = now + (step + 1) * cfg.tick_interval_ms * NS_PER_MS
+        for h in ("h1", "h2"):
+            core.on_frame(route(h), wire.encode(MsgType.AGENT_STATUS, [h, 1, 1, 2, 0, 0]), t)
+        core.on_timer(t)
+    (op,) = core.ops.values()
+    assert (op.kind, op.vm, op.target[1]) == ("restart", "vm2", 1) and op.target[0] in ("h1", "h2")
