@@ -82,7 +82,9 @@ def test_headless_move_then_controller_recovers(make_cluster):
 def test_restarted_agent_rejoins_and_gets_its_vms_back(make_cluster, tmp_path):
     from tests.conftest import run_dvs
 
-    cluster = make_cluster(3)
+    # A long dead timeout: the restart below must come "before the controller declares h2
+    # dead" even on a loaded machine.
+    cluster = make_cluster(3, controller_args=["--dead-after-ms", "60000", "--suspect-after-ms", "30000"])
     cluster.create_vms(6)  # h2 holds vm2 and vm5
     with cluster.controller_client(timeout_ms=30_000) as ctl:
         assert ctl.call("vm_move", {"name": "vm1", "to": "h2"})["converged"]
