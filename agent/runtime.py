@@ -42,6 +42,8 @@ class AgentRuntime:
         self.ctx = zmq.Context.instance()
         self._peer_eps: dict[str, tuple[str, str]] = {}
         self._flaps_logged = 0
+        self._alias: dict[str, bytes] = {}  # peer host -> routing id of our pull connection to it
+        self._connects = 0
 
     def _socket(self, kind: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -137,7 +139,9 @@ class AgentRuntime:
                     self.ctl.send(payload, zmq.NOBLOCK)
                 elif dest[0] == "peer":
                     sent_pull = True
-                    self.pull.send_multipart([dest[1].encode(), payload], zmq.NOBLOCK)
+                    alias = self._alias.get(dest[1])
+                    if alias is not None:
+                        self.pull.send_multipart([alias, payload], zmq.NOBLOCK)
                 elif dest[0] == "reply":
                     sent_rpc = True
                     self.rpc.send_multipart([*dest[1], payload], zmq.NOBLOCK)
@@ -166,11 +170,17 @@ class AgentRuntime:
     def _connect(self, peer) -> None:
         self._disconnect(peer.host)
         self.sub.connect(peer.pub_endpoint)
-        self.pull.setsockopt(zmq.CONNECT_ROUTING_ID, peer.host.encode())
+        # A fresh alias per connection: libzmq aborts (router.cpp "!has_out_pipe") when a
+        # CONNECT_ROUTING_ID is reused while the old pipe to a restarted peer still lingers.
+        self._connects += 1
+        alias = f"{peer.host}#{self._connects}".encode()
+        self.pull.setsockopt(zmq.CONNECT_ROUTING_ID, alias)
         self.pull.connect(peer.rpc_endpoint)
+        self._alias[peer.host] = alias
         self._peer_eps[peer.host] = (peer.pub_endpoint, peer.rpc_endpoint)
 
     def _disconnect(self, host: str) -> None:
+        self._alias.pop(host, None)
         eps = self._peer_eps.pop(host, None)
         if eps is None:
             return

@@ -1,0 +1,1042 @@
+"""The deterministic simulator: the real AgentCore and ControllerCore on a virtual clock.
+
+One process, no sockets, no asyncio, no wall clock: a heap of events keyed by
+`(virtual time ns, destination id, sequence number)`; every random choice comes from
+`random.Random` instances seeded from the run's seed, so one seed gives exactly one run.
+
+Routing mirrors agent/runtime.py and controller/runtime.py:
+- an agent's "pub" frame goes to every agent that connected to that publisher (an agent
+  connects when its core emits `("connect", peer)` and disconnects on `("disconnect", host)`);
+  it is decoded once and the same read-only `(msg_type, body)` is handed to every subscriber
+  through `AgentCore.on_message("sub", ...)`;
+- `("peer", host)` goes to that host's "rpc" channel (only if the sender connected to it, as a
+  ZeroMQ ROUTER drops what it cannot route) with the envelope `[b"pull:<sender>"]`; the answer,
+  `("reply", envelope)`, comes back on the requester's "pull" channel;
+- "ctl" goes to the controller with the envelope `[b"agent:<host>:<incarnation>"]`; the
+  controller's `(envelope, frame)` goes to the agent owning that envelope ("ctl" channel) or to
+  the simulated client;
+- events of one (destination, virtual time) are handled as one batch, then the driver calls
+  `flush(now)` and `take_outbox()`, as the runtime does after draining a socket; timers fire at
+  `next_deadline_ns()`.
+
+Network model (all per message, decided by the seeded network RNG):
+- latency = `base_latency_us` + an exponential jitter of mean `jitter_mean_us` (defaults 100 µs
+  and 50 µs). Every link is FIFO (TCP) unless `reorder` is on; what one sender emits in one
+  flush to one receiver over the control connection travels together.
+- `loss`, `dup` and `reorder` apply to agent-to-agent traffic (gossip and repair): ZeroMQ PUB/SUB
+  drops silently and repair requests time out and are retried. The control connection
+  (agent <-> controller DEALER/ROUTER over TCP) is reliable and FIFO unless `ctl_faults` is set:
+  the controller never retransmits a command, so losing one there fails that operation by design.
+- with `reorder`, a message is held back by an extra uniform delay in [0, `reorder_max_us`] with
+  probability `reorder_prob` (defaults 1,000 µs and 0.2), and links are no longer FIFO.
+- partitions drop every message (control included) between two groups while they last;
+  a crashed agent loses its sockets and whatever was on the way to it; a restarted agent is a
+  new AgentCore with a higher incarnation that registers again over "ctl".
+- loss, dup and reorder act only inside the fault window; partitions and crashes happen at their
+  scheduled times, which lie inside it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from array import array
+from dataclasses import dataclass, field, replace
+
+from agent import wire
+from agent.config import AgentConfig
+from agent.core import AgentCore
+from agent.faults import peek_type
+from agent.mactable import MacTable
+from agent.wire import MsgType, WireError
+from controller.config import ControllerConfig
+from controller.core import ControllerCore
+from testbed.sim.spec import CTL, Crash, Partition, faults_end_ms
+
+NS_PER_US = 1_000
+NS_PER_MS = 1_000_000
+
+# Destination ids in the event heap: actions run before deliveries of the same instant.
+ACTION = -1
+CONTROLLER = 0
+CLIENT = 1
+FIRST_AGENT = 2
+
+# Event kinds (fourth field of an event tuple).
+K_SUB = 0  # (t, iid, seq, K_SUB, msg_type, body)                   gossip, decoded once
+K_CTLIN = 1  # (t, iid, seq, K_CTLIN, [(msg_type, body, frame)])    controller -> agent, one train
+K_P2P = 2  # (t, iid, seq, K_P2P, channel, frame, envelope)        repair request or reply
+K_TIMER = 3  # (t, iid, seq, K_TIMER)
+K_TOCTL = 4  # (t, CONTROLLER, seq, K_TOCTL, envelope, [frames])    agent or client -> controller
+K_TOCLIENT = 5  # (t, CLIENT, seq, K_TOCLIENT, [frames])
+K_ACTION = 6  # (t, ACTION, seq, K_ACTION, function, args)
+
+CLIENT_ENVELOPE = b"client:sim"
+MSG_NAMES = {int(m): m.name for m in MsgType}
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """The simulated network. Units are in the names; defaults in the field values."""
+
+    base_latency_us: int = 100  # one-way latency floor, µs
+    jitter_mean_us: int = 50  # mean of the exponential jitter added to it, µs
+    loss: float = 0.0  # probability an agent-to-agent message is lost
+    dup: float = 0.0  # probability an agent-to-agent message is delivered twice
+    reorder: bool = False  # hold some messages back so later ones overtake them
+    reorder_prob: float = 0.2  # with `reorder`: probability a message is held back
+    reorder_max_us: int = 1_000  # with `reorder`: the hold-back is uniform in [0, this], µs
+    ctl_faults: bool = False  # also apply loss/dup/reorder to agent <-> controller messages
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    hosts: int
+    vms: int
+    moves: int
+    seed: int = 1
+    net: NetConfig = field(default_factory=NetConfig)
+    partitions: tuple[Partition, ...] = ()
+    crashes: tuple[Crash, ...] = ()
+    # Moves per virtual second, issued whether or not earlier ones finished; None: one move at
+    # a time, the next sent when the previous one's reply arrives (as `dvs demo`).
+    move_rate: float | None = None
+    # Length of the fault window in virtual ms; None: until the last move is answered (and at
+    # least until the last scheduled partition heals or crashed host restarts).
+    fault_ms: int | None = None
+    # Gossip heartbeat interval at full membership, ms; None: AgentConfig's own scaling.
+    gossip_interval_ms: int | None = None
+    agent_config: AgentConfig | None = None
+    controller_config: ControllerConfig | None = None
+    # How long to wait for full agreement after the faults stop, virtual ms; None: 2x the bound.
+    settle_ms: int | None = None
+    # Agents start at seeded times spread over [0, this), µs.
+    start_spread_us: int = 1_000
+    # The client's wait_ready timeout, virtual ms.
+    ready_timeout_ms: int = 60_000
+
+
+def agent_config_for(cfg: SimConfig) -> AgentConfig:
+    """The AgentConfig the simulated agents run with (see SimConfig.gossip_interval_ms)."""
+    base = cfg.agent_config or AgentConfig()
+    if cfg.gossip_interval_ms is None:
+        return base
+    g = cfg.gossip_interval_ms
+    n = cfg.hosts
+    budget = max(1, -(-1000 * n * (n - 1) // g))  # ceil: the scaled interval stays <= g
+    return replace(base, heartbeat_budget_per_s=budget, heartbeat_interval_ms=min(base.heartbeat_interval_ms, g))
+
+
+def gossip_interval_ms(config: AgentConfig, n_hosts: int) -> int:
+    """An agent's heartbeat interval once it knows all n_hosts - 1 peers (as AgentCore computes it)."""
+    scaled = 1000 * n_hosts * (n_hosts - 1) // max(1, config.heartbeat_budget_per_s)
+    return max(config.heartbeat_interval_ms, scaled)
+
+
+def liveness_bound_ms(config: AgentConfig, n_hosts: int) -> int:
+    """After the faults stop, every live agent agrees with the controller within this many ms.
+
+    With G the gossip interval and S the status/timer interval (heartbeat_interval_ms):
+    - an update some agent lost is announced by its origin's next heartbeat (<= G), then pulled;
+      a pull lost before the faults stopped is retried at the first timer tick after
+      pull_timeout_ms (<= pull_timeout_ms + S);
+    - an update whose origin has since restarted (its log is gone) only comes back through a
+      snapshot, asked after `digest_mismatch_rounds` heartbeats in a row show the same two
+      differing digests, once the other repairs have settled (<= (rounds + 1) * G);
+    so B = (digest_mismatch_rounds + 2) * G + pull_timeout_ms + 2 * S + 100 ms of network slack.
+    """
+    g = gossip_interval_ms(config, n_hosts)
+    s = config.heartbeat_interval_ms
+    return (config.digest_mismatch_rounds + 2) * g + config.pull_timeout_ms + 2 * s + 100
+
+
+class MonitoredTable(MacTable):
+    """An agent's MacTable with the safety monitor: every applied merge is checked against the
+    merge rule (an entry is only ever replaced by one with a greater (seq, host))."""
+
+    def __init__(self, sim: Simulator, host: str, *, reverse_merge_rule: bool = False) -> None:
+        super().__init__(reverse_merge_rule=reverse_merge_rule)
+        self._sim = sim
+        self._host = host
+
+    def merge(self, key, new):
+        res = MacTable.merge(self, key, new)
+        if res.applied:
+            sim = self._sim
+            sim.last_change_ns = sim.now
+            sim.dirty = True
+            old = res.old
+            if old is not None and (new.seq, new.host) <= (old.seq, old.host):
+                sim.safety_violation(self._host, key, old, new)
+        return res
+
+
+class Agent:
+    """One running agent process: its core and what its sockets are connected to."""
+
+    __slots__ = ("iid", "hidx", "host", "core", "alive", "pub_ep", "rpc_ep", "ctl_env", "pull_id", "conns",
+                 "timer_at", "ctl_in_last", "ctl_out_last", "fifo", "fifo_until")
+
+    def __init__(self, iid: int, hidx: int, host: str, core: AgentCore) -> None:
+        self.iid = iid
+        self.hidx = hidx
+        self.host = host
+        self.core = core
+        self.alive = True
+        self.pub_ep = core.pub_endpoint
+        self.rpc_ep = core.rpc_endpoint
+        self.ctl_env = [f"agent:{host}:{core.incarnation}".encode()]
+        self.pull_id = f"pull:{host}".encode()
+        self.conns: dict[str, tuple[str, str]] = {}  # peer host -> (pub endpoint, rpc endpoint)
+        self.timer_at: int | None = None
+        self.ctl_in_last = 0  # FIFO: last arrival controller -> this agent
+        self.ctl_out_last = 0  # FIFO: last arrival this agent -> controller
+        self.fifo: array | None = None  # FIFO: last arrival of our gossip at each host index
+        self.fifo_until = 0  # the latest of those arrivals
+
+
+class Simulator:
+    def __init__(self, cfg: SimConfig) -> None:
+        if cfg.hosts < 1:
+            raise ValueError("a simulation needs at least one host")
+        self.cfg = cfg
+        self.net = cfg.net
+        self.agent_config = agent_config_for(cfg)
+        self.ctl_config = cfg.controller_config or ControllerConfig()
+        self.hosts = [f"h{i}" for i in range(1, cfg.hosts + 1)]
+        self.hidx = {h: i for i, h in enumerate(self.hosts)}
+        self.net_rng = random.Random(f"{cfg.seed}/net")
+        self.work_rng = random.Random(f"{cfg.seed}/workload")
+        self.start_rng = random.Random(f"{cfg.seed}/start")
+        self.heap: list[tuple] = []
+        self.seq = 0
+        self.now = 0
+        self.stopped = False
+        self.events = 0
+        # Who is running and how to reach them.
+        self.agents: dict[int, Agent] = {}  # iid -> running agent
+        self.current: list[Agent | None] = [None] * cfg.hosts  # host index -> its running agent
+        self.incarnations = [0] * cfg.hosts
+        self.next_iid = FIRST_AGENT
+        self.subs: dict[str, dict[int, int]] = {}  # pub endpoint -> {subscriber iid: subscriber host index}
+        self.by_rpc: dict[str, Agent] = {}  # rpc endpoint -> running agent
+        self.by_ctl_env: dict[bytes, Agent] = {}  # control envelope -> agent (running or not)
+        self.by_pull_id: dict[bytes, int] = {}  # b"pull:h3" -> host index
+        self.p2p_last: dict[tuple[int, int], int] = {}  # FIFO of repair links
+        self.ctl_to_client_last = 0
+        self.client_to_ctl_last = 0
+        self.controller = ControllerCore(self.ctl_config)
+        self.ctl_timer_at: int | None = None
+        # Network state.
+        self.base_ns = self.net.base_latency_us * NS_PER_US
+        self.jitter_ns = self.net.jitter_mean_us * NS_PER_US
+        self.p2p_faulty = False  # loss/dup/reorder active on agent-to-agent traffic
+        self.ctl_faulty = False  # ... and on control traffic
+        self.loss = self.dup = 0.0
+        self.reorder = False
+        self.partitioned = False
+        self.gid = [0] * cfg.hosts  # host index -> partition group
+        self.ctl_gid = 0
+        # Counters.
+        self.msgs = 0
+        self.bytes = 0
+        self.by_type: dict[int, list[int]] = {}  # msg type -> [messages, bytes]
+        self.lost = 0
+        self.duplicated = 0
+        self.cut = 0  # dropped by a partition
+        self.undeliverable = 0  # to a crashed agent, or unroutable
+        # Safety and agreement.
+        self.violations = 0
+        self.violation_examples: list[dict] = []
+        self.dirty = True
+        self.last_change_ns = 0
+        # Fault window and workload.
+        self.f0_ns: int | None = None
+        self.f1_ns: int | None = None
+        self.moves_done_ns: int | None = None
+        self.agree_ns: int | None = None
+        self.settle_deadline_ns: int | None = None
+        self.traffic_at_f0 = (0, 0)
+        self.traffic_at_done = (0, 0)
+        self.client = Client(self)
+        self.crash_log: list[dict] = []
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _push(self, t: int, dst: int, *rest) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, dst, self.seq, *rest))
+
+    def at(self, t: int, fn, *args) -> None:
+        self._push(t, ACTION, K_ACTION, fn, args)
+
+    def _latency(self) -> int:
+        return self.base_ns + int(-math.log(1.0 - self.net_rng.random()) * self.jitter_ns)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        spread = max(1, cfg.start_spread_us * NS_PER_US)
+        starts = sorted((self.start_rng.randrange(spread), i) for i in range(cfg.hosts))
+        for t, i in starts:
+            self.at(t, self.start_agent, i)
+        self._arm_controller(0)
+        self.at(0, self.client.begin)
+        self._loop()
+        return self.result()
+
+    def _loop(self) -> None:
+        heap = self.heap
+        pop = heapq.heappop
+        agents = self.agents
+        events = 0
+        while heap and not self.stopped:
+            ev = pop(heap)
+            t = ev[0]
+            self.now = t
+            dst = ev[1]
+            events += 1
+            if dst >= FIRST_AGENT:
+                a = agents.get(dst)
+                if a is None:
+                    self.undeliverable += 1
+                    continue
+                core = a.core
+                if ev[3] == K_SUB:
+                    core.on_message("sub", ev[4], ev[5], t)
+                else:
+                    self._agent_event(a, ev, t)
+                while heap and heap[0][0] == t and heap[0][1] == dst:
+                    ev = pop(heap)
+                    events += 1
+                    if ev[3] == K_SUB:
+                        core.on_message("sub", ev[4], ev[5], t)
+                    else:
+                        self._agent_event(a, ev, t)
+                if a.alive:
+                    self._after_agent(a, t)
+            elif dst == CONTROLLER:
+                ctl = self.controller
+                self._controller_event(ctl, ev, t)
+                while heap and heap[0][0] == t and heap[0][1] == CONTROLLER:
+                    events += 1
+                    self._controller_event(ctl, pop(heap), t)
+                self._after_controller(t)
+            elif dst == CLIENT:
+                self.client.on_frames(ev[4], t)
+            else:
+                ev[4](*ev[5])
+        self.events += events
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    # ------------------------------------------------------------------ agents
+
+    def start_agent(self, hidx: int) -> None:
+        host = self.hosts[hidx]
+        self.incarnations[hidx] += 1
+        inc = self.incarnations[hidx]
+        core = AgentCore(host, inc, self.agent_config, pub_endpoint=f"sim://{host}/{inc}/pub",
+                         rpc_endpoint=f"sim://{host}/{inc}/rpc", pid=hidx + 1)
+        core.table = MonitoredTable(self, host, reverse_merge_rule=core.config.defect_reverse_merge)
+        a = Agent(self.next_iid, hidx, host, core)
+        self.next_iid += 1
+        self.agents[a.iid] = a
+        self.current[hidx] = a
+        self.by_rpc[a.rpc_ep] = a
+        self.by_ctl_env[a.ctl_env[0]] = a
+        self.by_pull_id[a.pull_id] = hidx
+        self.subs[a.pub_ep] = {}
+        self.dirty = True
+        self.last_change_ns = self.now
+        core.start(self.now)
+        self._after_agent(a, self.now)
+
+    def crash_agent(self, hidx: int) -> None:
+        a = self.current[hidx]
+        if a is None:
+            return
+        a.alive = False
+        del self.agents[a.iid]
+        self.current[hidx] = None
+        for pub_ep, _ in a.conns.values():
+            s = self.subs.get(pub_ep)
+            if s is not None:
+                s.pop(a.iid, None)
+        self.subs.pop(a.pub_ep, None)
+        self.by_rpc.pop(a.rpc_ep, None)
+        self.dirty = True
+        self.last_change_ns = self.now
+        self.crash_log.append({"host": a.host, "incarnation": a.core.incarnation, "at_ms": _ms(self.now)})
+
+    def _agent_event(self, a: Agent, ev: tuple, t: int) -> None:
+        kind = ev[3]
+        core = a.core
+        if kind == K_SUB:
+            core.on_message("sub", ev[4], ev[5], t)
+        elif kind == K_CTLIN:
+            for mt, body, frame in ev[4]:
+                if mt is None:
+                    core.on_frame("ctl", frame, t)
+                else:
+                    core.on_message("ctl", mt, body, t)
+        elif kind == K_P2P:
+            core.on_frame(ev[4], ev[5], t, ev[6])
+        elif kind == K_TIMER:
+            if a.timer_at == t:
+                a.timer_at = None
+                core.on_timer(t)
+
+    def _after_agent(self, a: Agent, t: int) -> None:
+        core = a.core
+        core.flush(t)
+        out = core.take_outbox()
+        if out:
+            self._route_agent(a, out, t)
+        d = core.next_deadline_ns()
+        if d < t:
+            d = t
+        if d != a.timer_at:
+            a.timer_at = d
+            self._push(d, a.iid, K_TIMER)
+
+    def _route_agent(self, a: Agent, out: list, t: int) -> None:
+        ctl_frames = None
+        for dest, payload in out:
+            if dest == "pub":
+                self._publish(a, payload, t)
+            elif dest == "ctl":
+                if ctl_frames is None:
+                    ctl_frames = [payload]
+                else:
+                    ctl_frames.append(payload)
+            else:
+                kind = dest[0]
+                if kind == "peer":
+                    self._request(a, dest[1], payload, t)
+                elif kind == "reply":
+                    self._reply(a, dest[1], payload, t)
+                elif kind == "connect":
+                    peer = dest[1]
+                    self._disconnect(a, peer.host)
+                    a.conns[peer.host] = (peer.pub_endpoint, peer.rpc_endpoint)
+                    s = self.subs.get(peer.pub_endpoint)
+                    if s is None:
+                        # The publisher is gone (or not there yet): a ZeroMQ connect would keep
+                        # retrying; this endpoint never comes back, so nothing will arrive.
+                        s = self.subs[peer.pub_endpoint] = {}
+                    s[a.iid] = a.hidx
+                elif kind == "disconnect":
+                    self._disconnect(a, dest[1])
+        if ctl_frames is not None:
+            self._to_controller(a, ctl_frames, t)
+
+    def _disconnect(self, a: Agent, host: str) -> None:
+        eps = a.conns.pop(host, None)
+        if eps is not None:
+            s = self.subs.get(eps[0])
+            if s is not None:
+                s.pop(a.iid, None)
+
+    def _count(self, frame: bytes, n: int) -> None:
+        size = len(frame) * n
+        self.msgs += n
+        self.bytes += size
+        c = self.by_type.get(peek_type(frame))
+        if c is None:
+            c = self.by_type[peek_type(frame)] = [0, 0]
+        c[0] += n
+        c[1] += size
+
+    def _publish(self, a: Agent, frame: bytes, t: int) -> None:
+        subs = self.subs.get(a.pub_ep)
+        if not subs:
+            return
+        self._count(frame, len(subs))
+        try:
+            mt, body = wire.decode(frame, wire.MAX_SMALL_FRAME_BYTES)
+        except WireError:
+            # Never from our own cores; still, let each receiver drop and count it.
+            for iid in subs:
+                self._push(t + self._latency(), iid, K_P2P, "sub", frame, None)
+            return
+        heap = self.heap
+        push = heapq.heappush
+        rnd = self.net_rng.random
+        log = math.log
+        base = t + self.base_ns
+        jit = self.jitter_ns
+        seq = self.seq
+        fifo = a.fifo
+        if fifo is None:
+            fifo = a.fifo = array("q", bytes(8 * len(self.hosts)))
+        check_fifo = base < a.fifo_until
+        until = 0
+        if not (self.p2p_faulty or self.partitioned):
+            for iid, hidx in subs.items():
+                arr = base + int(-log(1.0 - rnd()) * jit)
+                if check_fifo and arr < fifo[hidx]:
+                    arr = fifo[hidx]
+                fifo[hidx] = arr
+                if arr > until:
+                    until = arr
+                seq += 1
+                push(heap, (arr, iid, seq, K_SUB, mt, body))
+            self.seq = seq
+            a.fifo_until = until
+            return
+        # The faulty path: partitions, loss, duplication, reordering.
+        self.seq = seq
+        gid = self.gid
+        my_gid = gid[a.hidx]
+        partitioned = self.partitioned
+        loss, dup, reorder = (self.loss, self.dup, self.reorder) if self.p2p_faulty else (0.0, 0.0, False)
+        hold_p = self.net.reorder_prob
+        hold_ns = self.net.reorder_max_us * NS_PER_US
+        for iid, hidx in subs.items():
+            if partitioned and gid[hidx] != my_gid:
+                self.cut += 1
+                continue
+            if loss and rnd() < loss:
+                self.lost += 1
+                continue
+            arr = base + int(-log(1.0 - rnd()) * jit)
+            if reorder:
+                if rnd() < hold_p:
+                    arr += int(rnd() * hold_ns)
+            else:
+                if check_fifo and arr < fifo[hidx]:
+                    arr = fifo[hidx]
+                fifo[hidx] = arr
+            if arr > until:
+                until = arr
+            self._push(arr, iid, K_SUB, mt, body)
+            if dup and rnd() < dup:
+                self.duplicated += 1
+                self._count(frame, 1)
+                self._push(arr + self._latency(), iid, K_SUB, mt, body)
+        a.fifo_until = max(until, a.fifo_until)
+
+    def _p2p_send(self, src: Agent, dst: Agent, channel: str, frame: bytes, envelope, t: int) -> None:
+        self._count(frame, 1)
+        if self.partitioned and self.gid[src.hidx] != self.gid[dst.hidx]:
+            self.cut += 1
+            return
+        faulty = self.p2p_faulty
+        rnd = self.net_rng.random
+        if faulty and self.loss and rnd() < self.loss:
+            self.lost += 1
+            return
+        arr = t + self._latency()
+        if faulty and self.reorder:
+            if rnd() < self.net.reorder_prob:
+                arr += int(rnd() * self.net.reorder_max_us * NS_PER_US)
+        else:
+            link = (src.iid, dst.iid)
+            last = self.p2p_last.get(link, 0)
+            if arr < last:
+                arr = last
+            self.p2p_last[link] = arr
+        self._push(arr, dst.iid, K_P2P, channel, frame, envelope)
+        if faulty and self.dup and rnd() < self.dup:
+            self.duplicated += 1
+            self._count(frame, 1)
+            self._push(arr + self._latency(), dst.iid, K_P2P, channel, frame, envelope)
+
+    def _request(self, a: Agent, host: str, frame: bytes, t: int) -> None:
+        eps = a.conns.get(host)
+        dst = self.by_rpc.get(eps[1]) if eps is not None else None
+        if dst is None:
+            self._count(frame, 1)
+            self.undeliverable += 1  # a ROUTER drops what it has no connection for
+            return
+        self._p2p_send(a, dst, "rpc", frame, [a.pull_id], t)
+
+    def _reply(self, a: Agent, envelope, frame: bytes, t: int) -> None:
+        hidx = self.by_pull_id.get(envelope[0]) if envelope else None
+        dst = self.current[hidx] if hidx is not None else None
+        # The reply travels back over the connection the requester made to our rpc socket.
+        if dst is None or dst.conns.get(a.host, ("", ""))[1] != a.rpc_ep:
+            self._count(frame, 1)
+            self.undeliverable += 1
+            return
+        self._p2p_send(a, dst, "pull", frame, None, t)
+
+    # ------------------------------------------------------------------ control connection
+
+    def _ctl_link(self, hidx: int | None, frames: list, t: int, last: int) -> int | None:
+        """Arrival time of a train on a control link, or None if it is lost."""
+        for f in frames:
+            self._count(f, 1)
+        if self.partitioned and hidx is not None and self.gid[hidx] != self.ctl_gid:
+            self.cut += len(frames)
+            return None
+        arr = t + self._latency()
+        if self.ctl_faulty and self.reorder and self.net_rng.random() < self.net.reorder_prob:
+            return arr + int(self.net_rng.random() * self.net.reorder_max_us * NS_PER_US)
+        return max(arr, last)
+
+    def _to_controller(self, a: Agent, frames: list, t: int) -> None:
+        if self.ctl_faulty and self.loss:
+            frames = self._lossy(frames)
+        arr = self._ctl_link(a.hidx, frames, t, a.ctl_out_last)
+        if arr is None or not frames:
+            return
+        a.ctl_out_last = max(a.ctl_out_last, arr)
+        self._push(arr, CONTROLLER, K_TOCTL, a.ctl_env, frames)
+
+    def _lossy(self, frames: list) -> list:
+        rnd = self.net_rng.random
+        kept = []
+        for f in frames:
+            if rnd() < self.loss:
+                self.lost += 1
+                continue
+            kept.append(f)
+            if self.dup and rnd() < self.dup:
+                self.duplicated += 1
+                kept.append(f)
+        return kept
+
+    def client_send(self, frame: bytes, t: int) -> None:
+        arr = self._ctl_link(None, [frame], t, self.client_to_ctl_last)
+        self.client_to_ctl_last = arr
+        self._push(arr, CONTROLLER, K_TOCTL, [CLIENT_ENVELOPE], [frame])
+
+    def _controller_event(self, ctl: ControllerCore, ev: tuple, t: int) -> None:
+        kind = ev[3]
+        if kind == K_TOCTL:
+            env = ev[4]
+            for frame in ev[5]:
+                ctl.on_frame(env, frame, t)
+        elif kind == K_TIMER:
+            if self.ctl_timer_at == t:
+                self.ctl_timer_at = None
+                ctl.on_timer(t)
+
+    def _arm_controller(self, t: int) -> None:
+        d = max(t, self.controller.next_deadline_ns())
+        if d != self.ctl_timer_at:
+            self.ctl_timer_at = d
+            self._push(d, CONTROLLER, K_TIMER)
+
+    def _after_controller(self, t: int) -> None:
+        out = self.controller.take_outbox()
+        if out:
+            trains: dict[int, list] = {}
+            decoded: dict[int, tuple] = {}
+            to_client = []
+            for envelope, frame in out:
+                key = envelope[0] if envelope else b""
+                if key == CLIENT_ENVELOPE:
+                    to_client.append(frame)
+                    continue
+                a = self.by_ctl_env.get(key)
+                if a is None or not a.alive:
+                    self._count(frame, 1)
+                    self.undeliverable += 1
+                    continue
+                d = decoded.get(id(frame))
+                if d is None:
+                    try:
+                        mt, body = wire.decode(frame, wire.MAX_SMALL_FRAME_BYTES)
+                        d = (mt, body, frame)
+                    except WireError:
+                        d = (None, None, frame)
+                    decoded[id(frame)] = d
+                train = trains.get(a.iid)
+                if train is None:
+                    trains[a.iid] = [d]
+                else:
+                    train.append(d)
+            for iid, items in trains.items():
+                a = self.agents[iid]
+                if self.ctl_faulty and self.loss:
+                    items = self._lossy(items)
+                arr = self._ctl_link(a.hidx, [d[2] for d in items], t, a.ctl_in_last)
+                if arr is None or not items:
+                    continue
+                a.ctl_in_last = max(a.ctl_in_last, arr)
+                self._push(arr, iid, K_CTLIN, items)
+            if to_client:
+                arr = self._ctl_link(None, to_client, t, self.ctl_to_client_last)
+                self.ctl_to_client_last = arr
+                self._push(arr, CLIENT, K_TOCLIENT, to_client)
+        self._arm_controller(t)
+
+    # ------------------------------------------------------------------ faults
+
+    def open_fault_window(self) -> None:
+        """The first move is about to be sent: faults start, scheduled ones are laid out."""
+        t = self.now
+        self.f0_ns = t
+        self.traffic_at_f0 = (self.msgs, self.bytes)
+        net = self.net
+        if net.loss or net.dup or net.reorder:
+            self.loss, self.dup, self.reorder = net.loss, net.dup, net.reorder
+            self.p2p_faulty = True
+            self.ctl_faulty = net.ctl_faults
+        for p in self.cfg.partitions:
+            self.at(t + p.start_ms * NS_PER_MS, self.start_partition, p)
+            self.at(t + p.end_ms * NS_PER_MS, self.heal_partition, p)
+        for c in self.cfg.crashes:
+            hidx = self.hidx[c.host]
+            self.at(t + c.at_ms * NS_PER_MS, self.crash_agent, hidx)
+            if c.restart_ms is not None:
+                self.at(t + c.restart_ms * NS_PER_MS, self.start_agent, hidx)
+        scheduled_end = t + faults_end_ms(self.cfg.partitions, self.cfg.crashes) * NS_PER_MS
+        if self.cfg.fault_ms is not None:
+            self.at(max(t + self.cfg.fault_ms * NS_PER_MS, scheduled_end), self.close_fault_window)
+        self._scheduled_end = scheduled_end
+
+    def moves_finished(self) -> None:
+        self.moves_done_ns = self.now
+        self.traffic_at_done = (self.msgs, self.bytes)
+        if self.cfg.fault_ms is None:
+            self.at(max(self.now, self._scheduled_end), self.close_fault_window)
+        elif self.f1_ns is not None:
+            self._start_settling()
+
+    def close_fault_window(self) -> None:
+        if self.f1_ns is not None:
+            return
+        self.f1_ns = self.now
+        self.p2p_faulty = self.ctl_faulty = False
+        self.loss = self.dup = 0.0
+        self.reorder = False
+        if self.moves_done_ns is not None:
+            self._start_settling()
+
+    def start_partition(self, p: Partition) -> None:
+        rest = len(p.groups)
+        for i, h in enumerate(self.hosts):
+            self.gid[i] = rest
+        self.ctl_gid = rest
+        for gi, g in enumerate(p.groups):
+            for h in g:
+                if h == CTL:
+                    self.ctl_gid = gi
+                else:
+                    self.gid[self.hidx[h]] = gi
+        self.partitioned = True
+
+    def heal_partition(self, p: Partition) -> None:
+        self.partitioned = False
+        self.gid = [0] * len(self.hosts)
+        self.ctl_gid = 0
+
+    def safety_violation(self, host: str, key, old, new) -> None:
+        self.violations += 1
+        if len(self.violation_examples) < 5:
+            self.violation_examples.append({
+                "at_ms": _ms(self.now), "host": host, "vlan": key[0], "mac": key[1],
+                "held": [old.host, old.seq, old.tombstone], "applied": [new.host, new.seq, new.tombstone],
+            })
+
+    # ------------------------------------------------------------------ agreement
+
+    def _start_settling(self) -> None:
+        bound = liveness_bound_ms(self.agent_config, len(self.hosts))
+        settle = self.cfg.settle_ms if self.cfg.settle_ms is not None else 2 * bound
+        self.settle_deadline_ns = self.f1_ns + settle * NS_PER_MS
+        self.dirty = True
+        self._probe()
+
+    def _probe(self) -> None:
+        if self.agree_ns is not None or self.stopped:
+            return
+        if self.dirty and not self.controller.ops:
+            self.dirty = False
+            if self.agreement():
+                self.agree_ns = max(self.f1_ns, self.last_change_ns)
+                self.stop()
+                return
+        if self.now >= self.settle_deadline_ns:
+            self.stop()
+            return
+        self.at(min(self.now + NS_PER_MS, self.settle_deadline_ns), self._probe)
+
+    def agreement(self) -> bool:
+        """Every running agent holds the controller's expected table (digests first, then in full)."""
+        running = [a for a in self.current if a is not None]
+        if not running:
+            return True
+        d = running[0].core.table.digest
+        if any(a.core.table.digest != d for a in running):
+            return False
+        return running[0].core.table.as_placement() == self.controller.inv.expected_table()
+
+    # ------------------------------------------------------------------ results
+
+    def final_checks(self) -> dict:
+        expected = self.controller.inv.expected_table()
+        running = [a for a in self.current if a is not None]
+        bad = []
+        for a in running:
+            actual = a.core.table.as_placement()
+            if actual != expected:
+                missing = sum(1 for k in expected if k not in actual)
+                extra = sum(1 for k in actual if k not in expected)
+                wrong = sum(1 for k in expected if k in actual and actual[k] != expected[k])
+                bad.append({"host": a.host, "missing": missing, "extra": extra, "wrong": wrong})
+        ctl_live = set(self.controller.inv.live_hosts())
+        not_live = [a.host for a in running if a.host not in ctl_live]
+        agent_errors = sum(a.core.stats.handler_errors for a in running)
+        last_errors = sorted({a.core.last_error for a in running if a.core.last_error})[:3]
+        ctl = self.controller
+        malformed = sum(a.core.stats.dropped_malformed for a in running) + ctl.dropped_malformed
+        tables_ok = not bad
+        ok = (tables_ok and self.violations == 0 and agent_errors == 0 and ctl.handler_errors == 0
+              and self.agree_ns is not None)
+        return {
+            "ok": ok,
+            "tables_agree": tables_ok,
+            "hosts_checked": len(running),
+            "entries": len(expected),
+            "mismatched_hosts": len(bad),
+            "mismatch_examples": bad[:5],
+            "running_but_dead_to_controller": not_live[:20],
+            "safety_violations": self.violations,
+            "safety_examples": self.violation_examples,
+            "handler_errors": {"agents": agent_errors, "controller": ctl.handler_errors},
+            "last_errors": last_errors + ([ctl.last_error] if ctl.last_error else []),
+            "dropped_malformed": malformed,
+        }
+
+    def result(self) -> dict:
+        from testbed.demo import summarize
+
+        cfg = self.cfg
+        client = self.client
+        checks = self.final_checks()
+        bound = liveness_bound_ms(self.agent_config, len(self.hosts))
+        summary = summarize(client.records)
+        k = max(1, len(client.records))
+        msgs_moves = self.traffic_at_done[0] - self.traffic_at_f0[0]
+        bytes_moves = self.traffic_at_done[1] - self.traffic_at_f0[1]
+        after = None if self.agree_ns is None or self.f1_ns is None else _ms(self.agree_ns - self.f1_ns)
+        moves_ok = summary["converged"] == summary["moves"] == cfg.moves and client.error is None
+        return {
+            "config": {
+                "hosts": cfg.hosts, "vms": cfg.vms, "moves": cfg.moves, "seed": cfg.seed,
+                "loss": cfg.net.loss, "dup": cfg.net.dup, "reorder": cfg.net.reorder,
+                "partitions": [p.spec() for p in cfg.partitions],
+                "crashes": [c.spec() for c in cfg.crashes],
+                "move_rate": cfg.move_rate, "fault_ms": cfg.fault_ms,
+                "base_latency_us": cfg.net.base_latency_us, "jitter_mean_us": cfg.net.jitter_mean_us,
+                "gossip_interval_ms": gossip_interval_ms(self.agent_config, cfg.hosts),
+                "heartbeat_budget_per_s": self.agent_config.heartbeat_budget_per_s,
+            },
+            "replay": replay_command(cfg),
+            "ready_ms": None if client.ready_ns is None else _ms(client.ready_ns),
+            "create": client.create_summary,
+            "moves": {
+                **summary,
+                "failed": [r for r in client.records if not r["converged"]][:20],
+            },
+            "traffic": {
+                "messages": self.msgs,
+                "bytes": self.bytes,
+                "messages_per_move": round(msgs_moves / k, 1),
+                "bytes_per_move": round(bytes_moves / k, 1),
+                "lost": self.lost,
+                "duplicated": self.duplicated,
+                "cut_by_partition": self.cut,
+                "undeliverable": self.undeliverable,
+                "by_type": {MSG_NAMES.get(t, str(t)): {"messages": c[0], "bytes": c[1]}
+                            for t, c in sorted(self.by_type.items())},
+            },
+            "faults": {
+                "start_ms": None if self.f0_ns is None else _ms(self.f0_ns),
+                "stop_ms": None if self.f1_ns is None else _ms(self.f1_ns),
+                "crashes": self.crash_log,
+            },
+            "agreement": {
+                "reached": self.agree_ns is not None,
+                "at_ms": None if self.agree_ns is None else _ms(self.agree_ns),
+                "after_faults_ms": after,
+                "bound_ms": bound,
+                "within_bound": after is not None and after <= bound,
+            },
+            "checks": checks,
+            "error": client.error,
+            "end_ms": _ms(self.now),
+            "events": self.events,
+            "ok": bool(moves_ok and checks["ok"]),
+        }
+
+
+class Client:
+    """The workload driver: talks to the controller with REQUEST frames, like testbed/client.py."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.req_ids = 0
+        self.pending: dict[int, tuple] = {}  # req id -> (kind, context)
+        self.ready_ns: int | None = None
+        self.create_summary: dict | None = None
+        self.records: list[dict] = []
+        self.error: str | None = None
+        cfg = sim.cfg
+        self.names = [f"vm{i}" for i in range(1, cfg.vms + 1)]
+        self.placement = {f"vm{i}": sim.hosts[(i - 1) % cfg.hosts] for i in range(1, cfg.vms + 1)}
+        self.inflight: set[str] = set()
+        self.sent_moves = 0
+
+    def call(self, method: str, args: dict, kind: str, ctx=None) -> None:
+        self.req_ids += 1
+        self.pending[self.req_ids] = (kind, ctx)
+        self.sim.client_send(wire.encode(MsgType.REQUEST, [self.req_ids, method, args]), self.sim.now)
+
+    def begin(self) -> None:
+        cfg = self.sim.cfg
+        self.call("wait_ready", {"hosts": cfg.hosts, "timeout_ms": cfg.ready_timeout_ms}, "ready")
+
+    def on_frames(self, frames: list[bytes], t: int) -> None:
+        for frame in frames:
+            try:
+                mt, body = wire.decode(frame)
+            except WireError:
+                continue
+            if mt is not MsgType.REPLY:
+                continue
+            req_id, ok, result = body
+            kind, ctx = self.pending.pop(req_id, (None, None))
+            if kind == "ready":
+                self._on_ready(ok, result)
+            elif kind == "create":
+                self._on_create(ok, result)
+            elif kind == "move":
+                self._on_move(ctx, ok, result)
+
+    def fail(self, msg: str) -> None:
+        self.error = msg
+        self.sim.stop()
+
+    def _on_ready(self, ok: bool, result) -> None:
+        if not ok:
+            self.fail(f"cluster not ready: {result}")
+            return
+        self.ready_ns = self.sim.now
+        cfg = self.sim.cfg
+        if cfg.vms:
+            specs = [[name, self.placement[name], "default"] for name in self.names]
+            self.call("vm_create", {"vms": specs}, "create")
+        else:
+            self.create_summary = {"vms": 0, "converged": 0}
+            self._start_moves()
+
+    def _on_create(self, ok: bool, result) -> None:
+        from testbed.demo import summarize
+
+        if not ok:
+            self.fail(f"vm_create failed: {result}")
+            return
+        ops = result["ops"]
+        s = summarize(ops)
+        self.create_summary = {"vms": s["moves"], "converged": s["converged"],
+                               "latency_ms_p50": s["latency_ms_p50"], "latency_ms_p99": s["latency_ms_p99"],
+                               "latency_ms_max": s["latency_ms_max"]}
+        self._start_moves()
+
+    def _start_moves(self) -> None:
+        sim = self.sim
+        sim.open_fault_window()
+        cfg = sim.cfg
+        if cfg.moves == 0:
+            sim.moves_finished()
+        elif cfg.move_rate is None:
+            self._next_move()
+        else:
+            gap = 1e9 / cfg.move_rate
+            for i in range(cfg.moves):
+                sim.at(sim.now + int(i * gap), self._next_move)
+
+    def _host_up(self, host: str) -> bool:
+        return self.sim.current[self.sim.hidx[host]] is not None
+
+    def _next_move(self) -> None:
+        """Pick a VM that is not moving and whose host is up, and a running destination."""
+        sim = self.sim
+        rng = sim.work_rng
+        self.sent_moves += 1
+        up = [h for h in sim.hosts if self._host_up(h)]
+        for _ in range(64):
+            name = self.names[rng.randrange(len(self.names))]
+            src = self.placement[name]
+            if name in self.inflight or not self._host_up(src):
+                continue
+            choices = [h for h in up if h != src]
+            if not choices:
+                break
+            dst = choices[rng.randrange(len(choices))]
+            self.inflight.add(name)
+            self.call("vm_move", {"name": name, "to": dst}, "move", (name, src, dst))
+            return
+        # Nothing movable right now (every candidate busy or down): counted as a failed move.
+        sim.at(sim.now, self._record, {"vm": "-", "src": "-", "dst": "-", "seq": None, "converged": False, "latency_ms": None,
+                      "error": "no movable VM (all moving or on down hosts)"})
+
+    def _on_move(self, ctx, ok: bool, result) -> None:
+        name, src, dst = ctx
+        self.inflight.discard(name)
+        if ok:
+            rec = {k: result[k] for k in ("vm", "src", "dst", "seq", "converged", "latency_ms")}
+            if result.get("error"):
+                rec["error"] = result["error"]
+            if result.get("switch_ns"):
+                self.placement[name] = result["dst"]
+        else:
+            rec = {"vm": name, "src": src, "dst": dst, "seq": None, "converged": False, "latency_ms": None,
+                   "error": str(result)}
+        self._record(rec)
+
+    def _record(self, rec: dict) -> None:
+        self.records.append(rec)
+        cfg = self.sim.cfg
+        if len(self.records) == cfg.moves:
+            self.sim.moves_finished()
+        elif cfg.move_rate is None:
+            self._next_move()
+
+
+def _ms(ns: int) -> float:
+    return round(ns / NS_PER_MS, 3)
+
+
+def replay_command(cfg: SimConfig) -> str:
+    """The `dvs sim` command line that replays this run."""
+    parts = ["dvs sim", f"--hosts {cfg.hosts}", f"--vms {cfg.vms}", f"--moves {cfg.moves}"]
+    net = cfg.net
+    if net.loss:
+        parts.append(f"--loss {net.loss!r}")
+    if net.dup:
+        parts.append(f"--dup {net.dup!r}")
+    if net.reorder:
+        parts.append("--reorder")
+    if cfg.partitions:
+        parts.append("--partitions '" + ";".join(p.spec() for p in cfg.partitions) + "'")
+    if cfg.crashes:
+        parts.append("--crashes '" + ",".join(c.spec() for c in cfg.crashes) + "'")
+    if cfg.move_rate is not None:
+        parts.append(f"--move-rate {cfg.move_rate!r}")
+    if cfg.fault_ms is not None:
+        parts.append(f"--fault-ms {cfg.fault_ms}")
+    if cfg.gossip_interval_ms is not None:
+        parts.append(f"--gossip-interval-ms {cfg.gossip_interval_ms}")
+    if net.base_latency_us != NetConfig.base_latency_us:
+        parts.append(f"--latency-us {net.base_latency_us}")
+    if net.jitter_mean_us != NetConfig.jitter_mean_us:
+        parts.append(f"--jitter-us {net.jitter_mean_us}")
+    if net.ctl_faults:
+        parts.append("--ctl-faults")
+    parts.append(f"--seed {cfg.seed}")
+    return " ".join(parts)
+
+
+def run_sim(cfg: SimConfig) -> dict:
+    """Run one simulation; the result is a JSON-ready dict (no wall-clock values in it)."""
+    return Simulator(cfg).run()
