@@ -30,6 +30,9 @@ class AgentConfig:
     log_max_updates: int = 100_000
     # Updates in one pull reply at most, in updates. Default 5,000; the puller asks again.
     pull_batch_max: int = 5_000
+    # A port prepared for an incoming VM but never switched over (the controller died mid-move)
+    # is released after this long, in ms. Default 30,000.
+    prepare_timeout_ms: int = 30_000
     # Flap guard: more than `flap_moves` moves of one MAC within `flap_window_ms` is reported.
     # Defaults 5 moves in 180,000 ms (FRR / Junos / Cumulus).
     flap_moves: int = 5

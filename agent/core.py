@@ -116,6 +116,7 @@ class AgentCore:
         self.flapping: dict[tuple[int, int], int] = {}
         self.extra_methods: dict[str, Callable[[dict], object]] = {}
         self.last_error = ""
+        self._prepared: dict[str, int] = {}  # prepared port -> time (ns) it is released
         # When each key last changed here (monotonic ns): how headless moves measure convergence.
         self.applied_at: dict[tuple[int, int], int] = {}
         c = self.config
@@ -184,7 +185,19 @@ class AgentCore:
         if now_ns >= self._next_status_ns:
             self._next_status_ns = now_ns + self._status_ns
             self._send_status(now_ns)
+            if self._prepared:
+                self._expire_prepared(now_ns)
         self._retry_pulls(now_ns)
+
+    def _expire_prepared(self, now_ns: int) -> None:
+        """Roll back a move whose switchover never came: the VM stays where it is."""
+        for name, deadline in list(self._prepared.items()):
+            port = self.switch.ports.get(name)
+            if port is None or port.state != "prepared":
+                del self._prepared[name]
+            elif now_ns >= deadline:
+                del self._prepared[name]
+                self.switch.remove_key(port.vlan, port.mac)
 
     def _send_status(self, now_ns: int) -> None:
         if not self.registered:
@@ -295,6 +308,7 @@ class AgentCore:
         elif mt is MsgType.PREPARE:
             op, vm, vlan, mac, port = body
             self.switch.prepare(port, vm, vlan, mac)
+            self._prepared[port] = now_ns + self.config.prepare_timeout_ms * NS_PER_MS
             self._ack(op, True, "prepared", now_ns)
         elif mt is MsgType.SWITCHOVER:
             self._on_switchover(body, now_ns)

@@ -722,3 +722,15 @@ def test_property_scenario_fails_without_repair():
     for _ in range(3):
         c.heartbeat_round()
     assert c.converged_to(expected)
+
+
+def test_prepared_port_is_released_when_the_switchover_never_comes():
+    core = AgentCore("h2", 1, AgentConfig(prepare_timeout_ms=1_000), pub_endpoint="p", rpc_endpoint="r")
+    core.start(0)
+    core.on_frame("ctl", wire.encode(MsgType.PREPARE, [7, "vm1", 100, mac_of(1), "vEth1"]), 0)
+    assert core.switch.ports["vEth1"].state == "prepared"
+    core.on_timer(500 * NS_PER_MS)
+    assert "vEth1" in core.switch.ports
+    core.on_timer(1_600 * NS_PER_MS)  # the controller died mid-move: roll back
+    assert "vEth1" not in core.switch.ports
+    assert len(core.table) == 0
