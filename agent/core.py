@@ -307,8 +307,12 @@ class AgentCore:
             self._on_attach(body, now_ns)
         elif mt is MsgType.PREPARE:
             op, vm, vlan, mac, port = body
-            self.switch.prepare(port, vm, vlan, mac)
-            self._prepared[port] = now_ns + self.config.prepare_timeout_ms * NS_PER_MS
+            held = self.switch.port_for(vlan, mac)
+            if held is None or held.state != "active":
+                # (A PREPARE resent by the controller may arrive after the switchover: then
+                # the port is already active and stays so.)
+                self.switch.prepare(port, vm, vlan, mac)
+                self._prepared[port] = now_ns + self.config.prepare_timeout_ms * NS_PER_MS
             self._ack(op, True, "prepared", now_ns)
         elif mt is MsgType.SWITCHOVER:
             self._on_switchover(body, now_ns)

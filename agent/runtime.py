@@ -20,7 +20,7 @@ import zmq
 from agent import wire
 from agent.config import AgentConfig
 from agent.core import AgentCore
-from agent.faults import NetFaults
+from agent.faults import CONTROLLER, NetFaults, host_of_identity, peek_origin
 from agent.mactable import format_mac
 from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, write_ready
 
@@ -54,7 +54,7 @@ class AgentRuntime:
         return s
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self.pub = self._socket(zmq.PUB)
         pub_ep = bind_ephemeral(self.pub, self.bind_ip)
         self.sub = self._socket(zmq.SUB)
@@ -102,23 +102,46 @@ class AgentRuntime:
 
     def _on_sub(self, frames: list[bytes]) -> None:
         frame = frames[-1]
-        if self.faults.admit(frame):
+        if self.faults.active:
+            self._faulty("sub", peek_origin(frame) or "?", frame, None)
+        else:
             self.core.on_frame("sub", frame, time.monotonic_ns())
 
     def _on_rpc(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
             self.core.note_malformed()
             return
-        self.core.on_frame("rpc", frames[-1], time.monotonic_ns(), envelope=frames[:-1])
+        envelope = frames[:-1]
+        if self.faults.active:
+            self._faulty("rpc", host_of_identity(envelope[0]), frames[-1], envelope)
+        else:
+            self.core.on_frame("rpc", frames[-1], time.monotonic_ns(), envelope=envelope)
 
     def _on_pull(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
             self.core.note_malformed()
             return
-        self.core.on_frame("pull", frames[1], time.monotonic_ns())
+        if self.faults.active:
+            self._faulty("pull", host_of_identity(frames[0]) or "?", frames[1], None)
+        else:
+            self.core.on_frame("pull", frames[1], time.monotonic_ns())
 
     def _on_ctl(self, frames: list[bytes]) -> None:
-        self.core.on_frame("ctl", frames[-1], time.monotonic_ns())
+        if self.faults.active:
+            self._faulty("ctl", CONTROLLER, frames[-1], None)
+        else:
+            self.core.on_frame("ctl", frames[-1], time.monotonic_ns())
+
+    def _faulty(self, channel: str, peer: str | None, frame: bytes, envelope) -> None:
+        for delay_s in self.faults.plan(peer, frame):
+            if delay_s <= 0:
+                self.core.on_frame(channel, frame, time.monotonic_ns(), envelope=envelope)
+            else:
+                self.loop.call_later(delay_s, self._deliver_late, channel, frame, envelope)
+
+    def _deliver_late(self, channel: str, frame: bytes, envelope) -> None:
+        self.core.on_frame(channel, frame, time.monotonic_ns(), envelope=envelope)
+        self._after()
 
     def _on_timer(self) -> None:
         self.core.on_timer(time.monotonic_ns())
@@ -135,12 +158,14 @@ class AgentRuntime:
                 if dest == "pub":
                     self.pub.send(payload, zmq.NOBLOCK)
                 elif dest == "ctl":
+                    if self.faults.blocked and not self.faults.may_send(CONTROLLER):
+                        continue
                     sent_ctl = True
                     self.ctl.send(payload, zmq.NOBLOCK)
                 elif dest[0] == "peer":
                     sent_pull = True
                     alias = self._alias.get(dest[1])
-                    if alias is not None:
+                    if alias is not None and self.faults.may_send(dest[1]):
                         self.pull.send_multipart([alias, payload], zmq.NOBLOCK)
                 elif dest[0] == "reply":
                     sent_rpc = True

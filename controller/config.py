@@ -15,6 +15,9 @@ class ControllerConfig:
     # A host silent for this long is dead: it leaves the membership and moves stop waiting
     # for it, in ms. Default 3000.
     dead_after_ms: int = 3000
+    # A command to an agent (attach, prepare, switchover, delete) not acked within this long is
+    # sent again, in ms. Default 200. Commands are idempotent, so a duplicate does no harm.
+    command_retry_ms: int = 200
     # A VM create, move or delete that has not converged by then is reported as not
     # converged, in ms. Default 10,000.
     op_timeout_ms: int = 10_000

@@ -45,6 +45,9 @@ class Op:
     phase: str = "start"  # prepare | switchover | converging | done
     switch_ns: int = 0
     switched: bool = False  # the target host acked the step that claims the MAC
+    # The command of the current step, sent again until its ack arrives (commands are idempotent).
+    command: tuple[str, bytes] | None = None
+    command_sent_ns: int = 0
     applied: dict[str, int] = field(default_factory=dict)
     waiters: list = field(default_factory=list)  # Batch objects waiting on this op
     converged: bool = False
@@ -181,6 +184,13 @@ class ControllerCore:
             self._restart_orphans(now_ns)
         for op in [op for op in self.ops.values() if now_ns >= op.deadline_ns]:
             self._finish(op, now_ns, timed_out=True)
+        retry_ns = self.config.command_retry_ms * NS_PER_MS
+        for op in self.ops.values():
+            if op.command is not None and now_ns - op.command_sent_ns >= retry_ns:
+                host, frame = op.command
+                if self.inv.hosts[host].state != "dead":
+                    op.command_sent_ns = now_ns
+                    self.outbox.append((self.inv.hosts[host].route, frame))
         self._check_ready(now_ns)
 
     # ------------------------------------------------------------------ agents
@@ -330,8 +340,10 @@ class ControllerCore:
         vm = self.inv.vms[op.vm]
         if op.phase == "prepare":
             op.phase = "switchover"
-            self._send(op.dst, MsgType.SWITCHOVER, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, op.target[1]])
+            self._command(op, op.dst, MsgType.SWITCHOVER, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, op.target[1]],
+                          now_ns)
             return
+        op.command = None
         op.switch_ns = t_ns
         op.switched = True
         op.phase = "converging"
@@ -354,6 +366,11 @@ class ControllerCore:
     def _send(self, host: str, mt: MsgType, body: list) -> None:
         self.outbox.append((self.inv.hosts[host].route, wire.encode(mt, body)))
 
+    def _command(self, op: Op, host: str, mt: MsgType, body: list, now_ns: int) -> None:
+        frame = wire.encode(mt, body)
+        op.command, op.command_sent_ns = (host, frame), now_ns
+        self.outbox.append((self.inv.hosts[host].route, frame))
+
     def _start_op(self, kind: str, vm: Vm, src: str, dst: str, target: tuple[str, int, bool], now_ns: int) -> Op:
         op = Op(self._new_op_id(), kind, vm.name, src, dst, target, vm.key, now_ns,
                 now_ns + self.config.op_timeout_ms * NS_PER_MS)
@@ -361,14 +378,14 @@ class ControllerCore:
         self.ops_by_key[vm.key] = op
         if kind in ("create", "restart"):
             op.phase = "attach"
-            self._send(dst, MsgType.ATTACH, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, target[1]])
+            self._command(op, dst, MsgType.ATTACH, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, target[1]], now_ns)
         elif kind == "move":
             op.phase = "prepare"
             vm.state = "moving"
-            self._send(dst, MsgType.PREPARE, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port])
+            self._command(op, dst, MsgType.PREPARE, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port], now_ns)
         elif kind == "delete":
             op.phase = "tombstone"
-            self._send(src, MsgType.DETACH, [op.op_id, vm.name, vm.vlan, vm.mac, target[1]])
+            self._command(op, src, MsgType.DETACH, [op.op_id, vm.name, vm.vlan, vm.mac, target[1]], now_ns)
         return op
 
     def _check_converged(self, op: Op, now_ns: int) -> None:

@@ -221,6 +221,173 @@ def agent_start(host, state_dir) -> None:
     click.echo(f"agent {host} started (pid {p.pid})")
 
 
+# ---------------------------------------------------------------------- faults
+
+
+def _hosts_option(f):
+    return click.option("--hosts", "only", default=None,
+                        help="Comma-separated hosts to apply it on (default: every host).")(f)
+
+
+def _peers_option(f):
+    return click.option("--from", "from_", default=None,
+                        help="Only frames from these comma-separated hosts (or 'controller').")(f)
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [x for x in (t.strip() for t in text.split(",")) if x]
+
+
+def _apply_to_agents(state_dir: str, only: str | None, args: dict) -> None:
+    from testbed import nemesis
+
+    cluster = Cluster.load(state_dir)
+    hosts = _csv(only) or nemesis.live_hosts(cluster)
+    for h in hosts:
+        cluster.agent(h)
+    nemesis.configure(cluster, dict.fromkeys(hosts, args))
+    click.echo(f"{', '.join(f'{k}={v}' for k, v in args.items())} on {len(hosts)} host(s)")
+
+
+@cli.group()
+def fault() -> None:
+    """Inject faults into a running cluster (network faults act on what each agent receives)."""
+
+
+@fault.command("partition")
+@click.argument("groups", nargs=-1, required=True)
+@state_dir_option
+def fault_partition(groups, state_dir) -> None:
+    """Split hosts into groups that cannot talk: `dvs fault partition h1,h2 h3,h4`.
+    Put `controller` in a group to cut it off from the others; unlisted hosts form one more group."""
+    from testbed import nemesis
+
+    cluster = Cluster.load(state_dir)
+    blocked = nemesis.groups_to_blocked(list(cluster.agents), [_csv(g) for g in groups])
+    nemesis.partition(cluster, blocked)
+    click.echo(f"partitioned: {' | '.join(groups)}")
+
+
+@fault.command("isolate")
+@click.argument("kind", type=click.Choice(["host", "halves", "majority", "bridge", "controller"]))
+@click.argument("host", required=False)
+@state_dir_option
+def fault_isolate(kind, host, state_dir) -> None:
+    """Named partitions: `isolate host h3`, `isolate halves`, `isolate majority` (minority cut off),
+    `isolate bridge` (two halves joined only through the middle host), `isolate controller`."""
+    from testbed import nemesis
+
+    cluster = Cluster.load(state_dir)
+    blocked = nemesis.named_partition("isolate" if kind == "host" else kind, list(cluster.agents), host)
+    nemesis.partition(cluster, blocked)
+    cut = {h: sorted(b) for h, b in blocked.items() if b}
+    click.echo(f"partition {kind}{' ' + host if host else ''}: {len(cut)} host(s) cut off from some peers")
+
+
+@fault.command("heal")
+@state_dir_option
+def fault_heal(state_dir) -> None:
+    """Remove every network fault (partitions, loss, delay, duplication, reordering)."""
+    from testbed import nemesis
+
+    cluster = Cluster.load(state_dir)
+    n = len(nemesis.heal(cluster))
+    click.echo(f"healed {n} host(s)")
+
+
+@fault.command("loss")
+@click.argument("probability", type=click.FloatRange(0, 1))
+@click.option("--types", default=None, help="Only these message types, e.g. UPDATES,HEARTBEAT.")
+@_hosts_option
+@_peers_option
+@state_dir_option
+def fault_loss(probability, types, only, from_, state_dir) -> None:
+    """Drop received frames with this probability."""
+    args = {"drop": probability, "drop_types": _csv(types), "peers": _csv(from_)}
+    _apply_to_agents(state_dir, only, args)
+
+
+@fault.command("delay")
+@click.argument("ms", type=click.FloatRange(0, 60_000))
+@click.option("--jitter", "jitter_ms", type=click.FloatRange(0, 60_000), default=0.0, show_default=True,
+              help="Plus a uniform random 0..JITTER ms.")
+@_hosts_option
+@_peers_option
+@state_dir_option
+def fault_delay(ms, jitter_ms, only, from_, state_dir) -> None:
+    """Delay received frames by MS milliseconds (plus jitter)."""
+    _apply_to_agents(state_dir, only, {"delay_ms": ms, "jitter_ms": jitter_ms, "peers": _csv(from_)})
+
+
+@fault.command("dup")
+@click.argument("probability", type=click.FloatRange(0, 1))
+@_hosts_option
+@_peers_option
+@state_dir_option
+def fault_dup(probability, only, from_, state_dir) -> None:
+    """Deliver received frames twice with this probability."""
+    _apply_to_agents(state_dir, only, {"dup": probability, "peers": _csv(from_)})
+
+
+@fault.command("reorder")
+@click.argument("probability", type=click.FloatRange(0, 1))
+@_hosts_option
+@_peers_option
+@state_dir_option
+def fault_reorder(probability, only, from_, state_dir) -> None:
+    """Hold back received frames with this probability so later ones overtake them."""
+    _apply_to_agents(state_dir, only, {"reorder": probability, "peers": _csv(from_)})
+
+
+def _process_fault(name: str, action: str, state_dir: str) -> None:
+    import signal as sig
+
+    from testbed import nemesis
+
+    cluster = Cluster.load(state_dir)
+    if action == "kill":
+        p = nemesis.kill(cluster, name)
+    elif action == "pause":
+        p = nemesis.signal_process(cluster, name, sig.SIGSTOP)
+    elif action == "resume":
+        p = nemesis.signal_process(cluster, name, sig.SIGCONT)
+    else:
+        p = nemesis.restart(cluster, name)
+    click.echo(f"{action}: {name} (pid {p.pid})")
+
+
+for _action, _doc in (("kill", "SIGKILL a host's agent, or the controller."),
+                      ("pause", "SIGSTOP a host's agent or the controller (resume with `dvs fault resume`)."),
+                      ("resume", "SIGCONT a paused agent or controller."),
+                      ("restart", "Kill (if running) and start again: an agent rejoins with a new incarnation.")):
+    def _make(action=_action):
+        @click.argument("name")
+        @state_dir_option
+        def command(name, state_dir) -> None:
+            _process_fault(name, action, state_dir)
+        return command
+    fault.command(_action, help=_doc + " NAME is h1..hN or `controller`.")(_make())
+
+
+@fault.command("show")
+@json_option
+@state_dir_option
+def fault_show(as_json, state_dir) -> None:
+    """The network faults each agent applies now, and what they did so far."""
+    from testbed import nemesis
+
+    cluster = Cluster.load(state_dir)
+    shown = nemesis.configure(cluster, dict.fromkeys(nemesis.live_hosts(cluster), {}))
+    if as_json:
+        emit_json(shown)
+        return
+    t = Table("host", "drop", "delay ms", "jitter ms", "dup", "reorder", "blocked", "dropped", "delayed", "duplicated")
+    for h, f in shown.items():
+        t.add_row(h, str(f["drop"]), str(f["delay_ms"]), str(f["jitter_ms"]), str(f["dup"]), str(f["reorder"]),
+                  ",".join(f["blocked"]) or "-", str(f["dropped"]), str(f["delayed"]), str(f["duplicated"]))
+    console.print(t)
+
+
 # ---------------------------------------------------------------------- VMs
 
 

@@ -131,6 +131,7 @@ def stop_pids(pids: list[int], timeout_s: float, names: dict[int, str] | None = 
             continue
     for p in ps:
         try:
+            p.resume()  # a paused (SIGSTOP) process would not act on SIGTERM until resumed
             p.terminate()
         except psutil.Error:
             pass
@@ -142,3 +143,11 @@ def stop_pids(pids: list[int], timeout_s: float, names: dict[int, str] | None = 
             pass
     psutil.wait_procs(still, timeout=timeout_s)
     return [(names or {}).get(p.pid, str(p.pid)) for p in still]
+
+
+def wait_gone(proc: Proc, timeout_s: float) -> None:
+    """Wait until `proc` has exited (after a kill)."""
+    try:
+        psutil.Process(proc.pid).wait(timeout=timeout_s)
+    except psutil.NoSuchProcess:
+        pass

@@ -58,7 +58,7 @@ def test_agent_that_loses_gossip_converges_through_repair(make_cluster):
     cluster = make_cluster(4)
     # h3 drops every gossip update it receives: only the repair path can bring it along.
     with cluster.agent_client("h3") as a:
-        a.call("faults", {"rx_drop": 1.0, "rx_drop_types": ["UPDATES"]})
+        a.call("faults", {"drop": 1.0, "drop_types": ["UPDATES"]})
     cluster.create_vms(8)
     for vm, dst in [("vm1", "h2"), ("vm2", "h3"), ("vm4", "h1")]:
         assert move(cluster, vm, dst)["converged"]
