@@ -16,6 +16,7 @@ the highest `(seq, host)` wins, as everywhere else.
 from __future__ import annotations
 
 import re
+from collections import deque
 from dataclasses import dataclass, field
 
 from agent import wire
@@ -104,6 +105,9 @@ class ControllerCore:
         self.ops: dict[int, Op] = {}  # in flight, by op id
         self.ops_by_key: dict[tuple[int, int], Op] = {}
         self.history: list[dict] = []  # finished moves, oldest first
+        # Every apply every agent reported: (t_ns, reporter, vlan, mac, host, seq, tombstone),
+        # for checkers (e.g. "no agent ever went back to a lower (seq, host)"). Bounded.
+        self.applied_log: deque[tuple] = deque(maxlen=self.config.applied_log_max)
         self._routes: dict[bytes, str] = {}  # first envelope frame -> host
         self._next_op = 1
         self._ready_waiters: list[ReadyWaiter] = []
@@ -112,6 +116,7 @@ class ControllerCore:
         self.last_error = ""
         self._tick_ns = self.config.tick_interval_ms * NS_PER_MS
         self._started_ns: int | None = None
+        self._applied_count = 0
         self._orphans_checked = False
         self._next_tick_ns = 0
 
@@ -290,7 +295,10 @@ class ControllerCore:
         return self._start_op("restart", vm, vm.host, prefer, (prefer, vm.seq_issued, False), now_ns)
 
     def _on_applied(self, host: str, applied: list, now_ns: int) -> None:
+        log = self.applied_log
+        self._applied_count += len(applied)
         for vlan, mac, ehost, seq, tomb, t_ns in applied:
+            log.append((t_ns, host, vlan, mac, ehost, seq, tomb))
             op = self.ops_by_key.get((vlan, mac))
             if op is None:
                 self._adopt((vlan, mac), ehost, seq, tomb, now_ns)
@@ -492,6 +500,18 @@ class ControllerCore:
     def api_expected_table(self, args, now_ns, envelope, req_id) -> dict:
         return {"entries": [[k[0], k[1], h, s, t] for k, (h, s, t) in self.inv.expected_table().items()],
                 "live_hosts": self.inv.live_hosts()}
+
+    def api_applied_log(self, args, now_ns, envelope, req_id) -> dict:
+        """Applies reported since index `since` (as returned by the previous call), at most `limit`."""
+        since, limit = int(args.get("since", 0)), min(int(args.get("limit", 20_000)), 50_000)
+        total = self._applied_total()
+        first = total - len(self.applied_log)
+        start = max(since, first)
+        rows = [list(r) for r in list(self.applied_log)[start - first : start - first + limit]]
+        return {"from": start, "next": start + len(rows), "lost": max(0, first - since), "applies": rows}
+
+    def _applied_total(self) -> int:
+        return self._applied_count
 
     def api_moves(self, args, now_ns, envelope, req_id) -> dict:
         last = int(args.get("last", 1000))

@@ -717,3 +717,14 @@ def test_recovered_controller_adopts_agent_tables_and_restarts_orphans():
         core.on_timer(t)
     (op,) = core.ops.values()
     assert (op.kind, op.vm, op.target[1]) == ("restart", "vm2", 1) and op.target[0] in ("h1", "h2")
+
+
+def test_applied_log_pages_every_report():
+    c = cluster(2)
+    for i in range(5):
+        c.applied("h1", 1, "h2", i)
+    ok, page = c.call("applied_log", {"since": 0, "limit": 3})
+    assert ok and page["from"] == 0 and page["next"] == 3 and page["lost"] == 0
+    assert [r[1] for r in page["applies"]] == ["h1"] * 3 and [r[5] for r in page["applies"]] == [0, 1, 2]
+    ok, page = c.call("applied_log", {"since": 3})
+    assert [r[5] for r in page["applies"]] == [3, 4] and page["next"] == 5
