@@ -52,12 +52,21 @@ def agent_flags(heartbeat_interval_ms: int | None) -> list[str]:
               help="Agent heartbeat interval in ms (agent default 500).")
 @click.option("--timeout-s", type=click.FloatRange(1, 600), default=60, show_default=True,
               help="How long to wait for the cluster to be ready.")
+@click.option("--netns", is_flag=True,
+              help="Real-network mode: each host in its own network namespace on a bridge; partitions "
+                   "become nftables rules (root only).")
 @state_dir_option
-def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, state_dir) -> None:
+def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, state_dir) -> None:
     """Start the controller and N agents, wait until the mesh is connected, place VMs."""
+    if netns:
+        from testbed.netns import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise ClusterError(reason)
     with err_console.status(f"starting controller and {hosts} agents"):
         cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms),
-                             ready_timeout_s=timeout_s)
+                             ready_timeout_s=timeout_s, netns=netns)
     try:
         if vms:
             with err_console.status(f"placing {vms} VMs"):

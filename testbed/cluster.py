@@ -14,6 +14,7 @@ from pathlib import Path
 
 from testbed import procs
 from testbed.client import Client, ClusterError
+from testbed.netns import NetnsLab
 from testbed.procs import Proc
 
 STATE_FILE = "cluster.json"
@@ -32,6 +33,8 @@ class Cluster:
     agents: dict[str, Proc] = field(default_factory=dict)
     started_at: float = 0.0
     controller_args: list[str] = field(default_factory=list)
+    agent_args: list[str] = field(default_factory=list)
+    netns: NetnsLab | None = None
 
     # ------------------------------------------------------------------ persistence
 
@@ -42,6 +45,9 @@ class Cluster:
     def save(self) -> None:
         data = {
             "started_at": self.started_at,
+            "agent_args": self.agent_args,
+            "controller_args": self.controller_args,
+            "netns": self.netns.to_json() if self.netns else None,
             "controller": self.controller.to_json() if self.controller else None,
             "agents": [a.to_json() for a in self.agents.values()],
         }
@@ -57,7 +63,9 @@ class Cluster:
             raise ClusterError(f"no cluster is running in {state_dir}; start one with `dvs up --hosts N`")
         try:
             data = json.loads(path.read_text())
-            c = cls(state_dir, started_at=data.get("started_at", 0.0))
+            c = cls(state_dir, started_at=data.get("started_at", 0.0),
+                    agent_args=list(data.get("agent_args", [])), controller_args=list(data.get("controller_args", [])),
+                    netns=NetnsLab.from_json(data["netns"]) if data.get("netns") else None)
             if data.get("controller"):
                 c.controller = Proc.from_json(data["controller"])
             for a in data.get("agents", []):
@@ -102,6 +110,7 @@ class Cluster:
         agent_args: list[str] | None = None,
         controller_args: list[str] | None = None,
         ready_timeout_s: float = 60.0,
+        netns: bool = False,
     ) -> Cluster:
         state_dir = Path(state_dir)
         if hosts < 1 or hosts > 256:
@@ -113,23 +122,29 @@ class Cluster:
             (state_dir / STATE_FILE).unlink()
         state_dir.mkdir(parents=True, exist_ok=True)
         logs = state_dir / "logs"
-        c = cls(state_dir, started_at=time.time())
+        c = cls(state_dir, started_at=time.time(), agent_args=list(agent_args or []),
+                controller_args=list(controller_args or []))
         journal = state_dir / JOURNAL_FILE
         if journal.exists():
             journal.unlink()  # a new cluster starts with an empty inventory
-        c.controller_args = list(controller_args or [])
-        [c.controller] = procs.wait_ready(
-            [procs.spawn("controller", "controller", ["--journal", str(journal), *c.controller_args],
-                         logs / "controller.log")],
-            ready_timeout_s,
-        )
+        bind = []
+        if netns:
+            c.netns = NetnsLab.for_state_dir(state_dir)
+            c.netns.create_bridge()
+            c.save()  # `dvs down` removes the bridge even if the rest fails
+            bind = ["--bind-ip", c.netns.controller_ip]
+        try:
+            [c.controller] = procs.wait_ready(
+                [procs.spawn("controller", "controller", ["--journal", str(journal), *bind, *c.controller_args],
+                             logs / "controller.log")],
+                ready_timeout_s,
+            )
+        except BaseException:
+            c.down()
+            raise
         c.save()  # from here on `dvs down` can clean up whatever happens next
         try:
-            pending = [
-                procs.spawn(f"h{i}", "agent", ["--host", f"h{i}", "--controller", c.controller_endpoint,
-                                               *(agent_args or [])], logs / f"h{i}.log")
-                for i in range(1, hosts + 1)
-            ]
+            pending = [c._spawn_agent(f"h{i}", i) for i in range(1, hosts + 1)]
             for p in procs.wait_ready(pending, ready_timeout_s):
                 c.agents[p.name] = p
             c.save()
@@ -139,6 +154,15 @@ class Cluster:
             c.down()
             raise
         return c
+
+    def _spawn_agent(self, host: str, index: int) -> procs.Pending:
+        args = ["--host", host, "--controller", self.controller_endpoint, *self.agent_args]
+        prefix = None
+        if self.netns is not None:
+            ip = self.netns.ips.get(host) or self.netns.add_host(host, index)
+            args += ["--bind-ip", ip]
+            prefix = self.netns.exec_prefix(host)
+        return procs.spawn(host, "agent", args, self.state_dir / "logs" / f"{host}.log", prefix=prefix)
 
     def start_controller(self, ready_timeout_s: float = 30.0) -> Proc:
         """(Re)start the controller on its old endpoint; it recovers from its journal and the
@@ -160,11 +184,10 @@ class Cluster:
         """Start one more agent (or restart a stopped one) that joins the running cluster."""
         if host in self.agents and procs.alive(self.agents[host]):
             raise ClusterError(f"host {host} is already running (pid {self.agents[host].pid})")
-        [p] = procs.wait_ready(
-            [procs.spawn(host, "agent", ["--host", host, "--controller", self.controller_endpoint,
-                                         *(agent_args or [])], self.state_dir / "logs" / f"{host}.log")],
-            ready_timeout_s,
-        )
+        if agent_args is not None:
+            self.agent_args = list(agent_args)
+        index = int(host[1:]) if host[1:].isdigit() else len(self.agents) + 1
+        [p] = procs.wait_ready([self._spawn_agent(host, index)], ready_timeout_s)
         self.agents[host] = p
         self.save()
         return p
@@ -173,6 +196,8 @@ class Cluster:
         """Stop every process of this cluster by pid. Returns the ones that needed SIGKILL."""
         all_procs = list(self.agents.values()) + ([self.controller] if self.controller else [])
         killed = procs.stop(all_procs, timeout_s)
+        if self.netns is not None:
+            self.netns.destroy()
         if self.state_file.exists():
             self.state_file.unlink()
         return killed

@@ -88,11 +88,17 @@ def live_hosts(cluster: Cluster) -> list[str]:
 
 
 def partition(cluster: Cluster, blocked: dict[str, set[str]]) -> dict[str, dict]:
+    """Cut hosts apart: with nftables between namespaces in --netns mode, else in each agent."""
+    if cluster.netns is not None:
+        cluster.netns.apply_partition(blocked)
+        return {h: {"blocked": sorted(b), "by": "nftables"} for h, b in blocked.items()}
     alive = set(live_hosts(cluster))
     return configure(cluster, {h: {"blocked": sorted(b)} for h, b in blocked.items() if h in alive})
 
 
 def heal(cluster: Cluster) -> dict[str, dict]:
+    if cluster.netns is not None:
+        cluster.netns.apply_partition({})
     return configure(cluster, {h: {"reset": True} for h in live_hosts(cluster)})
 
 

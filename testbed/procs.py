@@ -47,13 +47,15 @@ class Pending:
     buf: bytes = b""
 
 
-def spawn(name: str, module: str, args: list[str], log_path: Path) -> Pending:
-    """Start `python -m module args...` in its own session, logging to `log_path`."""
+def spawn(name: str, module: str, args: list[str], log_path: Path, prefix: list[str] | None = None) -> Pending:
+    """Start `python -m module args...` in its own session, logging to `log_path`.
+    `prefix` runs it through another program that execs it (e.g. `ip netns exec NS`), so the
+    pid we record is still the Python process's."""
     r, w = os.pipe()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
-            [sys.executable, "-m", module, *args, "--ready-fd", str(w)],
+            [*(prefix or []), sys.executable, "-m", module, *args, "--ready-fd", str(w)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
