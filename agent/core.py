@@ -304,7 +304,7 @@ class AgentCore:
         elif mt is MsgType.PEERS:
             self._on_peers(body[0], now_ns)
         elif mt is MsgType.ATTACH:
-            self._on_attach(body, now_ns)
+            self._on_attach(body, now_ns, "attached")
         elif mt is MsgType.PREPARE:
             op, vm, vlan, mac, port = body
             held = self.switch.port_for(vlan, mac)
@@ -315,7 +315,7 @@ class AgentCore:
                 self._prepared[port] = now_ns + self.config.prepare_timeout_ms * NS_PER_MS
             self._ack(op, True, "prepared", now_ns)
         elif mt is MsgType.SWITCHOVER:
-            self._on_switchover(body, now_ns)
+            self._on_attach(body, now_ns, "switched")
         elif mt is MsgType.DETACH:
             self._on_detach(body, now_ns)
         elif mt is MsgType.REQUEST:
@@ -560,23 +560,14 @@ class AgentCore:
             if first.rpc_endpoint and not self.config.defect_no_repair:
                 self._request_snapshot(first, now_ns)
 
-    def _on_attach(self, body: list, now_ns: int) -> None:
+    def _on_attach(self, body: list, now_ns: int, done: str) -> None:
+        """ATTACH (create, HA restart) or SWITCHOVER (move): activate the port and claim the MAC.
+        A resent command finds the claim already made and acks it again."""
         op, vm, vlan, mac, port, seq = body
         self.switch.activate(port, vm, vlan, mac)
         entry = Entry(self.host, port, seq)
         if self._claim(vlan, mac, entry, now_ns) or self.table.get((vlan, mac)) == entry:
-            self._ack(op, True, "attached", now_ns)
-        else:
-            self.switch.remove_key(vlan, mac)
-            held = self.table.get((vlan, mac))
-            self._ack(op, False, f"stale: table holds seq {held.seq} on {held.host}", now_ns)
-
-    def _on_switchover(self, body: list, now_ns: int) -> None:
-        op, vm, vlan, mac, port, seq = body
-        self.switch.activate(port, vm, vlan, mac)
-        entry = Entry(self.host, port, seq)
-        if self._claim(vlan, mac, entry, now_ns) or self.table.get((vlan, mac)) == entry:
-            self._ack(op, True, "switched", now_ns)
+            self._ack(op, True, done, now_ns)
         else:
             self.switch.remove_key(vlan, mac)
             held = self.table.get((vlan, mac))
