@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint unit cluster-test clean
+.PHONY: install demo test lint unit bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ test: install lint
 
 unit: install
 	$(BIN)/python -m pytest -q -m "not cluster"
+
+bench: install
+	$(BIN)/dvs bench --hosts 8,32 --vms 1280 --moves 200 --out bench-results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -37,6 +37,10 @@ class AgentConfig:
     # Defaults 5 moves in 180,000 ms (FRR / Junos / Cumulus).
     flap_moves: int = 5
     flap_window_ms: int = 180_000
+    # Apply reports to the controller go out at most this often, in ms. Default 5. An agent
+    # that has been quiet reports at once (a single move is never delayed); under load the
+    # reports of several moves share one frame. The apply stamps inside are exact either way.
+    applied_report_interval_ms: int = 5
     # Test-only defects, for proving the checker catches bugs. Never set in production.
     defect_no_repair: bool = False
     defect_reverse_merge: bool = False

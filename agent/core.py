@@ -109,6 +109,7 @@ class AgentCore:
         self._applied: list[list] = []
         self._next_heartbeat_ns = 0
         self._next_status_ns = 0
+        self._next_applied_ns = 0
         self._pulls_pending = 0
         self._bootstrapped = False
         # Flap guard: key -> recent times (ns) its host changed.
@@ -121,6 +122,7 @@ class AgentCore:
         self.applied_at: dict[tuple[int, int], int] = {}
         c = self.config
         self._status_ns = c.heartbeat_interval_ms * NS_PER_MS
+        self._applied_interval_ns = c.applied_report_interval_ms * NS_PER_MS
         self._hb_ns = self._suspect_ns = 0
         self._rescale()
         self._pull_timeout_ns = c.pull_timeout_ms * NS_PER_MS
@@ -137,7 +139,8 @@ class AgentCore:
         return out
 
     def next_deadline_ns(self) -> int:
-        return min(self._next_heartbeat_ns, self._next_status_ns)
+        d = min(self._next_heartbeat_ns, self._next_status_ns)
+        return min(d, self._next_applied_ns) if self._applied else d
 
     def gossip_interval_ms(self) -> int:
         """The heartbeat interval for the current membership (see AgentConfig.heartbeat_budget_per_s)."""
@@ -227,6 +230,9 @@ class AgentCore:
             self.outbox.append(("pub", wire.encode(MsgType.UPDATES, [self.host, self.incarnation, batch])))
         self._pending_pub = []
         applied = self._applied
+        if not applied or now_ns < self._next_applied_ns:
+            return  # nothing, or wait for the report window (next_deadline_ns covers it)
+        self._next_applied_ns = now_ns + self._applied_interval_ns
         for i in range(0, len(applied), PUB_BATCH_MAX):
             self.outbox.append(("ctl", wire.encode(MsgType.APPLIED, [self.host, applied[i : i + PUB_BATCH_MAX]])))
         self._applied = []

@@ -18,6 +18,8 @@ class ControllerConfig:
     # A command to an agent (attach, prepare, switchover, delete) not acked within this long is
     # sent again, in ms. Default 200. Commands are idempotent, so a duplicate does no harm.
     command_retry_ms: int = 200
+    # ...and the wait doubles after each resend up to this, in ms. Default 3,200.
+    command_retry_max_ms: int = 3_200
     # Apply reports kept for checkers (`applied_log` API), in entries. Default 500,000.
     applied_log_max: int = 500_000
     # A VM create, move or delete that has not converged by then is reported as not

@@ -49,6 +49,7 @@ class Op:
     # The command of the current step, sent again until its ack arrives (commands are idempotent).
     command: tuple[str, bytes] | None = None
     command_sent_ns: int = 0
+    command_retry_ns: int = 0  # doubles after every resend: a busy agent is not flooded
     applied: dict[str, int] = field(default_factory=dict)
     waiters: list = field(default_factory=list)  # Batch objects waiting on this op
     converged: bool = False
@@ -56,7 +57,7 @@ class Op:
     latency_ms: float | None = None
     missing: list[str] = field(default_factory=list)
 
-    def record(self) -> dict:
+    def record(self, per_host: bool = True) -> dict:
         return {
             "op": self.op_id,
             "kind": self.kind,
@@ -71,7 +72,7 @@ class Op:
             "switch_ns": self.switch_ns,
             # Per host, ms from switchover until that agent applied it: who lagged.
             "applied_ms": {h: round((t - self.switch_ns) / NS_PER_MS, 3) for h, t in self.applied.items()}
-            if self.switched else {},
+            if self.switched and per_host else {},
         }
 
 
@@ -117,6 +118,7 @@ class ControllerCore:
         self._tick_ns = self.config.tick_interval_ms * NS_PER_MS
         self._started_ns: int | None = None
         self._applied_count = 0
+        self._live_n = 0  # hosts not dead, kept current by _recount_live()
         self._orphans_checked = False
         self._next_tick_ns = 0
 
@@ -189,12 +191,13 @@ class ControllerCore:
             self._restart_orphans(now_ns)
         for op in [op for op in self.ops.values() if now_ns >= op.deadline_ns]:
             self._finish(op, now_ns, timed_out=True)
-        retry_ns = self.config.command_retry_ms * NS_PER_MS
+        max_retry_ns = self.config.command_retry_max_ms * NS_PER_MS
         for op in self.ops.values():
-            if op.command is not None and now_ns - op.command_sent_ns >= retry_ns:
+            if op.command is not None and now_ns - op.command_sent_ns >= op.command_retry_ns:
                 host, frame = op.command
                 if self.inv.hosts[host].state != "dead":
                     op.command_sent_ns = now_ns
+                    op.command_retry_ns = min(2 * op.command_retry_ns, max_retry_ns)
                     self.outbox.append((self.inv.hosts[host].route, frame))
         self._check_ready(now_ns)
 
@@ -210,6 +213,7 @@ class ControllerCore:
         self.inv.hosts[name] = Host(name, incarnation, pub, rpc, pid, envelope, last_seen_ns=now_ns,
                                     registered_ns=now_ns)
         self._routes[envelope[0]] = name
+        self._recount_live()
         self._broadcast_peers()
         if old is not None and incarnation > old.incarnation:
             # The host's agent restarted: the VMs it ran died with it. Start them again there
@@ -236,6 +240,7 @@ class ControllerCore:
             # It was only paused (SIGSTOP) or cut off: readmit it. Its VMs were restarted
             # elsewhere with higher seqs, so its stale ports lose under the merge rule.
             h.state = "alive"
+            self._recount_live()
             self._broadcast_peers()
 
     def _on_status(self, host: str, body: list, now_ns: int) -> None:
@@ -261,6 +266,7 @@ class ControllerCore:
                 h.state = "suspect"
         if not died:
             return
+        self._recount_live()
         self._broadcast_peers()
         for op in list(self.ops.values()):
             if op.phase not in ("converging", "done") and op.target[0] in died:
@@ -272,6 +278,12 @@ class ControllerCore:
         for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
             if vm.host in died and vm.state == "active" and vm.key not in self.ops_by_key:
                 self._restart(vm, now_ns)
+
+    def _live_count(self) -> int:
+        return self._live_n
+
+    def _recount_live(self) -> None:
+        self._live_n = sum(1 for h in self.inv.hosts.values() if h.state != "dead")
 
     def _restart_orphans(self, now_ns: int) -> None:
         """After a restart of ours: VMs on hosts that never registered again within the dead
@@ -377,6 +389,7 @@ class ControllerCore:
     def _command(self, op: Op, host: str, mt: MsgType, body: list, now_ns: int) -> None:
         frame = wire.encode(mt, body)
         op.command, op.command_sent_ns = (host, frame), now_ns
+        op.command_retry_ns = self.config.command_retry_ms * NS_PER_MS
         self.outbox.append((self.inv.hosts[host].route, frame))
 
     def _start_op(self, kind: str, vm: Vm, src: str, dst: str, target: tuple[str, int, bool], now_ns: int) -> Op:
@@ -397,8 +410,8 @@ class ControllerCore:
         return op
 
     def _check_converged(self, op: Op, now_ns: int) -> None:
-        if op.phase != "converging":
-            return
+        if op.phase != "converging" or len(op.applied) < self._live_count():
+            return  # cheap exit: called for every apply report
         live = self.inv.live_hosts()
         if all(h in op.applied for h in live):
             op.converged = True
@@ -441,7 +454,8 @@ class ControllerCore:
                 self._reply_batch(batch)
 
     def _reply_batch(self, batch: Batch) -> None:
-        records = [op.record() for op in batch.ops]
+        # Per-host apply times only for a single op: a batch of 8,000 would make a reply of MBs.
+        records = [op.record(per_host=batch.single) for op in batch.ops]
         if batch.single:
             op = batch.ops[0]
             if op.error and not op.converged and not op.switched:

@@ -528,6 +528,13 @@ def demo(hosts, vms, n_moves, seed, heartbeat_interval_ms, as_json, state_dir) -
     sys.exit(0 if ok else 1)
 
 
+# ---------------------------------------------------------------------- lab commands in their own packages
+
+from testbed.bench.command import bench  # noqa: E402 - registered after the core commands
+
+cli.add_command(bench)
+
+
 # ---------------------------------------------------------------------- entry point
 
 

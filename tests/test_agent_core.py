@@ -734,3 +734,29 @@ def test_prepared_port_is_released_when_the_switchover_never_comes():
     core.on_timer(1_600 * NS_PER_MS)  # the controller died mid-move: roll back
     assert "vEth1" not in core.switch.ports
     assert len(core.table) == 0
+
+
+def test_apply_reports_share_a_frame_under_load_but_keep_exact_stamps():
+    core = AgentCore("h2", 1, AgentConfig(applied_report_interval_ms=5), pub_endpoint="p", rpc_endpoint="r")
+    core.start(0)
+    core.on_timer(0)  # first heartbeat and status: the next ones are 500 ms away
+    core.take_outbox()
+
+    def update(n: int, t: int) -> None:
+        core.on_frame("sub", wire.encode(MsgType.UPDATES, ["h1", 1, [[n, 100, mac_of(n), "h1", "vEth1", 0, False]]]), t)
+        core.flush(t)
+
+    def reports() -> list:
+        return [wire.decode(p)[1][1] for d, p in core.take_outbox()
+                if d == "ctl" and wire.decode(p)[0] is MsgType.APPLIED]
+
+    update(1, 1_000)
+    assert [[r[1] for r in b] for b in reports()] == [[mac_of(1)]]  # quiet agent: at once
+    update(2, 2_000)
+    update(3, 3_000)
+    assert reports() == []  # within the window: held back...
+    assert core.next_deadline_ns() == 1_000 + 5 * NS_PER_MS
+    core.on_timer(core.next_deadline_ns())
+    core.flush(core.next_deadline_ns())
+    (batch,) = reports()  # ...then sent together, each with its own apply time
+    assert [(r[1], r[5]) for r in batch] == [(mac_of(2), 2_000), (mac_of(3), 3_000)]

@@ -601,7 +601,9 @@ class Lab:
 
     def __init__(self, hosts: list[str]):
         self.ctl = Ctl()
-        self.agents = {h: AgentCore(h, 1, AgentConfig(), pub_endpoint=f"pub-{h}", rpc_endpoint=f"rpc-{h}")
+        # The lab's clock stands still: apply reports go out at once (no report window).
+        cfg = AgentConfig(applied_report_interval_ms=0)
+        self.agents = {h: AgentCore(h, 1, cfg, pub_endpoint=f"pub-{h}", rpc_endpoint=f"rpc-{h}")
                        for h in hosts}
         self.client_replies: list[list] = []
         for a in self.agents.values():

@@ -1,0 +1,141 @@
+"""`dvs bench`: smoke tests of its structure (keys, counts, files, nothing left running).
+
+Timings are never asserted: they depend on the machine and whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+import psutil
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+
+def run_bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m testbed.bench` runs the same click command as `dvs bench`, in its own process."""
+    return subprocess.run([sys.executable, "-m", "testbed.bench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def still_running(pids: list[int]) -> list[int]:
+    left = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+        except psutil.Error:
+            pass
+    return left
+
+
+def test_bench_is_a_click_command_named_bench():
+    from testbed.bench.command import bench
+
+    assert isinstance(bench, click.Command) and bench.name == "bench"
+
+
+def test_quick_bench_measures_every_phase_and_cleans_up(tmp_path):
+    out = tmp_path / "out"
+    proc = run_bench("--quick", "--json", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    assert doc == json.loads((out / "bench.json").read_text())
+    assert doc["ok"] and doc["problems"] == []
+    for key in ("command", "params", "environment", "wall_s", "results", "headline", "goals", "pids", "files"):
+        assert key in doc, key
+    assert doc["command"].startswith("dvs bench") and "--quick" in doc["command"]
+    for key in ("cpu_count", "python", "pyzmq", "libzmq", "platform", "date", "loadavg_start"):
+        assert doc["environment"][key] not in (None, ""), key
+    p = doc["params"]
+    assert (p["hosts"], p["vms"], p["moves"], p["rates"], p["quick"]) == ([4], 32, 20, [20.0, 100.0], True)
+
+    r = doc["results"]
+    [e] = r["per_hosts"]
+    assert e["hosts"] == 4
+    floor = e["floor"]
+    assert (floor["subscribers"], floor["msgs"], floor["lost"]) == (3, 100, 0)
+    assert floor["latency_ms"]["count"] == 100 and len(floor["latencies_ms"]) == 100
+    assert set(floor["latency_ms"]) >= {"p50", "p90", "p99", "max"}
+    assert floor["cpu_us_per_msg_per_subscriber"]["mean"] > 0
+
+    m = e["moves"]
+    assert (m["moves"], m["converged"], m["latency_ms"]["count"]) == (20, 20, 20)
+    assert set(m["latency_vs_floor"]) == {"p50", "p90", "p99", "max"}
+    cost = m["cost"]
+    msgs = cost["msgs_per_move"]
+    assert msgs["control"] == 8 and msgs["applied_reports"] == 4  # every host reports each move once
+    assert msgs["gossip_updates"] >= 3  # the destination's update reached the 3 other hosts
+    assert msgs["total"] == pytest.approx(sum(v for k, v in msgs.items() if k != "total"))
+    assert cost["payload_bytes_per_move"]["total"] > 0
+    assert cost["memory"]["agent_rss_mb_max"] > 0 and cost["cpu"]["agent_s_mean"] >= 0
+
+    load = r["load"]
+    assert load["hosts"] == 4 and [s["rate_per_s"] for s in load["steps"]] == [20.0, 100.0]
+    for s in load["steps"]:
+        assert s["sent"] + s["abandoned"] == s["offered"] >= 20
+        assert set(s) >= {"latency_ms", "e2e_ms", "send_lag_ms", "achieved_per_s", "pass", "p99_vs_floor"}
+    assert "max_rate_p99_under_goal" in load
+
+    ha = r["ha"]
+    assert (ha["vms_on_victim"], ha["restarted"], ha["restarts_converged"], ha["running_elsewhere"]) == (8, 8, 8, 8)
+    assert ha["tables_agree"]
+    assert set(ha) >= {"detection_ms", "restart_convergence_ms", "total_ms"}
+
+    cold = r["cold_start"]
+    assert (cold["hosts"], cold["ports"], cold["converged"], cold["agents_holding_all"]) == (4, 400, 400, 4)
+    assert cold["agent_peak_rss_mb_max"] > 0
+
+    assert {g["goal"] for g in doc["goals"]} and len(doc["goals"]) == 5
+    assert all(set(g) == {"goal", "value", "met", "note"} for g in doc["goals"])
+    assert set(doc["headline"]) >= {"p99_vs_floor", "max_rate_p99_under_50ms", "cold_start_ms", "ha_total_ms"}
+
+    files = doc["files"]
+    assert set(files) == {"json", "markdown", "latency_cdf", "p99_vs_hosts", "p99_vs_rate"}  # no docs/ rewrite
+    for key in ("latency_cdf", "p99_vs_hosts", "p99_vs_rate"):
+        with open(files[key], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    md = (out / "benchmarks.md").read_text()
+    assert doc["command"] in md and "Floor" in md and "Load curve" in md
+
+    # Re-rendering an earlier run measures nothing and writes the same kinds of files.
+    again = run_bench("--from-json", str(out / "bench.json"), timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "bench.json").read_text())["results"] == r
+
+    # 1 controller + 4 agents per cluster (two clusters) + 3 floor subscribers, all stopped.
+    assert len(doc["pids"]) == 2 * 5 + 3
+    assert still_running(doc["pids"]) == []
+    assert not list(out.glob("cluster-*")), "cluster state dirs are removed after a good run"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--hosts", "0,abc"], "--hosts"),
+    (["--hosts", "abc"], "--hosts"),
+    (["--hosts", "1"], "--hosts"),
+    (["--rates", "-5"], "--rates"),
+    (["--rates", "10,fast"], "--rates"),
+    (["--moves", "0"], "--moves"),
+    (["--phases", "floor,nope"], "--phases"),
+    (["--vms", "10", "--ha-vms", "40"], "--ha-vms"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, needle):
+    proc = run_bench(*args, "--out", str(tmp_path / "out"), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_floor_runs_on_its_own():
+    proc = subprocess.run([sys.executable, "-m", "testbed.bench.floor", "--hosts", "3", "--msgs", "20"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    floor = json.loads(proc.stdout)
+    assert (floor["subscribers"], floor["msgs"], floor["lost"]) == (2, 20, 0)
+    assert floor["latency_ms"]["count"] == 20
