@@ -22,6 +22,8 @@ class ControllerConfig:
     command_retry_max_ms: int = 3_200
     # Apply reports kept for checkers (`applied_log` API), in entries. Default 500,000.
     applied_log_max: int = 500_000
+    # Finished moves and restarts kept for `dvs moves`, in records. Default 100,000.
+    history_max: int = 100_000
     # A VM create, move or delete that has not converged by then is reported as not
     # converged, in ms. Default 10,000.
     op_timeout_ms: int = 10_000

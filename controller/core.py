@@ -56,6 +56,7 @@ class Op:
     error: str = ""
     latency_ms: float | None = None
     missing: list[str] = field(default_factory=list)
+    done_ns: int = 0  # when the controller finished it (its clock): the client's wait ends here
 
     def record(self, per_host: bool = True) -> dict:
         return {
@@ -70,6 +71,8 @@ class Op:
             "error": self.error,
             "missing": self.missing,
             "switch_ns": self.switch_ns,
+            "started_ns": self.started_ns,
+            "done_ns": self.done_ns,
             # Per host, ms from switchover until that agent applied it: who lagged.
             "applied_ms": {h: round((t - self.switch_ns) / NS_PER_MS, 3) for h, t in self.applied.items()}
             if self.switched and per_host else {},
@@ -105,7 +108,12 @@ class ControllerCore:
         self.outbox: list[tuple[list, bytes]] = []
         self.ops: dict[int, Op] = {}  # in flight, by op id
         self.ops_by_key: dict[tuple[int, int], Op] = {}
-        self.history: list[dict] = []  # finished moves, oldest first
+        # Finished moves and HA restarts, oldest first; bounded so a long run cannot grow it forever.
+        self.history: deque[dict] = deque(maxlen=self.config.history_max)
+        # VMs that need a restart we could not do yet (no live host, or the target refused),
+        # by name -> earliest retry time (ns). Retried from on_timer.
+        self._pending_restarts: dict[str, int] = {}
+        self._needs_claim: dict[str, bool] = {}  # deferred restarts that must re-claim even on a live host
         # Every apply every agent reported: (t_ns, reporter, vlan, mac, host, seq, tombstone),
         # for checkers (e.g. "no agent ever went back to a lower (seq, host)"). Bounded.
         self.applied_log: deque[tuple] = deque(maxlen=self.config.applied_log_max)
@@ -186,6 +194,8 @@ class ControllerCore:
             self._started_ns = now_ns
         self._next_tick_ns = now_ns + self._tick_ns
         self._check_liveness(now_ns)
+        if self._pending_restarts:
+            self._retry_restarts(now_ns)
         if not self._orphans_checked and now_ns - self._started_ns > self.config.dead_after_ms * NS_PER_MS:
             self._orphans_checked = True
             self._restart_orphans(now_ns)
@@ -285,6 +295,20 @@ class ControllerCore:
     def _recount_live(self) -> None:
         self._live_n = sum(1 for h in self.inv.hosts.values() if h.state != "dead")
 
+    def _defer_restart(self, vm: Vm, now_ns: int) -> None:
+        self._pending_restarts[vm.name] = now_ns + self.config.command_retry_ms * NS_PER_MS
+
+    def _retry_restarts(self, now_ns: int) -> None:
+        due = [n for n, t in self._pending_restarts.items() if now_ns >= t]
+        for name in sorted(due, key=lambda n: self.inv.vms[n].number if n in self.inv.vms else 0):
+            del self._pending_restarts[name]
+            vm = self.inv.vms.get(name)
+            if vm is None or vm.state != "active" or vm.key in self.ops_by_key:
+                continue
+            h = self.inv.hosts.get(vm.host)
+            if h is None or h.state != "alive" or self._needs_claim.pop(name, False):
+                self._restart(vm, now_ns, prefer=vm.host)
+
     def _restart_orphans(self, now_ns: int) -> None:
         """After a restart of ours: VMs on hosts that never registered again within the dead
         timeout are as good as on a dead host (HA)."""
@@ -296,7 +320,9 @@ class ControllerCore:
         """Start `vm` on `prefer` if it is alive, else on the live host with the fewest VMs."""
         alive = [h.name for h in self.inv.hosts.values() if h.state == "alive"]
         if not alive:
-            return None  # nowhere to go: it stays put until a host comes back
+            # Nowhere to go now (e.g. we were paused and every host looks suspect): try again.
+            self._defer_restart(vm, now_ns)
+            return None
         if prefer not in alive:
             load = dict.fromkeys(alive, 0)
             for other in self.inv.vms.values():
@@ -433,6 +459,7 @@ class ControllerCore:
         sent_claim = op.phase == "switchover" or (op.phase == "attach" and op.kind == "restart")
         was = op.phase
         op.phase = "done"
+        op.done_ns = now_ns
         if vm is not None and was != "converging":
             # Aborted before the target owned the MAC (the inventory already follows a target
             # that did, even if some agent lags).
@@ -444,8 +471,13 @@ class ControllerCore:
                 h = self.inv.hosts.get(vm.host)
                 if sent_claim or h is None or h.state == "dead":
                     # The target may have claimed seq+1 after all, or the VM's host is gone:
-                    # a fresh claim with a higher seq leaves exactly one owner.
-                    self._restart(vm, now_ns, prefer=vm.host)
+                    # a fresh claim with a higher seq leaves exactly one owner. Not at once
+                    # after a refusal: an agent that keeps refusing must not make us spin.
+                    if op.error.startswith(f"{op.target[0]} refused"):
+                        self._needs_claim[vm.name] = True
+                        self._defer_restart(vm, now_ns)
+                    else:
+                        self._restart(vm, now_ns, prefer=vm.host)
         if op.kind in ("move", "restart"):
             self.history.append(op.record())
         for batch in op.waiters:
@@ -529,7 +561,8 @@ class ControllerCore:
 
     def api_moves(self, args, now_ns, envelope, req_id) -> dict:
         last = int(args.get("last", 1000))
-        return {"moves": self.history[-last:] if last > 0 else []}
+        hist = list(self.history)
+        return {"moves": hist[-last:] if last > 0 else []}
 
     def api_wait_ready(self, args, now_ns, envelope, req_id) -> None:
         hosts = int(args["hosts"])

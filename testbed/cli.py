@@ -531,8 +531,10 @@ def demo(hosts, vms, n_moves, seed, heartbeat_interval_ms, as_json, state_dir) -
 # ---------------------------------------------------------------------- lab commands in their own packages
 
 from testbed.bench.command import bench  # noqa: E402 - registered after the core commands
+from testbed.chaos.command import chaos  # noqa: E402
 
 cli.add_command(bench)
+cli.add_command(chaos)
 
 
 # ---------------------------------------------------------------------- entry point

@@ -172,7 +172,8 @@ class Cluster:
         endpoint = self.controller_endpoint
         [p] = procs.wait_ready(
             [procs.spawn("controller", "controller",
-                         ["--bind", endpoint, "--journal", str(self.state_dir / JOURNAL_FILE)],
+                         ["--bind", endpoint, "--journal", str(self.state_dir / JOURNAL_FILE),
+                          *self.controller_args],
                          self.state_dir / "logs" / "controller.log")],
             ready_timeout_s,
         )

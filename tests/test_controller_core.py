@@ -10,7 +10,7 @@ from agent.core import AgentCore
 from agent.wire import MsgType
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
-from controller.inventory import MAC_BASE
+from controller.inventory import MAC_BASE, Vm
 
 NS_PER_MS = 1_000_000
 CLIENT = [b"client"]
@@ -730,3 +730,26 @@ def test_applied_log_pages_every_report():
     assert [r[1] for r in page["applies"]] == ["h1"] * 3 and [r[5] for r in page["applies"]] == [0, 1, 2]
     ok, page = c.call("applied_log", {"since": 3})
     assert [r[5] for r in page["applies"]] == [3, 4] and page["next"] == 5
+
+
+def test_vms_of_a_dead_host_wait_for_a_live_host_instead_of_being_stranded():
+    cfg = ControllerConfig()
+    core = ControllerCore(cfg)
+    now = 0
+    core.on_timer(now)
+    for h in ("h1", "h2"):
+        core.on_frame(route(h), wire.encode(MsgType.REGISTER, [h, 1, f"pub-{h}", f"rpc-{h}", 1]), now)
+    core.inv.add(Vm("vm1", 1, "default", VLAN, "h2", 0, "active"))
+    # The controller was paused: on resume h2 is past dead and h1 only suspect. Nowhere to go...
+    now = (cfg.dead_after_ms + 100) * NS_PER_MS
+    core.inv.hosts["h1"].last_seen_ns = now - (cfg.suspect_after_ms + 100) * NS_PER_MS
+    core.on_timer(now)
+    assert core.inv.hosts["h2"].state == "dead" and core.inv.hosts["h1"].state == "suspect"
+    assert not core.ops
+    # ...until h1 speaks again: then vm1 restarts there with a new seq.
+    core.on_frame(route("h1"), wire.encode(MsgType.AGENT_STATUS, ["h1", 1, 0, 0, 0, 0]), now)
+    for _ in range(10):
+        now += cfg.tick_interval_ms * NS_PER_MS
+        core.on_timer(now)
+    (op,) = core.ops.values()
+    assert (op.kind, op.vm, op.target) == ("restart", "vm1", ("h1", 1, False))

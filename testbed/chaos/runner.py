@@ -1,0 +1,623 @@
+"""Run a chaos plan against real processes and record everything in history.jsonl.
+
+Three actors share one monotonic clock (t0 = the start of the workload):
+- the main thread sends the planned moves (one DEALER socket, many requests in flight) and
+  reads the replies, refreshes its view of placement, watches for processes that die by
+  themselves, and draws the progress bar;
+- the nemesis thread applies the fault schedule at its times (network faults through each
+  agent's transport wrapper, processes by pid with real signals);
+- at the end: heal everything, wait for the outstanding moves, settle, observe the final
+  state (tables, inventory, every apply from the controller's applied_log) and stop every
+  process by pid (Cluster.down, always).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from agent import wire
+from agent.faults import CONTROLLER
+from agent.mactable import parse_mac
+from agent.wire import MsgType, WireError
+from testbed import procs
+from testbed.chaos.history import HISTORY_FILE, Journal
+from testbed.chaos.scenario import Action, Plan, Scenario
+from testbed.client import ClusterError
+from testbed.cluster import JOURNAL_FILE, Cluster
+
+NS = 1_000_000_000
+APPLIED_PAGE = 20_000
+LOG_EVERY_S = 0.5
+
+
+# ---------------------------------------------------------------------- a multiplexing client
+
+
+class Mux:
+    """Many requests in flight on one DEALER socket; replies are matched by id."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self._next = 1
+
+    def send(self, method: str, args: dict) -> int:
+        rid = self._next
+        self._next += 1
+        try:
+            self.sock.send(wire.encode(MsgType.REQUEST, [rid, method, args]), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the queue is full (controller gone for long): it will count as no reply
+        return rid
+
+    def poll(self, timeout_ms: int) -> list[tuple[int, bool, object]]:
+        out = []
+        if not self.poller.poll(max(0, timeout_ms)):
+            return out
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            try:
+                mt, body = wire.decode(frame)
+            except WireError:
+                continue
+            if mt is MsgType.REPLY:
+                out.append((body[0], bool(body[1]), body[2]))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+# ---------------------------------------------------------------------- state shared by the actors
+
+
+@dataclass
+class MoveReq:
+    id: int
+    vm: str
+    dst: str
+    sent_ns: int
+    deadline_ns: int
+
+
+class Procs:
+    """What the run believes of each process (up | paused | down), under one lock."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.lock = threading.RLock()
+        self.state = dict.fromkeys(names, "up")
+
+    def get(self, name: str) -> str:
+        # Without the lock: the nemesis holds it through a whole restart (~0.5 s) and the
+        # workload must not stall meanwhile; reading one dict entry is atomic.
+        return self.state[name]
+
+
+class ChaosRun:
+    def __init__(self, sc: Scenario, plan: Plan, report_dir: Path, *, err_console: Console | None = None) -> None:
+        self.sc = sc
+        self.plan = plan
+        self.dir = report_dir
+        self.err = err_console or Console(stderr=True)
+        self.state_dir = report_dir / "state"
+        self.journal: Journal | None = None
+        self.cluster: Cluster | None = None
+        self.procs = Procs([*sc.host_names, CONTROLLER])
+        self.net: dict[str, dict] = {}  # host -> network fault settings in force (re-applied on restart)
+        # Controller lives: its applied_log starts again at 0 after a restart. The main thread
+        # reads the log every LOG_EVERY_S (one request at a time); a kill bumps the life, resets
+        # the cursor, and makes any answer still on its way count for nothing.
+        self.life = 0
+        self.applied_cursor = 0
+        self.log_lock = threading.Lock()
+        self.log_reqs: dict[int, tuple[str, int, float]] = {}  # rid -> (method, life, sent at)
+        self.ctl_gone_ns = 0  # when the controller was last killed (or found dead)
+        self.placement: dict[str, str] = {}
+        self.busy: dict[str, int] = {}  # vm -> id of our move request in flight
+        self.outstanding: dict[int, MoveReq] = {}
+        self.sent: dict[int, MoveReq] = {}
+        self.counts = {"sent": 0, "acked": 0, "converged": 0, "refused": 0, "noreply": 0, "skipped": 0}
+        self.active_faults: dict[int, str] = {}
+        self.stop = threading.Event()
+        self.nemesis_error: str | None = None
+        self.t0_ns = 0
+        self.request_timeout_ns = (sc.op_timeout_ms + 5_000) * 1_000_000
+
+    # ------------------------------------------------------------------ top level
+
+    def run(self) -> Path:
+        """Run the scenario; return the history path. Never leaves a process behind."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name in (HISTORY_FILE, "summary.json", "timeline.png"):
+            (self.dir / name).unlink(missing_ok=True)
+        logs = self.state_dir / "logs"
+        if logs.is_dir():
+            for f in logs.iterdir():
+                f.unlink(missing_ok=True)
+        path = self.dir / HISTORY_FILE
+        j = self.journal = Journal(path)
+        started = time.monotonic()
+        j.write("run_start", scenario=self.sc.to_json(), seed=self.plan.seed, plan=self.plan.to_json(),
+                argv=sys.argv, python=platform.python_version(), pid=os.getpid(), state_dir=str(self.state_dir))
+        try:
+            self._run()
+        except KeyboardInterrupt:
+            j.write("run_error", error="interrupted")
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded, the verdict becomes "unknown"
+            j.write("run_error", error=f"{type(e).__name__}: {e}")
+            self.err.print(f"[red]run broke[/red]: {type(e).__name__}: {e}")
+        finally:
+            self.stop.set()
+            if self.cluster is not None:
+                killed = self.cluster.down()
+                j.write("cluster_down", sigkill_needed=killed)
+            j.write("run_end", wall_s=round(time.monotonic() - started, 3))
+            j.close()
+        return path
+
+    def _run(self) -> None:
+        sc, j = self.sc, self.journal
+        with self.err.status(f"starting the controller and {sc.hosts} agents"):
+            self.cluster = Cluster.up(self.state_dir, sc.hosts, agent_args=sc.agent_args(),
+                                      controller_args=sc.controller_args())
+        c = self.cluster
+        j.write("cluster_up", controller={"pid": c.controller.pid, "endpoint": c.controller_endpoint},
+                agents={h: p.pid for h, p in c.agents.items()}, agent_args=sc.agent_args(),
+                controller_args=sc.controller_args())
+        with self.err.status(f"creating {sc.vms} VMs"):
+            res = c.create_vms(sc.vms)
+        self.placement = {op["vm"]: op["dst"] for op in res["ops"]}
+        j.write("vms_created", vms=len(res["ops"]), placement=self.placement)
+        self.mux = Mux(c.controller_endpoint)
+        try:
+            self.t0_ns = time.monotonic_ns()
+            j.write("workload_start", t0_ns=self.t0_ns, duration_s=sc.duration_s)
+            nemesis = threading.Thread(target=self._nemesis, name="nemesis", daemon=True)
+            nemesis.start()
+            self._workload()
+            nemesis.join(timeout=120)
+            if nemesis.is_alive():
+                raise ClusterError("the nemesis did not finish its schedule within 120 s of the workload's end")
+            if self.nemesis_error:
+                raise ClusterError(f"the nemesis failed: {self.nemesis_error}")
+            j.write("workload_end", outstanding=len(self.outstanding), counts=self.counts)
+            with self.err.status("healing: network faults reset, paused processes resumed, killed ones restarted"):
+                self._heal_all()
+            with self.err.status(f"waiting for {len(self.outstanding)} outstanding move(s)"):
+                self._drain()
+            with self.err.status(f"settling (up to {sc.settle_s:g} s)"):
+                ok, elapsed, why = self._settle()
+            j.write("settled", ok=ok, elapsed_s=round(elapsed, 3), why=why)
+            with self.err.status("reading final tables, inventory and the applied log"):
+                self._observe()
+        finally:
+            self.mux.close()
+
+    # ------------------------------------------------------------------ workload (main thread)
+
+    def _workload(self) -> None:
+        sc = self.sc
+        moves = self.plan.moves
+        end_ns = self.t0_ns + int(sc.duration_s * NS)
+        i = 0
+        next_list_ns = self.t0_ns + NS
+        next_watch_ns = self.t0_ns
+        self.list_req: int | None = None
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
+                            TimeElapsedColumn(), console=self.err, transient=True)
+        with progress:
+            task = progress.add_task(f"chaos {sc.name}", total=sc.duration_s, counts="")
+            while True:
+                now = time.monotonic_ns()
+                if now >= end_ns or self.stop.is_set():
+                    break
+                while i < len(moves) and self.t0_ns + int(moves[i].t_s * NS) <= now:
+                    self._issue(moves[i], i)
+                    i += 1
+                if now >= next_list_ns:
+                    # (an unanswered one, e.g. sent to a controller that was then killed, is dropped)
+                    self.list_req = self.mux.send("vm_list", {})
+                    next_list_ns = now + 2 * NS
+                if now >= next_watch_ns:
+                    self._watch_processes()
+                    self._request_logs()
+                    next_watch_ns = now + int(LOG_EVERY_S * NS)
+                nxt = min(end_ns, next_list_ns, next_watch_ns,
+                          self.t0_ns + int(moves[i].t_s * NS) if i < len(moves) else end_ns)
+                self._poll(max(1, min(100, (nxt - time.monotonic_ns()) // 1_000_000)))
+                faults = ", ".join(tuple(self.active_faults.values())) or "no faults"
+                c = self.counts
+                progress.update(task, completed=min(sc.duration_s, (time.monotonic_ns() - self.t0_ns) / NS),
+                                counts=f"moves {c['converged']}/{c['sent']} converged · {faults}")
+
+    def _issue(self, pm, index: int) -> None:
+        j, sc = self.journal, self.sc
+        hosts = sc.host_names
+        if pm.vm in self.busy:
+            self.counts["skipped"] += 1
+            j.write("move_skip", plan_index=index, vm=pm.vm, reason=f"our move #{self.busy[pm.vm]} is in flight")
+            return
+        cur = self.placement.get(pm.vm)
+        dst = None
+        for k in range(len(hosts)):
+            cand = hosts[(pm.dst_index + k) % len(hosts)]
+            if cand == cur or (sc.avoid_down_hosts and self.procs.get(cand) != "up"):
+                continue
+            dst = cand
+            break
+        if dst is None:
+            self.counts["skipped"] += 1
+            j.write("move_skip", plan_index=index, vm=pm.vm, reason="no running destination")
+            return
+        rid = self.mux.send("vm_move", {"name": pm.vm, "to": dst})
+        now = time.monotonic_ns()
+        req = MoveReq(rid, pm.vm, dst, now, now + self.request_timeout_ns)
+        self.outstanding[rid] = self.sent[rid] = req
+        self.busy[pm.vm] = rid
+        self.counts["sent"] += 1
+        j.write("move_req", id=rid, vm=pm.vm, src_known=cur, dst=dst, planned_dst=hosts[pm.dst_index],
+                storm=pm.storm, plan_index=index)
+
+    def _request_logs(self) -> None:
+        """Ask for the applied_log since our cursor and the latest finished ops (async)."""
+        with self.log_lock:
+            now = time.monotonic()
+            for rid, (_, _, sent) in list(self.log_reqs.items()):
+                if now - sent > 3.0:
+                    del self.log_reqs[rid]  # the controller is down or paused: ask again later
+            if self.log_reqs or self.procs.get(CONTROLLER) != "up":
+                return
+            rid = self.mux.send("applied_log", {"since": self.applied_cursor, "limit": APPLIED_PAGE})
+            self.log_reqs[rid] = ("applied_log", self.life, now)
+            rid = self.mux.send("moves", {"last": 500})
+            self.log_reqs[rid] = ("moves", self.life, now)
+
+    def _on_log_reply(self, rid: int, ok: bool, result) -> None:
+        with self.log_lock:
+            req = self.log_reqs.pop(rid, None)
+            if req is None:
+                return
+            method, life, _ = req
+            if not ok or life != self.life:
+                return  # from a controller life that is over: its rows may be partial
+            if method == "applied_log":
+                self.journal.write("applies", life=life, since=self.applied_cursor, start=result["from"],
+                                   next=result["next"], lost=result["lost"], rows=result["applies"])
+                self.applied_cursor = result["next"]
+            else:
+                self.journal.write("controller_moves", life=life, final=False, moves=result["moves"])
+
+    def _controller_gone(self) -> None:
+        with self.log_lock:
+            self.life += 1
+            self.applied_cursor = 0
+            self.log_reqs.clear()
+        # Requests it had received die with it: the main thread gives up on them at once.
+        self.ctl_gone_ns = time.monotonic_ns()
+
+    def _poll(self, timeout_ms: int) -> None:
+        j = self.journal
+        for rid, ok, result in self.mux.poll(timeout_ms):
+            if rid in self.log_reqs:
+                self._on_log_reply(rid, ok, result)
+                continue
+            if rid == self.list_req:
+                self.list_req = None
+                if ok:
+                    for v in result["vms"]:
+                        if v["vm"] not in self.busy:
+                            self.placement[v["vm"]] = v["host"]
+                continue
+            req = self.sent.get(rid)
+            if req is None:
+                continue
+            late = rid not in self.outstanding
+            self.outstanding.pop(rid, None)
+            if self.busy.get(req.vm) == rid:
+                del self.busy[req.vm]
+            if ok:
+                self.counts["acked"] += 1
+                if result.get("converged"):
+                    self.counts["converged"] += 1
+                if result.get("switch_ns"):
+                    self.placement[req.vm] = result["dst"]
+                j.write("move_ack", id=rid, vm=req.vm, rec=result, late=late)
+            else:
+                self.counts["refused"] += 1
+                j.write("move_refused", id=rid, vm=req.vm, error=str(result), late=late)
+        now = time.monotonic_ns()
+        gone = self.ctl_gone_ns
+        for rid, req in list(self.outstanding.items()):
+            if now >= req.deadline_ns or req.sent_ns < gone:
+                del self.outstanding[rid]
+                if self.busy.get(req.vm) == rid:
+                    del self.busy[req.vm]
+                self.counts["noreply"] += 1
+                j.write("move_noreply", id=rid, vm=req.vm, waited_s=round((now - req.sent_ns) / NS, 3),
+                        reason="the controller was killed" if req.sent_ns < gone else "timed out")
+
+    def _watch_processes(self) -> None:
+        """A process that is gone though we did not kill it: recorded (invariant processes-up)."""
+        if self.cluster is None or not self.procs.lock.acquire(timeout=0.01):
+            return
+        try:
+            for name, st in self.procs.state.items():
+                if st == "down":
+                    continue
+                p = self._proc(name)
+                if p is not None and not procs.alive(p):
+                    self.procs.state[name] = "down"
+                    if name == CONTROLLER:
+                        self._controller_gone()
+                    self.journal.write("proc_died", name=name, pid=p.pid, unexpected=True)
+        finally:
+            self.procs.lock.release()
+
+    def _proc(self, name: str):
+        c = self.cluster
+        return c.controller if name == CONTROLLER else c.agents.get(name)
+
+    def _drain(self) -> None:
+        while self.outstanding:
+            self._poll(100)
+
+    # ------------------------------------------------------------------ nemesis (its own thread)
+
+    def _nemesis(self) -> None:
+        try:
+            for a in self.plan.actions:
+                due = self.t0_ns + int(a.t_s * NS)
+                while not self.stop.is_set():
+                    left = (due - time.monotonic_ns()) / NS
+                    if left <= 0:
+                        break
+                    self.stop.wait(min(left, 0.05))
+                if self.stop.is_set():
+                    return
+                self._act(a)
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            self.nemesis_error = f"{type(e).__name__}: {e}"
+            self.journal.write("nemesis_error", error=self.nemesis_error)
+            self.stop.set()  # the run is broken: end the workload now (verdict: unknown)
+
+    def _act(self, a: Action) -> None:
+        j = self.journal
+        late_ms = round((time.monotonic_ns() - self.t0_ns) / 1e6 - a.t_s * 1000, 1)
+        if a.kind == "net":
+            applied, skipped = {}, []
+            with self.procs.lock:
+                for host, args in a.settings.items():
+                    self.net.setdefault(host, {}).update(args)
+                    if self.procs.state[host] != "up":
+                        skipped.append(host)  # applied when it is resumed or restarted
+                        continue
+                    applied[host] = self._configure(host, args)
+            self.active_faults[a.fault] = a.label
+            j.write("fault", phase="inject", fault=a.fault, label=a.label, settings=a.settings, applied=applied,
+                    skipped=skipped, late_ms=late_ms)
+        elif a.kind == "heal":
+            with self.procs.lock:
+                self.net.clear()
+                healed = {h: self._configure(h, {"reset": True}) for h, st in self.procs.state.items()
+                          if h != CONTROLLER and st == "up"}
+            ended = [f for f, label in self.active_faults.items()
+                     if not label.startswith(("kill", "pause", "restart"))]
+            for f in ended:
+                self.active_faults.pop(f, None)
+            j.write("fault", phase="heal", fault=a.fault, label=a.label, ends=ended, healed=sorted(healed),
+                    late_ms=late_ms)
+        else:
+            self._process_action(a.kind, a.target, fault=a.fault, label=a.label, late_ms=late_ms)
+            if a.kind in ("kill", "pause"):
+                self.active_faults[a.fault] = a.label
+            elif a.ends is not None:
+                self.active_faults.pop(a.ends, None)
+            else:
+                for f, label in list(self.active_faults.items()):
+                    if label in (f"kill {a.target}", f"pause {a.target}"):
+                        self.active_faults.pop(f, None)
+
+    def _configure(self, host: str, args: dict) -> dict:
+        try:
+            with self.cluster.agent_client(host, timeout_ms=2_000) as a:
+                return a.call("faults", args)
+        except ClusterError as e:
+            return {"error": str(e)}
+
+    def _process_action(self, kind: str, name: str, **info) -> None:
+        j = self.journal
+        with self.procs.lock:
+            p = self._proc(name)
+            st = self.procs.state[name]
+            if kind == "pause":
+                if st == "up" and procs.alive(p):
+                    os.kill(p.pid, signal.SIGSTOP)
+                    self.procs.state[name] = "paused"
+                j.write("proc", action="pause", name=name, pid=p.pid, was=st, **info)
+            elif kind == "resume":
+                if st == "paused" and procs.alive(p):
+                    os.kill(p.pid, signal.SIGCONT)
+                    self.procs.state[name] = "up"
+                    self._reapply_net(name)
+                j.write("proc", action="resume", name=name, pid=p.pid, was=st, **info)
+            elif kind == "kill":
+                self._kill(name, p, st, info)
+            elif kind == "restart":
+                if procs.alive(p):
+                    self._kill(name, p, st, info | {"for_restart": True})
+                self._start(name, info)
+
+    def _kill(self, name: str, p, st: str, info: dict) -> None:
+        self.procs.state[name] = "down"
+        if procs.alive(p):
+            os.kill(p.pid, signal.SIGKILL)
+            procs.wait_gone(p, timeout_s=5)
+        self.journal.write("proc", action="kill", name=name, pid=p.pid, was=st, **info)
+        if name == CONTROLLER:
+            self._controller_gone()  # its applied_log dies with it (we read it every LOG_EVERY_S)
+
+    def _start(self, name: str, info: dict) -> None:
+        c = self.cluster
+        spawn_ns = time.monotonic_ns()
+        old = self._proc(name)
+        if name == CONTROLLER:
+            p = start_controller(c, self.sc.controller_args())
+        else:
+            p = c.add_agent(name, agent_args=self.sc.agent_args())
+        self.procs.state[name] = "up"
+        self.journal.write("proc", action="restart", name=name, old_pid=old.pid if old else None, pid=p.pid,
+                           spawn_ns=spawn_ns, life=self.life if name == CONTROLLER else None, **info)
+        if name != CONTROLLER:
+            self._reapply_net(name)
+
+    def _reapply_net(self, host: str) -> None:
+        if host in self.net:
+            res = self._configure(host, self.net[host])
+            self.journal.write("fault", phase="reapply", host=host, settings=self.net[host], applied=res)
+
+    # ------------------------------------------------------------------ the end: heal, settle, observe
+
+    def _heal_all(self) -> None:
+        j = self.journal
+        with self.procs.lock:
+            self.net.clear()  # nothing to re-apply to what is resumed or restarted below
+            for name, st in list(self.procs.state.items()):
+                if st == "paused":
+                    self._process_action("resume", name, fault=None, label=f"resume {name}", final_heal=True)
+            if self.procs.state[CONTROLLER] == "down":
+                self._process_action("restart", CONTROLLER, fault=None, label="restart controller",
+                                     final_heal=True)
+            for name in self.sc.host_names:
+                if self.procs.state[name] == "down" and name not in self.sc.keep_down:
+                    self._process_action("restart", name, fault=None, label=f"restart {name}", final_heal=True)
+            healed = [h for h, st in self.procs.state.items()
+                      if h != CONTROLLER and st == "up" and "error" not in self._configure(h, {"reset": True})]
+        self.active_faults.clear()
+        j.write("heal_all", healed=healed, keep_down=list(self.sc.keep_down))
+
+    def should_be_up(self) -> list[str]:
+        return [h for h in self.sc.host_names if h not in self.sc.keep_down]
+
+    def _settle(self) -> tuple[bool, float, str]:
+        start = time.monotonic()
+        deadline = start + self.sc.settle_s
+        ok_since = None
+        why = ""
+        while True:
+            ok, why = self._agreement()
+            now = time.monotonic()
+            if ok:
+                ok_since = ok_since or now
+                if now - ok_since >= 0.5:
+                    return True, now - start, ""
+            else:
+                ok_since = None
+            if now >= deadline:
+                return False, now - start, why
+            time.sleep(0.2)
+
+    def _agreement(self) -> tuple[bool, str]:
+        c = self.cluster
+        try:
+            with c.controller_client(timeout_ms=2_000) as ctl:
+                st = ctl.call("status")
+                if st["ops_in_flight"]:
+                    return False, f"{st['ops_in_flight']} controller ops in flight"
+                exp = ctl.call("expected_table")
+        except ClusterError as e:
+            return False, str(e)
+        want = set(self.should_be_up())
+        if set(exp["live_hosts"]) != want:
+            return False, f"controller's live hosts {sorted(exp['live_hosts'])} != {sorted(want)}"
+        expected = {(v, m): (h, s, t) for v, m, h, s, t in exp["entries"]}
+        for host in sorted(want):
+            try:
+                with c.agent_client(host, timeout_ms=2_000) as a:
+                    table = a.call("mac_table")
+            except ClusterError as e:
+                return False, str(e)
+            got = {(e["vlan"], parse_mac(e["mac"])): (e["host"], e["seq"], e["tombstone"]) for e in table["entries"]}
+            if got != expected:
+                return False, f"{host}'s table differs from the inventory"
+        return True, ""
+
+    def _fetch_controller_logs(self, *, final: bool) -> None:
+        """Page through the controller's applied_log from our cursor, and take its move history."""
+        j = self.journal
+        self.log_reqs.clear()
+        try:
+            with self.cluster.controller_client(timeout_ms=3_000) as ctl:
+                while True:
+                    page = ctl.call("applied_log", {"since": self.applied_cursor, "limit": APPLIED_PAGE})
+                    rows = page["applies"]
+                    j.write("applies", life=self.life, since=self.applied_cursor, start=page["from"],
+                            next=page["next"], lost=page["lost"], rows=rows)
+                    self.applied_cursor = page["next"]
+                    if not rows:
+                        break
+                moves = ctl.call("moves", {"last": 1_000_000})["moves"]
+                j.write("controller_moves", life=self.life, final=final, moves=moves)
+        except ClusterError as e:
+            j.write("applies_unavailable", life=self.life, final=final, error=str(e))
+
+    def _observe(self) -> None:
+        j, c = self.journal, self.cluster
+        self._fetch_controller_logs(final=True)
+        try:
+            with c.controller_client(timeout_ms=5_000) as ctl:
+                j.write("final_inventory", status=ctl.call("status"), vms=ctl.call("vm_list", {"all": True})["vms"],
+                        expected=ctl.call("expected_table"))
+        except ClusterError as e:
+            j.write("final_inventory", error=str(e))
+        alive = {}
+        for name in [*self.sc.host_names, CONTROLLER]:
+            p = self._proc(name)
+            alive[name] = {"pid": p.pid if p else None, "alive": bool(p and procs.alive(p)),
+                           "should_be_up": name == CONTROLLER or name not in self.sc.keep_down,
+                           "believed": self.procs.get(name)}
+        for host in self.sc.host_names:
+            if not alive[host]["alive"]:
+                continue
+            try:
+                with c.agent_client(host, timeout_ms=3_000) as a:
+                    table = a.call("mac_table")
+                    st = a.call("status")
+                j.write("final_table", host=host, digest=table["digest"], entries=table["entries"],
+                        ports=table["ports"], incarnation=st["incarnation"], stats=st["stats"],
+                        last_error=st.get("last_error", ""))
+                alive[host]["answers"] = True
+            except ClusterError as e:
+                j.write("final_table", host=host, error=str(e))
+                alive[host]["answers"] = False
+        j.write("final_procs", procs=alive)
+
+
+def start_controller(cluster: Cluster, controller_args: list[str], ready_timeout_s: float = 30.0):
+    """Cluster.start_controller, but with the scenario's controller settings (it drops them)."""
+    endpoint = cluster.controller_endpoint
+    [p] = procs.wait_ready(
+        [procs.spawn("controller", "controller",
+                     ["--bind", endpoint, "--journal", str(cluster.state_dir / JOURNAL_FILE), *controller_args],
+                     cluster.state_dir / "logs" / "controller.log")],
+        ready_timeout_s,
+    )
+    cluster.controller = p
+    cluster.save()
+    return p
