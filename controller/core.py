@@ -229,7 +229,16 @@ class ControllerCore:
             # The host's agent restarted: the VMs it ran died with it. Start them again there
             # (with a new seq, so the new ports win over anything stale).
             for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
-                if vm.host == name and vm.state == "active" and vm.key not in self.ops_by_key:
+                if vm.host != name or vm.state != "active":
+                    continue
+                op = self.ops_by_key.get(vm.key)
+                if op is not None:
+                    if op.target[0] != name:
+                        continue  # moving away from the restarted host: that move carries on
+                    # It had just taken the VM over; the claim died with the old process.
+                    op.error = f"{name} restarted while taking over {vm.name}"
+                    self._finish(op, now_ns)
+                if vm.key not in self.ops_by_key:
                     self._restart(vm, now_ns, prefer=name)
         self._check_ready(now_ns)
 
@@ -480,6 +489,11 @@ class ControllerCore:
                         self._restart(vm, now_ns, prefer=vm.host)
         if op.kind in ("move", "restart"):
             self.history.append(op.record())
+        if vm is not None and vm.state == "active" and vm.key not in self.ops_by_key:
+            h = self.inv.hosts.get(vm.host)
+            if h is not None and h.state == "dead":
+                # Its new host died while the op converged (HA skipped it while it was busy).
+                self._restart(vm, now_ns)
         for batch in op.waiters:
             batch.pending.discard(op.op_id)
             if not batch.pending:

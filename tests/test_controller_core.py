@@ -753,3 +753,20 @@ def test_vms_of_a_dead_host_wait_for_a_live_host_instead_of_being_stranded():
         core.on_timer(now)
     (op,) = core.ops.values()
     assert (op.kind, op.vm, op.target) == ("restart", "vm1", ("h1", 1, False))
+
+
+def test_host_restarted_while_a_move_to_it_converges_gets_the_vm_started_again():
+    # Found by `dvs chaos scenarios/agent-crash-mid-move.toml`: the VM was left on a host whose
+    # new process had no port for it.
+    c = cluster(3)
+    create(c, 1, "h1")
+    req = c.request("vm_move", {"name": "vm1", "to": "h3"})
+    ((_, (op, *_)),) = c.to("h3")
+    c.ack("h3", op)
+    c.ack("h3", op)  # switched: the move now waits for h1 and h2 to apply (h3, 1)
+    c.take()
+    c.feed(route("h3"), MsgType.REGISTER, ["h3", 2, "pub-h3b", "rpc-h3b", 99])  # h3 restarted
+    ok, rec = c.reply(req)
+    assert ok and not rec["converged"] and "restarted" in rec["error"]
+    ((attach_op, vm, *_, seq),) = c.take(route("h3"), MsgType.ATTACH)
+    assert (vm, seq) == ("vm1", 2)
