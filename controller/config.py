@@ -22,6 +22,9 @@ class ControllerConfig:
     command_retry_max_ms: int = 3_200
     # Apply reports kept for checkers (`applied_log` API), in entries. Default 500,000.
     applied_log_max: int = 500_000
+    # The membership (PEERS) is resent to every agent this often even when unchanged, in ms.
+    # Default 2,000: it repairs a PEERS lost on a faulty control connection.
+    peers_refresh_ms: int = 2_000
     # Finished moves and restarts kept for `dvs moves`, in records. Default 100,000.
     history_max: int = 100_000
     # A VM create, move or delete that has not converged by then is reported as not

@@ -127,6 +127,7 @@ class ControllerCore:
         self._started_ns: int | None = None
         self._applied_count = 0
         self._live_n = 0  # hosts not dead, kept current by _recount_live()
+        self._next_peers_ns = 0
         self._orphans_checked = False
         self._next_tick_ns = 0
 
@@ -196,6 +197,12 @@ class ControllerCore:
         self._check_liveness(now_ns)
         if self._pending_restarts:
             self._retry_restarts(now_ns)
+        if now_ns >= self._next_peers_ns:
+            # Membership is also resent now and then: a PEERS lost on a faulty control link
+            # would otherwise leave an agent listening to a dead incarnation forever.
+            self._next_peers_ns = now_ns + self.config.peers_refresh_ms * NS_PER_MS
+            if self.inv.hosts:
+                self._broadcast_peers()
         if not self._orphans_checked and now_ns - self._started_ns > self.config.dead_after_ms * NS_PER_MS:
             self._orphans_checked = True
             self._restart_orphans(now_ns)

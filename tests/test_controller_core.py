@@ -29,6 +29,7 @@ class Ctl:
         self.core = ControllerCore(self.config)
         self.now = now_ms * NS_PER_MS
         self.sent: list[tuple[list, MsgType, list]] = []  # everything the controller sent
+        self._last_peers: dict[tuple, list] = {}
         self._req = 0
 
     # -------------------------------------------------------------- input
@@ -43,6 +44,11 @@ class Ctl:
     def _collect(self) -> None:
         for envelope, frame in self.core.take_outbox():
             mt, body = wire.decode(frame)
+            if mt is MsgType.PEERS:
+                # The periodic refresh of an unchanged membership is not news to these tests.
+                if self._last_peers.get(tuple(envelope)) == body:
+                    continue
+                self._last_peers[tuple(envelope)] = body
             self.sent.append((envelope, mt, body))
         assert self.core.handler_errors == 0, self.core.last_error
 
@@ -770,3 +776,15 @@ def test_host_restarted_while_a_move_to_it_converges_gets_the_vm_started_again()
     assert ok and not rec["converged"] and "restarted" in rec["error"]
     ((attach_op, vm, *_, seq),) = c.take(route("h3"), MsgType.ATTACH)
     assert (vm, seq) == ("vm1", 2)
+
+
+def test_membership_is_resent_even_when_unchanged():
+    # A PEERS lost on a faulty control connection must not leave an agent on stale peers.
+    cfg = ControllerConfig()
+    core = ControllerCore(cfg)
+    core.on_timer(0)
+    core.on_frame(route("h1"), wire.encode(MsgType.REGISTER, ["h1", 1, "pub", "rpc", 1]), 0)
+    core.take_outbox()
+    core.on_timer((cfg.peers_refresh_ms + cfg.tick_interval_ms) * NS_PER_MS)
+    sent = [wire.decode(f)[0] for e, f in core.take_outbox() if e == route("h1")]
+    assert sent == [MsgType.PEERS]
