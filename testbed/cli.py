@@ -532,9 +532,11 @@ def demo(hosts, vms, n_moves, seed, heartbeat_interval_ms, as_json, state_dir) -
 
 from testbed.bench.command import bench  # noqa: E402 - registered after the core commands
 from testbed.chaos.command import chaos  # noqa: E402
+from testbed.sim.command import sim  # noqa: E402
 
 cli.add_command(bench)
 cli.add_command(chaos)
+cli.add_command(sim)
 
 
 # ---------------------------------------------------------------------- entry point

@@ -1,8 +1,11 @@
 """The deterministic simulator: the real AgentCore and ControllerCore on a virtual clock.
 
-One process, no sockets, no asyncio, no wall clock: a heap of events keyed by
-`(virtual time ns, destination id, sequence number)`; every random choice comes from
-`random.Random` instances seeded from the run's seed, so one seed gives exactly one run.
+One process, no sockets, no asyncio, no wall clock: events keyed by
+`(virtual time ns, destination id, sequence number)` in a calendar queue (a dict of time
+slots of 2**SLOT_SHIFT ns, a heap of slot numbers, and a small heap for the slot being run:
+a heartbeat round at 1,000 hosts puts a million deliveries in flight, and one big heap of
+tuples spends its time on cache misses); every random choice comes from `random.Random`
+instances seeded from the run's seed, so one seed gives exactly one run.
 
 Routing mirrors agent/runtime.py and controller/runtime.py:
 - an agent's "pub" frame goes to every agent that connected to that publisher (an agent
@@ -29,7 +32,9 @@ Network model (all per message, decided by the seeded network RNG):
   the controller never retransmits a command, so losing one there fails that operation by design.
 - with `reorder`, a message is held back by an extra uniform delay in [0, `reorder_max_us`] with
   probability `reorder_prob` (defaults 1,000 µs and 0.2), and links are no longer FIFO.
-- partitions drop every message (control included) between two groups while they last;
+- partitions drop every message between two groups while they last; the controller reaches
+  every group (a separate management network) unless the partition names it (`ctl`), and then
+  its control connections to the other groups are cut too;
   a crashed agent loses its sockets and whatever was on the way to it; a restarted agent is a
   new AgentCore with a higher incarnation that registers again over "ctl".
 - loss, dup and reorder act only inside the fault window; partitions and crashes happen at their
@@ -38,6 +43,7 @@ Network model (all per message, decided by the seeded network RNG):
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import random
@@ -48,7 +54,7 @@ from agent import wire
 from agent.config import AgentConfig
 from agent.core import AgentCore
 from agent.faults import peek_type
-from agent.mactable import MacTable
+from agent.mactable import MacTable, entry_hash
 from agent.wire import MsgType, WireError
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
@@ -56,6 +62,9 @@ from testbed.sim.spec import CTL, Crash, Partition, faults_end_ms
 
 NS_PER_US = 1_000
 NS_PER_MS = 1_000_000
+
+SLOT_SHIFT = 12  # a calendar slot is 4,096 ns of virtual time
+FULL_CHECK_ENTRIES = 2_000_000  # final checks compare every table in full up to this many entries
 
 # Destination ids in the event heap: actions run before deliveries of the same instant.
 ACTION = -1
@@ -73,6 +82,7 @@ K_TOCLIENT = 5  # (t, CLIENT, seq, K_TOCLIENT, [frames])
 K_ACTION = 6  # (t, ACTION, seq, K_ACTION, function, args)
 
 CLIENT_ENVELOPE = b"client:sim"
+ANY_GROUP = -1  # partition group of a controller that every group reaches
 MSG_NAMES = {int(m): m.name for m in MsgType}
 
 
@@ -134,8 +144,8 @@ def gossip_interval_ms(config: AgentConfig, n_hosts: int) -> int:
     return max(config.heartbeat_interval_ms, scaled)
 
 
-def liveness_bound_ms(config: AgentConfig, n_hosts: int) -> int:
-    """After the faults stop, every live agent agrees with the controller within this many ms.
+def liveness_bound_ms(config: AgentConfig, n_hosts: int, ctl: ControllerConfig | None = None) -> int:
+    """After the faults stop, every running agent agrees with the controller within this many ms.
 
     With G the gossip interval and S the status/timer interval (heartbeat_interval_ms):
     - an update some agent lost is announced by its origin's next heartbeat (<= G), then pulled;
@@ -144,16 +154,29 @@ def liveness_bound_ms(config: AgentConfig, n_hosts: int) -> int:
     - an update whose origin has since restarted (its log is gone) only comes back through a
       snapshot, asked after `digest_mismatch_rounds` heartbeats in a row show the same two
       differing digests, once the other repairs have settled (<= (rounds + 1) * G);
-    so B = (digest_mismatch_rounds + 2) * G + pull_timeout_ms + 2 * S + 100 ms of network slack.
+    - a host that crashed for good is declared dead dead_after_ms after its last word (it may
+      have crashed just before the faults stopped) and its VMs restart elsewhere (HA), which
+      converges within a tick and a few network hops;
+    - a membership (PEERS) lost on a cut control connection comes again within the controller's
+      peers_refresh_ms (and a tick) and only then can the repairs above start;
+    so B = max((digest_mismatch_rounds + 2) * G + pull_timeout_ms + 2 * S + 100,
+               dead_after_ms + 2 * tick_interval_ms + 100) + peers_refresh_ms + tick_interval_ms.
     """
+    ctl = ctl or ControllerConfig()
     g = gossip_interval_ms(config, n_hosts)
     s = config.heartbeat_interval_ms
-    return (config.digest_mismatch_rounds + 2) * g + config.pull_timeout_ms + 2 * s + 100
+    repair = (config.digest_mismatch_rounds + 2) * g + config.pull_timeout_ms + 2 * s + 100
+    refresh = getattr(ctl, "peers_refresh_ms", 0)
+    refresh = refresh + ctl.tick_interval_ms if refresh else 0
+    return max(repair, ctl.dead_after_ms + 2 * ctl.tick_interval_ms + 100) + refresh
 
 
 class MonitoredTable(MacTable):
     """An agent's MacTable with the safety monitor: every applied merge is checked against the
     merge rule (an entry is only ever replaced by one with a greater (seq, host))."""
+
+    # The merge under watch; a test swaps in a broken one to prove the monitor trips.
+    base_merge = MacTable.merge
 
     def __init__(self, sim: Simulator, host: str, *, reverse_merge_rule: bool = False) -> None:
         super().__init__(reverse_merge_rule=reverse_merge_rule)
@@ -161,12 +184,12 @@ class MonitoredTable(MacTable):
         self._host = host
 
     def merge(self, key, new):
-        res = MacTable.merge(self, key, new)
+        old = self._entries.get(key)
+        res = self.base_merge(key, new)
         if res.applied:
             sim = self._sim
             sim.last_change_ns = sim.now
             sim.dirty = True
-            old = res.old
             if old is not None and (new.seq, new.host) <= (old.seq, old.host):
                 sim.safety_violation(self._host, key, old, new)
         return res
@@ -197,10 +220,17 @@ class Agent:
 
 
 class Simulator:
-    def __init__(self, cfg: SimConfig) -> None:
+    table_class = MonitoredTable
+
+    def __init__(self, cfg: SimConfig, on_phase=None) -> None:
         if cfg.hosts < 1:
             raise ValueError("a simulation needs at least one host")
         self.cfg = cfg
+        # on_phase(name, virtual_ns): called as the run passes "ready", "created", "moved",
+        # "faults_stopped" and "end" (the command uses it to time the phases in wall-clock).
+        self.on_phase = on_phase or (lambda name, t: None)
+        # on_progress(sim): called every 2**16 events when set (a progress line for long runs).
+        self.on_progress = None
         self.net = cfg.net
         self.agent_config = agent_config_for(cfg)
         self.ctl_config = cfg.controller_config or ControllerConfig()
@@ -209,7 +239,10 @@ class Simulator:
         self.net_rng = random.Random(f"{cfg.seed}/net")
         self.work_rng = random.Random(f"{cfg.seed}/workload")
         self.start_rng = random.Random(f"{cfg.seed}/start")
-        self.heap: list[tuple] = []
+        self.slots: dict[int, list[tuple]] = {}  # slot number -> its events, unordered
+        self.slot_heap: list[int] = []  # slot numbers that have events
+        self.slot = -1  # the slot being run
+        self.heap: list[tuple] = []  # the events of that slot, a heap
         self.seq = 0
         self.now = 0
         self.stopped = False
@@ -266,7 +299,17 @@ class Simulator:
 
     def _push(self, t: int, dst: int, *rest) -> None:
         self.seq += 1
-        heapq.heappush(self.heap, (t, dst, self.seq, *rest))
+        ev = (t, dst, self.seq, *rest)
+        slot = t >> SLOT_SHIFT
+        if slot <= self.slot:
+            heapq.heappush(self.heap, ev)
+            return
+        events = self.slots.get(slot)
+        if events is None:
+            self.slots[slot] = [ev]
+            heapq.heappush(self.slot_heap, slot)
+        else:
+            events.append(ev)
 
     def at(self, t: int, fn, *args) -> None:
         self._push(t, ACTION, K_ACTION, fn, args)
@@ -284,20 +327,40 @@ class Simulator:
             self.at(t, self.start_agent, i)
         self._arm_controller(0)
         self.at(0, self.client.begin)
-        self._loop()
-        return self.result()
+        # Millions of long-lived small objects (table entries, queued events) and no garbage
+        # cycles worth chasing: the cyclic GC would rescan them all, again and again.
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            self._loop()
+            self.on_phase("end", self.now)
+            return self.result()
+        finally:
+            if gc_was_on:
+                gc.enable()
 
     def _loop(self) -> None:
-        heap = self.heap
         pop = heapq.heappop
         agents = self.agents
-        events = 0
-        while heap and not self.stopped:
+        slots = self.slots
+        slot_heap = self.slot_heap
+        heap = self.heap
+        events = self.events
+        while not self.stopped:
+            if not heap:
+                if not slot_heap:
+                    break
+                self.slot = pop(slot_heap)
+                heap = self.heap = slots.pop(self.slot)
+                heapq.heapify(heap)
             ev = pop(heap)
             t = ev[0]
             self.now = t
             dst = ev[1]
             events += 1
+            if not events & 0xFFFF and self.on_progress is not None:
+                self.events = events
+                self.on_progress(self)
             if dst >= FIRST_AGENT:
                 a = agents.get(dst)
                 if a is None:
@@ -328,7 +391,7 @@ class Simulator:
                 self.client.on_frames(ev[4], t)
             else:
                 ev[4](*ev[5])
-        self.events += events
+        self.events = events
 
     def stop(self) -> None:
         self.stopped = True
@@ -341,7 +404,7 @@ class Simulator:
         inc = self.incarnations[hidx]
         core = AgentCore(host, inc, self.agent_config, pub_endpoint=f"sim://{host}/{inc}/pub",
                          rpc_endpoint=f"sim://{host}/{inc}/rpc", pid=hidx + 1)
-        core.table = MonitoredTable(self, host, reverse_merge_rule=core.config.defect_reverse_merge)
+        core.table = self.table_class(self, host, reverse_merge_rule=core.config.defect_reverse_merge)
         a = Agent(self.next_iid, hidx, host, core)
         self.next_iid += 1
         self.agents[a.iid] = a
@@ -463,19 +526,20 @@ class Simulator:
             for iid in subs:
                 self._push(t + self._latency(), iid, K_P2P, "sub", frame, None)
             return
-        heap = self.heap
-        push = heapq.heappush
+        slots = self.slots
+        slot_heap = self.slot_heap
+        current = self.slot
         rnd = self.net_rng.random
         log = math.log
         base = t + self.base_ns
         jit = self.jitter_ns
-        seq = self.seq
         fifo = a.fifo
         if fifo is None:
             fifo = a.fifo = array("q", bytes(8 * len(self.hosts)))
         check_fifo = base < a.fifo_until
         until = 0
         if not (self.p2p_faulty or self.partitioned):
+            seq = self.seq
             for iid, hidx in subs.items():
                 arr = base + int(-log(1.0 - rnd()) * jit)
                 if check_fifo and arr < fifo[hidx]:
@@ -484,12 +548,20 @@ class Simulator:
                 if arr > until:
                     until = arr
                 seq += 1
-                push(heap, (arr, iid, seq, K_SUB, mt, body))
+                slot = arr >> SLOT_SHIFT
+                if slot <= current:
+                    heapq.heappush(self.heap, (arr, iid, seq, K_SUB, mt, body))
+                    continue
+                events = slots.get(slot)
+                if events is None:
+                    slots[slot] = [(arr, iid, seq, K_SUB, mt, body)]
+                    heapq.heappush(slot_heap, slot)
+                else:
+                    events.append((arr, iid, seq, K_SUB, mt, body))
             self.seq = seq
             a.fifo_until = until
             return
         # The faulty path: partitions, loss, duplication, reordering.
-        self.seq = seq
         gid = self.gid
         my_gid = gid[a.hidx]
         partitioned = self.partitioned
@@ -571,7 +643,7 @@ class Simulator:
         """Arrival time of a train on a control link, or None if it is lost."""
         for f in frames:
             self._count(f, 1)
-        if self.partitioned and hidx is not None and self.gid[hidx] != self.ctl_gid:
+        if self.partitioned and hidx is not None and self.ctl_gid != ANY_GROUP and self.gid[hidx] != self.ctl_gid:
             self.cut += len(frames)
             return None
         arr = t + self._latency()
@@ -581,24 +653,26 @@ class Simulator:
 
     def _to_controller(self, a: Agent, frames: list, t: int) -> None:
         if self.ctl_faulty and self.loss:
-            frames = self._lossy(frames)
+            frames = self._lossy(frames, frames)
         arr = self._ctl_link(a.hidx, frames, t, a.ctl_out_last)
         if arr is None or not frames:
             return
         a.ctl_out_last = max(a.ctl_out_last, arr)
         self._push(arr, CONTROLLER, K_TOCTL, a.ctl_env, frames)
 
-    def _lossy(self, frames: list) -> list:
+    def _lossy(self, items: list, frames: list) -> list:
+        """--ctl-faults: drop or duplicate control messages (items[i] carries frames[i])."""
         rnd = self.net_rng.random
         kept = []
-        for f in frames:
+        for item, frame in zip(items, frames, strict=True):
             if rnd() < self.loss:
                 self.lost += 1
+                self._count(frame, 1)
                 continue
-            kept.append(f)
+            kept.append(item)
             if self.dup and rnd() < self.dup:
                 self.duplicated += 1
-                kept.append(f)
+                kept.append(item)
         return kept
 
     def client_send(self, frame: bytes, t: int) -> None:
@@ -655,7 +729,7 @@ class Simulator:
             for iid, items in trains.items():
                 a = self.agents[iid]
                 if self.ctl_faulty and self.loss:
-                    items = self._lossy(items)
+                    items = self._lossy(items, [d[2] for d in items])
                 arr = self._ctl_link(a.hidx, [d[2] for d in items], t, a.ctl_in_last)
                 if arr is None or not items:
                     continue
@@ -693,6 +767,7 @@ class Simulator:
         self._scheduled_end = scheduled_end
 
     def moves_finished(self) -> None:
+        self.on_phase("moved", self.now)
         self.moves_done_ns = self.now
         self.traffic_at_done = (self.msgs, self.bytes)
         if self.cfg.fault_ms is None:
@@ -704,6 +779,7 @@ class Simulator:
         if self.f1_ns is not None:
             return
         self.f1_ns = self.now
+        self.on_phase("faults_stopped", self.now)
         self.p2p_faulty = self.ctl_faulty = False
         self.loss = self.dup = 0.0
         self.reorder = False
@@ -712,9 +788,9 @@ class Simulator:
 
     def start_partition(self, p: Partition) -> None:
         rest = len(p.groups)
-        for i, h in enumerate(self.hosts):
+        for i in range(len(self.hosts)):
             self.gid[i] = rest
-        self.ctl_gid = rest
+        self.ctl_gid = ANY_GROUP  # the controller reaches every group unless it is named
         for gi, g in enumerate(p.groups):
             for h in g:
                 if h == CTL:
@@ -739,7 +815,7 @@ class Simulator:
     # ------------------------------------------------------------------ agreement
 
     def _start_settling(self) -> None:
-        bound = liveness_bound_ms(self.agent_config, len(self.hosts))
+        bound = liveness_bound_ms(self.agent_config, len(self.hosts), self.ctl_config)
         settle = self.cfg.settle_ms if self.cfg.settle_ms is not None else 2 * bound
         self.settle_deadline_ns = self.f1_ns + settle * NS_PER_MS
         self.dirty = True
@@ -748,7 +824,9 @@ class Simulator:
     def _probe(self) -> None:
         if self.agree_ns is not None or self.stopped:
             return
-        if self.dirty and not self.controller.ops:
+        # An op before its switchover may still change the inventory; one that is converging
+        # already set it (it may wait for APPLIED reports a partition cut: tables agree anyway).
+        if self.dirty and all(op.phase == "converging" for op in self.controller.ops.values()):
             self.dirty = False
             if self.agreement():
                 self.agree_ns = max(self.f1_ns, self.last_change_ns)
@@ -772,16 +850,30 @@ class Simulator:
     # ------------------------------------------------------------------ results
 
     def final_checks(self) -> dict:
+        """Every running agent's table against the controller's inventory. In full for every
+        agent up to FULL_CHECK_ENTRIES entries in all; above that, in full once per distinct
+        table digest (agents with equal digests, XOR of 64-bit blake2b hashes of every entry,
+        port included, hold equal tables; the checked table's digest is recomputed first)."""
         expected = self.controller.inv.expected_table()
         running = [a for a in self.current if a is not None]
+        full = sum(len(a.core.table) for a in running) <= FULL_CHECK_ENTRIES
+        verdict: dict[int, dict | None] = {}  # digest -> None if equal, else the diff counts
         bad = []
         for a in running:
-            actual = a.core.table.as_placement()
-            if actual != expected:
-                missing = sum(1 for k in expected if k not in actual)
-                extra = sum(1 for k in actual if k not in expected)
-                wrong = sum(1 for k in expected if k in actual and actual[k] != expected[k])
-                bad.append({"host": a.host, "missing": missing, "extra": extra, "wrong": wrong})
+            table = a.core.table
+            if full or table.digest not in verdict:
+                actual = table.as_placement()
+                if actual == expected and (full or _recomputed_digest(table) == table.digest):
+                    verdict[table.digest] = None
+                else:
+                    verdict[table.digest] = {
+                        "missing": sum(1 for k in expected if k not in actual),
+                        "extra": sum(1 for k in actual if k not in expected),
+                        "wrong": sum(1 for k in expected if k in actual and actual[k] != expected[k]),
+                    }
+            diff = verdict[table.digest]
+            if diff is not None:
+                bad.append({"host": a.host, **diff})
         ctl_live = set(self.controller.inv.live_hosts())
         not_live = [a.host for a in running if a.host not in ctl_live]
         agent_errors = sum(a.core.stats.handler_errors for a in running)
@@ -812,7 +904,7 @@ class Simulator:
         cfg = self.cfg
         client = self.client
         checks = self.final_checks()
-        bound = liveness_bound_ms(self.agent_config, len(self.hosts))
+        bound = liveness_bound_ms(self.agent_config, len(self.hosts), self.ctl_config)
         summary = summarize(client.records)
         k = max(1, len(client.records))
         msgs_moves = self.traffic_at_done[0] - self.traffic_at_f0[0]
@@ -863,6 +955,7 @@ class Simulator:
             },
             "checks": checks,
             "error": client.error,
+            "client_warnings": client.warnings,
             "end_ms": _ms(self.now),
             "events": self.events,
             "ok": bool(moves_ok and checks["ok"]),
@@ -880,25 +973,42 @@ class Client:
         self.create_summary: dict | None = None
         self.records: list[dict] = []
         self.error: str | None = None
+        self.warnings: list[str] = []
         cfg = sim.cfg
         self.names = [f"vm{i}" for i in range(1, cfg.vms + 1)]
         self.placement = {f"vm{i}": sim.hosts[(i - 1) % cfg.hosts] for i in range(1, cfg.vms + 1)}
         self.inflight: set[str] = set()
         self.sent_moves = 0
 
-    def call(self, method: str, args: dict, kind: str, ctx=None) -> None:
+    def call(self, method: str, args: dict, kind: str, ctx=None, timeout_ms: int | None = None) -> None:
+        sim = self.sim
         self.req_ids += 1
         self.pending[self.req_ids] = (kind, ctx)
-        self.sim.client_send(wire.encode(MsgType.REQUEST, [self.req_ids, method, args]), self.sim.now)
+        sim.client_send(wire.encode(MsgType.REQUEST, [self.req_ids, method, args]), sim.now)
+        if timeout_ms is None:
+            # As testbed/client.py: give up on an answer that does not come (the run would
+            # otherwise tick on forever). Ops end by the controller's op timeout long before.
+            timeout_ms = 3 * sim.ctl_config.op_timeout_ms + 10_000
+        sim.at(sim.now + timeout_ms * NS_PER_MS, self._timeout, self.req_ids, method, timeout_ms)
+
+    def _timeout(self, req_id: int, method: str, timeout_ms: int) -> None:
+        if req_id in self.pending:
+            self.fail(f"the controller did not answer {method!r} within {timeout_ms} virtual ms")
 
     def begin(self) -> None:
         cfg = self.sim.cfg
-        self.call("wait_ready", {"hosts": cfg.hosts, "timeout_ms": cfg.ready_timeout_ms}, "ready")
+        self.call("wait_ready", {"hosts": cfg.hosts, "timeout_ms": cfg.ready_timeout_ms}, "ready",
+                  timeout_ms=cfg.ready_timeout_ms + 2_000)
 
     def on_frames(self, frames: list[bytes], t: int) -> None:
         for frame in frames:
+            if len(frame) > wire.MAX_FRAME_BYTES and len(self.warnings) < 5:
+                # testbed/client.py would drop this reply (wire.decode's size bound) and time out;
+                # the simulated client reads it anyway so the run can go on, and says so.
+                self.warnings.append(f"a reply of {len(frame):,} bytes exceeds wire.MAX_FRAME_BYTES "
+                                     f"({wire.MAX_FRAME_BYTES:,}); a real client drops it")
             try:
-                mt, body = wire.decode(frame)
+                mt, body = wire.decode(frame, max(len(frame), wire.MAX_FRAME_BYTES))
             except WireError:
                 continue
             if mt is not MsgType.REPLY:
@@ -921,6 +1031,7 @@ class Client:
             self.fail(f"cluster not ready: {result}")
             return
         self.ready_ns = self.sim.now
+        self.sim.on_phase("ready", self.sim.now)
         cfg = self.sim.cfg
         if cfg.vms:
             specs = [[name, self.placement[name], "default"] for name in self.names]
@@ -944,6 +1055,7 @@ class Client:
 
     def _start_moves(self) -> None:
         sim = self.sim
+        sim.on_phase("created", sim.now)
         sim.open_fault_window()
         cfg = sim.cfg
         if cfg.moves == 0:
@@ -959,15 +1071,24 @@ class Client:
         return self.sim.current[self.sim.hidx[host]] is not None
 
     def _next_move(self) -> None:
-        """Pick a VM that is not moving and whose host is up, and a running destination."""
+        """Pick a VM that is active (no op in flight) on a running host, and a running destination.
+
+        Placement comes from the controller's inventory, read directly (what `dvs vm list` would
+        answer, without a round trip per move): HA may have moved VMs behind the client's back.
+        """
         sim = self.sim
         rng = sim.work_rng
+        inv = sim.controller.inv
+        busy = sim.controller.ops_by_key
         self.sent_moves += 1
         up = [h for h in sim.hosts if self._host_up(h)]
         for _ in range(64):
             name = self.names[rng.randrange(len(self.names))]
-            src = self.placement[name]
-            if name in self.inflight or not self._host_up(src):
+            vm = inv.vms.get(name)
+            if vm is None or vm.state != "active" or vm.key in busy or name in self.inflight:
+                continue
+            src = vm.host
+            if not self._host_up(src):
                 continue
             choices = [h for h in up if h != src]
             if not choices:
@@ -977,8 +1098,8 @@ class Client:
             self.call("vm_move", {"name": name, "to": dst}, "move", (name, src, dst))
             return
         # Nothing movable right now (every candidate busy or down): counted as a failed move.
-        sim.at(sim.now, self._record, {"vm": "-", "src": "-", "dst": "-", "seq": None, "converged": False, "latency_ms": None,
-                      "error": "no movable VM (all moving or on down hosts)"})
+        sim.at(sim.now, self._record, {"vm": "-", "src": "-", "dst": "-", "seq": None, "converged": False,
+                                       "latency_ms": None, "error": "no movable VM (all busy or on down hosts)"})
 
     def _on_move(self, ctx, ok: bool, result) -> None:
         name, src, dst = ctx
@@ -987,8 +1108,6 @@ class Client:
             rec = {k: result[k] for k in ("vm", "src", "dst", "seq", "converged", "latency_ms")}
             if result.get("error"):
                 rec["error"] = result["error"]
-            if result.get("switch_ns"):
-                self.placement[name] = result["dst"]
         else:
             rec = {"vm": name, "src": src, "dst": dst, "seq": None, "converged": False, "latency_ms": None,
                    "error": str(result)}
@@ -1001,6 +1120,13 @@ class Client:
             self.sim.moves_finished()
         elif cfg.move_rate is None:
             self._next_move()
+
+
+def _recomputed_digest(table: MacTable) -> int:
+    d = 0
+    for (vlan, mac), e in table.items():
+        d ^= entry_hash(vlan, mac, e)
+    return d
 
 
 def _ms(ns: int) -> float:
@@ -1037,6 +1163,6 @@ def replay_command(cfg: SimConfig) -> str:
     return " ".join(parts)
 
 
-def run_sim(cfg: SimConfig) -> dict:
+def run_sim(cfg: SimConfig, on_phase=None) -> dict:
     """Run one simulation; the result is a JSON-ready dict (no wall-clock values in it)."""
-    return Simulator(cfg).run()
+    return Simulator(cfg, on_phase).run()

@@ -4,13 +4,13 @@ All times are virtual milliseconds counted from the moment the fault window open
 first VM move is sent, after the cluster is ready and the VMs are created).
 
 Partitions, `START-END:GROUP/GROUP[/GROUP...]`:
-    `1000-4000:h1-h3/h4,h5`   from 1 s to 4 s, {h1,h2,h3} | {h4,h5} | everyone else
-    `500-2500:h2`              h2 alone, cut off from the other agents and the controller
-    `0-3000:h1-h4,ctl`         the controller (`ctl`) is in h1..h4's group
-A group lists hosts and host ranges separated by commas; `ctl` names the controller. Hosts
-(and the controller) named in no group form one more group together. Messages between two
-groups are dropped; the partition heals at END. Several partitions: separate them with `;`
-or repeat the option; they must not overlap in time.
+    `1000-4000:h1-h3/h4,h5`   from 1 s to 4 s, agents {h1,h2,h3} | {h4,h5} | everyone else
+    `500-2500:h2`              h2 cut off from the other agents
+    `0-3000:h1-h4,ctl`         the controller (`ctl`) is in h1..h4's group: the others lose it too
+A group lists hosts and host ranges separated by commas. Hosts named in no group form one more
+group together. Messages between two groups are dropped; the partition heals at END. The
+controller reaches every group (a separate management network) unless a group names `ctl`.
+Several partitions: separate them with `;` or repeat the option; they must not overlap in time.
 
 Crashes, `HOST@AT[-RESTART]`:
     `h3@1000-2500`    h3 crashes at 1 s and restarts at 2.5 s (a new incarnation)

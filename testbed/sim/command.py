@@ -1,0 +1,186 @@
+"""`dvs sim`: the deterministic simulator on the command line (register `sim` in testbed/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from testbed.client import ClusterError
+from testbed.sim.engine import NetConfig, SimConfig, Simulator
+from testbed.sim.spec import SpecError, faults_end_ms, parse_crashes, parse_partitions
+
+HELP = """Simulate a whole cluster in one process, deterministically: the real agent and
+controller cores on a virtual clock and a seeded network. One seed gives exactly one run;
+`--json` output of two runs with the same arguments is byte-identical.
+
+The run: N agents start and register, the client waits until the mesh is ready, creates M VMs
+in one batch (round-robin), then makes K moves of random VMs to random running hosts (one at
+a time, or --move-rate per virtual second). The fault window opens with the first move and
+closes when the last move is answered (or after --fault-ms); then the run waits until every
+running agent's MAC table equals the controller's inventory and reports how long that took.
+
+\b
+Network (per message): latency = --latency-us + exponential jitter of mean --jitter-us.
+--loss, --dup and --reorder act on agent-to-agent messages (gossip and repair) inside the
+fault window; the agent<->controller connection stays reliable and in order (--ctl-faults
+makes it lossy too).
+
+\b
+--partitions START-END:GROUP/GROUP[/...]   times in virtual ms after the window opens
+    1000-4000:h1-h3/h4,h5     agents {h1..h3} | {h4,h5} | the rest, healed at 4 s
+    500-2500:h2               h2 cut off from the other agents
+    0-2000:h1-h4,ctl          the controller sides with h1..h4: the rest lose it too
+  The controller reaches every group unless one names `ctl`. Several partitions:
+  separate with ';' or repeat the option (they must not overlap).
+--crashes HOST@AT[-RESTART]   times in virtual ms after the window opens
+    h3@1000-2500              h3 crashes at 1 s, restarts (new incarnation) at 2.5 s
+    h3@1000                   h3 stays down
+  several: separate with ',' or repeat the option.
+Known gaps of the cores (so the runs show them): the controller does not restart the VMs of a
+dead host elsewhere, and a host it declared dead (silent for its dead_after_ms, 3,000 ms by
+default) only rejoins when it restarts. Crash agents for less than that, or expect failures.
+
+Exit status 0 only when every move converged and the final checks passed.
+"""
+
+
+def _probability(ctx, param, value):
+    if value is not None and not 0.0 <= value < 1.0:
+        raise click.BadParameter(f"{value} is not a probability in [0, 1)")
+    return value
+
+
+@click.command("sim", help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--hosts", type=click.IntRange(1, 100_000), required=True, help="Agents h1..hN.")
+@click.option("--vms", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
+              help="VMs vm1..vmM, placed round-robin.")
+@click.option("--moves", "n_moves", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
+              help="VM moves to make.")
+@click.option("--loss", type=float, default=0.0, callback=_probability, show_default=True,
+              help="Probability an agent-to-agent message is lost.")
+@click.option("--dup", type=float, default=0.0, callback=_probability, show_default=True,
+              help="Probability an agent-to-agent message is delivered twice.")
+@click.option("--reorder", is_flag=True, help="Hold back 20% of agent-to-agent messages by up to 1 ms.")
+@click.option("--partitions", multiple=True, metavar="SPEC", help="Partitions, START-END:GROUP/GROUP (see above).")
+@click.option("--crashes", multiple=True, metavar="SPEC", help="Agent crashes, HOST@AT[-RESTART] (see above).")
+@click.option("--seed", type=int, default=1, show_default=True, help="The run's seed.")
+@click.option("--move-rate", type=click.FloatRange(min=0.001), default=None,
+              help="Moves per virtual second, not waiting for earlier ones [default: one at a time].")
+@click.option("--fault-ms", type=click.IntRange(0, 10**9), default=None,
+              help="Fault window length, virtual ms [default: until the last move is answered].")
+@click.option("--gossip-interval-ms", type=click.IntRange(1, 10**9), default=None,
+              help="Agents' heartbeat interval at full membership, ms (raises AgentConfig."
+                   "heartbeat_budget_per_s) [default: the agents' own scaling, 500 ms up to 32 hosts].")
+@click.option("--latency-us", type=click.IntRange(0, 10**9), default=NetConfig.base_latency_us, show_default=True,
+              help="One-way base latency, µs.")
+@click.option("--jitter-us", type=click.IntRange(0, 10**9), default=NetConfig.jitter_mean_us, show_default=True,
+              help="Mean of the exponential jitter, µs.")
+@click.option("--ctl-faults", is_flag=True, help="Apply --loss/--dup/--reorder to agent<->controller messages too.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no wall-clock time in it).")
+@click.option("--progress", is_flag=True, help="Print a progress line to stderr every 10 s of wall-clock time.")
+def sim(hosts, vms, n_moves, loss, dup, reorder, partitions, crashes, seed, move_rate, fault_ms,
+        gossip_interval_ms, latency_us, jitter_us, ctl_faults, as_json, progress) -> None:
+    try:
+        parts = parse_partitions(partitions, hosts)
+        crash_list = parse_crashes(crashes, hosts)
+    except SpecError as e:
+        raise click.UsageError(str(e)) from None
+    if n_moves and vms == 0:
+        raise click.UsageError("--moves needs VMs to move; add --vms M (M >= 1)")
+    if n_moves and hosts < 2:
+        raise click.UsageError("--moves needs at least 2 hosts")
+    if fault_ms is not None and fault_ms < faults_end_ms(parts, crash_list):
+        raise click.UsageError(f"--fault-ms {fault_ms} ends before the last scheduled fault "
+                               f"({faults_end_ms(parts, crash_list)} ms); make it longer")
+    need = estimate_memory_bytes(hosts, vms)
+    avail = psutil.virtual_memory().available
+    if need > avail:
+        raise ClusterError(f"{hosts:,} hosts and {vms:,} VMs need about {need / 2**30:.1f} GiB "
+                           f"(every agent keeps state for each peer and each MAC) but "
+                           f"{avail / 2**30:.1f} GiB are free; simulate fewer hosts or VMs")
+    cfg = SimConfig(
+        hosts=hosts, vms=vms, moves=n_moves, seed=seed,
+        net=NetConfig(base_latency_us=latency_us, jitter_mean_us=jitter_us, loss=loss, dup=dup, reorder=reorder,
+                      ctl_faults=ctl_faults),
+        partitions=parts, crashes=crash_list, move_rate=move_rate, fault_ms=fault_ms,
+        gossip_interval_ms=gossip_interval_ms,
+    )
+    started = time.perf_counter()
+    phases: list[tuple[str, float]] = []
+
+    def on_phase(name: str, t_ns: int) -> None:
+        phases.append((name, time.perf_counter() - started))
+        if progress:
+            click.echo(f"dvs sim: {name} at virtual {t_ns / 1e9:.3f} s, wall {phases[-1][1]:.1f} s", err=True)
+
+    simulator = Simulator(cfg, on_phase)
+    if progress:
+        last = [started]
+
+        def on_progress(s: Simulator) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= 10:
+                last[0] = now
+                click.echo(f"dvs sim: virtual {s.now / 1e9:.3f} s, {s.events:,} events, "
+                           f"{len(s.client.records)}/{cfg.moves} moves, wall {now - started:.0f} s", err=True)
+
+        simulator.on_progress = on_progress
+    result = simulator.run()
+    wall_s = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        print_human(result, wall_s, phases)
+    sys.exit(0 if result["ok"] else 1)
+
+
+def estimate_memory_bytes(hosts: int, vms: int) -> int:
+    """Rough peak memory of a run: ~650 B per (agent, peer) pair (PeerState, the peer map, the
+    simulated subscription) and ~350 B per (agent, MAC) (table entry, its key, applied_at)."""
+    return 650 * hosts * hosts + 350 * hosts * vms + 100 * 2**20
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def print_human(r: dict, wall_s: float, phases: list[tuple[str, float]] = (), console: Console | None = None) -> None:
+    console = console or Console()
+    c = r["config"]
+    m = r["moves"]
+    tr = r["traffic"]
+    f = r["faults"]
+    ag = r["agreement"]
+    ch = r["checks"]
+    t = Table("", "", title=f"dvs sim: {c['hosts']} hosts, {c['vms']} VMs, {c['moves']} moves, seed {c['seed']}",
+              show_header=False)
+    t.add_row("moves converged", f"{m['converged']} / {c['moves']}")
+    t.add_row("convergence ms (virtual)", f"p50 {_ms(m['latency_ms_p50'])}  p99 {_ms(m['latency_ms_p99'])}  "
+                                          f"max {_ms(m['latency_ms_max'])}")
+    t.add_row("messages / move", f"{tr['messages_per_move']:,}")
+    t.add_row("bytes / move", f"{tr['bytes_per_move']:,}")
+    t.add_row("lost / duplicated / cut", f"{tr['lost']:,} / {tr['duplicated']:,} / {tr['cut_by_partition']:,}")
+    t.add_row("cluster ready at (virtual ms)", _ms(r["ready_ms"]))
+    t.add_row("faults stopped at (virtual ms)", _ms(f["stop_ms"]))
+    t.add_row("full agreement after faults (ms)",
+              f"{_ms(ag['after_faults_ms'])} (bound {ag['bound_ms']})" if ag["reached"] else "[red]never[/red]")
+    t.add_row("final checks", "[green]passed[/green]" if ch["ok"] else
+              f"[red]FAILED[/red]: {ch['mismatched_hosts']} tables differ, {ch['safety_violations']} safety "
+              f"violations, handler errors {ch['handler_errors']}")
+    t.add_row("gossip interval ms", str(c["gossip_interval_ms"]))
+    t.add_row("events", f"{r['events']:,}")
+    t.add_row("wall clock", f"{wall_s:.2f} s")
+    if phases:
+        t.add_row("wall clock by phase", "  ".join(f"{name} {at:.1f}s" for name, at in phases))
+    console.print(t)
+    for rec in m["failed"][:5]:
+        console.print(f"[red]not converged[/red]: {rec['vm']} {rec['src']} -> {rec['dst']}: {rec.get('error', '')}")
+    if r["error"]:
+        console.print(f"[red]{r['error']}[/red]")
+    click.echo(f"replay: {r['replay']}")
