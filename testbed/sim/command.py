@@ -19,9 +19,9 @@ HELP = """Simulate a whole cluster in one process, deterministically: the real a
 controller cores on a virtual clock and a seeded network. One seed gives exactly one run;
 `--json` output of two runs with the same arguments is byte-identical.
 
-The run: N agents start and register, the client waits until the mesh is ready, creates M VMs
-in one batch (round-robin), then makes K moves of random VMs to random running hosts (one at
-a time, or --move-rate per virtual second). The fault window opens with the first move and
+The run: N agents start (within the first virtual ms) and register, the client waits until
+the mesh is ready, creates M VMs in one batch (round-robin), then makes K moves of random
+active VMs to random running hosts (one at a time, or --move-rate per virtual second). The fault window opens with the first move and
 closes when the last move is answered (or after --fault-ms); then the run waits until every
 running agent's MAC table equals the controller's inventory and reports how long that took.
 
@@ -42,9 +42,8 @@ makes it lossy too).
     h3@1000-2500              h3 crashes at 1 s, restarts (new incarnation) at 2.5 s
     h3@1000                   h3 stays down
   several: separate with ',' or repeat the option.
-Known gaps of the cores (so the runs show them): the controller does not restart the VMs of a
-dead host elsewhere, and a host it declared dead (silent for its dead_after_ms, 3,000 ms by
-default) only rejoins when it restarts. Crash agents for less than that, or expect failures.
+An agent silent to the controller for its dead_after_ms (3,000 ms) is declared dead and its
+VMs are restarted elsewhere (HA); moves in flight to or from it may fail.
 
 Exit status 0 only when every move converged and the final checks passed.
 """
