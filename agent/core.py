@@ -67,6 +67,7 @@ class Stats:
         "repaired_updates",
         "heartbeats_received",
         "flap_reports",
+        "repair_hints",
         "handler_errors",
     )
 
@@ -112,6 +113,12 @@ class AgentCore:
         self._next_applied_ns = 0
         self._pulls_pending = 0
         self._bootstrapped = False
+        self.peers_epoch = 0  # the controller's membership epoch of the last PEERS we took
+        # Peers heard within the suspect window, kept current in O(1) amortized: every
+        # heartbeat is queued (time, peer) and expires from the front. A scan of all peers
+        # on every status report costs N^2 per interval across a 1,000-host cluster.
+        self._heard = 0
+        self._heard_queue: deque[tuple[int, PeerState]] = deque()
         # Flap guard: key -> recent times (ns) its host changed.
         self._moves: dict[tuple[int, int], deque[int]] = {}
         self.flapping: dict[tuple[int, int], int] = {}
@@ -217,6 +224,7 @@ class AgentCore:
                         self.table.live_count(),
                         self.table.digest,
                         self.stats.dropped_malformed + self.stats.dropped_unexpected,
+                        self.peers_epoch,
                     ],
                 ),
             )
@@ -244,9 +252,21 @@ class AgentCore:
     # ------------------------------------------------------------------ queries
 
     def peers_heard(self, now_ns: int) -> int:
-        return sum(
-            1 for p in self.peers.values() if p.last_heard_ns >= 0 and now_ns - p.last_heard_ns <= self._suspect_ns
-        )
+        q = self._heard_queue
+        horizon = now_ns - self._suspect_ns
+        while q and q[0][0] < horizon:
+            t, p = q.popleft()
+            if p.heard and p.last_heard_ns < horizon:
+                p.heard = False
+                self._heard -= 1
+        return self._heard
+
+    def _heard_from(self, peer: PeerState, now_ns: int) -> None:
+        peer.last_heard_ns = now_ns
+        self._heard_queue.append((now_ns, peer))
+        if not peer.heard:
+            peer.heard = True
+            self._heard += 1
 
     def status(self, now_ns: int) -> dict:
         return {
@@ -308,6 +328,7 @@ class AgentCore:
         elif mt is MsgType.SNAPSHOT:
             self._on_snapshot(body, now_ns)
         elif mt is MsgType.PEERS:
+            self.peers_epoch = body[1]
             self._on_peers(body[0], now_ns)
         elif mt is MsgType.ATTACH:
             self._on_attach(body, now_ns, "attached")
@@ -361,7 +382,7 @@ class AgentCore:
         peer = self._peer(origin, incarnation)
         if peer is None:
             return
-        peer.last_heard_ns = now_ns
+        self._heard_from(peer, now_ns)
         if latest > peer.latest_seen:
             peer.latest_seen = latest
         if self._maybe_pull(peer, now_ns):
@@ -393,6 +414,39 @@ class AgentCore:
             (("peer", peer.host), wire.encode(MsgType.PULL_REQ, [peer.host, peer.incarnation, lo, hi]))
         )
         return True
+
+    def _on_repair_hint(self, args: dict, now_ns: int) -> None:
+        """The controller waits for our apply report of an update from `origin`: PUB/SUB lost
+        our copy and we would only learn so from the origin's next heartbeat. The hint carries
+        the entry itself (merged as any update: the merge rule keeps it safe; the origin's
+        numbering gap is pulled when its next update or heartbeat shows it), or, for a
+        tombstone, names the origin: ask it for everything after what we hold (an empty
+        reply means nothing was lost)."""
+        origin, incarnation = args.get("origin"), args.get("incarnation")
+        if type(origin) is not str or type(incarnation) is not int or incarnation < 0:
+            raise WireError("repair hint without origin and incarnation")
+        entry = wire.ENTRY(args["entry"]) if "entry" in args else None
+        if origin == self.host or origin not in self.peers or self.config.defect_no_repair:
+            return
+        self.stats.repair_hints += 1
+        if entry is not None:
+            vlan, mac, host, port, seq, tomb = entry
+            if self._merge(vlan, mac, Entry(host, port, seq, tomb), now_ns):
+                self.stats.repaired_updates += 1
+            return
+        peer = self._peer(origin, incarnation)
+        if peer is None:
+            return
+        # A pull already in flight may be the one that got lost: the hints are paced by the
+        # controller, so ask again rather than wait out pull_timeout_ms.
+        self._clear_pending(peer)
+        if self._maybe_pull(peer, now_ns):
+            return
+        lo = peer.contiguous + 1
+        self.stats.pulls_sent += 1
+        self._set_pending(peer, now_ns)
+        self.outbox.append((("peer", origin), wire.encode(
+            MsgType.PULL_REQ, [origin, peer.incarnation, lo, lo + self.config.pull_batch_max - 1])))
 
     def _request_snapshot(self, peer: PeerState, now_ns: int) -> None:
         self.stats.snapshots_requested += 1
@@ -555,6 +609,9 @@ class AgentCore:
                 # registered so far. Only silent peers leave the mesh.
                 continue
             del self.peers[host]
+            if peer.heard:
+                peer.heard = False
+                self._heard -= 1
             if peer.pull_pending:
                 self._pulls_pending -= 1
             self.outbox.append((("disconnect", host), None))
@@ -605,11 +662,14 @@ class AgentCore:
 
     def _on_request(self, body: list, now_ns: int, dest: object) -> None:
         req_id, method, args = body
-        if method == "register" and dest == "ctl":
-            # The controller does not know us (it restarted): introduce ourselves again.
-            self.registered = False
-            self._send_register()
-            return
+        if dest == "ctl" and method in ("register", "repair"):
+            if method == "register":
+                # The controller does not know us (it restarted): introduce ourselves again.
+                self.registered = False
+                self._send_register()
+            else:
+                self._on_repair_hint(args, now_ns)
+            return  # notices: no reply
         try:
             if method == "status":
                 result = self.status(now_ns)

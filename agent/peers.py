@@ -18,6 +18,7 @@ class PeerState:
     # Highest number the peer told us it has (heartbeat) or that we saw.
     latest_seen: int = 0
     last_heard_ns: int = -1
+    heard: bool = False  # counted in AgentCore's peers-heard count (see AgentCore.peers_heard)
     # A pull or snapshot in flight to this peer is not repeated before this time.
     pull_retry_at_ns: int = 0
     pull_pending: bool = False

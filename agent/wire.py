@@ -154,8 +154,8 @@ SCHEMAS = {
     MsgType.SNAPSHOT: _tuple(NAME, _list_of(ENTRY), _list_of(VERSION)),
     # host, incarnation, pub endpoint, rpc endpoint, pid
     MsgType.REGISTER: _tuple(NAME, U64, ENDPOINT, ENDPOINT, U64),
-    # [[host, incarnation, pub endpoint, rpc endpoint], ...]
-    MsgType.PEERS: _tuple(_list_of(_tuple(NAME, U64, ENDPOINT, ENDPOINT))),
+    # [[host, incarnation, pub endpoint, rpc endpoint], ...], membership epoch
+    MsgType.PEERS: _tuple(_list_of(_tuple(NAME, U64, ENDPOINT, ENDPOINT)), U64),
     # op id, vm, vlan, mac, port, seq
     MsgType.ATTACH: _tuple(U64, NAME, VLAN, MAC, NAME, SEQ),
     # op id, vm, vlan, mac, tombstone seq (0 = only detach the port, keep the entry)
@@ -168,8 +168,8 @@ SCHEMAS = {
     MsgType.ACK: _tuple(U64, _bool, TEXT, U64),
     # host, [[vlan, mac, host, seq, tombstone, monotonic ns], ...]
     MsgType.APPLIED: _tuple(NAME, _list_of(_tuple(VLAN, MAC, NAME, SEQ, _bool, U64))),
-    # host, incarnation, peers heard, entries, digest, dropped malformed
-    MsgType.AGENT_STATUS: _tuple(NAME, U64, U64, U64, U64, U64),
+    # host, incarnation, peers heard, entries, digest, dropped malformed, membership epoch held
+    MsgType.AGENT_STATUS: _tuple(NAME, U64, U64, U64, U64, U64, U64),
     # request id, method, args
     MsgType.REQUEST: _tuple(U64, NAME, _dict),
     # request id, ok, result (any msgpack value) or error text

@@ -22,9 +22,19 @@ class ControllerConfig:
     command_retry_max_ms: int = 3_200
     # Apply reports kept for checkers (`applied_log` API), in entries. Default 500,000.
     applied_log_max: int = 500_000
-    # The membership (PEERS) is resent to every agent this often even when unchanged, in ms.
-    # Default 2,000: it repairs a PEERS lost on a faulty control connection.
+    # An agent whose status shows an older membership (PEERS epoch) than ours gets it again,
+    # at most this often, in ms. Default 2,000: it repairs a PEERS lost on a faulty control link.
     peers_refresh_ms: int = 2_000
+    # Membership changes within this long share one PEERS broadcast, in ms. Default 20. The
+    # first change after a quiet spell goes out at once. Without it, N agents registering
+    # one by one cost N broadcasts of N members to N agents: N^3 work at startup.
+    peers_batch_ms: int = 20
+    # A converging op still missing agents' apply reports this long after the switchover
+    # makes the controller tell those agents which origin to pull from, in ms. Default 100;
+    # the hint is repeated with the wait doubling up to 1,600 ms. PUB/SUB loss is otherwise
+    # repaired only by the origin's next heartbeat, whose interval grows with N (seconds at
+    # 64 hosts, minutes at 1,000). 0 turns hints off.
+    repair_hint_after_ms: int = 100
     # Finished moves and restarts kept for `dvs moves`, in records. Default 100,000.
     history_max: int = 100_000
     # A VM create, move or delete that has not converged by then is reported as not

@@ -57,6 +57,8 @@ class Op:
     latency_ms: float | None = None
     missing: list[str] = field(default_factory=list)
     done_ns: int = 0  # when the controller finished it (its clock): the client's wait ends here
+    next_hint_ns: int = 0  # converging: when to tell laggards where to pull from (0: never)
+    hint_every_ns: int = 0
 
     def record(self, per_host: bool = True) -> dict:
         return {
@@ -127,7 +129,14 @@ class ControllerCore:
         self._started_ns: int | None = None
         self._applied_count = 0
         self._live_n = 0  # hosts not dead, kept current by _recount_live()
-        self._next_peers_ns = 0
+        # Membership epoch: bumped on every change; PEERS carries it and agents report it back.
+        self.peers_epoch = 0
+        self._peers_dirty = False
+        self._peers_last_ns: int | None = None  # last broadcast
+        self._peers_batch_ns = self.config.peers_batch_ms * NS_PER_MS
+        self._refresh_ns = self.config.peers_refresh_ms * NS_PER_MS
+        self._hint_ns = self.config.repair_hint_after_ms * NS_PER_MS
+        self.repair_hints = 0
         self._orphans_checked = False
         self._next_tick_ns = 0
 
@@ -145,6 +154,8 @@ class ControllerCore:
         self.journal_out.append(self.inv.to_record(vm))
 
     def next_deadline_ns(self) -> int:
+        if self._peers_dirty and self._peers_last_ns is not None:
+            return min(self._next_tick_ns, self._peers_last_ns + self._peers_batch_ns)
         return self._next_tick_ns
 
     def on_frame(self, envelope: list, frame: bytes, now_ns: int) -> None:
@@ -189,6 +200,8 @@ class ControllerCore:
             self.dropped_malformed += 1
 
     def on_timer(self, now_ns: int) -> None:
+        if self._peers_dirty:
+            self._broadcast_peers(now_ns)
         if now_ns < self._next_tick_ns:
             return
         if self._started_ns is None:
@@ -197,12 +210,8 @@ class ControllerCore:
         self._check_liveness(now_ns)
         if self._pending_restarts:
             self._retry_restarts(now_ns)
-        if now_ns >= self._next_peers_ns:
-            # Membership is also resent now and then: a PEERS lost on a faulty control link
-            # would otherwise leave an agent listening to a dead incarnation forever.
-            self._next_peers_ns = now_ns + self.config.peers_refresh_ms * NS_PER_MS
-            if self.inv.hosts:
-                self._broadcast_peers()
+        if self._hint_ns:
+            self._hint_repairs(now_ns)
         if not self._orphans_checked and now_ns - self._started_ns > self.config.dead_after_ms * NS_PER_MS:
             self._orphans_checked = True
             self._restart_orphans(now_ns)
@@ -231,7 +240,7 @@ class ControllerCore:
                                     registered_ns=now_ns)
         self._routes[envelope[0]] = name
         self._recount_live()
-        self._broadcast_peers()
+        self._membership_changed(now_ns)
         if old is not None and incarnation > old.incarnation:
             # The host's agent restarted: the VMs it ran died with it. Start them again there
             # (with a new seq, so the new ports win over anything stale).
@@ -249,12 +258,27 @@ class ControllerCore:
                     self._restart(vm, now_ns, prefer=name)
         self._check_ready(now_ns)
 
-    def _broadcast_peers(self) -> None:
+    def _membership_changed(self, now_ns: int) -> None:
+        self.peers_epoch += 1
+        self._peers_dirty = True
+        if self._peers_last_ns is None or now_ns - self._peers_last_ns >= self._peers_batch_ns:
+            self._broadcast_peers(now_ns)
+        # else: on_timer sends it when the batch window ends (next_deadline_ns says when)
+
+    def _peers_frame(self) -> bytes:
         members = [[h.name, h.incarnation, h.pub_endpoint, h.rpc_endpoint]
                    for h in self.inv.hosts.values() if h.state != "dead"]
-        frame = wire.encode(MsgType.PEERS, [members])
+        return wire.encode(MsgType.PEERS, [members, self.peers_epoch])
+
+    def _broadcast_peers(self, now_ns: int) -> None:
+        if self._peers_last_ns is not None and now_ns - self._peers_last_ns < self._peers_batch_ns:
+            return
+        self._peers_dirty = False
+        self._peers_last_ns = now_ns
+        frame = self._peers_frame()
         for h in self.inv.hosts.values():
             if h.state != "dead":
+                h.peers_sent_ns = now_ns
                 self.outbox.append((h.route, frame))
 
     def _seen(self, host: str, now_ns: int) -> None:
@@ -267,15 +291,21 @@ class ControllerCore:
             # elsewhere with higher seqs, so its stale ports lose under the merge rule.
             h.state = "alive"
             self._recount_live()
-            self._broadcast_peers()
+            self._membership_changed(now_ns)
 
     def _on_status(self, host: str, body: list, now_ns: int) -> None:
-        _, incarnation, peers_heard, entries, digest, dropped = body
+        _, incarnation, peers_heard, entries, digest, dropped, epoch = body
         h = self.inv.hosts[host]
         if incarnation != h.incarnation:
             return
         self._seen(host, now_ns)
         h.peers_heard, h.mac_entries, h.digest, h.dropped_malformed = peers_heard, entries, digest, dropped
+        h.peers_epoch = epoch
+        if epoch != self.peers_epoch and not self._peers_dirty and now_ns - h.peers_sent_ns >= self._refresh_ns:
+            # It missed a membership change (a PEERS lost on a faulty control link): send it
+            # again, to this agent only.
+            h.peers_sent_ns = now_ns
+            self.outbox.append((h.route, self._peers_frame()))
         if self._ready_waiters:
             self._check_ready(now_ns)
 
@@ -293,7 +323,7 @@ class ControllerCore:
         if not died:
             return
         self._recount_live()
-        self._broadcast_peers()
+        self._membership_changed(now_ns)
         for op in list(self.ops.values()):
             if op.phase not in ("converging", "done") and op.target[0] in died:
                 op.error = f"{op.target[0]} died before it took over {op.vm}"
@@ -381,6 +411,34 @@ class ControllerCore:
         # A host we have not heard from yet may still register (we may have just restarted):
         # _restart_orphans deals with hosts that never do.
 
+    def _hint_repairs(self, now_ns: int) -> None:
+        """Tell the agents a converging op still waits for what they lack. PUB/SUB lost their
+        copy of the update, and they would only notice at its origin's next heartbeat."""
+        max_every = 16 * self._hint_ns
+        for op in self.ops.values():
+            if op.phase != "converging" or not op.next_hint_ns or now_ns < op.next_hint_ns:
+                continue
+            op.hint_every_ns = min(op.hint_every_ns * 3 // 2, max_every)
+            op.next_hint_ns = now_ns + op.hint_every_ns
+            origin = self.inv.hosts.get(op.target[0])
+            vm = self.inv.vms.get(op.vm)
+            if origin is None or origin.state == "dead" or vm is None:
+                continue
+            host, seq, tomb = op.target
+            if tomb:
+                # The tombstone's port name is the origin's to say: point to the origin instead.
+                hint = {"origin": host, "incarnation": origin.incarnation}
+            else:
+                # The entry exactly as the target claimed it (ATTACH/SWITCHOVER carried vm.port):
+                # one reliable message settles it, and the merge rule keeps it safe.
+                hint = {"origin": host, "incarnation": origin.incarnation,
+                        "entry": [vm.vlan, vm.mac, host, vm.port, seq, False]}
+            frame = wire.encode(MsgType.REQUEST, [0, "repair", hint])
+            for h in self.inv.hosts.values():
+                if h.state != "dead" and h.name not in op.applied and h.name != host:
+                    self.repair_hints += 1
+                    self.outbox.append((h.route, frame))
+
     # Which ack detail completes which phase: a duplicated "prepared" must not pass for "switched".
     _ACK_FOR_PHASE = {
         "prepare": ("prepared",),
@@ -409,6 +467,9 @@ class ControllerCore:
         op.switch_ns = t_ns
         op.switched = True
         op.phase = "converging"
+        if self._hint_ns:
+            op.next_hint_ns = now_ns + self._hint_ns
+            op.hint_every_ns = self._hint_ns
         vm.host, vm.seq = op.target[0], op.target[1]
         vm.seq_issued = max(vm.seq_issued, vm.seq)
         vm.state = "deleted" if op.kind == "delete" else "active"
@@ -554,6 +615,8 @@ class ControllerCore:
             "vms": sum(1 for v in self.inv.vms.values() if v.state != "deleted"),
             "ops_in_flight": len(self.ops),
             "moves_done": len(self.history),
+            "peers_epoch": self.peers_epoch,
+            "repair_hints": self.repair_hints,
             "dropped_malformed": self.dropped_malformed,
             "handler_errors": self.handler_errors,
             "last_error": self.last_error,

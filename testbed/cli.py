@@ -77,16 +77,15 @@ def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, state_di
     click.echo(f"cluster up: {hosts} hosts, {vms} VMs, state in {state_dir} "
                f"(controller {cluster.controller_endpoint})")
     if foreground:
-        click.echo("running in the foreground; Ctrl-C stops it")
         stop = threading.Event()
+        # Handlers before the prompt: a Ctrl-C right after it must stop the cluster too.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(0.5):
-                if not cluster.any_alive():
-                    click.echo("every process has exited")
-                    break
-        except KeyboardInterrupt:
-            pass
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        click.echo("running in the foreground; Ctrl-C stops it")
+        while not stop.wait(0.5):
+            if not cluster.any_alive():
+                click.echo("every process has exited")
+                break
         killed = cluster.down()
         click.echo("cluster stopped" + (f" (SIGKILL needed for {', '.join(killed)})" if killed else ""))
 

@@ -65,7 +65,7 @@ class Cluster:
         return [[h, c.incarnation, c.pub_endpoint, c.rpc_endpoint] for h, c in self.cores.items()]
 
     def send_peers(self, to: list[str] | None = None) -> None:
-        peers = wire.encode(MsgType.PEERS, [self.members()])
+        peers = wire.encode(MsgType.PEERS, [self.members(), 1])
         for h in to or list(self.cores):
             self.cores[h].on_frame("ctl", peers, self.now)
         self.pump()
@@ -211,7 +211,7 @@ def test_peers_message_sets_up_the_mesh():
 def test_membership_change_drops_a_peer():
     c = Cluster(["h1", "h2", "h3"])
     core = c.cores["h1"]
-    core.on_frame("ctl", wire.encode(MsgType.PEERS, [[m for m in c.members() if m[0] != "h3"]]), c.now)
+    core.on_frame("ctl", wire.encode(MsgType.PEERS, [[m for m in c.members() if m[0] != "h3"], 2]), c.now)
     out = core.take_outbox()
     assert (("disconnect", "h3"), None) in out
     assert sorted(core.peers) == ["h2"]
@@ -357,6 +357,71 @@ def test_dropped_updates_are_repaired_by_pulls_after_heartbeats():
     pulls = c.stat("pulls_sent")
     c.heartbeat_round()
     assert c.stat("pulls_sent") == pulls
+
+
+def hint(c: Cluster, host: str, origin: str, entry: list | None = None) -> None:
+    args = {"origin": origin, "incarnation": c.cores[origin].incarnation}
+    if entry is not None:
+        args["entry"] = entry
+    req = [0, "repair", args]
+    c.cores[host].on_frame("ctl", wire.encode(MsgType.REQUEST, req), c.now)
+    c.pump()
+
+
+def test_repair_hint_pulls_a_lost_last_update_without_waiting_for_a_heartbeat():
+    # h3 lost h2's only update, and no later one will show it the gap: the controller's hint
+    # (it waits for h3's apply report) makes h3 pull it from h2 at once.
+    c = Cluster(["h1", "h2", "h3"])
+    c.attach("h1", 1)
+    c.drop = lambda src, dst, mt, frame: dst == "h3" and mt is MsgType.UPDATES
+    c.move(1, "h1", "h2", 1)
+    c.drop = None
+    assert c.cores["h3"].table.get(key(1)).host == "h1"
+    reports = len(c.ctl)
+    hint(c, "h3", "h2")
+    assert c.cores["h3"].table.get(key(1)) == Entry("h2", "vEth1", 1)
+    c.advance(AgentConfig().applied_report_interval_ms)
+    c.pump()
+    applied = [b for src, m, b in c.ctl[reports:] if src == "h3" and m is MsgType.APPLIED]
+    assert [row[:4] for b in applied for row in b[1]] == [[VLAN, mac_of(1), "h2", 1]]
+    assert c.cores["h3"].stats.repair_hints == 1
+    # Nothing lost: a hint costs one pull answered by an empty reply, and changes nothing.
+    pulls = c.stat("pulls_served")
+    hint(c, "h1", "h2")
+    assert c.stat("pulls_served") == pulls + 1
+    assert c.converged_to(c.cores["h2"].table.as_placement())
+    assert c.stat("snapshots_served") == 3  # only the joins' snapshots
+
+
+def test_repair_hint_with_the_entry_settles_it_in_one_message_and_never_goes_back():
+    c = Cluster(["h1", "h2", "h3"])
+    c.attach("h1", 1)
+    c.drop = lambda src, dst, mt, frame: dst == "h3" and mt is MsgType.UPDATES
+    c.move(1, "h1", "h2", 1)
+    c.drop = None
+    pulls = c.stat("pulls_sent")
+    hint(c, "h3", "h2", [VLAN, mac_of(1), "h2", "vEth1", 1, False])
+    assert c.cores["h3"].table.get(key(1)) == Entry("h2", "vEth1", 1)
+    assert c.stat("pulls_sent") == pulls
+    # A hint that is late (the VM moved on since) loses under the merge rule, as any update.
+    c.move(1, "h2", "h3", 2)
+    hint(c, "h1", "h2", [VLAN, mac_of(1), "h2", "vEth1", 1, False])
+    assert c.converged_to({key(1): ("h3", 2, False)})
+    # The numbering gap h3 has for h2 is pulled at h2's next heartbeat, as before.
+    c.heartbeat_round()
+    assert c.cores["h3"].peers["h2"].contiguous == c.cores["h2"].n
+
+
+@pytest.mark.parametrize("args", [{}, {"origin": 5, "incarnation": 1}, {"origin": "h2", "incarnation": "x"},
+                                  {"origin": "h2", "incarnation": -1},
+                                  {"origin": "h2", "incarnation": 1, "entry": [VLAN, 1, "h2", "p", 1]},
+                                  {"origin": "h2", "incarnation": 1, "entry": [0, 1, "h2", "p", 1, False]}])
+def test_malformed_repair_hint_is_dropped_and_counted(args):
+    c = Cluster(["h1", "h2"])
+    core = c.cores["h1"]
+    core.on_frame("ctl", wire.encode(MsgType.REQUEST, [0, "repair", args]), c.now)
+    assert core.stats.dropped_malformed == 1 and core.stats.handler_errors == 0
+    assert core.take_outbox() == []  # a notice: no reply, no pull
 
 
 def test_lost_pull_is_retried_after_pull_timeout():
@@ -576,7 +641,7 @@ def test_malformed_frames_are_dropped_and_counted():
         ("ctl", wire.encode(MsgType.UPDATES, ["h1", INC, [[2, VLAN, mac_of(9), "h1", "p", 9, False]]])),
         ("rpc", wire.encode(MsgType.UPDATES, ["h1", INC, []])),
         ("rpc", wire.encode(MsgType.DETACH, [1, "vm1", VLAN, mac_of(1), 5])),
-        ("pull", wire.encode(MsgType.PEERS, [[]])),
+        ("pull", wire.encode(MsgType.PEERS, [[], 0])),
         ("pull", wire.encode(MsgType.PULL_REQ, ["h2", 1, 1, 5])),
     ]
     for channel, frame in malformed + unexpected:
@@ -760,3 +825,20 @@ def test_apply_reports_share_a_frame_under_load_but_keep_exact_stamps():
     core.flush(core.next_deadline_ns())
     (batch,) = reports()  # ...then sent together, each with its own apply time
     assert [(r[1], r[5]) for r in batch] == [(mac_of(2), 2_000), (mac_of(3), 3_000)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3_000), st.booleans()), max_size=60))
+def test_peers_heard_count_matches_a_full_scan(events):
+    # The O(1) count of peers heard within the suspect window equals the plain definition.
+    c = Cluster(["h1", "h2", "h3", "h4", "h5", "h6"])
+    core = c.cores["h1"]
+    for peer_i, gap_ms, check in events:
+        c.advance(gap_ms)
+        peer = f"h{peer_i + 2}"
+        hb = [peer, INC, c.cores[peer].n, c.cores[peer].table.digest, len(c.cores[peer].table)]
+        core.on_frame("sub", wire.encode(MsgType.HEARTBEAT, hb), c.now)
+        if check:
+            scan = sum(1 for p in core.peers.values()
+                       if p.last_heard_ns >= 0 and c.now - p.last_heard_ns <= core._suspect_ns)
+            assert core.peers_heard(c.now) == scan

@@ -30,6 +30,7 @@ class Ctl:
         self.now = now_ms * NS_PER_MS
         self.sent: list[tuple[list, MsgType, list]] = []  # everything the controller sent
         self._last_peers: dict[tuple, list] = {}
+        self.hints: list[tuple[str, dict]] = []  # repair hints sent: (host, args), kept apart
         self._req = 0
 
     # -------------------------------------------------------------- input
@@ -44,8 +45,13 @@ class Ctl:
     def _collect(self) -> None:
         for envelope, frame in self.core.take_outbox():
             mt, body = wire.decode(frame)
+            if mt is MsgType.REQUEST and body[1] == "repair":
+                self.hints.append((self.core._routes.get(envelope[0], "?"), body[2]))
+                continue
             if mt is MsgType.PEERS:
-                # The periodic refresh of an unchanged membership is not news to these tests.
+                # These tests look at the members; the epoch has tests of its own.
+                body = body[:1]
+                # A resend of an unchanged membership is not news to these tests.
                 if self._last_peers.get(tuple(envelope)) == body:
                     continue
                 self._last_peers[tuple(envelope)] = body
@@ -59,9 +65,11 @@ class Ctl:
 
     def register(self, host: str, incarnation: int = 1) -> None:
         self.feed(route(host), MsgType.REGISTER, [host, incarnation, f"tcp://{host}:1", f"tcp://{host}:2", 100])
+        self.advance(self.core.config.peers_batch_ms)  # past the batch window: PEERS is out
 
-    def status(self, host: str, peers_heard: int, incarnation: int = 1) -> None:
-        self.feed(route(host), MsgType.AGENT_STATUS, [host, incarnation, peers_heard, 0, 0, 0])
+    def status(self, host: str, peers_heard: int, incarnation: int = 1, epoch: int | None = None) -> None:
+        epoch = self.core.peers_epoch if epoch is None else epoch  # by default, it has the latest
+        self.feed(route(host), MsgType.AGENT_STATUS, [host, incarnation, peers_heard, 0, 0, 0, epoch])
 
     def ack(self, host: str, op: int, ok: bool = True, detail: str | None = None, t_ns: int | None = None) -> None:
         """Ack `op` as an agent would; the detail names the step done (what the agent sends)."""
@@ -147,6 +155,23 @@ def test_register_broadcasts_peers_to_every_host():
     assert sorted(e[0] for e, _, _ in last) == [b"id-h1", b"id-h2", b"id-h3"]
     assert all(m is MsgType.PEERS and b == [members] for _, m, b in last)
     assert c.core.inv.live_hosts() == ["h1", "h2", "h3"]
+
+
+def test_registrations_close_together_share_one_broadcast():
+    cfg = ControllerConfig()
+    core = ControllerCore(cfg)
+    core.on_timer(0)
+    sent = []
+    for i in range(1, 51):  # 50 agents register within 1 ms
+        core.on_frame(route(f"h{i}"), wire.encode(MsgType.REGISTER, [f"h{i}", 1, f"p{i}", f"r{i}", i]), i * 20_000)
+        sent += core.take_outbox()
+    assert len(sent) == 1  # the first one went out at once, to h1
+    assert core.next_deadline_ns() == 20_000 + cfg.peers_batch_ms * NS_PER_MS
+    core.on_timer(core.next_deadline_ns())
+    out = [(e, wire.decode(f)) for e, f in core.take_outbox()]
+    assert len(out) == 50 and all(mt is MsgType.PEERS for _, (mt, _) in out)
+    members, epoch = out[0][1][1]
+    assert len(members) == 50 and epoch == core.peers_epoch == 50
 
 
 def test_register_with_new_incarnation_replaces_and_stale_one_is_ignored():
@@ -512,7 +537,7 @@ def test_garbage_and_unexpected_frames_are_counted():
     for frame in bad:
         c.feed_raw(route("h1"), frame)
     # Well-formed, but no agent sends these to the controller.
-    c.feed(route("h1"), MsgType.PEERS, [[]])
+    c.feed(route("h1"), MsgType.PEERS, [[], 0])
     c.feed(route("h2"), MsgType.HEARTBEAT, ["h2", 1, 0, 0, 0])
     assert c.core.dropped_malformed == len(bad) + 2
     assert c.sent == []
@@ -528,7 +553,7 @@ def test_garbage_and_unexpected_frames_are_counted():
 def test_frames_from_an_unknown_agent_ask_it_to_register():
     c = cluster(1)
     stranger = [b"id-stranger"]
-    c.feed(stranger, MsgType.AGENT_STATUS, ["hx", 1, 0, 0, 0, 0])
+    c.feed(stranger, MsgType.AGENT_STATUS, ["hx", 1, 0, 0, 0, 0, 0])
     c.feed(stranger, MsgType.APPLIED, ["hx", []])
     c.feed(stranger, MsgType.ACK, [1, True, "", 1])
     assert c.take(stranger, MsgType.REQUEST) == [[0, "register", {}]] * 3
@@ -721,7 +746,7 @@ def test_recovered_controller_adopts_agent_tables_and_restarts_orphans():
     for step in range(cfg.dead_after_ms // cfg.tick_interval_ms + 2):
         t = now + (step + 1) * cfg.tick_interval_ms * NS_PER_MS
         for h in ("h1", "h2"):
-            core.on_frame(route(h), wire.encode(MsgType.AGENT_STATUS, [h, 1, 1, 2, 0, 0]), t)
+            core.on_frame(route(h), wire.encode(MsgType.AGENT_STATUS, [h, 1, 1, 2, 0, 0, core.peers_epoch]), t)
         core.on_timer(t)
     (op,) = core.ops.values()
     assert (op.kind, op.vm, op.target[1]) == ("restart", "vm2", 1) and op.target[0] in ("h1", "h2")
@@ -753,7 +778,7 @@ def test_vms_of_a_dead_host_wait_for_a_live_host_instead_of_being_stranded():
     assert core.inv.hosts["h2"].state == "dead" and core.inv.hosts["h1"].state == "suspect"
     assert not core.ops
     # ...until h1 speaks again: then vm1 restarts there with a new seq.
-    core.on_frame(route("h1"), wire.encode(MsgType.AGENT_STATUS, ["h1", 1, 0, 0, 0, 0]), now)
+    core.on_frame(route("h1"), wire.encode(MsgType.AGENT_STATUS, ["h1", 1, 0, 0, 0, 0, core.peers_epoch]), now)
     for _ in range(10):
         now += cfg.tick_interval_ms * NS_PER_MS
         core.on_timer(now)
@@ -778,13 +803,83 @@ def test_host_restarted_while_a_move_to_it_converges_gets_the_vm_started_again()
     assert (vm, seq) == ("vm1", 2)
 
 
-def test_membership_is_resent_even_when_unchanged():
-    # A PEERS lost on a faulty control connection must not leave an agent on stale peers.
+def test_membership_is_resent_to_an_agent_whose_status_shows_an_old_epoch():
+    # A PEERS lost on a faulty control connection must not leave an agent on stale peers;
+    # an agent that has the latest one costs nothing.
     cfg = ControllerConfig()
     core = ControllerCore(cfg)
     core.on_timer(0)
-    core.on_frame(route("h1"), wire.encode(MsgType.REGISTER, ["h1", 1, "pub", "rpc", 1]), 0)
+    for h in ("h1", "h2"):
+        core.on_frame(route(h), wire.encode(MsgType.REGISTER, [h, 1, "pub" + h, "rpc" + h, 1]), 0)
+    core.on_timer(cfg.peers_batch_ms * NS_PER_MS)
     core.take_outbox()
-    core.on_timer((cfg.peers_refresh_ms + cfg.tick_interval_ms) * NS_PER_MS)
-    sent = [wire.decode(f)[0] for e, f in core.take_outbox() if e == route("h1")]
-    assert sent == [MsgType.PEERS]
+    epoch = core.peers_epoch
+
+    def status(h, held, at_ms):
+        core.on_frame(route(h), wire.encode(MsgType.AGENT_STATUS, [h, 1, 1, 0, 0, 0, held]), at_ms * NS_PER_MS)
+        return [wire.decode(f) for e, f in core.take_outbox() if e == route(h)]
+
+    assert status("h1", epoch - 1, 100) == []  # just sent: it may still be on its way
+    later = cfg.peers_refresh_ms + 100
+    assert status("h2", epoch, later) == []  # up to date
+    ((mt, (members, sent_epoch)),) = status("h1", epoch - 1, later)
+    assert mt is MsgType.PEERS and sent_epoch == epoch and len(members) == 2
+    assert status("h1", epoch - 1, later + 1) == []  # not again before the refresh interval
+
+
+def test_laggards_get_a_repair_hint_with_the_entry():
+    # PUB/SUB lost h3's copy of h2's update: the move waits for h3. The controller sends h3
+    # (and only h3) the entry, again with a growing wait while it stays missing.
+    cfg = ControllerConfig()
+    c = cluster(3, cfg)
+    create(c, 1, "h1")
+    c.hints.clear()
+    req = c.request("vm_move", {"name": "vm1", "to": "h2"})
+    ((_, (op, *_)),) = c.to("h2")
+    c.ack("h2", op)
+    c.ack("h2", op)
+    c.applied("h1", 1, "h2", 1)
+    c.applied("h2", 1, "h2", 1)
+    c.advance(cfg.repair_hint_after_ms - cfg.tick_interval_ms)
+    assert c.hints == []
+    c.advance(cfg.tick_interval_ms)
+    port = c.core.inv.vms["vm1"].port
+    assert c.hints == [("h3", {"origin": "h2", "incarnation": 1,
+                               "entry": [VLAN, MAC_BASE + 1, "h2", port, 1, False]})]
+    c.advance(cfg.repair_hint_after_ms)
+    assert len(c.hints) == 1  # the wait grew by half
+    c.advance(cfg.repair_hint_after_ms)
+    assert len(c.hints) == 2
+    c.applied("h3", 1, "h2", 1)
+    assert c.reply(req)[1]["converged"]
+    c.advance(10 * cfg.repair_hint_after_ms)
+    assert len(c.hints) == 2
+    assert c.call("status", {})[1]["repair_hints"] == 2
+
+
+def test_a_lost_tombstone_hint_names_the_origin_to_pull_from():
+    cfg = ControllerConfig()
+    c = cluster(3, cfg)
+    create(c, 1, "h1")
+    c.hints.clear()
+    req = c.request("vm_delete", {"name": "vm1"})
+    ((op, *_),) = c.take(route("h1"), MsgType.DETACH)
+    c.ack("h1", op)
+    c.applied("h1", 1, "h1", 1, tomb=True)
+    c.applied("h2", 1, "h1", 1, tomb=True)
+    c.advance(cfg.repair_hint_after_ms + cfg.tick_interval_ms)
+    assert c.hints == [("h3", {"origin": "h1", "incarnation": 1})]
+    c.applied("h3", 1, "h1", 1, tomb=True)
+    assert c.reply(req)[1]["converged"]
+
+
+def test_repair_hints_can_be_turned_off():
+    cfg = ControllerConfig(repair_hint_after_ms=0)
+    c = cluster(3, cfg)
+    create(c, 1, "h1")
+    c.request("vm_move", {"name": "vm1", "to": "h2"})
+    ((_, (op, *_)),) = c.to("h2")
+    c.ack("h2", op)
+    c.ack("h2", op)
+    c.advance(2_000)
+    assert c.hints == []

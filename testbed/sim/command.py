@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -14,6 +15,8 @@ from rich.table import Table
 from testbed.client import ClusterError
 from testbed.sim.engine import NetConfig, SimConfig, Simulator
 from testbed.sim.spec import SpecError, faults_end_ms, parse_crashes, parse_partitions
+
+BIG_RUN = 2_000_000  # hosts * (hosts + VMs) above which the command skips the final cleanup
 
 HELP = """Simulate a whole cluster in one process, deterministically: the real agent and
 controller cores on a virtual clock and a seeded network. One seed gives exactly one run;
@@ -130,12 +133,22 @@ def sim(hosts, vms, n_moves, loss, dup, reorder, partitions, crashes, seed, move
                            f"{len(s.client.records)}/{cfg.moves} moves, wall {now - started:.0f} s", err=True)
 
         simulator.on_progress = on_progress
-    result = simulator.run()
-    wall_s = time.perf_counter() - started
-    if as_json:
-        click.echo(json.dumps(result, indent=1))
-    else:
-        print_human(result, wall_s, phases)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # the engine turns it off during the run; keep it off until the output is out
+    try:
+        result = simulator.run()
+        wall_s = time.perf_counter() - started
+        if as_json:
+            click.echo(json.dumps(result, indent=1))
+        else:
+            print_human(result, wall_s, phases)
+        if hosts * (hosts + vms) > BIG_RUN:
+            # Tens of millions of objects: tracing them all once more to free them just before
+            # the process exits takes minutes. Park them where the collector never looks.
+            gc.freeze()
+    finally:
+        if gc_was_on:
+            gc.enable()
     sys.exit(0 if result["ok"] else 1)
 
 

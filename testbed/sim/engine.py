@@ -157,17 +157,20 @@ def liveness_bound_ms(config: AgentConfig, n_hosts: int, ctl: ControllerConfig |
     - a host that crashed for good is declared dead dead_after_ms after its last word (it may
       have crashed just before the faults stopped) and its VMs restart elsewhere (HA), which
       converges within a tick and a few network hops;
-    - a membership (PEERS) lost on a cut control connection comes again within the controller's
-      peers_refresh_ms (and a tick) and only then can the repairs above start;
+    - a membership (PEERS) lost on a cut control connection is sent again when the agent's next
+      status shows the old epoch, at most every peers_refresh_ms (<= peers_refresh_ms + S), and
+      only then can the repairs above start;
     so B = max((digest_mismatch_rounds + 2) * G + pull_timeout_ms + 2 * S + 100,
-               dead_after_ms + 2 * tick_interval_ms + 100) + peers_refresh_ms + tick_interval_ms.
+               dead_after_ms + 2 * tick_interval_ms + 100) + peers_refresh_ms + S + tick_interval_ms.
+    (The controller's repair hints usually settle a lost update within repair_hint_after_ms
+    and a pull; the bound does not count on them.)
     """
     ctl = ctl or ControllerConfig()
     g = gossip_interval_ms(config, n_hosts)
     s = config.heartbeat_interval_ms
     repair = (config.digest_mismatch_rounds + 2) * g + config.pull_timeout_ms + 2 * s + 100
     refresh = getattr(ctl, "peers_refresh_ms", 0)
-    refresh = refresh + ctl.tick_interval_ms if refresh else 0
+    refresh = refresh + s + ctl.tick_interval_ms if refresh else 0
     return max(repair, ctl.dead_after_ms + 2 * ctl.tick_interval_ms + 100) + refresh
 
 
