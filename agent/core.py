@@ -142,7 +142,9 @@ class AgentCore:
         self._next_heartbeat_ns = self._next_status_ns = now_ns
 
     def take_outbox(self) -> list[tuple[object, object]]:
-        out, self.outbox = self.outbox, []
+        out = self.outbox
+        if out:  # (an empty outbox is handed out as is: drivers call this after every event)
+            self.outbox = []
         return out
 
     def next_deadline_ns(self) -> int:
@@ -366,12 +368,18 @@ class AgentCore:
         if origin == self.host:
             return
         peer = self._peer(origin, incarnation)
+        self.stats.updates_received += len(updates)
+        merge = self._merge
         for n, vlan, mac, host, port, seq, tomb in updates:
-            self.stats.updates_received += 1
-            if self._merge(vlan, mac, Entry(host, port, seq, tomb), now_ns) and repaired:
+            if merge(vlan, mac, Entry(host, port, seq, tomb), now_ns) and repaired:
                 self.stats.repaired_updates += 1
             if peer is not None:
-                peer.mark(n)
+                if n == peer.contiguous + 1 and not peer.above:
+                    peer.contiguous = n  # in order: the common case, without a call
+                    if n > peer.latest_seen:
+                        peer.latest_seen = n
+                else:
+                    peer.mark(n)
         if peer is not None and not repaired:
             self._maybe_pull(peer, now_ns)
 
@@ -522,18 +530,18 @@ class AgentCore:
 
     def _merge(self, vlan: int, mac: int, entry: Entry, now_ns: int) -> bool:
         key = (vlan, mac)
-        res = self.table.merge(key, entry)
-        if not res.applied:
+        applied, old = self.table.merge(key, entry)
+        if not applied:
             return False
         self.stats.updates_applied += 1
         self.applied_at[key] = now_ns
         self._applied.append([vlan, mac, entry.host, entry.seq, entry.tombstone, now_ns])
-        if entry.host != self.host:
+        if entry.host != self.host and key in self.switch.by_key:
             # The VM lives elsewhere now: a local port for it must not stay active.
             port = self.switch.port_for(vlan, mac)
             if port is not None and port.state == "active":
                 self.switch.remove_key(vlan, mac)
-        if res.old is not None and res.old.host != entry.host and not entry.tombstone:
+        if old is not None and old.host != entry.host and not entry.tombstone:
             self._note_move(key, now_ns)
         return True
 

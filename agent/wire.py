@@ -137,6 +137,47 @@ TEXT = _str(1024, allow_empty=True)
 ENTRY = _tuple(VLAN, MAC, NAME, NAME, SEQ, _bool)
 # A numbered update from its origin: n, then the entry fields
 UPDATE = _tuple(U64, VLAN, MAC, NAME, NAME, SEQ, _bool)
+# An apply report: vlan, mac, host, seq, tombstone, monotonic ns
+APPLIED_ROW = _tuple(VLAN, MAC, NAME, SEQ, _bool, U64)
+
+
+def _entry_ok(vlan, mac, host, port, seq, tomb) -> bool:
+    return (type(vlan) is int and 1 <= vlan <= MAX_VLAN and type(mac) is int and 0 <= mac <= MAX_MAC
+            and type(host) is str and 0 < len(host) <= MAX_NAME_LEN
+            and type(port) is str and 0 < len(port) <= MAX_NAME_LEN
+            and type(seq) is int and 0 <= seq <= 0xFFFFFFFF and type(tomb) is bool)
+
+
+def _rows(row_check, fast_ok, width: int):
+    """A list of fixed-width rows: the hot lists (updates, entries, apply reports) are checked
+    inline, row by row, without a call per field; a row that fails goes through `row_check`
+    for the error message. Same verdict as _list_of(row_check), several times faster."""
+
+    def check(v):
+        if type(v) is not list or len(v) > MAX_LIST_LEN:
+            raise WireError(f"expected list of <= {MAX_LIST_LEN} items")
+        for row in v:
+            if type(row) is not list or len(row) != width or not fast_ok(*row):
+                row_check(row)  # raises, saying what is wrong
+                raise WireError(f"bad row {_show(row)}")  # pragma: no cover - row_check raised
+        return v
+
+    return check
+
+
+def _update_ok(n, vlan, mac, host, port, seq, tomb) -> bool:
+    return type(n) is int and 0 <= n <= MAX_U64 and _entry_ok(vlan, mac, host, port, seq, tomb)
+
+
+def _applied_ok(vlan, mac, host, seq, tomb, t_ns) -> bool:
+    return (type(vlan) is int and 1 <= vlan <= MAX_VLAN and type(mac) is int and 0 <= mac <= MAX_MAC
+            and type(host) is str and 0 < len(host) <= MAX_NAME_LEN and type(seq) is int
+            and 0 <= seq <= 0xFFFFFFFF and type(tomb) is bool and type(t_ns) is int and 0 <= t_ns <= MAX_U64)
+
+
+UPDATES_LIST = _rows(UPDATE, _update_ok, 7)
+ENTRIES_LIST = _rows(ENTRY, _entry_ok, 6)
+APPLIED_LIST = _rows(APPLIED_ROW, _applied_ok, 6)
 # origin -> (incarnation, highest contiguous update number)
 VERSION = _tuple(NAME, U64, U64)
 
@@ -144,14 +185,14 @@ SCHEMAS = {
     # origin, incarnation, latest update number, table digest, entry count
     MsgType.HEARTBEAT: _tuple(NAME, U64, U64, U64, U64),
     # origin, incarnation, updates
-    MsgType.UPDATES: _tuple(NAME, U64, _list_of(UPDATE)),
+    MsgType.UPDATES: _tuple(NAME, U64, UPDATES_LIST),
     # origin wanted, its incarnation, first n, last n
     MsgType.PULL_REQ: _tuple(NAME, U64, U64, U64),
     # origin, incarnation, updates (empty and snapshot follows when the range is gone)
-    MsgType.PULL_REPLY: _tuple(NAME, U64, _list_of(UPDATE)),
+    MsgType.PULL_REPLY: _tuple(NAME, U64, UPDATES_LIST),
     MsgType.SNAPSHOT_REQ: _tuple(NAME),
     # sender, entries, sender's version vector
-    MsgType.SNAPSHOT: _tuple(NAME, _list_of(ENTRY), _list_of(VERSION)),
+    MsgType.SNAPSHOT: _tuple(NAME, ENTRIES_LIST, _list_of(VERSION)),
     # host, incarnation, pub endpoint, rpc endpoint, pid
     MsgType.REGISTER: _tuple(NAME, U64, ENDPOINT, ENDPOINT, U64),
     # [[host, incarnation, pub endpoint, rpc endpoint], ...], membership epoch
@@ -167,7 +208,7 @@ SCHEMAS = {
     # op id, ok, detail, monotonic ns
     MsgType.ACK: _tuple(U64, _bool, TEXT, U64),
     # host, [[vlan, mac, host, seq, tombstone, monotonic ns], ...]
-    MsgType.APPLIED: _tuple(NAME, _list_of(_tuple(VLAN, MAC, NAME, SEQ, _bool, U64))),
+    MsgType.APPLIED: _tuple(NAME, APPLIED_LIST),
     # host, incarnation, peers heard, entries, digest, dropped malformed, membership epoch held
     MsgType.AGENT_STATUS: _tuple(NAME, U64, U64, U64, U64, U64, U64),
     # request id, method, args
@@ -175,7 +216,7 @@ SCHEMAS = {
     # request id, ok, result (any msgpack value) or error text
     MsgType.REPLY: _tuple(U64, _bool, _any),
     # host, entries
-    MsgType.TABLE_REPORT: _tuple(NAME, _list_of(ENTRY)),
+    MsgType.TABLE_REPORT: _tuple(NAME, ENTRIES_LIST),
 }
 
 

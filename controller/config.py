@@ -21,6 +21,7 @@ class ControllerConfig:
     # ...and the wait doubles after each resend up to this, in ms. Default 3,200.
     command_retry_max_ms: int = 3_200
     # Apply reports kept for checkers (`applied_log` API), in entries. Default 500,000.
+    # 0 keeps none (the simulator: it watches every merge itself).
     applied_log_max: int = 500_000
     # An agent whose status shows an older membership (PEERS epoch) than ours gets it again,
     # at most this often, in ms. Default 2,000: it repairs a PEERS lost on a faulty control link.

@@ -379,17 +379,21 @@ class ControllerCore:
         return self._start_op("restart", vm, vm.host, prefer, (prefer, vm.seq_issued, False), now_ns)
 
     def _on_applied(self, host: str, applied: list, now_ns: int) -> None:
-        log = self.applied_log
         self._applied_count += len(applied)
+        if self.config.applied_log_max:
+            self.applied_log.extend([(t_ns, host, vlan, mac, ehost, seq, tomb)
+                                     for vlan, mac, ehost, seq, tomb, t_ns in applied])
+        ops_by_key = self.ops_by_key
         for vlan, mac, ehost, seq, tomb, t_ns in applied:
-            log.append((t_ns, host, vlan, mac, ehost, seq, tomb))
-            op = self.ops_by_key.get((vlan, mac))
+            op = ops_by_key.get((vlan, mac))
             if op is None:
                 self._adopt((vlan, mac), ehost, seq, tomb, now_ns)
                 continue
-            if (ehost, seq, tomb) == op.target or seq > op.target[1]:
+            target = op.target
+            if (seq > target[1] or (ehost == target[0] and seq == target[1] and tomb == target[2])) \
+                    and host not in op.applied:
                 # A later seq for the same MAC also means this agent moved past the target.
-                op.applied.setdefault(host, t_ns)
+                op.applied[host] = t_ns
                 if op.phase == "converging":
                     self._check_converged(op, now_ns)
 

@@ -374,3 +374,26 @@ def test_decode_takes_a_smaller_size_bound():
     assert wire.decode(data, len(data))[0] is MsgType.REPLY
     with pytest.raises(WireError, match="exceeds"):
         wire.decode(data, len(data) - 1)
+
+
+_FIELD_VALUES = st.one_of(st.integers(-2, 5), st.integers(4090, 4100), st.integers(2**48 - 2, 2**48 + 1),
+                          st.integers(2**64 - 1, 2**64), st.booleans(), st.text(max_size=3),
+                          st.just("x" * 65), st.none(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_FIELD_VALUES, min_size=5, max_size=8), max_size=4))
+def test_fast_row_validators_agree_with_the_field_by_field_ones(rows):
+    # The inline validators of the hot lists must accept exactly what the general ones accept.
+    for fast, slow in ((wire.UPDATES_LIST, wire._list_of(wire.UPDATE)),
+                       (wire.ENTRIES_LIST, wire._list_of(wire.ENTRY)),
+                       (wire.APPLIED_LIST, wire._list_of(wire.APPLIED_ROW))):
+        try:
+            expected = slow(rows)
+        except wire.WireError:
+            expected = None
+        try:
+            got = fast(rows)
+        except wire.WireError:
+            got = None
+        assert got == expected

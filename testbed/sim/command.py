@@ -16,17 +16,16 @@ from testbed.client import ClusterError
 from testbed.sim.engine import NetConfig, SimConfig, Simulator
 from testbed.sim.spec import SpecError, faults_end_ms, parse_crashes, parse_partitions
 
-BIG_RUN = 2_000_000  # hosts * (hosts + VMs) above which the command skips the final cleanup
-
 HELP = """Simulate a whole cluster in one process, deterministically: the real agent and
 controller cores on a virtual clock and a seeded network. One seed gives exactly one run;
 `--json` output of two runs with the same arguments is byte-identical.
 
 The run: N agents start (within the first virtual ms) and register, the client waits until
 the mesh is ready, creates M VMs in one batch (round-robin), then makes K moves of random
-active VMs to random running hosts (one at a time, or --move-rate per virtual second). The fault window opens with the first move and
-closes when the last move is answered (or after --fault-ms); then the run waits until every
-running agent's MAC table equals the controller's inventory and reports how long that took.
+active VMs to random running hosts (--concurrency at a time, or --move-rate per virtual
+second). The fault window opens with the first move and closes when the last move is
+answered (or after --fault-ms); then the run waits until every running agent's MAC table
+equals the controller's inventory and reports how long that took.
 
 \b
 Network (per message): latency = --latency-us + exponential jitter of mean --jitter-us.
@@ -73,7 +72,10 @@ def _probability(ctx, param, value):
 @click.option("--crashes", multiple=True, metavar="SPEC", help="Agent crashes, HOST@AT[-RESTART] (see above).")
 @click.option("--seed", type=int, default=1, show_default=True, help="The run's seed.")
 @click.option("--move-rate", type=click.FloatRange(min=0.001), default=None,
-              help="Moves per virtual second, not waiting for earlier ones [default: one at a time].")
+              help="Moves per virtual second, not waiting for earlier ones [default: --concurrency].")
+@click.option("--concurrency", type=click.IntRange(1, 100_000), default=None,
+              help="Moves in flight at once, the next sent as one is answered [default: one per 20 "
+                   "hosts, at least 1].")
 @click.option("--fault-ms", type=click.IntRange(0, 10**9), default=None,
               help="Fault window length, virtual ms [default: until the last move is answered].")
 @click.option("--gossip-interval-ms", type=click.IntRange(1, 10**9), default=None,
@@ -86,7 +88,7 @@ def _probability(ctx, param, value):
 @click.option("--ctl-faults", is_flag=True, help="Apply --loss/--dup/--reorder to agent<->controller messages too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no wall-clock time in it).")
 @click.option("--progress", is_flag=True, help="Print a progress line to stderr every 10 s of wall-clock time.")
-def sim(hosts, vms, n_moves, loss, dup, reorder, partitions, crashes, seed, move_rate, fault_ms,
+def sim(hosts, vms, n_moves, loss, dup, reorder, partitions, crashes, seed, move_rate, concurrency, fault_ms,
         gossip_interval_ms, latency_us, jitter_us, ctl_faults, as_json, progress) -> None:
     try:
         parts = parse_partitions(partitions, hosts)
@@ -110,7 +112,7 @@ def sim(hosts, vms, n_moves, loss, dup, reorder, partitions, crashes, seed, move
         hosts=hosts, vms=vms, moves=n_moves, seed=seed,
         net=NetConfig(base_latency_us=latency_us, jitter_mean_us=jitter_us, loss=loss, dup=dup, reorder=reorder,
                       ctl_faults=ctl_faults),
-        partitions=parts, crashes=crash_list, move_rate=move_rate, fault_ms=fault_ms,
+        partitions=parts, crashes=crash_list, move_rate=move_rate, concurrency=concurrency, fault_ms=fault_ms,
         gossip_interval_ms=gossip_interval_ms,
     )
     started = time.perf_counter()
@@ -142,10 +144,10 @@ def sim(hosts, vms, n_moves, loss, dup, reorder, partitions, crashes, seed, move
             click.echo(json.dumps(result, indent=1))
         else:
             print_human(result, wall_s, phases)
-        if hosts * (hosts + vms) > BIG_RUN:
-            # Tens of millions of objects: tracing them all once more to free them just before
-            # the process exits takes minutes. Park them where the collector never looks.
-            gc.freeze()
+        # Millions of objects: tracing them all once more (a collection when gc comes back on)
+        # just before the process exits takes seconds to minutes. Park them where the
+        # collector never looks; freeing them at exit is reference counting alone.
+        gc.freeze()
     finally:
         if gc_was_on:
             gc.enable()

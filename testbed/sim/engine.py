@@ -63,6 +63,7 @@ from testbed.sim.spec import CTL, Crash, Partition, faults_end_ms
 NS_PER_US = 1_000
 NS_PER_MS = 1_000_000
 
+MOVES_PER_HOSTS = 20  # default concurrency: one move in flight per this many hosts
 SLOT_SHIFT = 12  # a calendar slot is 4,096 ns of virtual time
 FULL_CHECK_ENTRIES = 2_000_000  # final checks compare every table in full up to this many entries
 
@@ -109,9 +110,12 @@ class SimConfig:
     net: NetConfig = field(default_factory=NetConfig)
     partitions: tuple[Partition, ...] = ()
     crashes: tuple[Crash, ...] = ()
-    # Moves per virtual second, issued whether or not earlier ones finished; None: one move at
-    # a time, the next sent when the previous one's reply arrives (as `dvs demo`).
+    # Moves per virtual second, issued whether or not earlier ones finished; None: `concurrency`
+    # moves in flight, a new one sent as each reply arrives.
     move_rate: float | None = None
+    # Moves in flight at once (without move_rate); None: one per MOVES_PER_HOSTS hosts, at
+    # least one (a big cluster runs many vMotions at once; a small one, one at a time as `dvs demo`).
+    concurrency: int | None = None
     # Length of the fault window in virtual ms; None: until the last move is answered (and at
     # least until the last scheduled partition heals or crashed host restarts).
     fault_ms: int | None = None
@@ -125,6 +129,11 @@ class SimConfig:
     start_spread_us: int = 1_000
     # The client's wait_ready timeout, virtual ms.
     ready_timeout_ms: int = 60_000
+
+
+def concurrency_for(cfg: SimConfig) -> int:
+    """Moves the client keeps in flight (see SimConfig.concurrency)."""
+    return cfg.concurrency if cfg.concurrency is not None else max(1, cfg.hosts // MOVES_PER_HOSTS)
 
 
 def agent_config_for(cfg: SimConfig) -> AgentConfig:
@@ -236,7 +245,8 @@ class Simulator:
         self.on_progress = None
         self.net = cfg.net
         self.agent_config = agent_config_for(cfg)
-        self.ctl_config = cfg.controller_config or ControllerConfig()
+        # The apply log is for the chaos checker; the simulator watches every merge itself.
+        self.ctl_config = cfg.controller_config or ControllerConfig(applied_log_max=0)
         self.hosts = [f"h{i}" for i in range(1, cfg.hosts + 1)]
         self.hidx = {h: i for i, h in enumerate(self.hosts)}
         self.net_rng = random.Random(f"{cfg.seed}/net")
@@ -921,6 +931,7 @@ class Simulator:
                 "partitions": [p.spec() for p in cfg.partitions],
                 "crashes": [c.spec() for c in cfg.crashes],
                 "move_rate": cfg.move_rate, "fault_ms": cfg.fault_ms,
+                "concurrency": None if cfg.move_rate is not None else concurrency_for(cfg),
                 "base_latency_us": cfg.net.base_latency_us, "jitter_mean_us": cfg.net.jitter_mean_us,
                 "gossip_interval_ms": gossip_interval_ms(self.agent_config, cfg.hosts),
                 "heartbeat_budget_per_s": self.agent_config.heartbeat_budget_per_s,
@@ -1064,7 +1075,8 @@ class Client:
         if cfg.moves == 0:
             sim.moves_finished()
         elif cfg.move_rate is None:
-            self._next_move()
+            for _ in range(min(cfg.moves, concurrency_for(cfg))):
+                self._next_move()
         else:
             gap = 1e9 / cfg.move_rate
             for i in range(cfg.moves):
@@ -1121,7 +1133,7 @@ class Client:
         cfg = self.sim.cfg
         if len(self.records) == cfg.moves:
             self.sim.moves_finished()
-        elif cfg.move_rate is None:
+        elif cfg.move_rate is None and self.sent_moves < cfg.moves:
             self._next_move()
 
 
@@ -1152,6 +1164,8 @@ def replay_command(cfg: SimConfig) -> str:
         parts.append("--crashes '" + ",".join(c.spec() for c in cfg.crashes) + "'")
     if cfg.move_rate is not None:
         parts.append(f"--move-rate {cfg.move_rate!r}")
+    if cfg.concurrency is not None:
+        parts.append(f"--concurrency {cfg.concurrency}")
     if cfg.fault_ms is not None:
         parts.append(f"--fault-ms {cfg.fault_ms}")
     if cfg.gossip_interval_ms is not None:
