@@ -235,10 +235,11 @@ class AgentCore:
     def flush(self, now_ns: int) -> None:
         """Emit what accumulated during a batch of events: own updates, applied reports."""
         pending = self._pending_pub
-        for i in range(0, len(pending), PUB_BATCH_MAX):
-            batch = pending[i : i + PUB_BATCH_MAX]
-            self.outbox.append(("pub", wire.encode(MsgType.UPDATES, [self.host, self.incarnation, batch])))
-        self._pending_pub = []
+        if pending:
+            for i in range(0, len(pending), PUB_BATCH_MAX):
+                batch = pending[i : i + PUB_BATCH_MAX]
+                self.outbox.append(("pub", wire.encode(MsgType.UPDATES, [self.host, self.incarnation, batch])))
+            self._pending_pub = []
         applied = self._applied
         if not applied or now_ns < self._next_applied_ns:
             return  # nothing, or wait for the report window (next_deadline_ns covers it)

@@ -57,6 +57,7 @@ class Op:
     latency_ms: float | None = None
     missing: list[str] = field(default_factory=list)
     done_ns: int = 0  # when the controller finished it (its clock): the client's wait ends here
+    src_lost: bool = False  # the source's agent restarted meanwhile: the VM no longer runs there
     next_hint_ns: int = 0  # converging: when to tell laggards where to pull from (0: never)
     hint_every_ns: int = 0
 
@@ -116,6 +117,12 @@ class ControllerCore:
         # by name -> earliest retry time (ns). Retried from on_timer.
         self._pending_restarts: dict[str, int] = {}
         self._needs_claim: dict[str, bool] = {}  # deferred restarts that must re-claim even on a live host
+        for vm in self.inv.vms.values():
+            if vm.state == "lost":
+                # Journaled when its host restarted under it; we crashed before it ran again.
+                vm.state = "active"
+                self._needs_claim[vm.name] = True
+                self._pending_restarts[vm.name] = 0
         # Every apply every agent reported: (t_ns, reporter, vlan, mac, host, seq, tombstone),
         # for checkers (e.g. "no agent ever went back to a lower (seq, host)"). Bounded.
         self.applied_log: deque[tuple] = deque(maxlen=self.config.applied_log_max)
@@ -232,8 +239,12 @@ class ControllerCore:
     def _on_register(self, envelope: list, body: list, now_ns: int) -> None:
         name, incarnation, pub, rpc, pid = body
         old = self.inv.hosts.get(name)
-        if old is not None and incarnation < old.incarnation:
+        prev = old.incarnation if old is not None else self.inv.incarnations.get(name)
+        if prev is not None and incarnation < prev:
             return  # a stale message from an earlier life of that host
+        if prev != incarnation:
+            self.inv.incarnations[name] = incarnation
+            self.journal_out.append({"host_incarnation": name, "incarnation": incarnation})
         if old is not None:
             self._routes.pop(old.route[0], None)
         self.inv.hosts[name] = Host(name, incarnation, pub, rpc, pid, envelope, last_seen_ns=now_ns,
@@ -241,16 +252,23 @@ class ControllerCore:
         self._routes[envelope[0]] = name
         self._recount_live()
         self._membership_changed(now_ns)
-        if old is not None and incarnation > old.incarnation:
-            # The host's agent restarted: the VMs it ran died with it. Start them again there
+        if prev is not None and incarnation > prev:
+            # The host's agent restarted (maybe while we were down: the journal knows its last
+            # incarnation): the VMs it ran died with it. Start them again there
             # (with a new seq, so the new ports win over anything stale).
             for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
-                if vm.host != name or vm.state != "active":
+                if vm.host != name or vm.state not in ("active", "moving"):
                     continue
+                # Durably: should we crash before it runs again, the next controller must
+                # restart it (the journal already knows the host's new incarnation).
+                self.journal_out.append({**self.inv.to_record(vm), "state": "lost"})
                 op = self.ops_by_key.get(vm.key)
                 if op is not None:
                     if op.target[0] != name:
-                        continue  # moving away from the restarted host: that move carries on
+                        # Moving away from the restarted host: that move carries on; if it
+                        # fails, the VM must start again (it is no longer on the source).
+                        op.src_lost = True
+                        continue
                     # It had just taken the VM over; the claim died with the old process.
                     op.error = f"{name} restarted while taking over {vm.name}"
                     self._finish(op, now_ns)
@@ -550,7 +568,7 @@ class ControllerCore:
             elif op.kind in ("move", "restart"):
                 vm.state = "active"
                 h = self.inv.hosts.get(vm.host)
-                if sent_claim or h is None or h.state == "dead":
+                if sent_claim or op.src_lost or h is None or h.state == "dead":
                     # The target may have claimed seq+1 after all, or the VM's host is gone:
                     # a fresh claim with a higher seq leaves exactly one owner. Not at once
                     # after a refusal: an agent that keeps refusing must not make us spin.

@@ -52,7 +52,7 @@ class Vm:
     vlan: int
     host: str
     seq: int = 0
-    state: str = "creating"  # creating | active | moving | deleted | failed
+    state: str = "creating"  # creating | active | moving | deleted | failed (journal only: lost)
     # Highest seq ever handed out for this VM (>= seq): a switchover whose ack never came may
     # still have been applied, so its seq is never handed out again (single writer).
     seq_issued: int = 0
@@ -90,6 +90,10 @@ class Inventory:
     profiles: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PROFILES))
     next_vm_number: int = 1
     _by_key: dict[tuple[int, int], Vm] = field(default_factory=dict)
+    # The last incarnation each host registered with, journaled: a controller that restarts
+    # must still tell an agent that restarted meanwhile (its VMs died with it) from one that
+    # only re-registers with us.
+    incarnations: dict[str, int] = field(default_factory=dict)
 
     def by_key(self, key: tuple[int, int]) -> Vm | None:
         return self._by_key.get(key)
@@ -112,7 +116,10 @@ class Inventory:
                 "seq": vm.seq, "seq_issued": vm.seq_issued, "state": vm.state}
 
     def apply_record(self, r: dict) -> None:
-        """Replay one journal record (the latest record of a VM wins)."""
+        """Replay one journal record (the latest record of a VM, or of a host's incarnation, wins)."""
+        if "host_incarnation" in r:
+            self.incarnations[r["host_incarnation"]] = r["incarnation"]
+            return
         vm = Vm(r["vm"], r["number"], r["profile"], r["vlan"], r["host"], r["seq"], r["state"], r["seq_issued"])
         if vm.state == "moving":
             vm.state = "active"  # a move cut short by our crash: agents tell us where it ended

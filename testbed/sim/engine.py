@@ -274,6 +274,10 @@ class Simulator:
         self.client_to_ctl_last = 0
         self.controller = ControllerCore(self.ctl_config)
         self.ctl_timer_at: int | None = None
+        self.ctl_up = True
+        # The controller's journal as it would be on disk (the runtime fsyncs each record
+        # before acting on the outbox): a restarted controller replays it.
+        self.journal: list[dict] = []
         # Network state.
         self.base_ns = self.net.base_latency_us * NS_PER_US
         self.jitter_ns = self.net.jitter_mean_us * NS_PER_US
@@ -394,6 +398,11 @@ class Simulator:
                 if a.alive:
                     self._after_agent(a, t)
             elif dst == CONTROLLER:
+                if not self.ctl_up:
+                    # A crashed controller: what was on its way to it is lost, its timers with it.
+                    if ev[3] != K_TIMER:
+                        self.undeliverable += 1
+                    continue
                 ctl = self.controller
                 self._controller_event(ctl, ev, t)
                 while heap and heap[0][0] == t and heap[0][1] == CONTROLLER:
@@ -689,6 +698,10 @@ class Simulator:
         return kept
 
     def client_send(self, frame: bytes, t: int) -> None:
+        if not self.ctl_up:
+            self._count(frame, 1)
+            self.undeliverable += 1
+            return
         arr = self._ctl_link(None, [frame], t, self.client_to_ctl_last)
         self.client_to_ctl_last = arr
         self._push(arr, CONTROLLER, K_TOCTL, [CLIENT_ENVELOPE], [frame])
@@ -711,6 +724,10 @@ class Simulator:
             self._push(d, CONTROLLER, K_TIMER)
 
     def _after_controller(self, t: int) -> None:
+        records = self.controller.take_journal()
+        if records:
+            self.journal.extend(records)
+            self.dirty = True  # the inventory changed: agreement must be judged again
         out = self.controller.take_outbox()
         if out:
             trains: dict[int, list] = {}
@@ -770,6 +787,10 @@ class Simulator:
             self.at(t + p.start_ms * NS_PER_MS, self.start_partition, p)
             self.at(t + p.end_ms * NS_PER_MS, self.heal_partition, p)
         for c in self.cfg.crashes:
+            if c.host == CTL:
+                self.at(t + c.at_ms * NS_PER_MS, self.crash_controller)
+                self.at(t + c.restart_ms * NS_PER_MS, self.restart_controller)
+                continue
             hidx = self.hidx[c.host]
             self.at(t + c.at_ms * NS_PER_MS, self.crash_agent, hidx)
             if c.restart_ms is not None:
@@ -798,6 +819,23 @@ class Simulator:
         self.reorder = False
         if self.moves_done_ns is not None:
             self._start_settling()
+
+    def crash_controller(self) -> None:
+        """The controller process dies: its memory is gone, its journal stays on disk."""
+        self.ctl_up = False
+        self.ctl_timer_at = None
+        self.crash_log.append({"host": CTL, "incarnation": len([c for c in self.crash_log if c["host"] == CTL]) + 1,
+                               "at_ms": _ms(self.now)})
+        self.client.controller_crashed()
+
+    def restart_controller(self) -> None:
+        """A new controller process: it replays the journal, then agents re-register (it asks
+        those it does not know) and report their tables, which it reconciles with."""
+        self.controller = ControllerCore(self.ctl_config, journal=list(self.journal))
+        self.ctl_up = True
+        self.dirty = True
+        self._arm_controller(self.now)
+        self.client.controller_restarted()
 
     def start_partition(self, p: Partition) -> None:
         rest = len(p.groups)
@@ -839,7 +877,7 @@ class Simulator:
             return
         # An op before its switchover may still change the inventory; one that is converging
         # already set it (it may wait for APPLIED reports a partition cut: tables agree anyway).
-        if self.dirty and all(op.phase == "converging" for op in self.controller.ops.values()):
+        if self.dirty and self.ctl_up and all(op.phase == "converging" for op in self.controller.ops.values()):
             self.dirty = False
             if self.agreement():
                 self.agree_ns = max(self.f1_ns, self.last_change_ns)
@@ -851,14 +889,37 @@ class Simulator:
         self.at(min(self.now + NS_PER_MS, self.settle_deadline_ns), self._probe)
 
     def agreement(self) -> bool:
-        """Every running agent holds the controller's expected table (digests first, then in full)."""
+        """Every running agent holds the controller's expected table (digests first, then in
+        full), and every VM runs on exactly the host the inventory names."""
         running = [a for a in self.current if a is not None]
         if not running:
             return True
         d = running[0].core.table.digest
         if any(a.core.table.digest != d for a in running):
             return False
-        return running[0].core.table.as_placement() == self.controller.inv.expected_table()
+        if running[0].core.table.as_placement() != self.controller.inv.expected_table():
+            return False
+        return not self.misplaced_vms(running)
+
+    def misplaced_vms(self, running: list[Agent]) -> list[dict]:
+        """VMs not active on exactly one running host, the one the inventory names (a move cut
+        short by a crash must end done or rolled back, never on two hosts or on none; a VM of
+        a host that died must run again elsewhere). With no agent running, nothing can run."""
+        if not running:
+            return []
+        active: dict[tuple[int, int], list[str]] = {}
+        for a in running:
+            for port in a.core.switch.ports.values():
+                if port.state == "active":
+                    active.setdefault((port.vlan, port.mac), []).append(a.host)
+        bad = []
+        for vm in sorted(self.controller.inv.vms.values(), key=lambda v: v.number):
+            on = active.pop(vm.key, [])
+            if vm.state == "active" and on != [vm.host]:
+                bad.append({"vm": vm.name, "inventory": vm.host, "active_on": on})
+            elif vm.state != "active" and on:
+                bad.append({"vm": vm.name, "inventory": vm.state, "active_on": on})
+        return bad
 
     # ------------------------------------------------------------------ results
 
@@ -887,6 +948,7 @@ class Simulator:
             diff = verdict[table.digest]
             if diff is not None:
                 bad.append({"host": a.host, **diff})
+        bad_ports = self.misplaced_vms(running)
         ctl_live = set(self.controller.inv.live_hosts())
         not_live = [a.host for a in running if a.host not in ctl_live]
         agent_errors = sum(a.core.stats.handler_errors for a in running)
@@ -894,8 +956,8 @@ class Simulator:
         ctl = self.controller
         malformed = sum(a.core.stats.dropped_malformed for a in running) + ctl.dropped_malformed
         tables_ok = not bad
-        ok = (tables_ok and self.violations == 0 and agent_errors == 0 and ctl.handler_errors == 0
-              and self.agree_ns is not None)
+        ok = (tables_ok and not bad_ports and self.violations == 0 and agent_errors == 0
+              and ctl.handler_errors == 0 and self.agree_ns is not None)
         return {
             "ok": ok,
             "tables_agree": tables_ok,
@@ -903,6 +965,8 @@ class Simulator:
             "entries": len(expected),
             "mismatched_hosts": len(bad),
             "mismatch_examples": bad[:5],
+            "vms_not_on_exactly_one_host": len(bad_ports),
+            "vm_examples": bad_ports[:5],
             "running_but_dead_to_controller": not_live[:20],
             "safety_violations": self.violations,
             "safety_examples": self.violation_examples,
@@ -923,7 +987,8 @@ class Simulator:
         msgs_moves = self.traffic_at_done[0] - self.traffic_at_f0[0]
         bytes_moves = self.traffic_at_done[1] - self.traffic_at_f0[1]
         after = None if self.agree_ns is None or self.f1_ns is None else _ms(self.agree_ns - self.f1_ns)
-        moves_ok = summary["converged"] == summary["moves"] == cfg.moves and client.error is None
+        moves_ok = (summary["converged"] + client.interrupted == summary["moves"] == cfg.moves
+                    and client.error is None)
         return {
             "config": {
                 "hosts": cfg.hosts, "vms": cfg.vms, "moves": cfg.moves, "seed": cfg.seed,
@@ -941,7 +1006,10 @@ class Simulator:
             "create": client.create_summary,
             "moves": {
                 **summary,
-                "failed": [r for r in client.records if not r["converged"]][:20],
+                # In flight when the controller crashed: done or rolled back, as the final
+                # checks (tables, one active port per VM) judge; not counted as failed.
+                "interrupted": client.interrupted,
+                "failed": [r for r in client.records if not r["converged"] and not r.get("interrupted")][:20],
             },
             "traffic": {
                 "messages": self.msgs,
@@ -993,6 +1061,46 @@ class Client:
         self.placement = {f"vm{i}": sim.hosts[(i - 1) % cfg.hosts] for i in range(1, cfg.vms + 1)}
         self.inflight: set[str] = set()
         self.sent_moves = 0
+        self.paused = False  # the controller crashed: moves wait until it is back and ready
+        self.deferred = 0  # moves to start once it is
+        self.interrupted = 0  # moves in flight when the controller crashed
+
+    def controller_crashed(self) -> None:
+        """Requests in flight die with the controller: a move's outcome (done or rolled back)
+        is judged by the final checks, not by a reply."""
+        self.paused = True
+        for _req_id, (kind, ctx) in sorted(self.pending.items()):
+            if kind == "move":
+                name, src, dst = ctx
+                self.inflight.discard(name)
+                self.interrupted += 1
+                self.sim.at(self.sim.now, self._record, {
+                    "vm": name, "src": src, "dst": dst, "seq": None, "converged": False, "latency_ms": None,
+                    "interrupted": True, "error": "the controller crashed with the move in flight"})
+        self.pending.clear()
+
+    def controller_restarted(self) -> None:
+        """Moves resume once the new controller knows every running agent again (they
+        re-register at their next status report), or after its dead timeout at the latest."""
+        sim = self.sim
+        ctl = sim.ctl_config
+        self._reready_deadline = sim.now + (ctl.dead_after_ms + 2 * ctl.tick_interval_ms) * NS_PER_MS
+        sim.at(sim.now + NS_PER_MS, self._poll_reready)
+
+    def _poll_reready(self) -> None:
+        sim = self.sim
+        if not sim.ctl_up or not self.paused:
+            return
+        hosts = sim.controller.inv.hosts
+        known = all((h := hosts.get(a.host)) is not None and h.incarnation == a.core.incarnation
+                    for a in sim.current if a is not None)
+        if not known and sim.now < self._reready_deadline:
+            sim.at(sim.now + NS_PER_MS, self._poll_reready)
+            return
+        self.paused = False
+        n, self.deferred = self.deferred, 0
+        for _ in range(n):
+            self._next_move()
 
     def call(self, method: str, args: dict, kind: str, ctx=None, timeout_ms: int | None = None) -> None:
         sim = self.sim
@@ -1031,6 +1139,7 @@ class Client:
             kind, ctx = self.pending.pop(req_id, (None, None))
             if kind == "ready":
                 self._on_ready(ok, result)
+
             elif kind == "create":
                 self._on_create(ok, result)
             elif kind == "move":
@@ -1091,6 +1200,9 @@ class Client:
         Placement comes from the controller's inventory, read directly (what `dvs vm list` would
         answer, without a round trip per move): HA may have moved VMs behind the client's back.
         """
+        if self.paused:
+            self.deferred += 1
+            return
         sim = self.sim
         rng = sim.work_rng
         inv = sim.controller.inv

@@ -15,6 +15,8 @@ Several partitions: separate them with `;` or repeat the option; they must not o
 Crashes, `HOST@AT[-RESTART]`:
     `h3@1000-2500`    h3 crashes at 1 s and restarts at 2.5 s (a new incarnation)
     `h3@1000`         h3 crashes at 1 s and stays down
+    `ctl@1000-2500`   the controller crashes at 1 s and restarts at 2.5 s from its journal
+                      (it must restart: without it no move can finish)
 Several crashes: separate them with `,` or `;`, or repeat the option. A host may crash again
 only after it restarted.
 """
@@ -28,7 +30,7 @@ CTL = "ctl"
 _HOST_RE = re.compile(r"^h(\d+)$")
 _RANGE_RE = re.compile(r"^h(\d+)-h(\d+)$")
 _TIMES_RE = re.compile(r"^(\d+)-(\d+)$")
-_CRASH_RE = re.compile(r"^(h\d+)@(\d+)(?:-(\d+))?$")
+_CRASH_RE = re.compile(r"^(h\d+|ctl)@(\d+)(?:-(\d+))?$")
 
 
 class SpecError(ValueError):
@@ -125,6 +127,10 @@ def parse_partitions(specs: tuple[str, ...] | list[str], n_hosts: int) -> tuple[
     return tuple(parts)
 
 
+def _crash_order(c: Crash) -> int:
+    return 0 if c.host == CTL else int(c.host[1:])
+
+
 def parse_crashes(specs: tuple[str, ...] | list[str], n_hosts: int) -> tuple[Crash, ...]:
     crashes = []
     for text in _pieces(specs, ",;"):
@@ -132,16 +138,21 @@ def parse_crashes(specs: tuple[str, ...] | list[str], n_hosts: int) -> tuple[Cra
         if not m:
             raise SpecError(f"crash {text!r}: expected HOST@AT or HOST@AT-RESTART in virtual ms, e.g. h3@1000-2500")
         host, at = m.group(1), int(m.group(2))
-        _host_number(host, n_hosts, f"crash {text!r}")
         restart = None if m.group(3) is None else int(m.group(3))
+        if host == CTL:
+            if restart is None:
+                raise SpecError(f"crash {text!r}: the controller must restart (ctl@AT-RESTART), "
+                                f"or no move could ever finish")
+        else:
+            _host_number(host, n_hosts, f"crash {text!r}")
         if restart is not None and restart <= at:
             raise SpecError(f"crash {text!r}: the restart must come after the crash")
         crashes.append(Crash(host, at, restart))
-    crashes.sort(key=lambda c: (int(c.host[1:]), c.at_ms))
+    crashes.sort(key=lambda c: (_crash_order(c), c.at_ms))
     for a, b in zip(crashes, crashes[1:], strict=False):
         if a.host == b.host and (a.restart_ms is None or b.at_ms <= a.restart_ms):
             raise SpecError(f"crashes {a.spec()!r} and {b.spec()!r}: {a.host} must restart before it crashes again")
-    crashes.sort(key=lambda c: (c.at_ms, int(c.host[1:])))
+    crashes.sort(key=lambda c: (c.at_ms, _crash_order(c)))
     return tuple(crashes)
 
 
