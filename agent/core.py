@@ -370,19 +370,24 @@ class AgentCore:
             return
         peer = self._peer(origin, incarnation)
         self.stats.updates_received += len(updates)
-        merge = self._merge
-        for n, vlan, mac, host, port, seq, tomb in updates:
-            if merge(vlan, mac, Entry(host, port, seq, tomb), now_ns) and repaired:
-                self.stats.repaired_updates += 1
-            if peer is not None:
+        applied = self.table.merge_updates(updates)
+        if applied:
+            if repaired:
+                self.stats.repaired_updates += len(applied)
+            note = self._note_applied
+            for key, old, new in applied:
+                note(key, old, new, now_ns)
+        if peer is not None:
+            for u in updates:
+                n = u[0]
                 if n == peer.contiguous + 1 and not peer.above:
                     peer.contiguous = n  # in order: the common case, without a call
                     if n > peer.latest_seen:
                         peer.latest_seen = n
                 else:
                     peer.mark(n)
-        if peer is not None and not repaired:
-            self._maybe_pull(peer, now_ns)
+            if not repaired:
+                self._maybe_pull(peer, now_ns)
 
     def _on_heartbeat(self, origin: str, incarnation: int, latest: int, digest: int, count: int, now_ns: int) -> None:
         if origin == self.host:
@@ -532,19 +537,22 @@ class AgentCore:
     def _merge(self, vlan: int, mac: int, entry: Entry, now_ns: int) -> bool:
         key = (vlan, mac)
         applied, old = self.table.merge(key, entry)
-        if not applied:
-            return False
+        if applied:
+            self._note_applied(key, old, entry, now_ns)
+        return applied
+
+    def _note_applied(self, key: tuple[int, int], old: Entry | None, entry: Entry, now_ns: int) -> None:
+        """Bookkeeping after the table took `entry`: apply report, local port, flap guard."""
         self.stats.updates_applied += 1
         self.applied_at[key] = now_ns
-        self._applied.append([vlan, mac, entry.host, entry.seq, entry.tombstone, now_ns])
+        self._applied.append([key[0], key[1], entry.host, entry.seq, entry.tombstone, now_ns])
         if entry.host != self.host and key in self.switch.by_key:
             # The VM lives elsewhere now: a local port for it must not stay active.
-            port = self.switch.port_for(vlan, mac)
+            port = self.switch.port_for(key[0], key[1])
             if port is not None and port.state == "active":
-                self.switch.remove_key(vlan, mac)
+                self.switch.remove_key(key[0], key[1])
         if old is not None and old.host != entry.host and not entry.tombstone:
             self._note_move(key, now_ns)
-        return True
 
     def _note_move(self, key: tuple[int, int], now_ns: int) -> None:
         times = self._moves.setdefault(key, deque())

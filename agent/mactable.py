@@ -113,6 +113,48 @@ class MacTable:
         entries[key] = new
         return MergeResult(True, old)
 
+    def merge_updates(self, updates: list) -> list[tuple[Key, Entry | None, Entry]]:
+        """Merge gossip rows `[n, vlan, mac, host, port, seq, tombstone]` by the same rule as
+        merge(), in one loop; return what was applied as `(key, old, new)`.
+
+        The bulk path: creating 8,000 VMs is 8,000 rows at every agent, and a call per row
+        (merge, its result) costs more than the rule itself."""
+        if self._reverse or type(self).merge is not MacTable.merge:
+            return self._merge_updates_one_by_one(updates)
+        return self._merge_updates_fast(updates)
+
+    def _merge_updates_fast(self, updates: list) -> list[tuple[Key, Entry | None, Entry]]:
+        entries = self._entries
+        get = entries.get
+        applied = []
+        digest = self.digest
+        tombs = 0
+        for _n, vlan, mac, host, port, seq, tomb in updates:
+            key = (vlan, mac)
+            old = get(key)
+            if old is not None:
+                if seq < old.seq or (seq == old.seq and host <= old.host):
+                    continue
+                digest ^= entry_hash(vlan, mac, old)
+                tombs -= old.tombstone
+            new = Entry(host, port, seq, tomb)
+            entries[key] = new
+            digest ^= entry_hash(vlan, mac, new)
+            tombs += tomb
+            applied.append((key, old, new))
+        self.digest = digest
+        self._tombstones += tombs
+        return applied
+
+    def _merge_updates_one_by_one(self, updates: list) -> list[tuple[Key, Entry | None, Entry]]:
+        applied = []
+        for _n, vlan, mac, host, port, seq, tomb in updates:
+            new = Entry(host, port, seq, tomb)
+            ok, old = self.merge((vlan, mac), new)
+            if ok:
+                applied.append(((vlan, mac), old, new))
+        return applied
+
     def snapshot(self) -> list[list]:
         return [[k[0], k[1], e.host, e.port, e.seq, e.tombstone] for k, e in self._entries.items()]
 

@@ -26,7 +26,8 @@ def known_vms(cluster: Cluster) -> dict[str, dict]:
                 r = json.loads(line)
             except ValueError:
                 continue
-            vms[r["vm"]] = r
+            if "vm" in r:  # (host incarnation records carry no VM)
+                vms[r["vm"]] = r
     return vms
 
 

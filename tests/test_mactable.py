@@ -232,3 +232,24 @@ def test_parse_mac_rejects_int_syntax(text):
     # Regression: the joined text once went to int(..., 16), which accepts all of these.
     with pytest.raises(ValueError):
         parse_mac(text)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(100, 101), st.integers(1, 4), st.sampled_from(HOSTS),
+                          st.sampled_from(["vEth1", "vEth2"]), st.integers(0, 4), st.booleans()), max_size=30),
+       st.booleans())
+def test_bulk_merge_of_gossip_rows_is_the_one_by_one_merge(rows, reverse):
+    # merge_updates (the hot path) keeps exactly the one merge rule: same table, same digest,
+    # same tombstone count and the same applied (key, old, new), in order.
+    updates = [[i + 1, *r] for i, r in enumerate(rows)]
+    bulk, single = MacTable(reverse_merge_rule=reverse), MacTable(reverse_merge_rule=reverse)
+    applied = bulk.merge_updates(updates)
+    expected = []
+    for _n, vlan, mac, host, port, seq, tomb in updates:
+        e = Entry(host, port, seq, tomb)
+        res = single.merge((vlan, mac), e)
+        if res.applied:
+            expected.append(((vlan, mac), res.old, e))
+    assert applied == expected
+    assert dict(bulk.items()) == dict(single.items()) and bulk.digest == single.digest == xor_digest(single)
+    assert bulk.live_count() == single.live_count() == sum(1 for _, e in single.items() if not e.tombstone)

@@ -43,6 +43,9 @@ makes it lossy too).
 --crashes HOST@AT[-RESTART]   times in virtual ms after the window opens
     h3@1000-2500              h3 crashes at 1 s, restarts (new incarnation) at 2.5 s
     h3@1000                   h3 stays down
+    ctl@1000-2500             the controller crashes at 1 s and restarts from its journal at
+                              2.5 s; moves in flight then are counted as interrupted (the final
+                              checks judge that each ended done or rolled back)
   several: separate with ',' or repeat the option.
 An agent silent to the controller for its dead_after_ms (3,000 ms) is declared dead and its
 VMs are restarted elsewhere (HA); moves in flight to or from it may fail.

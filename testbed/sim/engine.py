@@ -195,6 +195,21 @@ class MonitoredTable(MacTable):
         self._sim = sim
         self._host = host
 
+    def merge_updates(self, updates):
+        if type(self).base_merge is not MacTable.merge:  # a test swapped the rule: go one by one
+            return self._merge_updates_one_by_one(updates)
+        if self._reverse:
+            return self._merge_updates_one_by_one(updates)
+        applied = self._merge_updates_fast(updates)
+        if applied:
+            sim = self._sim
+            sim.last_change_ns = sim.now
+            sim.dirty = True
+            for key, old, new in applied:
+                if old is not None and (new.seq, new.host) <= (old.seq, old.host):
+                    sim.safety_violation(self._host, key, old, new)
+        return applied
+
     def merge(self, key, new):
         old = self._entries.get(key)
         res = self.base_merge(key, new)
