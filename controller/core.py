@@ -402,18 +402,21 @@ class ControllerCore:
             self.applied_log.extend([(t_ns, host, vlan, mac, ehost, seq, tomb)
                                      for vlan, mac, ehost, seq, tomb, t_ns in applied])
         ops_by_key = self.ops_by_key
+        live_n = self._live_n
         for vlan, mac, ehost, seq, tomb, t_ns in applied:
             op = ops_by_key.get((vlan, mac))
             if op is None:
                 self._adopt((vlan, mac), ehost, seq, tomb, now_ns)
                 continue
             target = op.target
-            if (seq > target[1] or (ehost == target[0] and seq == target[1] and tomb == target[2])) \
-                    and host not in op.applied:
+            if seq > target[1] or (ehost == target[0] and seq == target[1] and tomb == target[2]):
                 # A later seq for the same MAC also means this agent moved past the target.
-                op.applied[host] = t_ns
-                if op.phase == "converging":
-                    self._check_converged(op, now_ns)
+                done = op.applied
+                if host not in done:
+                    done[host] = t_ns
+                    # (_check_converged's own cheap exit, inlined: this runs for every row)
+                    if len(done) >= live_n and op.phase == "converging":
+                        self._check_converged(op, now_ns)
 
     def _adopt(self, key: tuple[int, int], host: str, seq: int, tomb: bool, now_ns: int) -> None:
         """An agent holds a newer placement than our inventory (a headless move, or one that
