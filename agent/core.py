@@ -107,7 +107,7 @@ class AgentCore:
         self._log: deque[list] = deque()
         self._log_base = 0
         self._pending_pub: list[list] = []
-        self._applied: list[list] = []
+        self._applied: list[tuple] = []
         self._next_heartbeat_ns = 0
         self._next_status_ns = 0
         self._next_applied_ns = 0
@@ -126,6 +126,7 @@ class AgentCore:
         self.last_error = ""
         self._prepared: dict[str, int] = {}  # prepared port -> time (ns) it is released
         # When each key last changed here (monotonic ns): how headless moves measure convergence.
+        # Changes of a held entry only: 8,000 creates at 1,000 simulated agents are 8 million.
         self.applied_at: dict[tuple[int, int], int] = {}
         c = self.config
         self._status_ns = c.heartbeat_interval_ms * NS_PER_MS
@@ -544,8 +545,9 @@ class AgentCore:
     def _note_applied(self, key: tuple[int, int], old: Entry | None, entry: Entry, now_ns: int) -> None:
         """Bookkeeping after the table took `entry`: apply report, local port, flap guard."""
         self.stats.updates_applied += 1
-        self.applied_at[key] = now_ns
-        self._applied.append([key[0], key[1], entry.host, entry.seq, entry.tombstone, now_ns])
+        if old is not None:
+            self.applied_at[key] = now_ns  # (changes only: a first sighting is a create, not a move)
+        self._applied.append((key[0], key[1], entry.host, entry.seq, entry.tombstone, now_ns))
         if entry.host != self.host and key in self.switch.by_key:
             # The VM lives elsewhere now: a local port for it must not stay active.
             port = self.switch.port_for(key[0], key[1])
