@@ -8,7 +8,9 @@ import sys
 from dataclasses import fields
 
 from agent.config import AgentConfig
+from agent.dataplane import DataplaneConfig
 from agent.runtime import AgentRuntime
+from agent.vxlan import VXLAN_PORT
 from agent.zmqloop import install_uvloop, setup_logging
 
 
@@ -20,7 +22,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault-injection RNG (default 0)")
     p.add_argument("--log-level", default="info")
-    for f in fields(AgentConfig):
+    p.add_argument("--vtep-base", default="127.0.0.1",
+                   help="data plane: host hN's VTEP is this IPv4 address + N (default 127.0.0.1, so h1 is "
+                        "127.0.0.2); 'off' disables the data plane")
+    p.add_argument("--vtep-port", type=int, default=VXLAN_PORT, help="VXLAN UDP port (default 4789)")
+    for f in [*fields(AgentConfig), *fields(DataplaneConfig)]:
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", default=f.default)
@@ -33,9 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(f"agent[{args.host}]", args.log_level)
     config = AgentConfig(**{f.name: getattr(args, f.name) for f in fields(AgentConfig)})
+    dp_config = DataplaneConfig(**{f.name: getattr(args, f.name) for f in fields(DataplaneConfig)})
+    vtep_base = None if args.vtep_base == "off" else args.vtep_base
     install_uvloop()
     rt = AgentRuntime(args.host, args.controller, config, bind_ip=args.bind_ip, ready_fd=args.ready_fd,
-                      fault_seed=args.fault_seed)
+                      fault_seed=args.fault_seed, vtep_base=vtep_base, vtep_port=args.vtep_port,
+                      dp_config=dp_config)
     return asyncio.run(rt.run())
 
 

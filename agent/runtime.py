@@ -6,6 +6,10 @@ Sockets:
 - ROUTER rpc (bound)  repair requests from peers and API calls from `dvs`;
 - ROUTER pull   our repair requests, addressed to a peer by its host id;
 - DEALER ctl    the control connection to the controller.
+
+Data plane (UDP, asyncio datagram endpoints; see agent/dataplane.py and agent/vxlan.py):
+- VXLAN  (bound on this host's VTEP, vtep_base + N : 4789)  frames to and from other hosts;
+- vNIC   (bound on the VTEP address, ephemeral port)   frames to and from this host's VMs.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 
 import zmq
 
-from agent import wire
+from agent import vxlan, wire
 from agent.config import AgentConfig
 from agent.core import AgentCore
+from agent.dataplane import Dataplane, DataplaneConfig
 from agent.faults import CONTROLLER, NetFaults, host_of_identity, peek_origin
 from agent.mactable import format_mac
 from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, write_ready
@@ -31,7 +37,9 @@ HWM = 100_000  # messages queued per peer before ZeroMQ drops (PUB) or refuses (
 
 class AgentRuntime:
     def __init__(self, host: str, controller: str, config: AgentConfig, *, bind_ip: str = "127.0.0.1",
-                 incarnation: int | None = None, ready_fd: int | None = None, fault_seed: int = 0) -> None:
+                 incarnation: int | None = None, ready_fd: int | None = None, fault_seed: int = 0,
+                 vtep_base: str | None = None, vtep_port: int = vxlan.VXLAN_PORT,
+                 dp_config: DataplaneConfig | None = None) -> None:
         self.host = host
         self.controller = controller
         self.config = config
@@ -44,6 +52,10 @@ class AgentRuntime:
         self._flaps_logged = 0
         self._alias: dict[str, bytes] = {}  # peer host -> routing id of our pull connection to it
         self._connects = 0
+        self.vtep_base = vtep_base
+        self.vtep_port = vtep_port
+        self.dp_config = dp_config or DataplaneConfig()
+        self.dp: DataplaneRuntime | None = None
 
     def _socket(self, kind: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -77,12 +89,26 @@ class AgentRuntime:
         self.ctl_reader = Reader(loop, self.ctl, self._on_ctl, self._after)
         self.readers = [Reader(loop, self.sub, self._on_sub, self._after), self.rpc_reader, self.pull_reader,
                         self.ctl_reader]
+        ready = {"host": self.host, "pid": os.getpid(), "pub": pub_ep, "rpc": rpc_ep, "incarnation": self.incarnation}
+        if self.vtep_base:
+            ip = vxlan.vtep_ip(self.vtep_base, self.host)
+            if ip is None:
+                log.error("no VTEP address for host %r from base %s; data plane off", self.host, self.vtep_base)
+            else:
+                dp = DataplaneRuntime(self, ip)
+                try:
+                    await dp.start(loop)
+                except OSError as e:
+                    log.error("cannot bind the data plane on %s:%d: %s", ip, self.vtep_port, e)
+                    self.close()
+                    return 1
+                self.dp = dp
+                ready.update(vtep=f"{ip}:{self.vtep_port}", vnic=f"{ip}:{dp.vnic_port}")
         stop = asyncio.Event()
         on_stop_signals(loop, stop)
         self.core.start(time.monotonic_ns())
         self._after()
-        write_ready(self.ready_fd, {"host": self.host, "pid": os.getpid(), "pub": pub_ep, "rpc": rpc_ep,
-                                    "incarnation": self.incarnation})
+        write_ready(self.ready_fd, ready)
         log.info("agent %s up: pub %s rpc %s controller %s", self.host, pub_ep, rpc_ep, self.controller)
         await stop.wait()
         log.info("agent %s stopping", self.host)
@@ -90,6 +116,8 @@ class AgentRuntime:
         return 0
 
     def close(self) -> None:
+        if self.dp is not None:
+            self.dp.close()
         for r in self.readers:
             r.close()
         if self.timer.handle:
@@ -151,7 +179,10 @@ class AgentRuntime:
 
     def _after(self) -> None:
         core = self.core
-        core.flush(time.monotonic_ns())
+        now = time.monotonic_ns()
+        if self.dp is not None:
+            self.dp.after_core(now)
+        core.flush(now)
         sent_ctl = sent_pull = sent_rpc = False
         for dest, payload in core.take_outbox():
             try:
@@ -214,3 +245,129 @@ class AgentRuntime:
                 sock.disconnect(ep)
             except zmq.ZMQError:
                 pass
+
+
+# ---------------------------------------------------------------------- data plane glue
+
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024  # UDP send/receive buffers: a busy agent must not drop frames
+DP_TICK_S = 0.1  # how often forwarding pointers are expired
+
+
+def _grow_buffers(sock: socket.socket) -> None:
+    for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+                         (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force or plain, SOCKET_BUFFER_BYTES)
+        except OSError:  # not root: capped by net.core.[rw]mem_max
+            sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_BYTES)
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram, on_error) -> None:
+        self.datagram_received = on_datagram
+        self.on_error = on_error
+
+    def error_received(self, exc: Exception) -> None:
+        self.on_error(exc)
+
+
+class DataplaneRuntime:
+    """Drives the pure Dataplane with two UDP sockets (VXLAN and vNIC) on the agent's loop."""
+
+    def __init__(self, rt: AgentRuntime, ip: str) -> None:
+        self.rt = rt
+        self.ip = ip
+        self.dp = Dataplane(rt.host, rt.core.table, rt.core.switch, rt.dp_config)
+        self.vnic_port = 0
+        self.send_errors = 0
+        self._tick: asyncio.TimerHandle | None = None
+        self._vtep_cache: dict[str, tuple[str, int] | None] = {}
+        rt.core.extra_methods.update(vnic_plug=self._api_plug, vnic_unplug=self._api_unplug,
+                                     dataplane=self._api_status)
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.vx, _ = await loop.create_datagram_endpoint(lambda: _Udp(self._on_vxlan, self._on_error),
+                                                         local_addr=(self.ip, self.rt.vtep_port))
+        try:
+            self.vnic, _ = await loop.create_datagram_endpoint(lambda: _Udp(self._on_vnic, self._on_error),
+                                                               local_addr=(self.ip, 0))
+        except OSError:
+            self.vx.close()
+            raise
+        for t in (self.vx, self.vnic):
+            _grow_buffers(t.get_extra_info("socket"))
+        self.vnic_port = self.vnic.get_extra_info("sockname")[1]
+        self._tick = loop.call_later(DP_TICK_S, self._on_tick)
+
+    def close(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+        for t in (getattr(self, "vx", None), getattr(self, "vnic", None)):
+            if t is not None:
+                t.close()
+
+    def _on_tick(self) -> None:
+        self.dp.tick(time.monotonic_ns())
+        self._flush()
+        self._tick = self.loop.call_later(DP_TICK_S, self._on_tick)
+
+    def _on_error(self, exc: Exception) -> None:
+        self.send_errors += 1  # e.g. ICMP port unreachable: a VM backend went away
+
+    def _on_vxlan(self, data: bytes, addr) -> None:
+        src = vxlan.host_of_vtep(self.rt.vtep_base, addr[0]) if addr[1] == self.rt.vtep_port else None
+        self.dp.from_vxlan(data, src, time.monotonic_ns())
+        self._flush()
+
+    def _on_vnic(self, data: bytes, addr) -> None:
+        self.dp.from_vnic(data, (addr[0], addr[1]), time.monotonic_ns())
+        self._flush()
+
+    def after_core(self, now_ns: int) -> None:
+        self.dp.after_core(now_ns)
+        self._flush()
+
+    def _vtep(self, host: str) -> tuple[str, int] | None:
+        if host not in self._vtep_cache:
+            ip = vxlan.vtep_ip(self.rt.vtep_base, host)
+            self._vtep_cache[host] = (ip, self.rt.vtep_port) if ip else None
+        return self._vtep_cache[host]
+
+    def _flush(self) -> None:
+        out = self.dp.out
+        if not out:
+            return
+        self.dp.out = []
+        for kind, dest, payload in out:
+            try:
+                if kind == "vxlan":
+                    addr = self._vtep(dest)
+                    if addr is not None:
+                        self.vx.sendto(payload, addr)
+                else:
+                    self.vnic.sendto(payload, dest)
+            except OSError:
+                self.send_errors += 1
+
+    # ---- API (through the agent's rpc socket)
+
+    def _api_plug(self, args: dict) -> dict:
+        """{"vnics": [[mac, ip, port], ...]}: where each VM's vNIC backend listens."""
+        bindings = []
+        for item in args.get("vnics", []):
+            mac, ip, port = item
+            if not isinstance(ip, str) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"bad vNIC binding {item!r}")
+            bindings.append((mac, (ip, port)))
+        n = self.dp.plug(bindings, time.monotonic_ns())
+        return {"plugged": n, "vnic": f"{self.ip}:{self.vnic_port}"}
+
+    def _api_unplug(self, args: dict) -> dict:
+        return {"unplugged": self.dp.unplug(args.get("macs"))}
+
+    def _api_status(self, args: dict) -> dict:
+        st = self.dp.status()
+        st.update(vtep=f"{self.ip}:{self.rt.vtep_port}", vnic=f"{self.ip}:{self.vnic_port}",
+                  send_errors=self.send_errors)
+        return st

@@ -7,6 +7,7 @@ migrating in and `active` once it switched over.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Port profiles: the VLAN a port in that profile belongs to. A small fixed set, as an
@@ -30,6 +31,9 @@ class Port:
 class LocalSwitch:
     ports: dict[str, Port] = field(default_factory=dict)
     by_key: dict[tuple[int, int], str] = field(default_factory=dict)
+    # Told ("up", port) when a port becomes active and ("down", port) when an active port is
+    # removed: how the data plane learns of switchovers without the core knowing about it.
+    observer: Callable[[str, Port], None] | None = field(default=None, repr=False, compare=False)
 
     def prepare(self, name: str, vm: str, vlan: int, mac: int) -> Port:
         port = Port(name, vm, vlan, mac, state="prepared")
@@ -42,13 +46,18 @@ class LocalSwitch:
             port = Port(name, vm, vlan, mac)
             self._put(port)
         port.state = "active"
+        if self.observer is not None:
+            self.observer("up", port)
         return port
 
     def remove_key(self, vlan: int, mac: int) -> Port | None:
         name = self.by_key.pop((vlan, mac), None)
         if name is None:
             return None
-        return self.ports.pop(name, None)
+        port = self.ports.pop(name, None)
+        if port is not None and port.state == "active" and self.observer is not None:
+            self.observer("down", port)
+        return port
 
     def port_for(self, vlan: int, mac: int) -> Port | None:
         name = self.by_key.get((vlan, mac))

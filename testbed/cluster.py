@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import vxlan
 from testbed import procs
 from testbed.client import Client, ClusterError
 from testbed.netns import NetnsLab
@@ -35,6 +38,8 @@ class Cluster:
     controller_args: list[str] = field(default_factory=list)
     agent_args: list[str] = field(default_factory=list)
     netns: NetnsLab | None = None
+    # Data plane addressing: host hN's VTEP is vtep_base + N on UDP 4789 ("off": no data plane).
+    vtep_base: str = "off"
 
     # ------------------------------------------------------------------ persistence
 
@@ -48,6 +53,7 @@ class Cluster:
             "agent_args": self.agent_args,
             "controller_args": self.controller_args,
             "netns": self.netns.to_json() if self.netns else None,
+            "vtep_base": self.vtep_base,
             "controller": self.controller.to_json() if self.controller else None,
             "agents": [a.to_json() for a in self.agents.values()],
         }
@@ -65,7 +71,8 @@ class Cluster:
             data = json.loads(path.read_text())
             c = cls(state_dir, started_at=data.get("started_at", 0.0),
                     agent_args=list(data.get("agent_args", [])), controller_args=list(data.get("controller_args", [])),
-                    netns=NetnsLab.from_json(data["netns"]) if data.get("netns") else None)
+                    netns=NetnsLab.from_json(data["netns"]) if data.get("netns") else None,
+                    vtep_base=data.get("vtep_base", "off"))
             if data.get("controller"):
                 c.controller = Proc.from_json(data["controller"])
             for a in data.get("agents", []):
@@ -111,10 +118,20 @@ class Cluster:
         controller_args: list[str] | None = None,
         ready_timeout_s: float = 60.0,
         netns: bool = False,
+        vtep_base: str = "auto",
     ) -> Cluster:
+        """`vtep_base`: "auto" picks a free 127.a.b.0 block (so concurrent clusters never collide),
+        an IPv4 address uses that (`dvs up` passes 127.0.0.1: h1 = 127.0.0.2), "off" runs no data plane.
+        The data plane is off in netns mode."""
         state_dir = Path(state_dir)
         if hosts < 1 or hosts > 256:
             raise ClusterError(f"--hosts must be between 1 and 256, got {hosts}")
+        if netns or vtep_base == "off":
+            vtep_base = "off"
+        elif vtep_base == "auto":
+            vtep_base = pick_vtep_base(hosts)
+        else:
+            check_vtep_base(vtep_base, hosts)
         if (state_dir / STATE_FILE).exists():
             old = cls.load(state_dir)
             if old.any_alive():
@@ -123,7 +140,7 @@ class Cluster:
         state_dir.mkdir(parents=True, exist_ok=True)
         logs = state_dir / "logs"
         c = cls(state_dir, started_at=time.time(), agent_args=list(agent_args or []),
-                controller_args=list(controller_args or []))
+                controller_args=list(controller_args or []), vtep_base=vtep_base)
         journal = state_dir / JOURNAL_FILE
         if journal.exists():
             journal.unlink()  # a new cluster starts with an empty inventory
@@ -156,7 +173,8 @@ class Cluster:
         return c
 
     def _spawn_agent(self, host: str, index: int) -> procs.Pending:
-        args = ["--host", host, "--controller", self.controller_endpoint, *self.agent_args]
+        args = ["--host", host, "--controller", self.controller_endpoint, "--vtep-base", self.vtep_base,
+                *self.agent_args]
         prefix = None
         if self.netns is not None:
             ip = self.netns.ips.get(host) or self.netns.add_host(host, index)
@@ -215,3 +233,37 @@ class Cluster:
         if failed:
             raise ClusterError(f"{len(failed)} of {count} VMs did not converge: {failed[0]['error']}")
         return result
+
+
+# ---------------------------------------------------------------------- data plane addressing
+
+
+def _udp_free(ip: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((ip, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_vtep_base(base: str, hosts: int, port: int = vxlan.VXLAN_PORT) -> None:
+    """Every host's VTEP address is valid and free, or a one-line ClusterError."""
+    for i in range(1, hosts + 1):
+        ip = vxlan.vtep_ip(base, f"h{i}")
+        if ip is None:
+            raise ClusterError(f"--vtep-base {base!r} is not an IPv4 address with room for {hosts} hosts")
+        if not _udp_free(ip, port):
+            raise ClusterError(f"VTEP {ip}:{port} of h{i} is in use (another cluster?); stop it with "
+                               f"`dvs down` or pass another --vtep-base (or 'auto')")
+
+
+def pick_vtep_base(hosts: int, port: int = vxlan.VXLAN_PORT) -> str:
+    """A 127.a.b.0 block whose addresses .1 .. .hosts are free on `port` (a != 0, so never the
+    default 127.0.0.x block of `dvs up`)."""
+    rng = random.SystemRandom()
+    for _ in range(50):
+        base = f"127.{rng.randrange(1, 255)}.{rng.randrange(0, 255)}.0"
+        if all(_udp_free(vxlan.vtep_ip(base, f"h{i}"), port) for i in range(1, hosts + 1)):
+            return base
+    raise ClusterError("found no free 127.a.b.0 block for the data plane's VTEPs after 50 tries")
