@@ -1,0 +1,299 @@
+"""The pure forwarding logic, fed bytes: local delivery, VXLAN, flooding, VLAN isolation,
+the forwarding pointer of a move. No sockets, no clock."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import vxlan
+from agent.dataplane import Dataplane, DataplaneConfig
+from agent.mactable import Entry, MacTable
+from agent.switch import LocalSwitch
+
+MS = 1_000_000
+A, B, C, D, E = (0x02_00_00_00_00_00 + i for i in range(1, 6))
+NIC = {m: ("127.0.0.1", 40_000 + (m & 0xFF)) for m in (A, B, C, D, E)}
+
+
+def frame(dst, src, vlan=100, payload=b"payload"):
+    return vxlan.build_tagged(dst, src, vlan, vxlan.ETHERTYPE_TEST, payload)
+
+
+class Host:
+    """One host's table, switch and data plane, with helpers that do what the core does."""
+
+    def __init__(self, name="h1", config=None):
+        self.name = name
+        self.table = MacTable()
+        self.switch = LocalSwitch()
+        self.dp = Dataplane(name, self.table, self.switch, config)
+        self.dp.plug([[m, NIC[m]] for m in NIC], 0)
+        self.dp.take()
+
+    def vm(self, mac, vlan=100, seq=0, port=None):
+        """A VM whose port is active here (ATTACH / switchover)."""
+        self.switch.activate(port or f"vEth{mac & 0xFF}", f"vm{mac & 0xFF}", vlan, mac)
+        self.table.merge((vlan, mac), Entry(self.name, port or f"vEth{mac & 0xFF}", seq))
+
+    def remote(self, mac, host, vlan=100, seq=0):
+        """Gossip says the VM lives on `host`; an active local port for it goes, as the core does."""
+        self.table.merge((vlan, mac), Entry(host, f"vEth{mac & 0xFF}", seq))
+        port = self.switch.port_for(vlan, mac)
+        if host != self.name and port is not None and port.state == "active":
+            self.switch.remove_key(vlan, mac)
+
+    def settle(self, now_ns=0):
+        self.dp.after_core(now_ns)
+        return self.dp.take()
+
+
+def vnic_out(effects):
+    return [(dest, f) for kind, dest, f in effects if kind == "vnic"]
+
+
+def vxlan_out(effects):
+    return [(dest, d) for kind, dest, d in effects if kind == "vxlan"]
+
+
+def test_same_host_delivers_locally_and_counts_per_port():
+    h = Host()
+    h.vm(A)
+    h.vm(B)
+    h.settle()
+    tx = h.switch.port_for(100, B).tx_frames  # (it got A's RARP broadcast)
+    f = frame(B, A)
+    h.dp.from_vnic(f, NIC[A], 0)
+    assert h.dp.take() == [("vnic", NIC[B], f)]
+    assert h.switch.port_for(100, A).rx_frames == 1
+    assert h.switch.port_for(100, B).tx_frames == tx + 1
+    assert h.dp.counters["local"] == 1
+
+
+def test_remote_unicast_goes_out_as_vxlan_to_the_owner():
+    h = Host()
+    h.vm(A)
+    h.remote(B, "h2")
+    h.settle()
+    f = frame(B, A)
+    h.dp.from_vnic(f, NIC[A], 0)
+    [(dest, d)] = vxlan_out(h.dp.take())
+    assert dest == "h2"
+    vni, inner = vxlan.decap(d)
+    assert vni == 10_100 and vxlan.retag(inner, 100) == f
+
+
+def test_vxlan_in_is_delivered_tagged_to_the_local_port():
+    h = Host()
+    h.vm(B)
+    h.settle()
+    f = frame(B, A)
+    h.dp.from_vxlan(vxlan.encap(f, 10_100), "h2", 0)
+    assert h.dp.take() == [("vnic", NIC[B], f)]
+
+
+def test_broadcast_floods_local_ports_and_one_copy_per_host_in_the_vlan():
+    h = Host()
+    h.vm(A)
+    h.vm(B)
+    h.remote(C, "h2")
+    h.remote(D, "h3")
+    h.remote(E, "h4", vlan=110)  # h4 has no port in VLAN 100: no copy for it
+    h.settle()
+    f = frame(vxlan.BROADCAST, A)
+    h.dp.from_vnic(f, NIC[A], 0)
+    out = h.dp.take()
+    assert vnic_out(out) == [(NIC[B], f)]  # not back to A
+    assert sorted(dest for dest, _ in vxlan_out(out)) == ["h2", "h3"]
+    assert {vxlan.decap(d)[0] for _, d in vxlan_out(out)} == {10_100}
+
+
+def test_unknown_unicast_is_flooded_within_the_vlan():
+    h = Host()
+    h.vm(A)
+    h.vm(B)
+    h.remote(C, "h2")
+    h.settle()
+    unknown = 0x02_00_00_00_99_99
+    f = frame(unknown, A)
+    h.dp.from_vnic(f, NIC[A], 0)
+    out = h.dp.take()
+    assert vnic_out(out) == [(NIC[B], f)]
+    assert [dest for dest, _ in vxlan_out(out)] == ["h2"]
+    assert h.dp.counters["unknown_unicast"] == 1
+
+
+def test_flood_from_the_overlay_is_not_flooded_again():
+    h = Host()
+    h.vm(B)
+    h.remote(C, "h3")
+    h.settle()
+    f = frame(vxlan.BROADCAST, A)
+    h.dp.from_vxlan(vxlan.encap(f, 10_100), "h2", 0)
+    assert h.dp.take() == [("vnic", NIC[B], f)]  # local ports only: split horizon
+
+
+def test_vlans_are_isolated():
+    h = Host()
+    h.vm(A, vlan=100)
+    h.vm(B, vlan=110)
+    h.vm(C, vlan=100)
+    h.remote(D, "h2", vlan=110)
+    h.settle()
+    # A (VLAN 100) sends to B's MAC: B lives in VLAN 110, so in VLAN 100 that MAC is unknown;
+    # the flood stays in VLAN 100 (C only) and reaches no host without VLAN 100 ports.
+    h.dp.from_vnic(frame(B, A, 100), NIC[A], 0)
+    out = h.dp.take()
+    assert [dest for dest, _ in vnic_out(out)] == [NIC[C]]
+    assert vxlan_out(out) == []
+    # A broadcast in VLAN 110 from the overlay reaches B only.
+    h.dp.from_vxlan(vxlan.encap(frame(vxlan.BROADCAST, D, 110), 10_110), "h2", 0)
+    assert [dest for dest, _ in vnic_out(h.dp.take())] == [NIC[B]]
+    # A VM cannot send into a VLAN its port is not in.
+    h.dp.from_vnic(frame(B, A, 110), NIC[A], 0)
+    assert h.dp.take() == [] and h.dp.drops["unknown_source"] == 1
+
+
+def test_malformed_and_spoofed_input_is_dropped_and_counted():
+    h = Host()
+    h.vm(A)
+    h.settle()
+    h.dp.from_vnic(b"\x00" * 10, NIC[A], 0)
+    h.dp.from_vnic(frame(B, A), ("127.0.0.1", 1), 0)  # A's MAC from another backend
+    h.dp.from_vxlan(b"\xff" * 30, "h2", 0)
+    h.dp.from_vxlan(vxlan.encap(frame(A, B), 10_100), None, 0)  # not from a VTEP
+    h.dp.from_vxlan(vxlan.encap(frame(A, B), 99), "h2", 0)  # VNI of no VLAN
+    assert h.dp.take() == []
+    d = h.dp.drops
+    assert (d["malformed_vnic"], d["unknown_source"], d["malformed_vxlan"], d["unknown_vtep"], d["bad_vni"]) == (
+        1, 1, 1, 1, 1)
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=120), st.sampled_from(["h2", None]))
+def test_garbage_never_crashes_the_data_plane(data, src):
+    h = Host()
+    h.vm(A)
+    h.dp.from_vnic(data, NIC[A], 0)
+    h.dp.from_vxlan(data, src, 0)
+    h.dp.from_vxlan(b"\x08\x00\x00\x00\x00\x27\x74\x00" + data, src, 0)
+
+
+def test_switchover_sends_rarp_to_the_vlan_and_tells_the_vnic():
+    h = Host("h2")
+    h.remote(C, "h3")
+    h.settle()
+    h.vm(A, seq=1)  # switchover: the port is activated and the MAC claimed
+    out = h.settle(now_ns=5 * MS)
+    [(dest, d)] = vxlan_out(out)
+    assert dest == "h3"
+    vni, inner = vxlan.decap(d)
+    assert vni == 10_100
+    assert vxlan.parse_tagged(vxlan.retag(inner, 100)) == (vxlan.BROADCAST, A, 100, vxlan.ETHERTYPE_RARP)
+    [(nic, notice)] = vnic_out(out)
+    assert nic == NIC[A] and vxlan.parse_link_notice(notice) == ("h2", 5 * MS)
+
+
+def test_old_host_forwards_frames_that_still_reach_it_to_the_new_host():
+    h = Host("h1", DataplaneConfig(forward_pointer_ms=100))
+    h.vm(A, seq=0)
+    h.settle()
+    # Gossip: A moved to h2 with seq 1. The port leaves h1 and a forwarding pointer stays.
+    h.remote(A, "h2", seq=1)
+    h.settle(now_ns=0)
+    f = frame(A, B)
+    h.dp.from_vxlan(vxlan.encap(f, 10_100), "h3", 10 * MS)  # h3 has not caught up yet
+    [(dest, d)] = vxlan_out(h.dp.take())
+    assert dest == "h2" and vxlan.retag(vxlan.decap(d)[1], 100) == f
+    assert h.dp.counters["relayed"] == 1
+    # Never back where it came from.
+    h.dp.from_vxlan(vxlan.encap(f, 10_100), "h2", 10 * MS)
+    assert h.dp.take() == []
+    # Once the pointer expires, a stale frame is dropped (split horizon) and counted.
+    h.dp.tick(100 * MS)
+    h.dp.from_vxlan(vxlan.encap(f, 10_100), "h3", 100 * MS)
+    assert h.dp.take() == [] and h.dp.drops["not_here"] == 2
+
+
+def test_without_a_pointer_overlay_frames_are_not_relayed():
+    h = Host()
+    h.remote(A, "h2")
+    h.settle()
+    h.dp.from_vxlan(vxlan.encap(frame(A, B), 10_100), "h3", 0)
+    assert h.dp.take() == [] and h.dp.drops["not_here"] == 1
+
+
+def test_frames_reaching_the_old_host_before_it_learns_the_new_one_are_held_then_sent_on():
+    h = Host("h1")
+    h.vm(A, seq=0)
+    h.vm(B)
+    h.settle()
+    h.switch.remove_key(100, A)  # DETACH arrived before the destination's gossip
+    h.settle(now_ns=0)
+    f1, f2 = frame(A, C), frame(A, B, payload=b"local")
+    h.dp.from_vxlan(vxlan.encap(f1, 10_100), "h3", MS)
+    h.dp.from_vnic(f2, NIC[B], MS)
+    assert h.dp.take() == [] and h.dp.counters["held"] == 2
+    h.remote(A, "h2", seq=1)  # the gossip arrives
+    out = h.settle(now_ns=2 * MS)
+    assert [dest for dest, _ in vxlan_out(out)] == ["h2", "h2"]
+    assert [vxlan.retag(vxlan.decap(d)[1], 100) for _, d in vxlan_out(out)] == [f1, f2]
+
+
+def test_held_frames_expire_with_the_pointer():
+    h = Host("h1", DataplaneConfig(forward_pointer_ms=50))
+    h.vm(A)
+    h.settle()
+    h.switch.remove_key(100, A)
+    h.settle(now_ns=0)
+    h.dp.from_vxlan(vxlan.encap(frame(A, C), 10_100), "h3", MS)
+    h.dp.tick(60 * MS)
+    assert h.dp.drops["hold_expired"] == 1 and not h.dp.departed
+
+
+def test_frames_the_vm_sent_before_it_left_are_still_switched():
+    h = Host("h1")
+    h.vm(A, seq=0)
+    h.remote(B, "h3")
+    h.settle()
+    h.remote(A, "h2", seq=1)
+    h.settle()
+    h.dp.from_vnic(frame(B, A), NIC[A], MS)  # queued in h1's vNIC socket before the move
+    assert [dest for dest, _ in vxlan_out(h.dp.take())] == ["h3"]
+    assert h.dp.departed[(100, A)].ingress == 1
+
+
+def test_a_vm_that_comes_back_clears_the_pointer():
+    h = Host("h1")
+    h.vm(A, seq=0)
+    h.settle()
+    h.remote(A, "h2", seq=1)
+    h.settle()
+    assert (100, A) in h.dp.departed
+    h.vm(A, seq=2)
+    h.settle()
+    assert (100, A) not in h.dp.departed
+    h.dp.from_vxlan(vxlan.encap(frame(A, B), 10_100), "h2", MS)
+    assert [dest for dest, _ in vnic_out(h.dp.take())] == [NIC[A]]
+
+
+def test_deleted_vm_frames_are_dropped():
+    h = Host()
+    h.vm(A)
+    h.settle()
+    h.table.merge((100, B), Entry("h2", "vEth2", 3, True))
+    h.dp.from_vnic(frame(B, A), NIC[A], 0)
+    assert h.dp.take() == [] and h.dp.drops["deleted"] == 1
+
+
+def test_status_shows_per_port_counters():
+    h = Host()
+    h.vm(B)
+    h.vm(A)
+    h.settle()
+    h.dp.from_vnic(frame(B, A), NIC[A], 0)
+    st = h.dp.status()
+    ports = {p["vm"]: p for p in st["ports"]}
+    # vm2 also got vm1's RARP broadcast when vm1's port came up.
+    assert (ports["vm1"]["rx_frames"], ports["vm2"]["tx_frames"]) == (1, 2)
+    assert st["counters"]["vnic_rx"] == 1 and st["dropped"] == 0
