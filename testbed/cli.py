@@ -55,8 +55,11 @@ def agent_flags(heartbeat_interval_ms: int | None) -> list[str]:
 @click.option("--netns", is_flag=True,
               help="Real-network mode: each host in its own network namespace on a bridge; partitions "
                    "become nftables rules (root only).")
+@click.option("--vtep-base", default="127.0.0.1", show_default=True,
+              help="Data plane: host hN's VTEP is this IPv4 address + N on UDP 4789 (h1 = 127.0.0.2); "
+                   "'auto' picks a free 127.a.b.0 block, 'off' runs no data plane.")
 @state_dir_option
-def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, state_dir) -> None:
+def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_base, state_dir) -> None:
     """Start the controller and N agents, wait until the mesh is connected, place VMs."""
     if netns:
         from testbed.netns import unavailable_reason
@@ -66,7 +69,7 @@ def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, state_di
             raise ClusterError(reason)
     with err_console.status(f"starting controller and {hosts} agents"):
         cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms),
-                             ready_timeout_s=timeout_s, netns=netns)
+                             ready_timeout_s=timeout_s, netns=netns, vtep_base=vtep_base)
     try:
         if vms:
             with err_console.status(f"placing {vms} VMs"):
@@ -124,6 +127,9 @@ def gather_status(cluster: Cluster) -> dict:
             row.update(pid=s["pid"], incarnation=s["incarnation"], mac_entries=s["mac_entries"],
                        digest=s["digest"], dropped_malformed=s["dropped_malformed"], peers_heard=s["peers_heard"],
                        flapping=s["flapping"], stats=s["stats"])
+            if "vtep" in proc.info:
+                with cluster.agent_client(name, timeout_ms=1_000) as a:
+                    row["dataplane"] = a.call("dataplane")
         except ClusterError:
             row.update(state="unreachable", mac_entries=None, digest=None, dropped_malformed=None)
         hosts.append(row)
@@ -143,10 +149,16 @@ def status(as_json, state_dir) -> None:
     c = st["controller"]
     console.print(f"controller pid {c['pid']} {c['state']} at {c['endpoint']}"
                   + (f", {c['vms']} VMs, {c['moves_done']} moves done" if "vms" in c else ""))
-    t = Table("host", "pid", "state", "peers heard", "MAC entries", "digest", "dropped")
+    t = Table("host", "pid", "state", "peers heard", "MAC entries", "digest", "dropped", "VTEP", "frames rx/tx/drop")
     for h in st["hosts"]:
+        dp = h.get("dataplane")
+        frames = "-"
+        if dp:
+            c = dp["counters"]
+            frames = f"{c['vnic_rx'] + c['vxlan_rx']}/{c['vnic_tx'] + c['vxlan_tx']}/{dp['dropped']}"
         t.add_row(h["host"], str(h["pid"]), h["state"], str(h.get("peers_heard", "-")),
-                  str(h.get("mac_entries", "-")), h.get("digest") or "-", str(h.get("dropped_malformed", "-")))
+                  str(h.get("mac_entries", "-")), h.get("digest") or "-", str(h.get("dropped_malformed", "-")),
+                  dp["vtep"] if dp else "-", frames)
     console.print(t)
     n = len(st["digests"])
     console.print("tables agree (one digest)" if n == 1 else f"[yellow]{n} different table digests[/yellow]")
@@ -505,6 +517,54 @@ def moves(as_json, state_dir) -> None:
     from testbed.demo import moves_table
 
     console.print(moves_table(recs))
+
+
+# ---------------------------------------------------------------------- data plane traffic
+
+
+@cli.command()
+@click.option("--pairs", type=click.IntRange(1, 10_000), required=True, help="VM pairs exchanging frames.")
+@click.option("--rate", type=click.FloatRange(0.1, 100_000), default=200, show_default=True,
+              help="Frames per second per pair (half each way).")
+@click.option("--duration", "duration_s", type=click.FloatRange(0.1, 3_600), default=10, show_default=True,
+              help="Seconds of sending.")
+@click.option("--moves", "n_moves", type=click.IntRange(0, 10_000), default=0, show_default=True,
+              help="Paired VMs to move (one after another, evenly spread) while the traffic runs.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed for which VMs move where.")
+@json_option
+@state_dir_option
+def traffic(pairs, rate, duration_s, n_moves, seed, as_json, state_dir) -> None:
+    """Send sequence-numbered frames between VM pairs across hosts (this process plays the VMs)
+    and count delivered, lost, duplicated and misdelivered frames; per move, frames lost and the
+    data-plane blackout."""
+    from testbed.traffic import run_traffic
+
+    cluster = Cluster.load(state_dir)
+    with err_console.status(f"{pairs} pairs at {rate:g} frames/s for {duration_s:g} s"
+                            + (f", {n_moves} moves" if n_moves else "")):
+        rep = run_traffic(cluster, pairs=pairs, rate=rate, duration_s=duration_s, moves=n_moves, seed=seed)
+    if as_json:
+        emit_json(rep)
+    else:
+        f = rep["frames"]
+        if rep["moves"]:
+            t = Table("#", "vm", "from", "to", "converged", "latency ms", "frames", "lost", "misdelivered",
+                      "blackout ms", title="moves during traffic")
+            for i, m in enumerate(rep["moves"], 1):
+                t.add_row(str(i), m["vm"], m["src"], m["dst"], "yes" if m["converged"] else "[red]no[/red]",
+                          _fmt(m["latency_ms"]), _fmt(m["frames"]), _fmt(m["lost"]), _fmt(m["misdelivered"]),
+                          _fmt(m["blackout_ms"]))
+            console.print(t)
+        d = rep["delay_ms"]
+        console.print(f"sent {f['sent']}, delivered {f['delivered']}, lost {f['lost']}, duplicated "
+                      f"{f['duplicated']}, misdelivered {f['misdelivered']}; one-way delay ms p50 "
+                      f"{_fmt(d['p50'])} p99 {_fmt(d['p99'])} max {_fmt(d['max'])}")
+    ok = rep["accounted"] and all(m["converged"] for m in rep["moves"])
+    sys.exit(0 if ok else 1)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
 
 # ---------------------------------------------------------------------- demo
