@@ -66,7 +66,7 @@ DROP_REASONS = (
     "no_port",  # for a MAC the table places here but whose port is gone (no pointer)
     "not_here",  # unicast from another host for a MAC that lives elsewhere (stale sender, no pointer)
     "deleted",  # for a deleted VM (tombstone)
-    "no_vnic",  # for a local port whose VM has no backend plugged in
+    "no_vnic",  # unicast for a local port whose VM has no vNIC backend plugged in
     "hairpin",  # unicast back to the port it came from
     "hold_overflow",  # held frames of one departed VM over hold_frames_max
     "hold_expired",  # held frames whose VM's new host was never learned before the pointer expired
@@ -329,9 +329,11 @@ class Dataplane:
         self.counters["held"] += 1
         self._holding.add(key)
 
-    def _deliver(self, port: Port, frame: bytes) -> None:
+    def _deliver(self, port: Port, frame: bytes, flood: bool = False) -> None:
         backend = self.vnics.get(port.mac)
         if backend is None:
+            if flood:
+                return  # a port whose vNIC is not connected is link-down: floods skip it
             port.drop_frames += 1
             self.drops["no_vnic"] += 1
             return
@@ -347,7 +349,7 @@ class Dataplane:
         self.counters["flooded"] += 1
         for port in list(self.switch.ports.values()):
             if port.vlan == vlan and port.state == "active" and port is not in_port:
-                self._deliver(port, frame)
+                self._deliver(port, frame, flood=True)
         if from_overlay:
             return  # split horizon: what came from the overlay never goes back into it
         datagram = None

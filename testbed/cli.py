@@ -576,14 +576,20 @@ def _fmt(v) -> str:
 @click.option("--moves", "n_moves", type=click.IntRange(0, 100_000), default=20, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed for which VMs move where.")
 @click.option("--heartbeat-interval-ms", type=click.IntRange(10, 60_000), default=None)
+@click.option("--pairs", type=click.IntRange(0, 10_000), default=32, show_default=True,
+              help="VM pairs exchanging frames during the moves (0: no traffic); the moved VMs are among them.")
+@click.option("--rate", type=click.FloatRange(0.1, 100_000), default=200, show_default=True,
+              help="Frames per second per pair (half each way).")
 @json_option
 @click.option("--state-dir", default=None, help="State dir for the demo cluster (default: a new temp dir).")
-def demo(hosts, vms, n_moves, seed, heartbeat_interval_ms, as_json, state_dir) -> None:
-    """Start a cluster, create VMs, move random VMs one after another, report latency, stop."""
+def demo(hosts, vms, n_moves, seed, heartbeat_interval_ms, pairs, rate, as_json, state_dir) -> None:
+    """Start a cluster, create VMs, run traffic between VM pairs, move random paired VMs one after
+    another, report latency and frames lost per move, stop."""
     from testbed.demo import run_demo
 
     ok = run_demo(hosts=hosts, vms=vms, n_moves=n_moves, seed=seed, as_json=as_json, state_dir=state_dir,
-                  agent_args=agent_flags(heartbeat_interval_ms), console=console, err_console=err_console)
+                  agent_args=agent_flags(heartbeat_interval_ms), console=console, err_console=err_console,
+                  pairs=pairs, rate=rate)
     sys.exit(0 if ok else 1)
 
 
