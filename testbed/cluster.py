@@ -126,17 +126,17 @@ class Cluster:
         state_dir = Path(state_dir)
         if hosts < 1 or hosts > 256:
             raise ClusterError(f"--hosts must be between 1 and 256, got {hosts}")
+        if (state_dir / STATE_FILE).exists():
+            old = cls.load(state_dir)
+            if old.any_alive():
+                raise ClusterError(f"a cluster is already running in {state_dir}; run `dvs down` first")
+            (state_dir / STATE_FILE).unlink()
         if netns or vtep_base == "off":
             vtep_base = "off"
         elif vtep_base == "auto":
             vtep_base = pick_vtep_base(hosts)
         else:
             check_vtep_base(vtep_base, hosts)
-        if (state_dir / STATE_FILE).exists():
-            old = cls.load(state_dir)
-            if old.any_alive():
-                raise ClusterError(f"a cluster is already running in {state_dir}; run `dvs down` first")
-            (state_dir / STATE_FILE).unlink()
         state_dir.mkdir(parents=True, exist_ok=True)
         logs = state_dir / "logs"
         c = cls(state_dir, started_at=time.time(), agent_args=list(agent_args or []),

@@ -36,7 +36,7 @@ def test_bad_flags_are_one_line(tmp_path):
 
 def test_cluster_lifecycle_through_the_cli(tmp_path):
     sd = tmp_path / "state"
-    up = run_dvs("up", "--hosts", "3", "--vms", "6", state_dir=sd)
+    up = run_dvs("up", "--hosts", "3", "--vms", "6", "--vtep-base", "auto", state_dir=sd)
     assert up.returncode == 0, up.stderr
     try:
         assert_one_line_error(run_dvs("up", "--hosts", "3", state_dir=sd), "already running", "dvs down")
@@ -94,6 +94,9 @@ def test_demo_json(tmp_path):
     s = out["summary"]
     assert s["moves"] == s["converged"] == 4
     assert s["latency_ms_p50"] <= s["latency_ms_p99"] <= s["latency_ms_max"]
+    # Traffic ran between 4 VM pairs during the moves; every move reports its frames.
+    assert s["frames_sent"] > 0 and s["misdelivered"] == 0
+    assert all(m["frames"] > 0 and m["frames_lost"] is not None for m in out["moves"])
     assert not (tmp_path / "d" / "cluster.json").exists()
 
 
@@ -103,7 +106,7 @@ def test_foreground_stops_everything_on_ctrl_c(tmp_path):
     import sys
 
     sd = tmp_path / "fg"
-    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "up", "--hosts", "2", "--foreground",
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "up", "--hosts", "2", "--foreground", "--vtep-base", "auto",
                              "--state-dir", str(sd)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:
