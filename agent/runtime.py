@@ -298,7 +298,6 @@ class DataplaneRuntime:
         for t in (self.vx, self.vnic):
             _grow_buffers(t.get_extra_info("socket"))
         self.vnic_port = self.vnic.get_extra_info("sockname")[1]
-        self._tick = loop.call_later(DP_TICK_S, self._on_tick)
 
     def close(self) -> None:
         if self._tick is not None:
@@ -308,9 +307,9 @@ class DataplaneRuntime:
                 t.close()
 
     def _on_tick(self) -> None:
+        self._tick = None
         self.dp.tick(time.monotonic_ns())
         self._flush()
-        self._tick = self.loop.call_later(DP_TICK_S, self._on_tick)
 
     def _on_error(self, exc: Exception) -> None:
         self.send_errors += 1  # e.g. ICMP port unreachable: a VM backend went away
@@ -335,6 +334,9 @@ class DataplaneRuntime:
         return self._vtep_cache[host]
 
     def _flush(self) -> None:
+        if self._tick is None and self.dp.departed:
+            # Only while forwarding pointers exist: an idle data plane costs no wake-ups.
+            self._tick = self.loop.call_later(DP_TICK_S, self._on_tick)
         out = self.dp.out
         if not out:
             return
