@@ -297,9 +297,9 @@ class Dataplane:
                 self.drops["no_port" if e.host == self.host else "not_here"] += 1
             elif e.host == self.host or e.seq < dep.min_seq:
                 self._hold(key, dep, frame)  # we do not know yet where it went
-            elif e.host == src_host:
-                self.drops["not_here"] += 1  # never bounce a frame back where it came from
             else:
+                # Possibly back to the sender's host, if the VM moved there: each relay goes to a
+                # claim newer than the relaying host's own, so a frame cannot loop.
                 dep.relayed += 1
                 self.counters["relayed"] += 1
                 self._to_host(e.host, frame, vlan)
