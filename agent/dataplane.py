@@ -96,9 +96,13 @@ class Dataplane:
         self.departed: dict[tuple[int, int], Departure] = {}
         self._holding: set[tuple[int, int]] = set()
         self._events: list[tuple[str, Port]] = []
+        # Head-end replication lists: per VLAN, how many live entries each host has (kept by
+        # watching the table's merges, O(1) each), and the other hosts with at least one.
+        self._vlan_hosts: dict[int, dict[str, int]] = {}
         self._flood_cache: dict[int, tuple[str, ...]] = {}
-        self._flood_digest: int | None = None
-        self._flood_len = -1
+        for (vlan, _), e in table.items():
+            self._count(vlan, e, 1)
+        table.observer = self._on_merge
         self.counters = {k: 0 for k in ("vnic_rx", "vnic_tx", "vxlan_rx", "vxlan_tx", "local", "flooded",
                                          "unknown_unicast", "relayed", "held", "rarp_sent", "link_notices",
                                          "departures")}
@@ -364,16 +368,30 @@ class Dataplane:
         if in_port is not None:
             in_port.drop_frames += 1
 
+    def _on_merge(self, key: tuple[int, int], old, new) -> None:
+        if old is not None:
+            self._count(key[0], old, -1)
+        self._count(key[0], new, 1)
+
+    def _count(self, vlan: int, e, delta: int) -> None:
+        if e.tombstone or e.host == self.host:
+            return
+        hosts = self._vlan_hosts.setdefault(vlan, {})
+        n = hosts.get(e.host, 0) + delta
+        if n > 0:
+            hosts[e.host] = n
+            if n == delta:  # 0 -> 1: a host joins the VLAN's flood list
+                self._flood_cache.pop(vlan, None)
+        else:
+            hosts.pop(e.host, None)
+            self._flood_cache.pop(vlan, None)
+
     def flood_hosts(self, vlan: int) -> tuple[str, ...]:
-        """Other hosts with a live port in `vlan`, per the MAC table (cached per table digest)."""
-        if self._flood_digest != self.table.digest or self._flood_len != len(self.table):
-            by_vlan: dict[int, set[str]] = {}
-            for (v, _), e in self.table.items():
-                if not e.tombstone and e.host != self.host:
-                    by_vlan.setdefault(v, set()).add(e.host)
-            self._flood_cache = {v: tuple(sorted(hs)) for v, hs in by_vlan.items()}
-            self._flood_digest, self._flood_len = self.table.digest, len(self.table)
-        return self._flood_cache.get(vlan, ())
+        """Other hosts with a live port in `vlan`, per the MAC table."""
+        hosts = self._flood_cache.get(vlan)
+        if hosts is None:
+            hosts = self._flood_cache[vlan] = tuple(sorted(self._vlan_hosts.get(vlan, ())))
+        return hosts
 
     # ------------------------------------------------------------------ queries
 
@@ -386,10 +404,11 @@ class Dataplane:
             "drops": dict(self.drops),
             "dropped": sum(self.drops.values()),
             "vnics": len(self.vnics),
-            "pointers": [
+            "pointers_active": len(self.departed),
+            "pointers": [  # the 100 newest
                 {"vlan": k[0], "mac": format_mac(k[1]), "relayed": d.relayed, "ingress": d.ingress,
                  "held": len(d.held)}
-                for k, d in self.departed.items()
+                for k, d in list(self.departed.items())[-100:]
             ],
             "ports": self.switch.describe(),
         }

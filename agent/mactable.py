@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 Key = tuple[int, int]  # (vlan, mac)
@@ -66,6 +67,8 @@ class MacTable:
         self._tombstones = 0  # kept current by merge: status reports must not scan the table
         # A deliberate defect for checker tests: accept lower (seq, host) instead of higher.
         self._reverse = reverse_merge_rule
+        # Told (key, old, new) after every applied merge (the data plane keeps its flood lists so).
+        self.observer: Callable[[Key, Entry | None, Entry], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -102,6 +105,8 @@ class MacTable:
             if new.tombstone:
                 self._tombstones += 1
             self.digest ^= entry_hash(key[0], key[1], new)
+            if self.observer is not None:
+                self.observer(key, None, new)
             return _NEW_KEY
         if self._reverse:
             if not (new.seq, new.host) < (old.seq, old.host):
@@ -111,6 +116,8 @@ class MacTable:
         self.digest ^= entry_hash(key[0], key[1], old) ^ entry_hash(key[0], key[1], new)
         self._tombstones += new.tombstone - old.tombstone
         entries[key] = new
+        if self.observer is not None:
+            self.observer(key, old, new)
         return MergeResult(True, old)
 
     def merge_updates(self, updates: list) -> list[tuple[Key, Entry | None, Entry]]:

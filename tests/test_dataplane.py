@@ -391,3 +391,15 @@ def test_moves_never_lose_duplicate_or_loop_frames(ops, rnd):
     assert delivered == dict.fromkeys(range(sent), 1)
     assert all(sum(h.dp.drops.values()) == 0 for h in hosts.values()), {n: h.dp.drops for n, h in hosts.items()}
     assert all(n <= seq + 1 for n in hops.values())
+
+
+@given(st.lists(st.tuples(st.sampled_from([100, 110]), st.integers(1, 6), st.sampled_from(["h1", "h2", "h3"]),
+                          st.integers(0, 4), st.booleans()), max_size=60))
+def test_flood_lists_follow_the_table(merges):
+    """The per-VLAN flood lists, kept incrementally, always equal a scan of the table."""
+    h = Host("h1")
+    for vlan, mac, host, seq, tomb in merges:
+        h.table.merge((vlan, mac), Entry(host, f"vEth{mac}", seq, tomb))
+        for v in (100, 110):
+            expect = sorted({e.host for (vv, _), e in h.table.items() if vv == v and not e.tombstone} - {"h1"})
+            assert list(h.dp.flood_hosts(v)) == expect
