@@ -11,8 +11,8 @@ It switches 802.1Q-tagged Ethernet frames for the host's VMs, using the replicat
 - a frame from another host (VXLAN) is delivered to local ports only, never flooded again
   (split horizon), with one exception: the forwarding pointer below.
 
-Moves: when a VM's port becomes active here (ATTACH or switchover) the data plane sends a RARP
-broadcast for it and tells its vNIC the port is up. When a VM's active port leaves this host,
+Moves: when a VM's port becomes active here the data plane tells its vNIC the port is up, and if
+the VM came from another host (switchover, HA restart) it sends a RARP broadcast for it. When a VM's active port leaves this host,
 the host keeps a *forwarding pointer* for `forward_pointer_ms`: frames that still reach it for
 that VM (senders whose tables have not caught up) are sent on to the host the MAC table now
 names, and frames that arrive before this host even learned where the VM went (the source may
@@ -118,7 +118,12 @@ class Dataplane:
 
     def _on_port_event(self, kind: str, port: Port) -> None:
         """LocalSwitch observer: a port became active ("up") or an active port went ("down").
-        Called in the middle of the core's handling; acted on in `after_core`."""
+        Called in the middle of the core's handling (a port is activated before its MAC is
+        claimed); acted on in `after_core`."""
+        if kind == "up":
+            e = self.table.get((port.vlan, port.mac))
+            if e is not None and e.host != self.host and not e.tombstone:
+                kind = "arrived"  # the VM lived on another host: a move (or an HA restart)
         self._events.append((kind, port))
 
     def after_core(self, now_ns: int) -> None:
@@ -126,24 +131,24 @@ class Dataplane:
         VM's new host is now known."""
         if self._events:
             events, self._events = self._events, []
-            announce: dict[tuple[int, int], Port] = {}
+            announce: dict[tuple[int, int], tuple[Port, bool]] = {}
             for kind, port in events:
                 key = (port.vlan, port.mac)
-                if kind == "up":
-                    dep = self.departed.pop(key, None)
-                    self._holding.discard(key)
-                    announce[key] = port
-                    if dep is not None and dep.held:
-                        for frame in dep.held:  # the VM came back before we learned it had gone on
-                            self._deliver(port, frame)
-                else:
+                if kind == "down":
                     announce.pop(key, None)
                     self._depart(key, now_ns)
-            for key, port in announce.items():
+                    continue
+                dep = self.departed.pop(key, None)
+                self._holding.discard(key)
+                announce[key] = (port, kind == "arrived" or key in announce and announce[key][1])
+                if dep is not None and dep.held:
+                    for frame in dep.held:  # the VM came back before we learned it had gone on
+                        self._deliver(port, frame)
+            for key, (port, arrived) in announce.items():
                 if port.state == "active" and self.switch.port_for(*key) is port:
                     e = self.table.get(key)
                     if e is not None and e.host == self.host and not e.tombstone:
-                        self._announce(port, now_ns)
+                        self._announce(port, arrived, now_ns)
         if self._holding:
             for key in list(self._holding):
                 e = self.table.get(key)
@@ -181,10 +186,12 @@ class Dataplane:
         self.departed[key] = Departure(now_ns + self._pointer_ns, min_seq)
         self.counters["departures"] += 1
 
-    def _announce(self, port: Port, now_ns: int) -> None:
-        """A VM's port is up here: RARP broadcast for it, and tell its vNIC."""
-        self.counters["rarp_sent"] += 1
-        self._flood(vxlan.rarp(port.mac, port.vlan), port.vlan, port, from_overlay=False)
+    def _announce(self, port: Port, arrived: bool, now_ns: int) -> None:
+        """A VM's port is up here: tell its vNIC; if the VM came from another host, send a RARP
+        broadcast for it into its VLAN (as vMotion does; a new VM announces itself by talking)."""
+        if arrived:
+            self.counters["rarp_sent"] += 1
+            self._flood(vxlan.rarp(port.mac, port.vlan), port.vlan, port, from_overlay=False)
         backend = self.vnics.get(port.mac)
         if backend is not None:
             self.counters["link_notices"] += 1

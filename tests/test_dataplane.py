@@ -61,7 +61,7 @@ def test_same_host_delivers_locally_and_counts_per_port():
     h.vm(A)
     h.vm(B)
     h.settle()
-    tx = h.switch.port_for(100, B).tx_frames  # (it got A's RARP broadcast)
+    tx = h.switch.port_for(100, B).tx_frames
     f = frame(B, A)
     h.dp.from_vnic(f, NIC[A], 0)
     assert h.dp.take() == [("vnic", NIC[B], f)]
@@ -179,9 +179,20 @@ def test_garbage_never_crashes_the_data_plane(data, src):
     h.dp.from_vxlan(b"\x08\x00\x00\x00\x00\x27\x74\x00" + data, src, 0)
 
 
+def test_a_new_vm_gets_a_link_notice_but_no_rarp():
+    h = Host("h2")
+    h.remote(C, "h3")
+    h.settle()
+    h.vm(A)  # ATTACH of a new VM
+    out = h.settle(now_ns=MS)
+    assert vxlan_out(out) == [] and h.dp.counters["rarp_sent"] == 0
+    assert [vxlan.parse_link_notice(f) for _, f in vnic_out(out)] == [("h2", MS)]
+
+
 def test_switchover_sends_rarp_to_the_vlan_and_tells_the_vnic():
     h = Host("h2")
     h.remote(C, "h3")
+    h.remote(A, "h1")
     h.settle()
     h.vm(A, seq=1)  # switchover: the port is activated and the MAC claimed
     out = h.settle(now_ns=5 * MS)
@@ -294,8 +305,7 @@ def test_status_shows_per_port_counters():
     h.dp.from_vnic(frame(B, A), NIC[A], 0)
     st = h.dp.status()
     ports = {p["vm"]: p for p in st["ports"]}
-    # vm2 also got vm1's RARP broadcast when vm1's port came up.
-    assert (ports["vm1"]["rx_frames"], ports["vm2"]["tx_frames"]) == (1, 2)
+    assert (ports["vm1"]["rx_frames"], ports["vm2"]["tx_frames"]) == (1, 1)
     assert st["counters"]["vnic_rx"] == 1 and st["dropped"] == 0
 
 
