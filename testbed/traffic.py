@@ -339,7 +339,8 @@ class TrafficRun:
     def move_stats(self, rec: dict) -> dict:
         """Frames lost and misdelivered around one move, and its data-plane blackout."""
         nic = self.by_name.get(rec["vm"])
-        out = {"frames": 0, "lost": 0, "misdelivered": 0, "blackout_ms": None, "delay_ms_max": None}
+        out = {"frames": 0, "lost": 0, "misdelivered": 0, "blackout_ms": None, "delay_ms_max": None,
+               "via_old_host": None}
         sw = rec.get("switch_ns") or 0
         if nic is None:
             return out | {"frames": None, "lost": None, "misdelivered": None}
@@ -352,6 +353,8 @@ class TrafficRun:
         to_d = 0 if self.nics[p][1] is nic else 1
         lo, hi = sw - MOVE_WINDOW_BEFORE_MS * NS_PER_MS, sw + MOVE_WINDOW_AFTER_MS * NS_PER_MS
         dst_id = self.host_ids.get(rec["dst"], -1)
+        src_id = self.host_ids.get(rec["src"], -1)
+        old_host = 0
         frames = lost = 0
         delay = 0
         first_new = None
@@ -366,10 +369,14 @@ class TrafficRun:
                 lost += 1
                 continue
             delay = max(delay, r - t)
-            if (i // k) & 1 == to_d and self.recv_host[i] == dst_id and r >= sw:
-                first_new = r if first_new is None else min(first_new, r)
+            if (i // k) & 1 == to_d and r >= sw:
+                if self.recv_host[i] == dst_id:
+                    first_new = r if first_new is None else min(first_new, r)
+                elif self.recv_host[i] == src_id:
+                    old_host += 1
         mis = sum(1 for i in self.misdelivered_idx if i % k == p and lo <= self.send_ns[i] <= hi)
         out.update(frames=frames, lost=lost, misdelivered=mis, delay_ms_max=round(delay / NS_PER_MS, 3),
+                   via_old_host=old_host,
                    blackout_ms=None if first_new is None else round((first_new - sw) / NS_PER_MS, 3))
         return out
 
@@ -409,6 +416,7 @@ class TrafficRun:
                 "frames_lost": sum(per_move_lost),
                 "moves_with_loss": sum(1 for x in per_move_lost if x),
                 "misdelivered": sum(m["misdelivered"] or 0 for m in moves_out),
+                "via_old_host": sum(m["via_old_host"] or 0 for m in moves_out),
                 "blackout_ms_max": max((m["blackout_ms"] for m in moves_out if m["blackout_ms"] is not None),
                                        default=None),
             },
