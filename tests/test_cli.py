@@ -32,6 +32,21 @@ def test_bad_flags_are_one_line(tmp_path):
     assert_one_line_error(run_dvs("up", "--hosts", "many", state_dir=tmp_path), "--hosts")
     assert_one_line_error(run_dvs("up", "--hostz", "3", state_dir=tmp_path), "--hostz")
     assert_one_line_error(run_dvs("vm", "move", "vm1", state_dir=tmp_path), "--to")
+    assert_one_line_error(run_dvs("up", "--hosts", "2", "--vtep-base", "nope", state_dir=tmp_path), "--vtep-base")
+    assert_one_line_error(run_dvs("traffic", "--pairs", "1", state_dir=tmp_path), "no cluster is running")
+
+
+def test_a_vtep_address_in_use_is_one_line(tmp_path):
+    import socket
+
+    from testbed.cluster import pick_vtep_base
+
+    base = pick_vtep_base(2)  # a free block, so no other cluster is disturbed
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((base[: base.rindex(".")] + ".2", 4789))  # h2's VTEP
+        assert_one_line_error(run_dvs("up", "--hosts", "2", "--vtep-base", base, state_dir=tmp_path),
+                              "is in use", "--vtep-base")
+    assert not (tmp_path / "cluster.json").exists()
 
 
 def test_cluster_lifecycle_through_the_cli(tmp_path):
