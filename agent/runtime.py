@@ -316,6 +316,19 @@ class DataplaneRuntime:
 
     def _on_vxlan(self, data: bytes, addr) -> None:
         src = vxlan.host_of_vtep(self.rt.vtep_base, addr[0]) if addr[1] == self.rt.vtep_port else None
+        faults = self.rt.faults
+        if faults.active and src is not None:
+            # The nemesis acts on the data plane as on gossip: partitions cut VXLAN between the
+            # groups; loss, delay, duplication and reordering apply unless limited to message types.
+            for delay_s in faults.plan(src, data):
+                if delay_s <= 0:
+                    self._vxlan_in(data, src)
+                else:
+                    self.loop.call_later(delay_s, self._vxlan_in, data, src)
+            return
+        self._vxlan_in(data, src)
+
+    def _vxlan_in(self, data: bytes, src: str | None) -> None:
         self.dp.from_vxlan(data, src, time.monotonic_ns())
         self._flush()
 

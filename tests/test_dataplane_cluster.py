@@ -16,7 +16,7 @@ import pytest
 
 from agent import vxlan
 from agent.mactable import format_mac, parse_mac
-from testbed import traffic
+from testbed import nemesis, traffic
 from tests.conftest import run_dvs
 from tests.test_cli import assert_one_line_error
 
@@ -244,3 +244,24 @@ def test_tshark_decodes_the_traffic_as_vxlan(make_cluster, tmp_path):
             rarps += 1
     assert test_frames >= rep["frames"]["delivered"] - rep["agents"].get("local", 0) > 0
     assert rarps >= 1
+
+
+def test_a_partition_cuts_the_data_plane_too(make_cluster):
+    cluster = make_cluster(2)
+    cluster.create_vms(2)  # vm1 on h1, vm2 on h2: one pair across the cut
+    nemesis.partition(cluster, nemesis.groups_to_blocked(list(cluster.agents), [["h1"], ["h2"]]))
+    cut = traffic.TrafficRun(cluster, 1, 100)
+    cut.setup()
+    cut.start()
+    time.sleep(0.5)
+    cut.finish(drain_s=0.5)
+    rep = cut.report()
+    assert rep["accounted"] and rep["frames"]["sent"] > 0 and rep["frames"]["delivered"] == 0
+    nemesis.heal(cluster)
+    healed = traffic.TrafficRun(cluster, 1, 100)
+    healed.setup()
+    healed.start()
+    time.sleep(0.5)
+    healed.finish()
+    f = healed.report()["frames"]
+    assert f["sent"] > 0 and f["delivered"] == f["sent"]
