@@ -549,11 +549,11 @@ def traffic(pairs, rate, duration_s, n_moves, seed, as_json, state_dir) -> None:
         f = rep["frames"]
         if rep["moves"]:
             t = Table("#", "vm", "from", "to", "converged", "latency ms", "frames", "lost", "misdelivered",
-                      "blackout ms", title="moves during traffic")
+                      "via old host", "blackout ms", title="moves during traffic")
             for i, m in enumerate(rep["moves"], 1):
                 t.add_row(str(i), m["vm"], m["src"], m["dst"], "yes" if m["converged"] else "[red]no[/red]",
                           _fmt(m["latency_ms"]), _fmt(m["frames"]), _fmt(m["lost"]), _fmt(m["misdelivered"]),
-                          _fmt(m["blackout_ms"]))
+                          _fmt(m["via_old_host"]), _fmt(m["blackout_ms"]))
             console.print(t)
         d = rep["delay_ms"]
         console.print(f"sent {f['sent']}, delivered {f['delivered']}, lost {f['lost']}, duplicated "
