@@ -40,7 +40,8 @@ _PAYLOAD = struct.Struct("!4sIIQ")  # magic, run id, frame index, send time (mon
 TICK_S = 0.002  # the sender wakes this often and sends every frame that is due
 CHUNK = 65_536  # per-frame arrays grow by this many frames
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
-# Per move: frames of the moved VM (to or from it) sent in [switchover - before, switchover + after].
+# Per move: frames of the moved VM (to or from it) sent in [switchover - before, switchover + after],
+# cut short at the VM's previous and next switchovers.
 MOVE_WINDOW_BEFORE_MS = 500
 MOVE_WINDOW_AFTER_MS = 1_000
 
@@ -351,7 +352,15 @@ class TrafficRun:
             return out
         p = next(i for i, (a, b) in enumerate(self.nics) if nic in (a, b))
         to_d = 0 if self.nics[p][1] is nic else 1
+        # The window, cut short by the VM's previous and next switchovers (link notices from
+        # other hosts), so back-to-back moves of one VM do not count a frame twice.
         lo, hi = sw - MOVE_WINDOW_BEFORE_MS * NS_PER_MS, sw + MOVE_WINDOW_AFTER_MS * NS_PER_MS
+        for h, t, _ in nic.links:
+            if h != rec["dst"]:
+                if t < sw:
+                    lo = max(lo, t)
+                elif t > sw:
+                    hi = min(hi, t)
         dst_id = self.host_ids.get(rec["dst"], -1)
         src_id = self.host_ids.get(rec["src"], -1)
         old_host = 0
@@ -369,7 +378,7 @@ class TrafficRun:
                 lost += 1
                 continue
             delay = max(delay, r - t)
-            if (i // k) & 1 == to_d and r >= sw:
+            if (i // k) & 1 == to_d and sw <= r < hi:
                 if self.recv_host[i] == dst_id:
                     first_new = r if first_new is None else min(first_new, r)
                 elif self.recv_host[i] == src_id:
