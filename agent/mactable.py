@@ -151,6 +151,10 @@ class MacTable:
             applied.append((key, old, new))
         self.digest = digest
         self._tombstones += tombs
+        if self.observer is not None:
+            observer = self.observer
+            for key, old, new in applied:
+                observer(key, old, new)
         return applied
 
     def _merge_updates_one_by_one(self, updates: list) -> list[tuple[Key, Entry | None, Entry]]:

@@ -413,3 +413,12 @@ def test_flood_lists_follow_the_table(merges):
         for v in (100, 110):
             expect = sorted({e.host for (vv, _), e in h.table.items() if vv == v and not e.tombstone} - {"h1"})
             assert list(h.dp.flood_hosts(v)) == expect
+
+
+def test_flood_lists_follow_bulk_gossip_merges():
+    """The agent merges gossip rows in bulk (MacTable.merge_updates): the flood lists see them too."""
+    h = Host("h1")
+    h.table.merge_updates([[1, 100, C, "h2", "vEth3", 0, False], [2, 110, D, "h3", "vEth4", 0, False]])
+    assert h.dp.flood_hosts(100) == ("h2",) and h.dp.flood_hosts(110) == ("h3",)
+    h.table.merge_updates([[3, 100, C, "h3", "vEth3", 1, False]])
+    assert h.dp.flood_hosts(100) == ("h3",)
