@@ -111,6 +111,8 @@ class AgentCore:
         self._next_heartbeat_ns = 0
         self._next_status_ns = 0
         self._next_applied_ns = 0
+        self._applied_first_ns = -1  # when the first pending apply report was made; -1: none pending
+        self._applied_due_ns = 0  # pending reports go out by then at the latest
         self._pulls_pending = 0
         self._bootstrapped = False
         self.peers_epoch = 0  # the controller's membership epoch of the last PEERS we took
@@ -131,6 +133,7 @@ class AgentCore:
         c = self.config
         self._status_ns = c.heartbeat_interval_ms * NS_PER_MS
         self._applied_interval_ns = c.applied_report_interval_ms * NS_PER_MS
+        self._applied_delay_ns = min(c.applied_report_delay_ms, c.applied_report_interval_ms) * NS_PER_MS
         self._hb_ns = self._suspect_ns = 0
         self._rescale()
         self._pull_timeout_ns = c.pull_timeout_ms * NS_PER_MS
@@ -150,7 +153,9 @@ class AgentCore:
 
     def next_deadline_ns(self) -> int:
         d = min(self._next_heartbeat_ns, self._next_status_ns)
-        return min(d, self._next_applied_ns) if self._applied else d
+        if not self._applied:
+            return d
+        return min(d, self._applied_due_ns if self._applied_first_ns >= 0 else self._next_applied_ns)
 
     def gossip_interval_ms(self) -> int:
         """The heartbeat interval for the current membership (see AgentConfig.heartbeat_budget_per_s)."""
@@ -242,8 +247,18 @@ class AgentCore:
                 self.outbox.append(("pub", wire.encode(MsgType.UPDATES, [self.host, self.incarnation, batch])))
             self._pending_pub = []
         applied = self._applied
-        if not applied or now_ns < self._next_applied_ns:
-            return  # nothing, or wait for the report window (next_deadline_ns covers it)
+        if not applied:
+            return
+        if self._applied_first_ns < 0:
+            # The first apply since the last report. The report may go with any flush from
+            # max(now + delay, previous report + interval) on; by now + interval at the latest
+            # (next_deadline_ns asks the driver for a wake-up then).
+            self._applied_first_ns = now_ns
+            self._applied_due_ns = max(now_ns + self._applied_interval_ns, self._next_applied_ns)
+        if now_ns < self._applied_due_ns and (now_ns < self._next_applied_ns
+                                              or now_ns < self._applied_first_ns + self._applied_delay_ns):
+            return
+        self._applied_first_ns = -1
         self._next_applied_ns = now_ns + self._applied_interval_ns
         for i in range(0, len(applied), PUB_BATCH_MAX):
             self.outbox.append(("ctl", wire.encode(MsgType.APPLIED, [self.host, applied[i : i + PUB_BATCH_MAX]])))

@@ -87,7 +87,7 @@ class AgentRuntime:
         self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after)
         self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after)
         self.ctl_reader = Reader(loop, self.ctl, self._on_ctl, self._after)
-        self.readers = [Reader(loop, self.sub, self._on_sub, self._after), self.rpc_reader, self.pull_reader,
+        self.readers = [Reader(loop, self.sub, self._on_sub, self._after, single=True), self.rpc_reader, self.pull_reader,
                         self.ctl_reader]
         ready = {"host": self.host, "pid": os.getpid(), "pub": pub_ep, "rpc": rpc_ep, "incarnation": self.incarnation}
         if self.vtep_base:

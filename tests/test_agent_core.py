@@ -39,7 +39,8 @@ class Cluster:
 
     def __init__(self, hosts: list[str], config: AgentConfig | None = None, now_ns: int = 1_000 * NS_PER_MS):
         self.now = now_ns
-        self.config = config or AgentConfig()
+        # The harness's clock stands still unless a test moves it: apply reports go out at once.
+        self.config = config or AgentConfig(applied_report_delay_ms=0)
         self.cores: dict[str, AgentCore] = {}
         self.ctl: list[tuple[str, MsgType, list]] = []
         self.down: set[str] = set()
@@ -802,7 +803,9 @@ def test_prepared_port_is_released_when_the_switchover_never_comes():
 
 
 def test_apply_reports_share_a_frame_under_load_but_keep_exact_stamps():
-    core = AgentCore("h2", 1, AgentConfig(applied_report_interval_ms=5), pub_endpoint="p", rpc_endpoint="r")
+    ms = NS_PER_MS
+    core = AgentCore("h2", 1, AgentConfig(applied_report_interval_ms=20, applied_report_delay_ms=5),
+                     pub_endpoint="p", rpc_endpoint="r")
     core.start(0)
     core.on_timer(0)  # first heartbeat and status: the next ones are 500 ms away
     core.take_outbox()
@@ -811,20 +814,27 @@ def test_apply_reports_share_a_frame_under_load_but_keep_exact_stamps():
         core.on_frame("sub", wire.encode(MsgType.UPDATES, ["h1", 1, [[n, 100, mac_of(n), "h1", "vEth1", 0, False]]]), t)
         core.flush(t)
 
-    def reports() -> list:
-        return [wire.decode(p)[1][1] for d, p in core.take_outbox()
+    def reports(t: int | None = None) -> list:
+        if t is not None:
+            core.flush(t)
+        return [[(r[1], r[5]) for r in wire.decode(p)[1][1]] for d, p in core.take_outbox()
                 if d == "ctl" and wire.decode(p)[0] is MsgType.APPLIED]
 
-    update(1, 1_000)
-    assert [[r[1] for r in b] for b in reports()] == [[mac_of(1)]]  # quiet agent: at once
-    update(2, 2_000)
-    update(3, 3_000)
-    assert reports() == []  # within the window: held back...
-    assert core.next_deadline_ns() == 1_000 + 5 * NS_PER_MS
-    core.on_timer(core.next_deadline_ns())
-    core.flush(core.next_deadline_ns())
-    (batch,) = reports()  # ...then sent together, each with its own apply time
-    assert [(r[1], r[5]) for r in batch] == [(mac_of(2), 2_000), (mac_of(3), 3_000)]
+    update(1, 1 * ms)
+    assert reports() == []  # a quiet agent holds its report back for the delay...
+    assert core.next_deadline_ns() == 21 * ms  # ...and asks for a wake-up one interval on at the latest
+    assert reports(5 * ms) == []
+    assert reports(6 * ms) == [[(mac_of(1), 1 * ms)]]  # ...but any wake-up after the delay sends it
+    update(2, 7 * ms)
+    update(3, 8 * ms)
+    assert reports(20 * ms) == []  # within the interval after the last report: held back...
+    assert core.next_deadline_ns() == 27 * ms
+    assert reports(26 * ms) == [[(mac_of(2), 7 * ms), (mac_of(3), 8 * ms)]]  # ...then together, exact stamps
+    update(4, 30 * ms)
+    core.on_timer(core.next_deadline_ns())  # nothing else happens: the agent's own timer sends it
+    assert core.next_deadline_ns() == 50 * ms
+    assert reports(50 * ms) == [[(mac_of(4), 30 * ms)]]
+
 
 
 @settings(max_examples=60, deadline=None)
