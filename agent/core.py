@@ -242,6 +242,10 @@ class AgentCore:
         """Emit what accumulated during a batch of events: own updates, applied reports."""
         pending = self._pending_pub
         if pending:
+            # Our updates tell every peer we are alive and how far our numbering goes, as a
+            # heartbeat would: the next heartbeat waits a full interval (under load most are
+            # never sent; each costs every receiver a wake-up).
+            self._next_heartbeat_ns = now_ns + self._hb_ns
             for i in range(0, len(pending), PUB_BATCH_MAX):
                 batch = pending[i : i + PUB_BATCH_MAX]
                 self.outbox.append(("pub", wire.encode(MsgType.UPDATES, [self.host, self.incarnation, batch])))
@@ -403,6 +407,7 @@ class AgentCore:
                 else:
                     peer.mark(n)
             if not repaired:
+                self._heard_from(peer, now_ns)  # a published update stands in for a heartbeat
                 self._maybe_pull(peer, now_ns)
 
     def _on_heartbeat(self, origin: str, incarnation: int, latest: int, digest: int, count: int, now_ns: int) -> None:

@@ -28,7 +28,7 @@ from agent.core import AgentCore
 from agent.dataplane import Dataplane, DataplaneConfig
 from agent.faults import CONTROLLER, NetFaults, host_of_identity, peek_origin
 from agent.mactable import format_mac
-from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, write_ready
+from agent.zmqloop import NOBLOCK, Reader, Timer, bind_ephemeral, on_stop_signals, send_parts, write_ready
 
 log = logging.getLogger("agent")
 
@@ -187,20 +187,20 @@ class AgentRuntime:
         for dest, payload in core.take_outbox():
             try:
                 if dest == "pub":
-                    self.pub.send(payload, zmq.NOBLOCK)
+                    self.pub.send(payload, NOBLOCK)
                 elif dest == "ctl":
                     if self.faults.blocked and not self.faults.may_send(CONTROLLER):
                         continue
                     sent_ctl = True
-                    self.ctl.send(payload, zmq.NOBLOCK)
+                    self.ctl.send(payload, NOBLOCK)
                 elif dest[0] == "peer":
                     sent_pull = True
                     alias = self._alias.get(dest[1])
                     if alias is not None and self.faults.may_send(dest[1]):
-                        self.pull.send_multipart([alias, payload], zmq.NOBLOCK)
+                        send_parts(self.pull, [alias, payload])
                 elif dest[0] == "reply":
                     sent_rpc = True
-                    self.rpc.send_multipart([*dest[1], payload], zmq.NOBLOCK)
+                    send_parts(self.rpc, [*dest[1], payload])
                 elif dest[0] == "connect":
                     self._connect(dest[1])
                 elif dest[0] == "disconnect":

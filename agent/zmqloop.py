@@ -30,6 +30,16 @@ DRAIN_BATCH = 512
 # Plain ints: pyzmq's enum flags cost microseconds per use on the hot path.
 NOBLOCK = int(zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
+_MORE_NOBLOCK = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+
+
+def send_parts(sock: zmq.Socket, parts: list[bytes]) -> None:
+    """`sock.send_multipart(parts, NOBLOCK)` without pyzmq's per-part enum arithmetic
+    (`flags | SNDMORE` on enum flags cost ~10 us a frame in the controller's profile)."""
+    send = sock.send
+    for part in parts[:-1]:
+        send(part, _MORE_NOBLOCK)
+    send(parts[-1], NOBLOCK)
 
 
 def install_uvloop() -> None:

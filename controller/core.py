@@ -25,6 +25,9 @@ from controller.config import ControllerConfig
 from controller.inventory import Host, Inventory, Vm
 
 NS_PER_MS = 1_000_000
+# Repair hint frames sent per controller tick at most: a backlog of thousands of converging
+# ops (a cold start) must not turn into hundreds of thousands of hints at once.
+HINTS_PER_TICK_MAX = 2_000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -111,6 +114,7 @@ class ControllerCore:
         self.outbox: list[tuple[list, bytes]] = []
         self.ops: dict[int, Op] = {}  # in flight, by op id
         self.ops_by_key: dict[tuple[int, int], Op] = {}
+        self._unacked: dict[int, Op] = {}  # ops whose current command awaits its ack, by op id
         # Finished moves and HA restarts, oldest first; bounded so a long run cannot grow it forever.
         self.history: deque[dict] = deque(maxlen=self.config.history_max)
         # VMs that need a restart we could not do yet (no live host, or the target refused),
@@ -144,6 +148,7 @@ class ControllerCore:
         self._refresh_ns = self.config.peers_refresh_ms * NS_PER_MS
         self._hint_ns = self.config.repair_hint_after_ms * NS_PER_MS
         self.repair_hints = 0
+        self._last_applied_ns: dict[str, int] = {}  # host -> when its last apply report arrived
         self._orphans_checked = False
         self._next_tick_ns = 0
 
@@ -193,6 +198,7 @@ class ControllerCore:
             self._on_status(host, body, now_ns)
         elif mt is MsgType.APPLIED:
             self._seen(host, now_ns)
+            self._last_applied_ns[host] = now_ns
             self._on_applied(host, body[1], now_ns)
         elif mt is MsgType.TABLE_REPORT:
             self._seen(host, now_ns)
@@ -222,10 +228,17 @@ class ControllerCore:
         if not self._orphans_checked and now_ns - self._started_ns > self.config.dead_after_ms * NS_PER_MS:
             self._orphans_checked = True
             self._restart_orphans(now_ns)
-        for op in [op for op in self.ops.values() if now_ns >= op.deadline_ns]:
+        # Ops are kept in start order, and every op's deadline is its start + op_timeout_ms: the
+        # expired ones are a prefix (no scan of thousands of ops every tick).
+        expired = []
+        for op in self.ops.values():
+            if now_ns < op.deadline_ns:
+                break
+            expired.append(op)
+        for op in expired:
             self._finish(op, now_ns, timed_out=True)
         max_retry_ns = self.config.command_retry_max_ms * NS_PER_MS
-        for op in self.ops.values():
+        for op in self._unacked.values():
             if op.command is not None and now_ns - op.command_sent_ns >= op.command_retry_ns:
                 host, frame = op.command
                 if self.inv.hosts[host].state != "dead":
@@ -440,9 +453,17 @@ class ControllerCore:
         """Tell the agents a converging op still waits for what they lack. PUB/SUB lost their
         copy of the update, and they would only notice at its origin's next heartbeat."""
         max_every = 16 * self._hint_ns
+        budget = HINTS_PER_TICK_MAX
+        # A host whose apply reports keep arriving is not a laggard that PUB/SUB left behind:
+        # it is busy (or we are behind on its reports, as in a cold start of thousands of
+        # ports), and hints would only add load; it gets one once its reports pause.
+        quiet_since = now_ns - self._hint_ns
+        last_report = self._last_applied_ns
         for op in self.ops.values():
             if op.phase != "converging" or not op.next_hint_ns or now_ns < op.next_hint_ns:
                 continue
+            if budget <= 0:
+                break  # the rest wait for the next tick
             op.hint_every_ns = min(op.hint_every_ns * 3 // 2, max_every)
             op.next_hint_ns = now_ns + op.hint_every_ns
             origin = self.inv.hosts.get(op.target[0])
@@ -460,8 +481,10 @@ class ControllerCore:
                         "entry": [vm.vlan, vm.mac, host, vm.port, seq, False]}
             frame = wire.encode(MsgType.REQUEST, [0, "repair", hint])
             for h in self.inv.hosts.values():
-                if h.state != "dead" and h.name not in op.applied and h.name != host:
+                if (h.state != "dead" and h.name not in op.applied and h.name != host
+                        and last_report.get(h.name, quiet_since) <= quiet_since):
                     self.repair_hints += 1
+                    budget -= 1
                     self.outbox.append((h.route, frame))
 
     # Which ack detail completes which phase: a duplicated "prepared" must not pass for "switched".
@@ -489,6 +512,7 @@ class ControllerCore:
                           now_ns)
             return
         op.command = None
+        self._unacked.pop(op.op_id, None)
         op.switch_ns = t_ns
         op.switched = True
         op.phase = "converging"
@@ -517,6 +541,7 @@ class ControllerCore:
     def _command(self, op: Op, host: str, mt: MsgType, body: list, now_ns: int) -> None:
         frame = wire.encode(mt, body)
         op.command, op.command_sent_ns = (host, frame), now_ns
+        self._unacked[op.op_id] = op
         op.command_retry_ns = self.config.command_retry_ms * NS_PER_MS
         self.outbox.append((self.inv.hosts[host].route, frame))
 
@@ -549,6 +574,7 @@ class ControllerCore:
 
     def _finish(self, op: Op, now_ns: int, timed_out: bool = False) -> None:
         self.ops.pop(op.op_id, None)
+        self._unacked.pop(op.op_id, None)
         if self.ops_by_key.get(op.key) is op:
             del self.ops_by_key[op.key]
         vm = self.inv.vms.get(op.vm)

@@ -12,7 +12,7 @@ from pathlib import Path
 import zmq
 
 from agent import wire
-from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, write_ready
+from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, send_parts, write_ready
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
 
@@ -96,7 +96,7 @@ class ControllerRuntime:
             os.fsync(self.journal_file.fileno())
         for envelope, payload in self.core.take_outbox():
             try:
-                self.sock.send_multipart([*envelope, payload], zmq.NOBLOCK)
+                send_parts(self.sock, [*envelope, payload])
             except zmq.ZMQError as e:
                 log.debug("send failed: %s", e)
         self.timer.set(self.core.next_deadline_ns())
