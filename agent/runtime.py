@@ -28,7 +28,16 @@ from agent.core import AgentCore
 from agent.dataplane import Dataplane, DataplaneConfig
 from agent.faults import CONTROLLER, NetFaults, host_of_identity, peek_origin
 from agent.mactable import format_mac
-from agent.zmqloop import NOBLOCK, Reader, Timer, bind_ephemeral, on_stop_signals, send_parts, write_ready
+from agent.zmqloop import (
+    NOBLOCK,
+    Reader,
+    Timer,
+    bind_ephemeral,
+    on_stop_signals,
+    send_parts,
+    tune_gc,
+    write_ready,
+)
 
 log = logging.getLogger("agent")
 
@@ -107,6 +116,7 @@ class AgentRuntime:
         stop = asyncio.Event()
         on_stop_signals(loop, stop)
         self.core.start(time.monotonic_ns())
+        tune_gc()
         self._after()
         write_ready(self.ready_fd, ready)
         log.info("agent %s up: pub %s rpc %s controller %s", self.host, pub_ep, rpc_ep, self.controller)

@@ -14,6 +14,7 @@ queued message costs ~0.5 us; with EVENTS each frame paid for two of them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -40,6 +41,16 @@ def send_parts(sock: zmq.Socket, parts: list[bytes]) -> None:
     for part in parts[:-1]:
         send(part, _MORE_NOBLOCK)
     send(parts[-1], NOBLOCK)
+
+
+def tune_gc() -> None:
+    """After startup: everything allocated so far (modules, the loop, sockets) lives as long as
+    the process, so the collector need never scan it again (gc.freeze), and the young
+    generation is collected every 20,000 allocations instead of 700 (a cold start allocates a
+    table entry and a report row per port; the default had the collector run every few frames)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def install_uvloop() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import zmq
 
 from agent import wire
-from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, send_parts, write_ready
+from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, send_parts, tune_gc, write_ready
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
 
@@ -51,6 +51,7 @@ class ControllerRuntime:
         stop = asyncio.Event()
         on_stop_signals(loop, stop)
         self.core.on_timer(time.monotonic_ns())
+        tune_gc()
         self._after()
         write_ready(self.ready_fd, {"controller": endpoint, "pid": os.getpid()})
         log.info("controller up on %s", endpoint)
@@ -71,6 +72,7 @@ class ControllerRuntime:
 
     def _on_timer(self) -> None:
         self.core.on_timer(time.monotonic_ns())
+        tune_gc()
         self._after()
 
     def _read_journal(self) -> list[dict]:
