@@ -149,8 +149,7 @@ class ControllerCore:
         self._hint_ns = self.config.repair_hint_after_ms * NS_PER_MS
         self.repair_hints = 0
         self._last_applied_ns: dict[str, int] = {}  # host -> when its last apply report arrived
-        self._report_lag_ns = 0  # our receive time - the agent's apply stamp, of the last report read
-        self._report_lag_at_ns = 0  # ...measured then
+        self._late_report_ns = -(1 << 62)  # when we last read an apply report late (see _hint_repairs)
         self._orphans_checked = False
         self._next_tick_ns = 0
 
@@ -201,11 +200,10 @@ class ControllerCore:
         elif mt is MsgType.APPLIED:
             self._seen(host, now_ns)
             self._last_applied_ns[host] = now_ns
-            if body[1]:
-                # How far behind the agents' apply stamps we read their reports (the first entry is
-                # the oldest in a report): a backlog here means we, not PUB/SUB, are the laggard.
-                self._report_lag_ns = now_ns - body[1][0][5]
-                self._report_lag_at_ns = now_ns
+            if body[1] and now_ns - body[1][0][5] > self._hint_ns:
+                # We read this report later than the hint delay after its oldest apply (rows are in
+                # apply order): we, not PUB/SUB, are the laggard (see _hint_repairs).
+                self._late_report_ns = now_ns
             self._on_applied(host, body[1], now_ns)
         elif mt is MsgType.TABLE_REPORT:
             self._seen(host, now_ns)
@@ -459,9 +457,9 @@ class ControllerCore:
     def _hint_repairs(self, now_ns: int) -> None:
         """Tell the agents a converging op still waits for what they lack. PUB/SUB lost their
         copy of the update, and they would only notice at its origin's next heartbeat."""
-        if self._report_lag_ns > self._hint_ns and now_ns - self._report_lag_at_ns < 2 * self._hint_ns:
-            # We read apply reports later than the hint delay after the applies themselves: the
-            # missing reports are most likely in our own queue. Hints would only add to it.
+        if now_ns - self._late_report_ns < 2 * self._hint_ns:
+            # Lately we read apply reports later than the hint delay after the applies themselves:
+            # the missing reports are most likely in our own queue. Hints would only add to it.
             return
         max_every = 16 * self._hint_ns
         budget = HINTS_PER_TICK_MAX
