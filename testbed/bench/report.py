@@ -327,31 +327,35 @@ CPU per message, one publisher → 31 subscriber processes, ~60-byte msgpack fra
 At 32 hosts the idle mesh (heartbeats at 500 ms) cost about 0.55 of one core in total then.
 """
 
-PROFILE_NOTES = """### Where the time goes (profiled 2026-11-26 with py-spy and one-off scripts; not re-measured by `dvs bench`)
+PROFILE_NOTES = """### Where the time goes (profiled 2026-11-26 with py-spy, strace and one-off scripts; not re-measured by `dvs bench`)
 
-- **Agent CPU is the limit.** At 32 hosts one move costs the agents ~13 ms of CPU in all (~430 µs
-  per receiving agent, against ~80 µs per message for a floor subscriber) and the controller
-  ~3.5 ms; the idle mesh already takes ~0.5 core (~1,900 heartbeats/s at ~250 µs each). On 2
-  cores that caps throughput near 300 moves/s (276–313/s achieved at 300 and 1,000 offered)
-  and queues moves well below that, so convergence p99 passes 50 ms by 100 moves/s.
-- **Per-message runtime cost, not the protocol core.** One agent alone (fake controller and peer):
-  60–190 µs per received heartbeat, 270–540 µs per received update at 100–300 updates/s; a
-  blocking-`recv()` subscriber at the same rates: 84–150 µs. `AgentCore.on_frame` + `flush` of one
-  update costs 36 µs (of which `wire.decode` 9 µs), a heartbeat 7 µs. The rest is thread wake-ups
-  (libzmq's I/O thread, then the uvloop thread, for every frame in; the I/O thread again for the
-  APPLIED report sent per update: dropping that report saved 65–140 µs per update) and pyzmq enum
-  conversions on every `getsockopt(EVENTS)` (~6 µs each, several per wake-up).
-- **Controller** at 300 moves/s: ~22 % of its time in `_on_applied` (`live_hosts()` is rebuilt and
-  scanned for every applied entry), ~15 % validating APPLIED frames, ~5 % building `applied_ms`
-  for replies, ~10 % pyzmq enum overhead.
-- **Cold start**: every unacked ATTACH is resent every `command_retry_ms` (200 ms) without backoff;
-  while the controller works through 256,000 apply reports the acks wait in its queue, so one
-  8,000-port batch caused ~72,000 duplicate ATTACHes in a profiled run, and on a loaded machine up
-  to 5,000 of 8,000 ops missed the 10 s op timeout although every agent held every port within
-  ~2–3 s. The batch reply carries `applied_ms` for every op and host: 4.3 MB at 32 hosts, ~8.5 MB
-  at 64 (over `agent.wire.MAX_FRAME_BYTES`, which `testbed.client.Client` enforces).
-- **64 hosts** (`dvs bench --hosts 64 --vms 2560 --moves 100 --phases floor,moves`, same day): 100 of
-  100 moves converged, p50 21.0 ms, p99 41.8 ms (3.6× the floor's 11.7 ms).
+- **Thread wake-ups, not the protocol.** One real agent fed by 31 fake peers (agent CPU per frame,
+  all threads, machine shared): a heartbeat costs ~250-320 µs (uvloop thread ~200-270 + libzmq
+  I/O thread ~50-60), an update ~400-500 µs with its share of apply reports. The same socket read
+  by a bare uvloop `add_reader` loop that only decodes: ~200-240 µs; by `zmq.Poller`: ~200 µs; by a
+  blocking `recv()`: ~110-140 µs. strace shows ~13 cheap syscalls per frame (epoll_wait in both
+  threads, eventfd write/read, one recvfrom, polls of the socket mailbox); the rest is two context
+  switches and cold caches per frame with 33 processes on 2 cores. So what helps is fewer frames
+  and fewer wake-ups per frame: apply reports share frames over 20 ms and ride on later wake-ups,
+  updates stand in for heartbeats, sockets drain with NOBLOCK `recv` until EAGAIN (reading
+  `ZMQ_EVENTS` polls the mailbox: 6-10 µs each, two per frame before).
+- **Idle mesh** at 32 hosts: ~2,000 heartbeats/s, ~0.5 core (heartbeats now stop while a host
+  publishes updates, so under load the mesh's background mostly disappears).
+- **Load curve**: the agents saturate at 1.2-1.5 cores whatever the offered rate (the rest of the
+  2 cores: the controller ~0.15, the bench client, other users' programs). One move at 32 hosts
+  costs the agents ~12 ms of CPU (31 deliveries of ~330-400 µs plus control and apply reports),
+  so 100 moves/s is at the edge of p99 < 50 ms and 300/s is out of reach without fewer wake-ups
+  per delivery (batching several moves per wake-up, which the open-loop rate only gives when
+  the machine already queues). The controller is not the bottleneck (0.14-0.22 cores).
+- **Cold start** (8,000 ports, 32 hosts): the controller's repair hints (new) misfired while it was
+  behind on the 256,000 apply reports (~40,000 hints and 60 % of its CPU in sends in one run); it
+  also scanned every op every tick. Fixed (hints wait while reports arrive late; expired ops are a
+  prefix; unacked commands kept apart); `gc.freeze()` after startup and a young-generation
+  threshold of 20,000 cut agent CPU by a third. What remains: ~0.2-0.3 s of `vm_create` before the
+  first ATTACH (~38 µs per VM: op objects, journal JSON, fsync), then every agent applies 8,000
+  entries while the controller validates and books 256,000 apply rows (~2.5 s of its CPU).
+- **64 hosts** (`dvs bench --hosts 64 --vms 2560 --moves 100 --phases floor,moves`, earlier the
+  same day): 100 of 100 moves converged, p50 21.0 ms, p99 41.8 ms (3.6× the floor's 11.7 ms).
 """
 
 DEFINITIONS = """### What is measured, exactly
