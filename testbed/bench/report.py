@@ -357,9 +357,10 @@ PROFILE_NOTES = """### Where the time goes (profiled 2026-11-26 with py-spy, str
   `ZMQ_EVENTS` polls the mailbox: 6-10 µs each, two per frame before).
 - **The floor moves with the machine's load.** Its p99 at 32 hosts ranged 2.6-16 ms across
   runs within one hour on this shared machine while the cluster's sequential p99 stayed at
-  15-31 ms (p50 7-10 ms against the floor's 1.8-3.9 ms): the p99 ratio mostly measures how busy
-  the machine was during the floor. The p50 ratio (2.5-4×) is the steadier figure: one delivery
-  costs an agent ~2-3× the CPU of a blocking `recv()` subscriber (next item).
+  15-34 ms (p50 7-14 ms against the floor's 1.8-3.9 ms): the p99 ratio mostly measures how busy
+  the machine was during the floor. The p50 ratio (2.5-6×) is the steadier figure: one delivery
+  costs an agent ~2-3× the CPU of a blocking `recv()` subscriber (next item), and with the data
+  plane on every receiver gets two deliveries per move (see below).
 - **Idle mesh** at 32 hosts: ~2,000 heartbeats/s, ~0.5 core (heartbeats now stop while a host
   publishes updates, so under load the mesh's background mostly disappears).
 - **Load curve**: the agents saturate at 1.2-1.5 cores whatever the offered rate (the rest of the
@@ -368,6 +369,12 @@ PROFILE_NOTES = """### Where the time goes (profiled 2026-11-26 with py-spy, str
   so 100 moves/s is at the edge of p99 < 50 ms and 300/s is out of reach without fewer wake-ups
   per delivery (batching several moves per wake-up, which the open-loop rate only gives when
   the machine already queues). The controller is not the bottleneck (0.14-0.22 cores).
+- **The data plane (on by default since it landed) costs ~+30 % agent CPU per move.** Each
+  switchover floods a RARP over VXLAN to every host of the VLAN (all 31 here): a second delivery,
+  and a second wake-up, per receiver and move. Same one-off harness, 32 hosts, two runs each,
+  data plane on / off (`vtep_base="off"`): sequential p50 10.3-12.6 / 7.6-8.9 ms; agent CPU
+  693-858 / 405-612 µs per move and receiver; at 100 moves/s agents 1.69-1.73 / 1.49-1.51 cores
+  and p99 41-78 / 19-40 ms. Every goal figure above is measured with it on.
 - **Cold start** (8,000 ports, 32 hosts): the controller's repair hints (new) misfired while it was
   behind on the 256,000 apply reports (~40,000 hints and 60 % of its CPU in sends in one run); it
   also scanned every op every tick. Fixed (hints wait while reports arrive late; expired ops are a
