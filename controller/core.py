@@ -28,6 +28,8 @@ NS_PER_MS = 1_000_000
 # Repair hint frames sent per controller tick at most: a backlog of thousands of converging
 # ops (a cold start) must not turn into hundreds of thousands of hints at once.
 HINTS_PER_TICK_MAX = 2_000
+# A busy host (its apply reports keep arriving) is spared hints for this many hint delays.
+BUSY_GRACE = 4
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -61,6 +63,7 @@ class Op:
     missing: list[str] = field(default_factory=list)
     done_ns: int = 0  # when the controller finished it (its clock): the client's wait ends here
     src_lost: bool = False  # the source's agent restarted meanwhile: the VM no longer runs there
+    converging_ns: int = 0  # when it started converging (our clock)
     next_hint_ns: int = 0  # converging: when to tell laggards where to pull from (0: never)
     hint_every_ns: int = 0
 
@@ -463,10 +466,13 @@ class ControllerCore:
             return
         max_every = 16 * self._hint_ns
         budget = HINTS_PER_TICK_MAX
-        # A host whose apply reports keep arriving is not a laggard that PUB/SUB left behind:
-        # it is busy (or we are behind on its reports, as in a cold start of thousands of
-        # ports), and hints would only add load; it gets one once its reports pause.
+        # A host whose apply reports keep arriving is likely not a laggard that PUB/SUB left
+        # behind: it is busy (or we are behind on its reports, as in a cold start of thousands
+        # of ports), and hints would only add load; it gets one once its reports pause, or once
+        # the op has waited BUSY_GRACE hint delays (a host applying a steady stream of other
+        # moves may never pause, and its lost update would wait for the op's timeout).
         quiet_since = now_ns - self._hint_ns
+        grace_ns = BUSY_GRACE * self._hint_ns
         last_report = self._last_applied_ns
         for op in self.ops.values():
             if op.phase != "converging" or not op.next_hint_ns or now_ns < op.next_hint_ns:
@@ -489,9 +495,10 @@ class ControllerCore:
                 hint = {"origin": host, "incarnation": origin.incarnation,
                         "entry": [vm.vlan, vm.mac, host, vm.port, seq, False]}
             frame = wire.encode(MsgType.REQUEST, [0, "repair", hint])
+            patient = now_ns - op.converging_ns < grace_ns
             for h in self.inv.hosts.values():
                 if (h.state != "dead" and h.name not in op.applied and h.name != host
-                        and last_report.get(h.name, quiet_since) <= quiet_since):
+                        and (not patient or last_report.get(h.name, quiet_since) <= quiet_since)):
                     self.repair_hints += 1
                     budget -= 1
                     self.outbox.append((h.route, frame))
@@ -526,6 +533,7 @@ class ControllerCore:
         op.switched = True
         op.phase = "converging"
         if self._hint_ns:
+            op.converging_ns = now_ns
             op.next_hint_ns = now_ns + self._hint_ns
             op.hint_every_ns = self._hint_ns
         vm.host, vm.seq = op.target[0], op.target[1]

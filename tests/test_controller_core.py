@@ -873,6 +873,49 @@ def test_a_lost_tombstone_hint_names_the_origin_to_pull_from():
     assert c.reply(req)[1]["converged"]
 
 
+def test_a_busy_host_is_spared_hints_for_a_while_but_never_starved():
+    # h3 keeps reporting applies of other VMs (it is busy, not left behind) while the move of
+    # vm1 waits for it: no hint at first; once the op waited BUSY_GRACE hint delays, it gets one.
+    from controller.core import BUSY_GRACE
+
+    cfg = ControllerConfig()
+    c = cluster(3, cfg)
+    create(c, 1, "h1")
+    create(c, 2, "h1")
+    c.hints.clear()
+    c.request("vm_move", {"name": "vm1", "to": "h2"})
+    ((_, (op, *_)),) = c.to("h2")
+    c.ack("h2", op)
+    c.ack("h2", op)
+    c.applied("h1", 1, "h2", 1)
+    c.applied("h2", 1, "h2", 1)
+    t0 = c.now
+    while c.now - t0 < (BUSY_GRACE + 1) * cfg.repair_hint_after_ms * NS_PER_MS:
+        c.applied("h3", 2, "h1", 0)  # an apply report of something else, every tick
+        c.advance(cfg.tick_interval_ms)
+        if c.now - t0 < BUSY_GRACE * cfg.repair_hint_after_ms * NS_PER_MS:
+            assert c.hints == []
+    assert [h for h, _ in c.hints] == ["h3"]
+
+
+def test_no_hints_while_the_controller_reads_apply_reports_late():
+    # A report whose applies are older than the hint delay: we are the laggard, not PUB/SUB.
+    cfg = ControllerConfig()
+    c = cluster(3, cfg)
+    create(c, 1, "h1")
+    c.hints.clear()
+    c.request("vm_move", {"name": "vm1", "to": "h2"})
+    ((_, (op, *_)),) = c.to("h2")
+    c.ack("h2", op)
+    c.ack("h2", op)
+    c.advance(cfg.tick_interval_ms)
+    c.applied("h1", 1, "h2", 1, t_ns=c.now - 2 * cfg.repair_hint_after_ms * NS_PER_MS)  # read late
+    c.advance(cfg.repair_hint_after_ms)
+    assert c.hints == []
+    c.advance(2 * cfg.repair_hint_after_ms)
+    assert [h for h, _ in c.hints] == ["h3"]
+
+
 def test_repair_hints_can_be_turned_off():
     cfg = ControllerConfig(repair_hint_after_ms=0)
     c = cluster(3, cfg)
