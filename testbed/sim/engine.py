@@ -226,7 +226,7 @@ class Agent:
     """One running agent process: its core and what its sockets are connected to."""
 
     __slots__ = ("iid", "hidx", "host", "core", "alive", "pub_ep", "rpc_ep", "ctl_env", "pull_id", "conns",
-                 "timer_at", "ctl_in_last", "ctl_out_last", "fifo", "fifo_until")
+                 "timer_at", "timers", "ctl_in_last", "ctl_out_last", "fifo", "fifo_until")
 
     def __init__(self, iid: int, hidx: int, host: str, core: AgentCore) -> None:
         self.iid = iid
@@ -240,6 +240,9 @@ class Agent:
         self.pull_id = f"pull:{host}".encode()
         self.conns: dict[str, tuple[str, str]] = {}  # peer host -> (pub endpoint, rpc endpoint)
         self.timer_at: int | None = None
+        # Times with a timer event already queued: a deadline that moves back to one of them
+        # needs no second event (an apply report's deadline comes and goes with every move).
+        self.timers: set[int] = set()
         self.ctl_in_last = 0  # FIFO: last arrival controller -> this agent
         self.ctl_out_last = 0  # FIFO: last arrival this agent -> controller
         self.fifo: array | None = None  # FIFO: last arrival of our gossip at each host index
@@ -486,6 +489,7 @@ class Simulator:
         elif kind == K_P2P:
             core.on_frame(ev[4], ev[5], t, ev[6])
         elif kind == K_TIMER:
+            a.timers.discard(t)
             if a.timer_at == t:
                 a.timer_at = None
                 core.on_timer(t)
@@ -501,7 +505,9 @@ class Simulator:
             d = t
         if d != a.timer_at:
             a.timer_at = d
-            self._push(d, a.iid, K_TIMER)
+            if d not in a.timers:
+                a.timers.add(d)
+                self._push(d, a.iid, K_TIMER)
 
     def _route_agent(self, a: Agent, out: list, t: int) -> None:
         ctl_frames = None
