@@ -50,7 +50,10 @@ makes it lossy too).
 An agent silent to the controller for its dead_after_ms (3,000 ms) is declared dead and its
 VMs are restarted elsewhere (HA); moves in flight to or from it may fail.
 
-Exit status 0 only when every move converged and the final checks passed.
+Exit status 0 only when every move converged (a move a controller crash interrupted counts if
+it ended done or rolled back) and the final checks passed: every running agent's table equals
+the inventory, every VM is active on exactly the host it names, no agent ever replaced an entry
+by a lower (seq, host), and no core raised.
 """
 
 
