@@ -123,6 +123,18 @@ def cluster(hosts: int = 3, config: ControllerConfig | None = None) -> Ctl:
     return c
 
 
+def switched_move(c: Ctl, vm: int, dst: str, applied_by: tuple[str, ...] = ()) -> int:
+    """Move vm<vm> to dst through prepare and switchover; `applied_by` report applying it.
+    Returns the client's request id (the reply comes once every live host applied it)."""
+    req = c.request("vm_move", {"name": f"vm{vm}", "to": dst})
+    ((_, (op, *_)),) = c.to(dst)
+    c.ack(dst, op)
+    c.ack(dst, op)
+    for h in applied_by:
+        c.applied(h, vm, dst, 1)
+    return req
+
+
 def create(c: Ctl, vm: int, host: str) -> dict:
     """Create vm<vm> on host and converge it on every registered host."""
     req = c.request("vm_create", {"name": f"vm{vm}", "host": host})
@@ -453,12 +465,7 @@ def test_silent_host_becomes_suspect_then_dead_and_is_no_longer_awaited():
     cfg = ControllerConfig()
     c = cluster(3, cfg)
     create(c, 1, "h1")
-    req = c.request("vm_move", {"name": "vm1", "to": "h2"})
-    ((_, (op, *_)),) = c.to("h2")
-    c.ack("h2", op)
-    c.ack("h2", op)
-    c.applied("h1", 1, "h2", 1)
-    c.applied("h2", 1, "h2", 1)
+    req = switched_move(c, 1, "h2", applied_by=("h1", "h2"))
     last_h3 = c.now
     states = []
     # h3 falls silent; h1 and h2 keep reporting.
@@ -834,12 +841,7 @@ def test_laggards_get_a_repair_hint_with_the_entry():
     c = cluster(3, cfg)
     create(c, 1, "h1")
     c.hints.clear()
-    req = c.request("vm_move", {"name": "vm1", "to": "h2"})
-    ((_, (op, *_)),) = c.to("h2")
-    c.ack("h2", op)
-    c.ack("h2", op)
-    c.applied("h1", 1, "h2", 1)
-    c.applied("h2", 1, "h2", 1)
+    req = switched_move(c, 1, "h2", applied_by=("h1", "h2"))
     c.advance(cfg.repair_hint_after_ms - cfg.tick_interval_ms)
     assert c.hints == []
     c.advance(cfg.tick_interval_ms)
@@ -883,12 +885,7 @@ def test_a_busy_host_is_spared_hints_for_a_while_but_never_starved():
     create(c, 1, "h1")
     create(c, 2, "h1")
     c.hints.clear()
-    c.request("vm_move", {"name": "vm1", "to": "h2"})
-    ((_, (op, *_)),) = c.to("h2")
-    c.ack("h2", op)
-    c.ack("h2", op)
-    c.applied("h1", 1, "h2", 1)
-    c.applied("h2", 1, "h2", 1)
+    switched_move(c, 1, "h2", applied_by=("h1", "h2"))
     t0 = c.now
     while c.now - t0 < (BUSY_GRACE + 1) * cfg.repair_hint_after_ms * NS_PER_MS:
         c.applied("h3", 2, "h1", 0)  # an apply report of something else, every tick
@@ -904,10 +901,7 @@ def test_no_hints_while_the_controller_reads_apply_reports_late():
     c = cluster(3, cfg)
     create(c, 1, "h1")
     c.hints.clear()
-    c.request("vm_move", {"name": "vm1", "to": "h2"})
-    ((_, (op, *_)),) = c.to("h2")
-    c.ack("h2", op)
-    c.ack("h2", op)
+    switched_move(c, 1, "h2")
     c.advance(cfg.tick_interval_ms)
     c.applied("h1", 1, "h2", 1, t_ns=c.now - 2 * cfg.repair_hint_after_ms * NS_PER_MS)  # read late
     c.advance(cfg.repair_hint_after_ms)
@@ -920,9 +914,6 @@ def test_repair_hints_can_be_turned_off():
     cfg = ControllerConfig(repair_hint_after_ms=0)
     c = cluster(3, cfg)
     create(c, 1, "h1")
-    c.request("vm_move", {"name": "vm1", "to": "h2"})
-    ((_, (op, *_)),) = c.to("h2")
-    c.ack("h2", op)
-    c.ack("h2", op)
+    switched_move(c, 1, "h2")
     c.advance(2_000)
     assert c.hints == []
