@@ -398,14 +398,9 @@ class AgentCore:
             for key, old, new in applied:
                 note(key, old, new, now_ns)
         if peer is not None:
+            mark = peer.mark
             for u in updates:
-                n = u[0]
-                if n == peer.contiguous + 1 and not peer.above:
-                    peer.contiguous = n  # in order: the common case, without a call
-                    if n > peer.latest_seen:
-                        peer.latest_seen = n
-                else:
-                    peer.mark(n)
+                mark(u[0])
             if not repaired:
                 self._heard_from(peer, now_ns)  # a published update stands in for a heartbeat
                 self._maybe_pull(peer, now_ns)
@@ -441,14 +436,17 @@ class AgentCore:
         rng = peer.missing_range()
         if rng is None:
             return False
-        lo, hi = rng
+        self._pull(peer, rng[0], rng[1], now_ns)
+        return True
+
+    def _pull(self, peer: PeerState, lo: int, hi: int, now_ns: int) -> None:
+        """Ask `peer` for its updates lo..hi (at most pull_batch_max of them)."""
         hi = min(hi, lo + self.config.pull_batch_max - 1)
         self.stats.pulls_sent += 1
         self._set_pending(peer, now_ns)
         self.outbox.append(
             (("peer", peer.host), wire.encode(MsgType.PULL_REQ, [peer.host, peer.incarnation, lo, hi]))
         )
-        return True
 
     def _on_repair_hint(self, args: dict, now_ns: int) -> None:
         """The controller waits for our apply report of an update from `origin`: PUB/SUB lost
@@ -475,13 +473,8 @@ class AgentCore:
         # A pull already in flight may be the one that got lost: the hints are paced by the
         # controller, so ask again rather than wait out pull_timeout_ms.
         self._clear_pending(peer)
-        if self._maybe_pull(peer, now_ns):
-            return
-        lo = peer.contiguous + 1
-        self.stats.pulls_sent += 1
-        self._set_pending(peer, now_ns)
-        self.outbox.append((("peer", origin), wire.encode(
-            MsgType.PULL_REQ, [origin, peer.incarnation, lo, lo + self.config.pull_batch_max - 1])))
+        if not self._maybe_pull(peer, now_ns):
+            self._pull(peer, peer.contiguous + 1, wire.MAX_U64, now_ns)
 
     def _request_snapshot(self, peer: PeerState, now_ns: int) -> None:
         self.stats.snapshots_requested += 1
