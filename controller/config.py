@@ -31,8 +31,9 @@ class ControllerConfig:
     # one by one cost N broadcasts of N members to N agents: N^3 work at startup.
     peers_batch_ms: int = 20
     # A converging op still missing agents' apply reports this long after the switchover
-    # makes the controller tell those agents which origin to pull from, in ms. Default 100;
-    # the hint is repeated with the wait doubling up to 1,600 ms. PUB/SUB loss is otherwise
+    # makes the controller send those agents the entry they lack (for a delete: the origin to
+    # pull its tombstone from), in ms. Default 100; the hint is repeated with the wait growing
+    # by half each time, up to 1,600 ms. PUB/SUB loss is otherwise
     # repaired only by the origin's next heartbeat, whose interval grows with N (seconds at
     # 64 hosts, minutes at 1,000). 0 turns hints off.
     repair_hint_after_ms: int = 100

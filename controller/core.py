@@ -339,7 +339,6 @@ class ControllerCore:
             return
         self._seen(host, now_ns)
         h.peers_heard, h.mac_entries, h.digest, h.dropped_malformed = peers_heard, entries, digest, dropped
-        h.peers_epoch = epoch
         if epoch != self.peers_epoch and not self._peers_dirty and now_ns - h.peers_sent_ns >= self._refresh_ns:
             # It missed a membership change (a PEERS lost on a faulty control link): send it
             # again, to this agent only.

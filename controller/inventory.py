@@ -26,7 +26,6 @@ class Host:
     mac_entries: int = 0
     digest: int = 0
     dropped_malformed: int = 0
-    peers_epoch: int = -1  # the membership epoch its last status reported
     peers_sent_ns: int = 0  # when we last sent it the membership
 
     def describe(self) -> dict:

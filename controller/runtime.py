@@ -72,6 +72,9 @@ class ControllerRuntime:
 
     def _on_timer(self) -> None:
         self.core.on_timer(time.monotonic_ns())
+        # Every tick, not only after startup: the inventory and its ops keep growing (a cold
+        # start of thousands of ports), and frozen objects are never scanned again, so this
+        # collection only looks at what the last tick allocated before freezing it too.
         tune_gc()
         self._after()
 
