@@ -196,30 +196,28 @@ class MonitoredTable(MacTable):
         self._host = host
 
     def merge_updates(self, updates):
-        if type(self).base_merge is not MacTable.merge:  # a test swapped the rule: go one by one
-            return self._merge_updates_one_by_one(updates)
-        if self._reverse:
-            return self._merge_updates_one_by_one(updates)
+        if self._reverse or type(self).base_merge is not MacTable.merge:
+            return self._merge_updates_one_by_one(updates)  # through merge(), watched there
         applied = self._merge_updates_fast(updates)
         if applied:
-            sim = self._sim
-            sim.last_change_ns = sim.now
-            sim.dirty = True
-            for key, old, new in applied:
-                if old is not None and (new.seq, new.host) <= (old.seq, old.host):
-                    sim.safety_violation(self._host, key, old, new)
+            self._watch(applied)
         return applied
 
     def merge(self, key, new):
         old = self._entries.get(key)
         res = self.base_merge(key, new)
         if res.applied:
-            sim = self._sim
-            sim.last_change_ns = sim.now
-            sim.dirty = True
+            self._watch([(key, old, new)])
+        return res
+
+    def _watch(self, applied: list) -> None:
+        """Merges were applied: the tables changed, and each must have obeyed the merge rule."""
+        sim = self._sim
+        sim.last_change_ns = sim.now
+        sim.dirty = True
+        for key, old, new in applied:
             if old is not None and (new.seq, new.host) <= (old.seq, old.host):
                 sim.safety_violation(self._host, key, old, new)
-        return res
 
 
 class Agent:
@@ -1085,6 +1083,7 @@ class Client:
         self.paused = False  # the controller crashed: moves wait until it is back and ready
         self.deferred = 0  # moves to start once it is
         self.interrupted = 0  # moves in flight when the controller crashed
+        self._reready_deadline = 0  # after a controller restart: resume moves by then at the latest
 
     def controller_crashed(self) -> None:
         """Requests in flight die with the controller: a move's outcome (done or rolled back)
@@ -1160,7 +1159,6 @@ class Client:
             kind, ctx = self.pending.pop(req_id, (None, None))
             if kind == "ready":
                 self._on_ready(ok, result)
-
             elif kind == "create":
                 self._on_create(ok, result)
             elif kind == "move":
