@@ -369,14 +369,20 @@ def hint(c: Cluster, host: str, origin: str, entry: list | None = None) -> None:
     c.pump()
 
 
-def test_repair_hint_pulls_a_lost_last_update_without_waiting_for_a_heartbeat():
-    # h3 lost h2's only update, and no later one will show it the gap: the controller's hint
-    # (it waits for h3's apply report) makes h3 pull it from h2 at once.
+def h3_missed_a_move() -> Cluster:
+    """vm1 moved h1 -> h2 (seq 1), and PUB/SUB lost h2's update on its way to h3."""
     c = Cluster(["h1", "h2", "h3"])
     c.attach("h1", 1)
     c.drop = lambda src, dst, mt, frame: dst == "h3" and mt is MsgType.UPDATES
     c.move(1, "h1", "h2", 1)
     c.drop = None
+    return c
+
+
+def test_repair_hint_pulls_a_lost_last_update_without_waiting_for_a_heartbeat():
+    # h3 lost h2's only update, and no later one will show it the gap: the controller's hint
+    # (it waits for h3's apply report) makes h3 pull it from h2 at once.
+    c = h3_missed_a_move()
     assert c.cores["h3"].table.get(key(1)).host == "h1"
     reports = len(c.ctl)
     hint(c, "h3", "h2")
@@ -395,11 +401,7 @@ def test_repair_hint_pulls_a_lost_last_update_without_waiting_for_a_heartbeat():
 
 
 def test_repair_hint_with_the_entry_settles_it_in_one_message_and_never_goes_back():
-    c = Cluster(["h1", "h2", "h3"])
-    c.attach("h1", 1)
-    c.drop = lambda src, dst, mt, frame: dst == "h3" and mt is MsgType.UPDATES
-    c.move(1, "h1", "h2", 1)
-    c.drop = None
+    c = h3_missed_a_move()
     pulls = c.stat("pulls_sent")
     hint(c, "h3", "h2", [VLAN, mac_of(1), "h2", "vEth1", 1, False])
     assert c.cores["h3"].table.get(key(1)) == Entry("h2", "vEth1", 1)

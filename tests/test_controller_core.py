@@ -363,11 +363,7 @@ def test_vm_move_prepare_switchover_detach_and_latency():
 def test_report_of_a_later_seq_counts_as_applied():
     c = cluster(2)
     create(c, 1, "h1")
-    req = c.request("vm_move", {"name": "vm1", "to": "h2"})
-    ((_, (op, *_)),) = c.to("h2")
-    c.ack("h2", op)
-    c.ack("h2", op)
-    c.applied("h2", 1, "h2", 1)
+    req = switched_move(c, 1, "h2", applied_by=("h2",))
     c.applied("h1", 1, "h1", 2)  # h1 already moved past the target
     ok, rec = c.reply(req)
     assert ok and rec["converged"]
@@ -798,10 +794,7 @@ def test_host_restarted_while_a_move_to_it_converges_gets_the_vm_started_again()
     # new process had no port for it.
     c = cluster(3)
     create(c, 1, "h1")
-    req = c.request("vm_move", {"name": "vm1", "to": "h3"})
-    ((_, (op, *_)),) = c.to("h3")
-    c.ack("h3", op)
-    c.ack("h3", op)  # switched: the move now waits for h1 and h2 to apply (h3, 1)
+    req = switched_move(c, 1, "h3")  # switched: the move now waits for h1 and h2 to apply (h3, 1)
     c.take()
     c.feed(route("h3"), MsgType.REGISTER, ["h3", 2, "pub-h3b", "rpc-h3b", 99])  # h3 restarted
     ok, rec = c.reply(req)
