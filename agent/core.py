@@ -13,6 +13,7 @@ with the current monotonic time in ns, then take its outbox: a list of
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable
 
@@ -79,6 +80,22 @@ class Stats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+def _runs(numbers: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive numbers, in order: [1, 2, 3, 7, 5, 6] -> (1, 3), (7, 7), (5, 6)."""
+    first = numbers[0]
+    if numbers[-1] - first == len(numbers) - 1 and numbers == list(range(first, first + len(numbers))):
+        return [(first, numbers[-1])]  # one run: what our own agents always send
+    runs = []
+    prev = first
+    for n in numbers[1:]:
+        if n != prev + 1:
+            runs.append((first, prev))
+            first = n
+        prev = n
+    runs.append((first, prev))
+    return runs
+
+
 class AgentCore:
     def __init__(
         self,
@@ -107,13 +124,20 @@ class AgentCore:
         self._log: deque[list] = deque()
         self._log_base = 0
         self._pending_pub: list[list] = []
+        # Apply report, pending: entries applied one by one (own claims, repair hints, snapshots)
+        # as rows, and gossiped or pulled updates as ranges of their origin's numbers (a row per
+        # (agent, entry) cost the controller ~4 µs each: 8 million rows for 8,000 VMs at 1,000 hosts).
         self._applied: list[tuple] = []
+        self._ranges: list[list] = []
         self._next_heartbeat_ns = 0
         self._next_status_ns = 0
         self._next_applied_ns = 0
         self._applied_first_ns = -1  # when the first pending apply report was made; -1: none pending
         self._applied_due_ns = 0  # pending reports go out by then at the latest
         self._pulls_pending = 0
+        # (retry time ns, peer host) for every pull set pending; stale ones are skipped when
+        # popped. A scan of every peer per timer costs O(N) per agent: 17 s at 1,000 hosts.
+        self._pull_due: list[tuple[int, str]] = []
         self._bootstrapped = False
         self.peers_epoch = 0  # the controller's membership epoch of the last PEERS we took
         # Peers heard within the suspect window, kept current in O(1) amortized: every
@@ -153,7 +177,7 @@ class AgentCore:
 
     def next_deadline_ns(self) -> int:
         d = min(self._next_heartbeat_ns, self._next_status_ns)
-        if not self._applied:
+        if not self._applied and not self._ranges:
             return d
         return min(d, self._applied_due_ns if self._applied_first_ns >= 0 else self._next_applied_ns)
 
@@ -251,7 +275,8 @@ class AgentCore:
                 self.outbox.append(("pub", wire.encode(MsgType.UPDATES, [self.host, self.incarnation, batch])))
             self._pending_pub = []
         applied = self._applied
-        if not applied:
+        ranges = self._ranges
+        if not applied and not ranges:
             return
         if self._applied_first_ns < 0:
             # The first apply since the last report. The report may go with any flush from
@@ -264,9 +289,11 @@ class AgentCore:
             return
         self._applied_first_ns = -1
         self._next_applied_ns = now_ns + self._applied_interval_ns
-        for i in range(0, len(applied), PUB_BATCH_MAX):
-            self.outbox.append(("ctl", wire.encode(MsgType.APPLIED, [self.host, applied[i : i + PUB_BATCH_MAX]])))
+        for i in range(0, max(len(applied), len(ranges)), PUB_BATCH_MAX):
+            self.outbox.append(("ctl", wire.encode(MsgType.APPLY_REPORT, [
+                self.host, applied[i : i + PUB_BATCH_MAX], ranges[i : i + PUB_BATCH_MAX]])))
         self._applied = []
+        self._ranges = []
 
     def note_malformed(self) -> None:
         """A driver saw a frame it could not even hand over (bad envelope): count it."""
@@ -394,13 +421,20 @@ class AgentCore:
         if applied:
             if repaired:
                 self.stats.repaired_updates += len(applied)
-            note = self._note_applied
-            for key, old, new in applied:
-                note(key, old, new, now_ns)
+            self._note_applied_many(applied, now_ns)
+        # Our table now dominates each of these updates: report them as runs of numbers (an
+        # origin numbers its updates 1, 2, 3 ...; one message is one run unless it is not ours).
+        # Only if we took one: what we held already was reported when we took it (the
+        # controller reads a steady stream of reports as a busy host, not a laggard).
+        runs = _runs([u[0] for u in updates]) if updates else ()
+        if applied:
+            ranges = self._ranges
+            for first, last in runs:
+                if last >= 1:  # (numbering starts at 1: a 0 is nobody's update)
+                    ranges.append([origin, incarnation, max(first, 1), last, now_ns])
         if peer is not None:
-            mark = peer.mark
-            for u in updates:
-                mark(u[0])
+            for first, last in runs:
+                peer.mark_run(first, last)
             if not repaired:
                 self._heard_from(peer, now_ns)  # a published update stands in for a heartbeat
                 self._maybe_pull(peer, now_ns)
@@ -486,6 +520,7 @@ class AgentCore:
             self._pulls_pending += 1
         peer.pull_pending = True
         peer.pull_retry_at_ns = now_ns + self._pull_timeout_ns
+        heapq.heappush(self._pull_due, (peer.pull_retry_at_ns, peer.host))
 
     def _clear_pending(self, peer: PeerState) -> None:
         if peer.pull_pending:
@@ -493,10 +528,13 @@ class AgentCore:
         peer.pull_pending = False
 
     def _retry_pulls(self, now_ns: int) -> None:
+        due = self._pull_due
         if not self._pulls_pending:
+            due.clear()
             return
-        for peer in self.peers.values():
-            if peer.pull_pending and now_ns >= peer.pull_retry_at_ns:
+        while due and due[0][0] <= now_ns:
+            peer = self.peers.get(heapq.heappop(due)[1])
+            if peer is not None and peer.pull_pending and now_ns >= peer.pull_retry_at_ns:
                 self._clear_pending(peer)
                 self._maybe_pull(peer, now_ns)
 
@@ -548,26 +586,36 @@ class AgentCore:
 
     # ------------------------------------------------------------------ merge and origination
 
-    def _merge(self, vlan: int, mac: int, entry: Entry, now_ns: int) -> bool:
+    def _merge(self, vlan: int, mac: int, entry: Entry, now_ns: int, n: int = 0) -> bool:
+        """Merge one entry; `n` is our own update number for it when we originate it."""
         key = (vlan, mac)
         applied, old = self.table.merge(key, entry)
         if applied:
-            self._note_applied(key, old, entry, now_ns)
+            self._note_applied_many([(key, old, entry)], now_ns)
+            self._applied.append((vlan, mac, entry.host, entry.seq, entry.tombstone, now_ns, n))
         return applied
 
-    def _note_applied(self, key: tuple[int, int], old: Entry | None, entry: Entry, now_ns: int) -> None:
-        """Bookkeeping after the table took `entry`: apply report, local port, flap guard."""
-        self.stats.updates_applied += 1
-        if old is not None:
-            self.applied_at[key] = now_ns  # (changes only: a first sighting is a create, not a move)
-        self._applied.append((key[0], key[1], entry.host, entry.seq, entry.tombstone, now_ns))
-        if entry.host != self.host and key in self.switch.by_key:
-            # The VM lives elsewhere now: a local port for it must not stay active.
-            port = self.switch.port_for(key[0], key[1])
-            if port is not None and port.state == "active":
-                self.switch.remove_key(key[0], key[1])
-        if old is not None and old.host != entry.host and not entry.tombstone:
-            self._note_move(key, now_ns)
+    def _note_applied_many(self, applied: list, now_ns: int) -> None:
+        """Bookkeeping after the table took entries `(key, old, new)`: local ports, flap guard,
+        when each key changed (changes only: a first sighting is a create, not a move). One
+        loop for a batch: 8,000 creates are 8,000 rows at every agent."""
+        self.stats.updates_applied += len(applied)
+        applied_at = self.applied_at
+        local = self.switch.by_key
+        me = self.host
+        for key, old, new in applied:
+            if old is not None:
+                applied_at[key] = now_ns
+                if old.host != new.host and not new.tombstone:
+                    self._note_move(key, now_ns)
+            if key in local and new.host != me:
+                self._release_local(key)
+
+    def _release_local(self, key: tuple[int, int]) -> None:
+        # The VM lives elsewhere now: a local port for it must not stay active.
+        port = self.switch.port_for(key[0], key[1])
+        if port is not None and port.state == "active":
+            self.switch.remove_key(key[0], key[1])
 
     def _note_move(self, key: tuple[int, int], now_ns: int) -> None:
         times = self._moves.setdefault(key, deque())
@@ -592,7 +640,8 @@ class AgentCore:
         self._pending_pub.append(upd)
 
     def _claim(self, vlan: int, mac: int, entry: Entry, now_ns: int) -> bool:
-        if not self._merge(vlan, mac, entry, now_ns):
+        # (_originate numbers it self.n + 1: the controller maps our number to the entry)
+        if not self._merge(vlan, mac, entry, now_ns, self.n + 1):
             return False
         self._originate(vlan, mac, entry)
         return True

@@ -47,6 +47,17 @@ class PeerState:
         if n > self.latest_seen:
             self.latest_seen = n
 
+    def mark_run(self, first: int, last: int) -> None:
+        """mark() every number first..last."""
+        if first <= self.contiguous + 1 and not self.above:
+            if last > self.contiguous:  # the common case: in order, no gap
+                self.contiguous = last
+            if last > self.latest_seen:
+                self.latest_seen = last
+            return
+        for n in range(first, last + 1):
+            self.mark(n)
+
     def advance_to(self, n: int) -> None:
         """Everything up to `n` is covered (a snapshot dominated it)."""
         if n > self.contiguous:

@@ -50,6 +50,7 @@ class MsgType(IntEnum):
     REQUEST = 16  # client -> controller or agent: an API call
     REPLY = 17  # the answer to a REQUEST
     TABLE_REPORT = 18  # agent -> controller: (part of) its whole table, after (re)registering
+    APPLY_REPORT = 19  # agent -> controller: entries applied one by one, and origin ranges held
 
 
 class WireError(ValueError):
@@ -139,6 +140,11 @@ ENTRY = _tuple(VLAN, MAC, NAME, NAME, SEQ, _bool)
 UPDATE = _tuple(U64, VLAN, MAC, NAME, NAME, SEQ, _bool)
 # An apply report: vlan, mac, host, seq, tombstone, monotonic ns
 APPLIED_ROW = _tuple(VLAN, MAC, NAME, SEQ, _bool, U64)
+# The same, then the reporter's own update number for an entry it originated (0: not its own)
+APPLIED_ROW_N = _tuple(VLAN, MAC, NAME, SEQ, _bool, U64, U64)
+# Origin, its incarnation, first and last update number, monotonic ns: from then on the
+# reporter's table dominates every one of those updates (holds it or a greater (seq, host))
+APPLIED_RANGE = _tuple(NAME, U64, U64, U64, U64)
 
 
 def _entry_ok(vlan, mac, host, port, seq, tomb) -> bool:
@@ -175,9 +181,28 @@ def _applied_ok(vlan, mac, host, seq, tomb, t_ns) -> bool:
             and 0 <= seq <= 0xFFFFFFFF and type(tomb) is bool and type(t_ns) is int and 0 <= t_ns <= MAX_U64)
 
 
+def _applied_n_ok(vlan, mac, host, seq, tomb, t_ns, n) -> bool:
+    return type(n) is int and 0 <= n <= MAX_U64 and _applied_ok(vlan, mac, host, seq, tomb, t_ns)
+
+
+def _range_ok(origin, incarnation, lo, hi, t_ns) -> bool:
+    return (type(origin) is str and 0 < len(origin) <= MAX_NAME_LEN and type(incarnation) is int
+            and 0 <= incarnation <= MAX_U64 and type(lo) is int and type(hi) is int and 1 <= lo <= hi <= MAX_U64
+            and type(t_ns) is int and 0 <= t_ns <= MAX_U64)
+
+
+def _range_row(v):
+    row = APPLIED_RANGE(v)
+    if not 1 <= row[2] <= row[3]:
+        raise WireError(f"range {row[2]}..{row[3]} is empty or starts below 1")
+    return row
+
+
 UPDATES_LIST = _rows(UPDATE, _update_ok, 7)
 ENTRIES_LIST = _rows(ENTRY, _entry_ok, 6)
 APPLIED_LIST = _rows(APPLIED_ROW, _applied_ok, 6)
+APPLIED_N_LIST = _rows(APPLIED_ROW_N, _applied_n_ok, 7)
+RANGES_LIST = _rows(_range_row, _range_ok, 5)
 # origin -> (incarnation, highest contiguous update number)
 VERSION = _tuple(NAME, U64, U64)
 
@@ -217,6 +242,9 @@ SCHEMAS = {
     MsgType.REPLY: _tuple(U64, _bool, _any),
     # host, entries
     MsgType.TABLE_REPORT: _tuple(NAME, ENTRIES_LIST),
+    # host, [[vlan, mac, host, seq, tombstone, monotonic ns, own update number], ...],
+    # [[origin, incarnation, first n, last n, monotonic ns], ...]
+    MsgType.APPLY_REPORT: _tuple(NAME, APPLIED_N_LIST, RANGES_LIST),
 }
 
 

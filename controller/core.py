@@ -66,6 +66,9 @@ class Op:
     converging_ns: int = 0  # when it started converging (our clock)
     next_hint_ns: int = 0  # converging: when to tell laggards where to pull from (0: never)
     hint_every_ns: int = 0
+    # (host, incarnation, n) of the updates that settle this op, once their origins reported
+    # their numbers: the target's claim (or a later claim of the same MAC)
+    updates: list[tuple[str, int, int]] = field(default_factory=list)
 
     def record(self, per_host: bool = True) -> dict:
         return {
@@ -86,6 +89,30 @@ class Op:
             "applied_ms": {h: round((t - self.switch_ns) / NS_PER_MS, 3) for h, t in self.applied.items()}
             if self.switched and per_host else {},
         }
+
+
+@dataclass
+class Origin:
+    """One incarnation of an agent as the origin of numbered updates, as apply reports see it.
+
+    Other agents report the updates they took by the origin's numbers (ranges); the origin
+    itself reports each update it made, with its number, so we learn which number is which
+    entry. A range may come first (its reporter was quicker): the part above what the origin
+    has told us waits in `early`."""
+
+    incarnation: int
+    told_n: int = 0  # the highest number the origin reported as its own
+    awaiting: dict[int, Op] = field(default_factory=dict)  # number -> op converging on it
+    early: list[tuple[str, int, int, int]] = field(default_factory=list)  # (reporter, lo, hi, t_ns)
+    # number -> (vlan, mac, host, seq, tombstone): only while applied_log is kept
+    rows: dict[int, tuple] = field(default_factory=dict)
+
+
+# Range reports kept per origin while it has not told us the numbers yet, at most.
+EARLY_MAX = 100_000
+# An origin's numbered entries kept to write range reports into applied_log, at most (as
+# many as an agent keeps in its own log by default).
+ORIGIN_ROWS_MAX = 100_000
 
 
 @dataclass
@@ -142,6 +169,7 @@ class ControllerCore:
         self._tick_ns = self.config.tick_interval_ms * NS_PER_MS
         self._started_ns: int | None = None
         self._applied_count = 0
+        self._origins: dict[str, Origin] = {}  # host -> its current incarnation as an origin
         self._live_n = 0  # hosts not dead, kept current by _recount_live()
         # Membership epoch: bumped on every change; PEERS carries it and agents report it back.
         self.peers_epoch = 0
@@ -193,7 +221,7 @@ class ControllerCore:
         elif mt is MsgType.REGISTER:
             self._on_register(envelope, body, now_ns)
         elif host is None or host not in self.inv.hosts:
-            if mt in (MsgType.AGENT_STATUS, MsgType.APPLIED, MsgType.ACK, MsgType.TABLE_REPORT):
+            if mt in (MsgType.AGENT_STATUS, MsgType.APPLIED, MsgType.APPLY_REPORT, MsgType.ACK, MsgType.TABLE_REPORT):
                 # An agent we do not know (we restarted, or it did): ask it to register again.
                 self.outbox.append((envelope, wire.encode(MsgType.REQUEST, [0, "register", {}])))
             else:
@@ -208,6 +236,18 @@ class ControllerCore:
                 # apply order): we, not PUB/SUB, are the laggard (see _hint_repairs).
                 self._late_report_ns = now_ns
             self._on_applied(host, body[1], now_ns)
+        elif mt is MsgType.APPLY_REPORT:
+            self._seen(host, now_ns)
+            self._last_applied_ns[host] = now_ns
+            rows, ranges = body[1], body[2]
+            oldest = min(rows[0][5] if rows else now_ns, ranges[0][4] if ranges else now_ns)
+            if now_ns - oldest > self._hint_ns:
+                self._late_report_ns = now_ns  # (as for APPLIED)
+            if rows:
+                self._on_applied(host, rows, now_ns)
+                self._on_own_updates(host, rows, now_ns)
+            for origin, incarnation, lo, hi, t_ns in ranges:
+                self._on_range(host, origin, incarnation, lo, hi, t_ns, now_ns)
         elif mt is MsgType.TABLE_REPORT:
             self._seen(host, now_ns)
             for vlan, mac, ehost, _port, seq, tomb in body[1]:
@@ -419,11 +459,10 @@ class ControllerCore:
     def _on_applied(self, host: str, applied: list, now_ns: int) -> None:
         self._applied_count += len(applied)
         if self.config.applied_log_max:
-            self.applied_log.extend([(t_ns, host, vlan, mac, ehost, seq, tomb)
-                                     for vlan, mac, ehost, seq, tomb, t_ns in applied])
+            self.applied_log.extend([(r[5], host, r[0], r[1], r[2], r[3], r[4]) for r in applied])
         ops_by_key = self.ops_by_key
         live_n = self._live_n
-        for vlan, mac, ehost, seq, tomb, t_ns in applied:
+        for vlan, mac, ehost, seq, tomb, t_ns, *_n in applied:
             op = ops_by_key.get((vlan, mac))
             if op is None:
                 self._adopt((vlan, mac), ehost, seq, tomb, now_ns)
@@ -437,6 +476,78 @@ class ControllerCore:
                     # (_check_converged's own cheap exit, inlined: this runs for every row)
                     if len(done) >= live_n and op.phase == "converging":
                         self._check_converged(op, now_ns)
+
+    def _origin(self, host: str, incarnation: int) -> Origin | None:
+        """The origin state of `host` in `incarnation`; None for an older life of it."""
+        o = self._origins.get(host)
+        if o is None or incarnation > o.incarnation:
+            o = self._origins[host] = Origin(incarnation)
+        elif incarnation < o.incarnation:
+            return None
+        return o
+
+    def _on_own_updates(self, host: str, rows: list, now_ns: int) -> None:
+        """Rows the reporter originated carry its number for them: which op waits on which number."""
+        o = None
+        keep_rows = bool(self.config.applied_log_max)
+        for vlan, mac, ehost, seq, tomb, _t_ns, n in rows:
+            if not n:
+                continue
+            if o is None:
+                o = self._origin(host, self.inv.hosts[host].incarnation)
+                if o is None:  # pragma: no cover - inv holds the latest incarnation
+                    return
+            if n > o.told_n:
+                o.told_n = n
+            if keep_rows:
+                o.rows[n] = (vlan, mac, ehost, seq, tomb)
+                if len(o.rows) > ORIGIN_ROWS_MAX:
+                    del o.rows[next(iter(o.rows))]
+            op = self.ops_by_key.get((vlan, mac))
+            if op is not None and ehost == host and (seq > op.target[1] or op.target == (ehost, seq, tomb)):
+                # (a greater seq settles it too: that agent has moved past the target)
+                o.awaiting[n] = op
+                op.updates.append((host, o.incarnation, n))
+        if o is not None and o.early:
+            early, o.early = o.early, []
+            for reporter, lo, hi, t_ns in early:
+                self._on_range(reporter, host, o.incarnation, lo, hi, t_ns, now_ns)
+
+    def _on_range(self, reporter: str, origin: str, incarnation: int, lo: int, hi: int, t_ns: int,
+                  now_ns: int) -> None:
+        """`reporter`'s table dominates `origin`'s updates lo..hi since t_ns: the ops waiting
+        on any of them are applied there."""
+        h = self.inv.hosts.get(origin)
+        if h is None or h.incarnation != incarnation:
+            return  # another life of that host: no op of ours waits on its numbers
+        o = self._origin(origin, incarnation)
+        if o is None:  # pragma: no cover - inv holds the latest incarnation
+            return
+        top = min(hi, o.told_n)
+        if hi > top:
+            if len(o.early) >= EARLY_MAX:
+                del o.early[: EARLY_MAX // 2]  # an origin that never reports (it died): forget the oldest
+            o.early.append((reporter, max(lo, top + 1), hi, t_ns))
+        if lo > top:
+            return
+        aw = o.awaiting
+        if aw:
+            if top - lo < len(aw):
+                hits = [aw[n] for n in range(lo, top + 1) if n in aw]
+            else:
+                hits = [op for n, op in aw.items() if lo <= n <= top]
+            live_n = self._live_n
+            for op in hits:
+                done = op.applied
+                if reporter not in done:
+                    done[reporter] = t_ns
+                    if len(done) >= live_n and op.phase == "converging":
+                        self._check_converged(op, now_ns)
+        if self.config.applied_log_max and o.rows:
+            rows = o.rows
+            log = [(t_ns, reporter, *rows[n]) for n in range(lo, top + 1) if n in rows]
+            self._applied_count += len(log)
+            self.applied_log.extend(log)
 
     def _adopt(self, key: tuple[int, int], host: str, seq: int, tomb: bool, now_ns: int) -> None:
         """An agent holds a newer placement than our inventory (a headless move, or one that
@@ -590,6 +701,10 @@ class ControllerCore:
 
     def _finish(self, op: Op, now_ns: int, timed_out: bool = False) -> None:
         self.ops.pop(op.op_id, None)
+        for host, incarnation, n in op.updates:
+            o = self._origins.get(host)
+            if o is not None and o.incarnation == incarnation:
+                o.awaiting.pop(n, None)
         self._unacked.pop(op.op_id, None)
         if self.ops_by_key.get(op.key) is op:
             del self.ops_by_key[op.key]

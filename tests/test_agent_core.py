@@ -229,10 +229,12 @@ def test_attach_propagates_to_all():
     assert len({core.table.digest for core in c.cores.values()}) == 1
     assert c.cores["h2"].switch.port_for(*key(1)).state == "active"
     assert all(c.cores[h].switch.port_for(*key(1)) is None for h in ("h1", "h3", "h4"))
-    # Every core reported what it applied, stamped with the fake clock.
-    applied = {src: body[1] for src, m, body in c.ctl if m is MsgType.APPLIED}
-    assert sorted(applied) == ["h1", "h2", "h3", "h4"]
-    assert all(rows == [[VLAN, mac_of(1), "h2", 0, False, c.now]] for rows in applied.values())
+    # Every core reported what it applied, stamped with the fake clock: h2 its own claim as an
+    # entry with its update number, the others h2's update 1 as a range of h2's numbers.
+    reports = {src: body[1:] for src, m, body in c.ctl if m is MsgType.APPLY_REPORT}
+    assert sorted(reports) == ["h1", "h2", "h3", "h4"]
+    assert reports.pop("h2") == [[[VLAN, mac_of(1), "h2", 0, False, c.now, 1]], []]
+    assert all(r == [[], [["h2", 1, 1, 1, c.now]]] for r in reports.values())
 
 
 def test_switchover_with_higher_seq_wins_everywhere_and_removes_the_old_port():
@@ -389,8 +391,10 @@ def test_repair_hint_pulls_a_lost_last_update_without_waiting_for_a_heartbeat():
     assert c.cores["h3"].table.get(key(1)) == Entry("h2", "vEth1", 1)
     c.advance(AgentConfig().applied_report_interval_ms)
     c.pump()
-    applied = [b for src, m, b in c.ctl[reports:] if src == "h3" and m is MsgType.APPLIED]
-    assert [row[:4] for b in applied for row in b[1]] == [[VLAN, mac_of(1), "h2", 1]]
+    # The pulled update is reported as h2's number for the move (h2's latest).
+    applied = [b for src, m, b in c.ctl[reports:] if src == "h3" and m is MsgType.APPLY_REPORT]
+    n = c.cores["h2"].n
+    assert [r[:2] for b in applied for r in b[2] if r[2] <= n <= r[3]] == [["h2", 1]]
     assert c.cores["h3"].stats.repair_hints == 1
     # Nothing lost: a hint costs one pull answered by an empty reply, and changes nothing.
     pulls = c.stat("pulls_served")
@@ -819,8 +823,9 @@ def test_apply_reports_share_a_frame_under_load_but_keep_exact_stamps():
     def reports(t: int | None = None) -> list:
         if t is not None:
             core.flush(t)
-        return [[(r[1], r[5]) for r in wire.decode(p)[1][1]] for d, p in core.take_outbox()
-                if d == "ctl" and wire.decode(p)[0] is MsgType.APPLIED]
+        # (h1's update n is mac_of(n): its ranges name the MACs taken, with their stamps)
+        return [[(mac_of(n), r[4]) for r in wire.decode(p)[1][2] for n in range(r[2], r[3] + 1)]
+                for d, p in core.take_outbox() if d == "ctl" and wire.decode(p)[0] is MsgType.APPLY_REPORT]
 
     update(1, 1 * ms)
     assert reports() == []  # a quiet agent holds its report back for the delay...

@@ -910,3 +910,67 @@ def test_repair_hints_can_be_turned_off():
     switched_move(c, 1, "h2")
     c.advance(2_000)
     assert c.hints == []
+
+
+# ------------------------------------------------------------------ apply reports by origin numbers
+
+
+def own(c: Ctl, host: str, vm: int, seq: int, n: int, t_ns: int | None = None) -> None:
+    """`host` reports the claim it made of vm<vm> at `seq`, its own update number `n`."""
+    row = [VLAN, MAC_BASE + vm, host, seq, False, c.now if t_ns is None else t_ns, n]
+    c.feed(route(host), MsgType.APPLY_REPORT, [host, [row], []])
+
+
+def ranges(c: Ctl, host: str, *rngs: tuple[str, int, int, int, int]) -> None:
+    """`host` reports holding origin's updates lo..hi: (origin, incarnation, lo, hi, t_ns)."""
+    c.feed(route(host), MsgType.APPLY_REPORT, [host, [], [list(r) for r in rngs]])
+
+
+def test_a_move_converges_on_range_reports_of_the_destinations_numbers():
+    c = cluster(4)
+    create(c, 1, "h1")
+    req = c.request("vm_move", {"name": "vm1", "to": "h3"})
+    ((_, (op, *_)),) = c.to("h3")
+    c.ack("h3", op, detail="prepared")
+    t_sw = c.now
+    c.ack("h3", op, detail="switched", t_ns=t_sw)
+    own(c, "h3", 1, 1, n=7, t_ns=t_sw)  # h3's 7th update is the claim
+    ranges(c, "h1", ("h3", 1, 5, 8, t_sw + 2 * NS_PER_MS))  # 7 inside a run
+    ranges(c, "h2", ("h3", 1, 1, 6, t_sw + 1 * NS_PER_MS))  # not 7: h2 still lacks it
+    ranges(c, "h4", ("h3", 2, 7, 7, t_sw + 1 * NS_PER_MS))  # another life of h3: not this claim
+    assert c.reply(req) is None
+    assert sorted(c.core.ops[op].applied) == ["h1", "h3"]
+    ranges(c, "h2", ("h3", 1, 7, 7, t_sw + 3 * NS_PER_MS))
+    ranges(c, "h4", ("h3", 1, 7, 7, t_sw + 5 * NS_PER_MS))
+    ok, rec = c.reply(req)
+    assert ok and rec["converged"] and rec["latency_ms"] == 5.0
+    assert c.core._origins["h3"].awaiting == {}  # nothing kept for a finished op
+
+
+def test_ranges_that_arrive_before_the_origin_names_its_numbers_wait_for_it():
+    # The receivers' reports may overtake the destination's own (each agent reports on its own
+    # schedule): their stamps still count once the destination says which number was the claim.
+    c = cluster(3)
+    create(c, 1, "h1")
+    req = c.request("vm_move", {"name": "vm1", "to": "h2"})
+    ((_, (op, *_)),) = c.to("h2")
+    c.ack("h2", op, detail="prepared")
+    t_sw = c.now
+    c.ack("h2", op, detail="switched", t_ns=t_sw)
+    ranges(c, "h1", ("h2", 1, 1, 1, t_sw + 2 * NS_PER_MS))
+    ranges(c, "h3", ("h2", 1, 1, 1, t_sw + 4 * NS_PER_MS))
+    assert c.reply(req) is None and c.core.ops[op].applied == {}
+    own(c, "h2", 1, 1, n=1, t_ns=t_sw)
+    ok, rec = c.reply(req)
+    assert ok and rec["converged"] and rec["latency_ms"] == 4.0
+
+
+def test_range_reports_are_written_to_the_applied_log_entry_by_entry():
+    c = cluster(2)
+    create(c, 1, "h1")
+    before = c.call("applied_log", {"since": 0})[1]["next"]
+    own(c, "h2", 5, 0, n=1)
+    ranges(c, "h1", ("h2", 1, 1, 1, 42))
+    page = c.call("applied_log", {"since": before})[1]
+    assert [r[:3] for r in page["applies"]] == [[c.now, "h2", VLAN], [42, "h1", VLAN]]
+    assert page["applies"][1][3:] == [MAC_BASE + 5, "h2", 0, False]

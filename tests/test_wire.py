@@ -36,6 +36,7 @@ VALID: dict[MsgType, list] = {
     MsgType.REQUEST: [1, "status", {"verbose": True, "n": [1, 2.5, None, "x"]}],
     MsgType.REPLY: [1, False, {"nested": {"a": [1, b"raw"]}}],
     MsgType.TABLE_REPORT: ["h1", [[100, 5, "h1", "vEth1", 3, False]]],
+    MsgType.APPLY_REPORT: ["h1", [[100, MAC, "h1", 1, False, 5, 3]], [["h2", 1, 1, 8, 9], ["h3", 2, 4, 4, MAX_U64]]],
 }
 
 
@@ -67,7 +68,7 @@ def test_message_type_numbers_never_change():
         ("HEARTBEAT", 1), ("UPDATES", 2), ("PULL_REQ", 3), ("PULL_REPLY", 4), ("SNAPSHOT_REQ", 5),
         ("SNAPSHOT", 6), ("REGISTER", 7), ("PEERS", 8), ("ATTACH", 9), ("DETACH", 10), ("PREPARE", 11),
         ("SWITCHOVER", 12), ("ACK", 13), ("APPLIED", 14), ("AGENT_STATUS", 15), ("REQUEST", 16),
-        ("REPLY", 17), ("TABLE_REPORT", 18),
+        ("REPLY", 17), ("TABLE_REPORT", 18), ("APPLY_REPORT", 19),
     ]
 
 
@@ -218,6 +219,11 @@ def _bad_bodies():
         (MsgType.PEERS, [[["h1", 1, "pub", "rpc"]]], "no epoch"),
         (MsgType.APPLIED, ["h1", [[100, MAC, "h1", 0, False]]], "applied of 5 fields"),
         (MsgType.APPLIED, ["h1", [[100, MAC, "h1", 0, False, -1]]], "negative stamp"),
+        (MsgType.APPLY_REPORT, ["h1", [[100, MAC, "h1", 0, False, 5]], []], "row without own number"),
+        (MsgType.APPLY_REPORT, ["h1", [], [["h2", 1, 3, 2, 5]]], "empty range"),
+        (MsgType.APPLY_REPORT, ["h1", [], [["h2", 1, 0, 2, 5]]], "range from update 0"),
+        (MsgType.APPLY_REPORT, ["h1", [], [["", 1, 1, 2, 5]]], "range of a nameless origin"),
+        (MsgType.APPLY_REPORT, ["h1", []], "no ranges"),
         # ACK / REQUEST / REPLY
         (MsgType.ACK, [1, 1, "ok", 5], "int where bool expected"),
         (MsgType.ACK, [1, True, "d" * 1025, 5], "detail too long"),
