@@ -517,12 +517,14 @@ class ControllerCore:
                   now_ns: int) -> None:
         """`reporter`'s table dominates `origin`'s updates lo..hi since t_ns: the ops waiting
         on any of them are applied there."""
-        h = self.inv.hosts.get(origin)
-        if h is None or h.incarnation != incarnation:
-            return  # another life of that host: no op of ours waits on its numbers
-        o = self._origin(origin, incarnation)
-        if o is None:  # pragma: no cover - inv holds the latest incarnation
-            return
+        o = self._origins.get(origin)
+        if o is None or o.incarnation != incarnation:
+            h = self.inv.hosts.get(origin)
+            if h is None or h.incarnation != incarnation:
+                return  # another life of that host: no op of ours waits on its numbers
+            o = self._origin(origin, incarnation)
+            if o is None:  # pragma: no cover - inv holds the latest incarnation
+                return
         top = min(hi, o.told_n)
         if hi > top:
             if len(o.early) >= EARLY_MAX:
