@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from agent import wire
 from agent.config import AgentConfig
-from agent.mactable import Entry, MacTable, format_mac
+from agent.mactable import Entry, MacTable, format_mac, prepare_rows
 from agent.peers import PeerState
 from agent.switch import LocalSwitch
 from agent.wire import MsgType, WireError
@@ -97,6 +97,21 @@ def _runs(updates: list[list]) -> list[tuple[int, int]]:
         prev = n
     runs.append((first, prev))
     return runs
+
+
+class Updates(list):
+    """A message's gossip rows, as decoded (the list itself), with what merging and apply
+    reports need built once: a driver that hands one message to many cores (the simulator)
+    prepares it once with AgentCore.prepare()."""
+
+    __slots__ = ("rows", "runs")
+
+
+def prepare_updates(updates: list) -> Updates:
+    prepared = Updates(updates)
+    prepared.rows = prepare_rows(updates)
+    prepared.runs = _runs(updates) if updates else ()
+    return prepared
 
 
 class AgentCore:
@@ -205,6 +220,14 @@ class AgentCore:
             self.stats.dropped_malformed += 1
             return
         self.on_message(channel, mt, body, now_ns, envelope)
+
+    @staticmethod
+    def prepare(mt: MsgType, body: list) -> list:
+        """A decoded message made ready for on_message(); the same object may then go to
+        many cores (they only read it)."""
+        if mt is MsgType.UPDATES or mt is MsgType.PULL_REPLY:
+            return [body[0], body[1], prepare_updates(body[2])]
+        return body
 
     def on_message(self, channel: str, mt: MsgType, body: list, now_ns: int, envelope: object = None) -> None:
         """A frame already decoded and validated by `wire.decode` (the simulator decodes a
@@ -422,7 +445,9 @@ class AgentCore:
             return
         peer = self._peer(origin, incarnation)
         self.stats.updates_received += len(updates)
-        applied = self.table.merge_updates(updates)
+        if type(updates) is not Updates:
+            updates = prepare_updates(updates)
+        applied = self.table.merge_prepared(updates.rows)
         if applied:
             if repaired:
                 self.stats.repaired_updates += len(applied)
@@ -431,7 +456,7 @@ class AgentCore:
         # origin numbers its updates 1, 2, 3 ...; one message is one run unless it is not ours).
         # Only if we took one: what we held already was reported when we took it (the
         # controller reads a steady stream of reports as a busy host, not a laggard).
-        runs = _runs(updates) if updates else ()
+        runs = updates.runs
         if applied:
             ranges = self._ranges
             for first, last in runs:

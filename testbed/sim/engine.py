@@ -195,10 +195,10 @@ class MonitoredTable(MacTable):
         self._sim = sim
         self._host = host
 
-    def merge_updates(self, updates):
+    def merge_prepared(self, rows):
         if self._reverse or type(self).base_merge is not MacTable.merge:
-            return self._merge_updates_one_by_one(updates)  # through merge(), watched there
-        applied = self._merge_updates_fast(updates)
+            return self._merge_one_by_one(rows)  # through merge(), watched there
+        applied = self._merge_prepared_fast(rows)
         if applied:
             self._watch(applied)
         return applied
@@ -562,6 +562,7 @@ class Simulator:
         self._count(frame, len(subs))
         try:
             mt, body = wire.decode(frame, wire.MAX_SMALL_FRAME_BYTES)
+            body = AgentCore.prepare(mt, body)
         except WireError:
             # Never from our own cores; still, let each receiver drop and count it.
             for iid in subs:
