@@ -515,13 +515,16 @@ class AgentCore:
     def _on_repair_hint(self, args: dict, now_ns: int) -> None:
         """The controller waits for our apply report of an update from `origin`: PUB/SUB lost
         our copy and we would only learn so from the origin's next heartbeat. The hint carries
-        the entry itself (merged as any update: the merge rule keeps it safe; the origin's
-        numbering gap is pulled when its next update or heartbeat shows it), or, for a
-        tombstone, names the origin: ask it for everything after what we hold (an empty
+        the entry itself (merged as any update: the merge rule keeps it safe), with the origin's
+        number for it when the controller knows it (then it counts as received: no gap to pull;
+        without it the gap is pulled when the origin's next update or heartbeat shows it), or,
+        for a tombstone, names the origin: ask it for everything after what we hold (an empty
         reply means nothing was lost)."""
-        origin, incarnation = args.get("origin"), args.get("incarnation")
+        origin, incarnation, n = args.get("origin"), args.get("incarnation"), args.get("n", 0)
         if type(origin) is not str or type(incarnation) is not int or incarnation < 0:
             raise WireError("repair hint without origin and incarnation")
+        if type(n) is not int or not 0 <= n <= wire.MAX_U64:
+            raise WireError(f"repair hint with update number {n!r}")
         entry = wire.ENTRY(args["entry"]) if "entry" in args else None
         if origin == self.host or origin not in self.peers or self.config.defect_no_repair:
             return
@@ -530,6 +533,10 @@ class AgentCore:
             vlan, mac, host, port, seq, tomb = entry
             if self._merge(vlan, mac, Entry(host, port, seq, tomb), now_ns):
                 self.stats.repaired_updates += 1
+            if n:
+                peer = self._peer(origin, incarnation)
+                if peer is not None:
+                    peer.mark(n)  # (we hold it, or something newer: as if gossip had brought it)
             return
         peer = self._peer(origin, incarnation)
         if peer is None:
@@ -594,7 +601,9 @@ class AgentCore:
 
     def _snapshot_frame(self) -> bytes:
         versions = [[self.host, self.incarnation, self.n]]
-        versions += [[p.host, p.incarnation, p.contiguous] for p in self.peers.values() if p.incarnation]
+        # (An origin we hold nothing of says nothing: at a cold start every joiner asks for a
+        # snapshot and would get a vector of N zeros, N^2 rows across the cluster.)
+        versions += [[p.host, p.incarnation, p.contiguous] for p in self.peers.values() if p.contiguous]
         return wire.encode(MsgType.SNAPSHOT, [self.host, self.table.snapshot(), versions])
 
     def _on_snapshot(self, body: list, now_ns: int) -> None:
@@ -650,7 +659,10 @@ class AgentCore:
     def _note_move(self, key: tuple[int, int], now_ns: int) -> None:
         times = self._moves.get(key)
         if times is None:
-            times = self._moves[key] = [now_ns]
+            self._moves[key] = [now_ns]
+            if self.config.flap_moves >= 1:
+                return  # its first move: nothing to report, nothing reported before
+            times = self._moves[key]
         else:
             times.append(now_ns)
             if now_ns - times[0] > self._flap_window_ns:

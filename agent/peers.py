@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+EMPTY: frozenset[int] = frozenset()
 
 
-@dataclass
+# Every agent keeps one per peer: N^2 of them across a simulated cluster (a million at 1,000
+# hosts), hence slots and no set until a gap needs one.
+@dataclass(slots=True)
 class PeerState:
     host: str
     incarnation: int = 0
@@ -13,8 +17,8 @@ class PeerState:
     rpc_endpoint: str = ""
     # Highest n such that we hold every update 1..n of this incarnation (the version vector).
     contiguous: int = 0
-    # Numbers above `contiguous` that already arrived (a gap lies below them).
-    above: set[int] = field(default_factory=set)
+    # Numbers above `contiguous` that already arrived (a gap lies below them); EMPTY: none.
+    above: set[int] | frozenset[int] = EMPTY
     # Highest number the peer told us it has (heartbeat) or that we saw.
     latest_seen: int = 0
     last_heard_ns: int = -1
@@ -28,7 +32,7 @@ class PeerState:
     def new_incarnation(self, incarnation: int) -> None:
         self.incarnation = incarnation
         self.contiguous = 0
-        self.above.clear()
+        self.above = EMPTY
         self.latest_seen = 0
         self.pull_pending = False
         self.mismatch = (0, 0, 0)
@@ -42,8 +46,10 @@ class PeerState:
             while self.contiguous + 1 in self.above:
                 self.contiguous += 1
                 self.above.discard(self.contiguous)
-        else:
+        elif self.above:
             self.above.add(n)
+        else:
+            self.above = {n}
         if n > self.latest_seen:
             self.latest_seen = n
 
@@ -62,7 +68,7 @@ class PeerState:
         """Everything up to `n` is covered (a snapshot dominated it)."""
         if n > self.contiguous:
             self.contiguous = n
-            self.above = {x for x in self.above if x > n}
+            self.above = {x for x in self.above if x > n} if self.above else EMPTY
             while self.contiguous + 1 in self.above:
                 self.contiguous += 1
                 self.above.discard(self.contiguous)

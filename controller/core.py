@@ -69,6 +69,7 @@ class Op:
     # (host, incarnation, n) of the updates that settle this op, once their origins reported
     # their numbers: the target's claim (or a later claim of the same MAC)
     updates: list[tuple[str, int, int]] = field(default_factory=list)
+    claim: tuple[int, int] | None = None  # (incarnation, n) of the target's claim itself
 
     def record(self, per_host: bool = True) -> dict:
         return {
@@ -146,7 +147,9 @@ class ControllerCore:
         self.ops_by_key: dict[tuple[int, int], Op] = {}
         self._unacked: dict[int, Op] = {}  # ops whose current command awaits its ack, by op id
         # Finished moves and HA restarts, oldest first; bounded so a long run cannot grow it forever.
-        self.history: deque[dict] = deque(maxlen=self.config.history_max)
+        # (Ops, made into records when asked for: a record of a move at 1,000 hosts holds 1,000
+        # apply times, and most are never read.)
+        self.history: deque[Op] = deque(maxlen=self.config.history_max)
         # VMs that need a restart we could not do yet (no live host, or the target refused),
         # by name -> earliest retry time (ns). Retried from on_timer.
         self._pending_restarts: dict[str, int] = {}
@@ -508,6 +511,8 @@ class ControllerCore:
                 # (a greater seq settles it too: that agent has moved past the target)
                 o.awaiting[n] = op
                 op.updates.append((host, o.incarnation, n))
+                if op.target == (ehost, seq, tomb):
+                    op.claim = (o.incarnation, n)
         if o is not None and o.early:
             early, o.early = o.early, []
             for reporter, lo, hi, t_ns in early:
@@ -606,6 +611,9 @@ class ControllerCore:
                 # one reliable message settles it, and the merge rule keeps it safe.
                 hint = {"origin": host, "incarnation": origin.incarnation,
                         "entry": [vm.vlan, vm.mac, host, vm.port, seq, False]}
+                if op.claim is not None and op.claim[0] == origin.incarnation:
+                    # The origin's number for it: the agent marks it held and pulls no gap.
+                    hint["n"] = op.claim[1]
             frame = wire.encode(MsgType.REQUEST, [0, "repair", hint])
             patient = now_ns - op.converging_ns < grace_ns
             for h in self.inv.hosts.values():
@@ -740,7 +748,7 @@ class ControllerCore:
                     else:
                         self._restart(vm, now_ns, prefer=vm.host)
         if op.kind in ("move", "restart"):
-            self.history.append(op.record())
+            self.history.append(op)
         if vm is not None and vm.state == "active" and vm.key not in self.ops_by_key:
             h = self.inv.hosts.get(vm.host)
             if h is not None and h.state == "dead":
@@ -830,7 +838,7 @@ class ControllerCore:
     def api_moves(self, args, now_ns, envelope, req_id) -> dict:
         last = int(args.get("last", 1000))
         hist = list(self.history)
-        return {"moves": hist[-last:] if last > 0 else []}
+        return {"moves": [op.record() for op in hist[-last:]] if last > 0 else []}
 
     def api_wait_ready(self, args, now_ns, envelope, req_id) -> None:
         hosts = int(args["hosts"])

@@ -362,10 +362,12 @@ def test_dropped_updates_are_repaired_by_pulls_after_heartbeats():
     assert c.stat("pulls_sent") == pulls
 
 
-def hint(c: Cluster, host: str, origin: str, entry: list | None = None) -> None:
+def hint(c: Cluster, host: str, origin: str, entry: list | None = None, n: int = 0) -> None:
     args = {"origin": origin, "incarnation": c.cores[origin].incarnation}
     if entry is not None:
         args["entry"] = entry
+    if n:
+        args["n"] = n
     req = [0, "repair", args]
     c.cores[host].on_frame("ctl", wire.encode(MsgType.REQUEST, req), c.now)
     c.pump()
@@ -859,3 +861,28 @@ def test_peers_heard_count_matches_a_full_scan(events):
             scan = sum(1 for p in core.peers.values()
                        if p.last_heard_ns >= 0 and c.now - p.last_heard_ns <= core._suspect_ns)
             assert core.peers_heard(c.now) == scan
+
+
+def test_a_repair_hint_with_the_origins_number_leaves_no_gap_to_pull():
+    # The controller knows h2's number for the claim: h3 takes the entry and counts the update
+    # as received, so h2's next update or heartbeat shows no gap and nothing is pulled.
+    c = h3_missed_a_move()
+    n = c.cores["h2"].n
+    hint(c, "h3", "h2", [VLAN, mac_of(1), "h2", "vEth1", 1, False], n=n)
+    assert c.cores["h3"].table.get(key(1)) == Entry("h2", "vEth1", 1)
+    assert c.cores["h3"].peers["h2"].contiguous == n
+    pulls = c.stat("pulls_sent")
+    c.attach("h2", 2)  # h2's update n + 1 reaches everyone
+    c.advance(AgentConfig().heartbeat_interval_ms)
+    c.pump()
+    assert c.stat("pulls_sent") == pulls
+    assert c.converged_to(c.cores["h2"].table.as_placement())
+
+
+def test_a_repair_hint_with_a_bad_update_number_is_dropped_and_counted():
+    c = h3_missed_a_move()
+    dropped = c.cores["h3"].stats.dropped_malformed
+    args = {"origin": "h2", "incarnation": 1, "entry": [VLAN, mac_of(1), "h2", "vEth1", 1, False], "n": -1}
+    c.cores["h3"].on_frame("ctl", wire.encode(MsgType.REQUEST, [0, "repair", args]), c.now)
+    assert c.cores["h3"].stats.dropped_malformed == dropped + 1
+    assert c.cores["h3"].table.get(key(1)).host == "h1"

@@ -974,3 +974,19 @@ def test_range_reports_are_written_to_the_applied_log_entry_by_entry():
     page = c.call("applied_log", {"since": before})[1]
     assert [r[:3] for r in page["applies"]] == [[c.now, "h2", VLAN], [42, "h1", VLAN]]
     assert page["applies"][1][3:] == [MAC_BASE + 5, "h2", 0, False]
+
+
+def test_a_hint_names_the_origins_number_once_the_origin_reported_it():
+    cfg = ControllerConfig()
+    c = cluster(3, cfg)
+    create(c, 1, "h1")
+    c.hints.clear()
+    req = switched_move(c, 1, "h2")
+    own(c, "h2", 1, 1, n=4)
+    ranges(c, "h1", ("h2", 1, 4, 4, c.now))
+    c.advance(cfg.repair_hint_after_ms)
+    port = c.core.inv.vms["vm1"].port
+    assert c.hints == [("h3", {"origin": "h2", "incarnation": 1, "n": 4,
+                               "entry": [VLAN, MAC_BASE + 1, "h2", port, 1, False]})]
+    ranges(c, "h3", ("h2", 1, 4, 4, c.now))
+    assert c.reply(req)[1]["converged"]

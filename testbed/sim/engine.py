@@ -10,8 +10,8 @@ instances seeded from the run's seed, so one seed gives exactly one run.
 Routing mirrors agent/runtime.py and controller/runtime.py:
 - an agent's "pub" frame goes to every agent that connected to that publisher (an agent
   connects when its core emits `("connect", peer)` and disconnects on `("disconnect", host)`);
-  it is decoded once and the same read-only `(msg_type, body)` is handed to every subscriber
-  through `AgentCore.on_message("sub", ...)`;
+  it is decoded and prepared (`AgentCore.prepare`) once and the same read-only
+  `(msg_type, body)` is handed to every subscriber through `AgentCore.on_message("sub", ...)`;
 - `("peer", host)` goes to that host's "rpc" channel (only if the sender connected to it, as a
   ZeroMQ ROUTER drops what it cannot route) with the envelope `[b"pull:<sender>"]`; the answer,
   `("reply", envelope)`, comes back on the requester's "pull" channel;
