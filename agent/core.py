@@ -152,6 +152,9 @@ class AgentCore:
         self._next_applied_ns = 0
         self._applied_first_ns = -1  # when the first pending apply report was made; -1: none pending
         self._applied_due_ns = 0  # pending reports go out by then at the latest
+        # A claim of ours is pending: report at once. It rides with the command's ack, and the
+        # controller learns our number for it before the other agents report it by number.
+        self._report_now = False
         self._pulls_pending = 0
         # (retry time ns, peer host) for every pull set pending; stale ones are skipped when
         # popped. A scan of every peer per timer costs O(N) per agent: 17 s at 1,000 hosts.
@@ -312,9 +315,10 @@ class AgentCore:
             # (next_deadline_ns asks the driver for a wake-up then).
             self._applied_first_ns = now_ns
             self._applied_due_ns = max(now_ns + self._applied_interval_ns, self._next_applied_ns)
-        if now_ns < self._applied_due_ns and (now_ns < self._next_applied_ns
-                                              or now_ns < self._applied_first_ns + self._applied_delay_ns):
+        if not self._report_now and now_ns < self._applied_due_ns and (
+                now_ns < self._next_applied_ns or now_ns < self._applied_first_ns + self._applied_delay_ns):
             return
+        self._report_now = False
         self._applied_first_ns = -1
         self._next_applied_ns = now_ns + self._applied_interval_ns
         for i in range(0, max(len(applied), len(ranges)), PUB_BATCH_MAX):
@@ -632,6 +636,8 @@ class AgentCore:
         if applied:
             self._note_applied_many([(key, old, entry)], now_ns)
             self._applied.append((vlan, mac, entry.host, entry.seq, entry.tombstone, now_ns, n))
+            if n:
+                self._report_now = True
         return applied
 
     def _note_applied_many(self, applied: list, now_ns: int) -> None:

@@ -249,7 +249,13 @@ class ControllerCore:
             if rows:
                 self._on_applied(host, rows, now_ns)
                 self._on_own_updates(host, rows, now_ns)
+            origins = self._origins
+            keep_log = self.config.applied_log_max
             for origin, incarnation, lo, hi, t_ns in ranges:
+                o = origins.get(origin)
+                if (o is not None and not o.awaiting and o.incarnation == incarnation and hi <= o.told_n
+                        and not keep_log):
+                    continue  # (the common case, inlined: known numbers, no op waits on that origin)
                 self._on_range(host, origin, incarnation, lo, hi, t_ns, now_ns)
         elif mt is MsgType.TABLE_REPORT:
             self._seen(host, now_ns)
@@ -703,9 +709,10 @@ class ControllerCore:
         if op.phase != "converging" or len(op.applied) < self._live_count():
             return  # cheap exit: called for every apply report
         live = self.inv.live_hosts()
-        if all(h in op.applied for h in live):
+        applied = op.applied
+        if applied.keys() >= set(live):
             op.converged = True
-            last = max((op.applied[h] for h in live), default=op.switch_ns)
+            last = max(map(applied.__getitem__, live), default=op.switch_ns)
             op.latency_ms = max(0, last - op.switch_ns) / NS_PER_MS
             self._finish(op, now_ns)
 
