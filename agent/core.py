@@ -447,7 +447,9 @@ class AgentCore:
     def _on_updates(self, origin: str, incarnation: int, updates: list, now_ns: int, repaired: bool) -> None:
         if origin == self.host:
             return
-        peer = self._peer(origin, incarnation)
+        peer = self.peers.get(origin)
+        if peer is None or peer.incarnation != incarnation:
+            peer = self._peer(origin, incarnation)
         self.stats.updates_received += len(updates)
         if type(updates) is not Updates:
             updates = prepare_updates(updates)
@@ -471,7 +473,8 @@ class AgentCore:
                 peer.mark_run(first, last)
             if not repaired:
                 self._heard_from(peer, now_ns)  # a published update stands in for a heartbeat
-                self._maybe_pull(peer, now_ns)
+                if peer.latest_seen > peer.contiguous:  # (_maybe_pull's own first test)
+                    self._maybe_pull(peer, now_ns)
 
     def _on_heartbeat(self, origin: str, incarnation: int, latest: int, digest: int, count: int, now_ns: int) -> None:
         if origin == self.host:
