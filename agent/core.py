@@ -198,6 +198,23 @@ class AgentCore:
             self.outbox = []
         return out
 
+    def end_batch(self, now_ns: int) -> tuple[list[tuple[object, object]], int]:
+        """flush(), take_outbox() and next_deadline_ns() in one call: what a driver does after
+        every batch of events (the simulator, millions of times)."""
+        if self._pending_pub or self._applied or self._ranges:
+            self.flush(now_ns)
+        out = self.outbox
+        if out:
+            self.outbox = []
+        d = self._next_heartbeat_ns
+        if self._next_status_ns < d:
+            d = self._next_status_ns
+        if self._applied or self._ranges:
+            due = self._applied_due_ns if self._applied_first_ns >= 0 else self._next_applied_ns
+            if due < d:
+                d = due
+        return out, d
+
     def next_deadline_ns(self) -> int:
         d = min(self._next_heartbeat_ns, self._next_status_ns)
         if not self._applied and not self._ranges:

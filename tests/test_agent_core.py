@@ -886,3 +886,21 @@ def test_a_repair_hint_with_a_bad_update_number_is_dropped_and_counted():
     c.cores["h3"].on_frame("ctl", wire.encode(MsgType.REQUEST, [0, "repair", args]), c.now)
     assert c.cores["h3"].stats.dropped_malformed == dropped + 1
     assert c.cores["h3"].table.get(key(1)).host == "h1"
+
+
+def test_end_batch_is_flush_take_outbox_and_next_deadline_in_one_call():
+    # The simulator calls end_batch() after every batch; the runtime the three apart.
+    def fed() -> AgentCore:
+        core = AgentCore("h2", 1, pub_endpoint="p", rpc_endpoint="r")
+        core.start(0)
+        core.on_timer(0)
+        core.take_outbox()
+        frame = wire.encode(MsgType.UPDATES, ["h1", 1, [[1, VLAN, mac_of(1), "h1", "vEth1", 0, False]]])
+        core.on_frame("sub", frame, 1_000_000)
+        return core
+
+    for t in (1_000_000, 6_000_000, 30_000_000):
+        a, b = fed(), fed()
+        a.flush(t)
+        expected = (a.take_outbox(), a.next_deadline_ns())
+        assert b.end_batch(t) == expected

@@ -19,8 +19,8 @@ Routing mirrors agent/runtime.py and controller/runtime.py:
   controller's `(envelope, frame)` goes to the agent owning that envelope ("ctl" channel) or to
   the simulated client;
 - events of one (destination, virtual time) are handled as one batch, then the driver calls
-  `flush(now)` and `take_outbox()`, as the runtime does after draining a socket; timers fire at
-  `next_deadline_ns()`.
+  `end_batch(now)` (flush, take the outbox, next deadline), as the runtime does after draining
+  a socket; timers fire at that deadline.
 
 Network model (all per message, decided by the seeded network RNG):
 - latency = `base_latency_us` + an exponential jitter of mean `jitter_mean_us` (defaults 100 µs
@@ -493,12 +493,9 @@ class Simulator:
                 core.on_timer(t)
 
     def _after_agent(self, a: Agent, t: int) -> None:
-        core = a.core
-        core.flush(t)
-        out = core.take_outbox()
+        out, d = a.core.end_batch(t)
         if out:
-            self._route_agent(a, out, t)
-        d = core.next_deadline_ns()
+            self._route_agent(a, out, t)  # (routing never calls back into the core)
         if d < t:
             d = t
         if d != a.timer_at:
