@@ -194,9 +194,11 @@ class MonitoredTable(MacTable):
         super().__init__(reverse_merge_rule=reverse_merge_rule)
         self._sim = sim
         self._host = host
+        # The real rule, unmodified: the bulk path may run (and is watched below).
+        self._bulk = not self._reverse and type(self).base_merge is MacTable.merge
 
     def merge_prepared(self, rows):
-        if self._reverse or type(self).base_merge is not MacTable.merge:
+        if not self._bulk:
             return self._merge_one_by_one(rows)  # through merge(), watched there
         applied = self._merge_prepared_fast(rows)
         if applied:
