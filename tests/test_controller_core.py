@@ -926,14 +926,19 @@ def ranges(c: Ctl, host: str, *rngs: tuple[str, int, int, int, int]) -> None:
     c.feed(route(host), MsgType.APPLY_REPORT, [host, [], [list(r) for r in rngs]])
 
 
+def switch(c: Ctl, vm: int, dst: str) -> tuple[int, int, int]:
+    """Move vm<vm> to dst up to its switchover: (client request id, op id, switchover stamp)."""
+    req = c.request("vm_move", {"name": f"vm{vm}", "to": dst})
+    ((_, (op, *_)),) = c.to(dst)
+    c.ack(dst, op, detail="prepared")
+    c.ack(dst, op, detail="switched", t_ns=c.now)
+    return req, op, c.now
+
+
 def test_a_move_converges_on_range_reports_of_the_destinations_numbers():
     c = cluster(4)
     create(c, 1, "h1")
-    req = c.request("vm_move", {"name": "vm1", "to": "h3"})
-    ((_, (op, *_)),) = c.to("h3")
-    c.ack("h3", op, detail="prepared")
-    t_sw = c.now
-    c.ack("h3", op, detail="switched", t_ns=t_sw)
+    req, op, t_sw = switch(c, 1, "h3")
     own(c, "h3", 1, 1, n=7, t_ns=t_sw)  # h3's 7th update is the claim
     ranges(c, "h1", ("h3", 1, 5, 8, t_sw + 2 * NS_PER_MS))  # 7 inside a run
     ranges(c, "h2", ("h3", 1, 1, 6, t_sw + 1 * NS_PER_MS))  # not 7: h2 still lacks it
@@ -952,11 +957,7 @@ def test_ranges_that_arrive_before_the_origin_names_its_numbers_wait_for_it():
     # schedule): their stamps still count once the destination says which number was the claim.
     c = cluster(3)
     create(c, 1, "h1")
-    req = c.request("vm_move", {"name": "vm1", "to": "h2"})
-    ((_, (op, *_)),) = c.to("h2")
-    c.ack("h2", op, detail="prepared")
-    t_sw = c.now
-    c.ack("h2", op, detail="switched", t_ns=t_sw)
+    req, op, t_sw = switch(c, 1, "h2")
     ranges(c, "h1", ("h2", 1, 1, 1, t_sw + 2 * NS_PER_MS))
     ranges(c, "h3", ("h2", 1, 1, 1, t_sw + 4 * NS_PER_MS))
     assert c.reply(req) is None and c.core.ops[op].applied == {}
