@@ -183,6 +183,10 @@ class ControllerCore:
         self._hint_ns = self.config.repair_hint_after_ms * NS_PER_MS
         self.repair_hints = 0
         self._last_applied_ns: dict[str, int] = {}  # host -> when its last apply report arrived
+        # host -> its latest apply of a converging op's target from gossip (a range report),
+        # minus that op's switchover (ns): how far behind the stream the host runs (see
+        # _hint_repairs). Rows do not count: a repair hint is late by design.
+        self._lag_ns: dict[str, int] = {}
         self._late_report_ns = -(1 << 62)  # when we last read an apply report late (see _hint_repairs)
         self._orphans_checked = False
         self._next_tick_ns = 0
@@ -554,6 +558,8 @@ class ControllerCore:
                 done = op.applied
                 if reporter not in done:
                     done[reporter] = t_ns
+                    if op.switched:
+                        self._lag_ns[reporter] = t_ns - op.switch_ns
                     if len(done) >= live_n and op.phase == "converging":
                         self._check_converged(op, now_ns)
         if self.config.applied_log_max and o.rows:
@@ -593,10 +599,14 @@ class ControllerCore:
         # behind: it is busy (or we are behind on its reports, as in a cold start of thousands
         # of ports), and hints would only add load; it gets one once its reports pause, or once
         # the op has waited BUSY_GRACE hint delays (a host applying a steady stream of other
-        # moves may never pause, and its lost update would wait for the op's timeout).
+        # moves may never pause, and its lost update would wait for the op's timeout). Unless
+        # its reports show it current: its latest apply of another move came within half a hint
+        # delay of that move's switchover, so a backlog is not what keeps this one from it.
         quiet_since = now_ns - self._hint_ns
         grace_ns = BUSY_GRACE * self._hint_ns
         last_report = self._last_applied_ns
+        lag = self._lag_ns
+        current_ns = self._hint_ns // 2
         for op in self.ops.values():
             if op.phase != "converging" or not op.next_hint_ns or now_ns < op.next_hint_ns:
                 continue
@@ -624,7 +634,8 @@ class ControllerCore:
             patient = now_ns - op.converging_ns < grace_ns
             for h in self.inv.hosts.values():
                 if (h.state != "dead" and h.name not in op.applied and h.name != host
-                        and (not patient or last_report.get(h.name, quiet_since) <= quiet_since)):
+                        and (not patient or last_report.get(h.name, quiet_since) <= quiet_since
+                             or lag.get(h.name, current_ns + 1) <= current_ns)):
                     self.repair_hints += 1
                     budget -= 1
                     self.outbox.append((h.route, frame))
