@@ -174,6 +174,7 @@ class ControllerCore:
         self._applied_count = 0
         self._origins: dict[str, Origin] = {}  # host -> its current incarnation as an origin
         self._live_n = 0  # hosts not dead, kept current by _recount_live()
+        self._live: frozenset[str] = frozenset()  # their names (a convergence check per apply batch)
         # Membership epoch: bumped on every change; PEERS carries it and agents report it back.
         self.peers_epoch = 0
         self._peers_dirty = False
@@ -430,7 +431,8 @@ class ControllerCore:
         return self._live_n
 
     def _recount_live(self) -> None:
-        self._live_n = sum(1 for h in self.inv.hosts.values() if h.state != "dead")
+        self._live = frozenset(h.name for h in self.inv.hosts.values() if h.state != "dead")
+        self._live_n = len(self._live)
 
     def _defer_restart(self, vm: Vm, now_ns: int) -> None:
         self._pending_restarts[vm.name] = now_ns + self.config.command_retry_ms * NS_PER_MS
@@ -719,9 +721,9 @@ class ControllerCore:
     def _check_converged(self, op: Op, now_ns: int) -> None:
         if op.phase != "converging" or len(op.applied) < self._live_count():
             return  # cheap exit: called for every apply report
-        live = self.inv.live_hosts()
+        live = self._live
         applied = op.applied
-        if applied.keys() >= set(live):
+        if applied.keys() >= live:
             op.converged = True
             last = max(map(applied.__getitem__, live), default=op.switch_ns)
             op.latency_ms = max(0, last - op.switch_ns) / NS_PER_MS
