@@ -555,13 +555,13 @@ class ControllerCore:
                 hits = [aw[n] for n in range(lo, top + 1) if n in aw]
             else:
                 hits = [op for n, op in aw.items() if lo <= n <= top]
+            if hits and hits[-1].switched:
+                self._lag_ns[reporter] = t_ns - hits[-1].switch_ns
             live_n = self._live_n
             for op in hits:
                 done = op.applied
                 if reporter not in done:
                     done[reporter] = t_ns
-                    if op.switched:
-                        self._lag_ns[reporter] = t_ns - op.switch_ns
                     if len(done) >= live_n and op.phase == "converging":
                         self._check_converged(op, now_ns)
         if self.config.applied_log_max and o.rows:
