@@ -168,9 +168,9 @@ class AgentCore:
         self._heard = 0
         self._heard_queue: deque[tuple[int, PeerState]] = deque()
         # Flap guard: key -> recent times (ns) its host changed.
-        # (Lists, not deques: a deque costs ~600 B, and a simulated 1,000-host cluster keeps
-        # one per agent and moved MAC.)
-        self._moves: dict[tuple[int, int], list[int]] = {}
+        # (The first move's time alone, then a list; not deques: a deque costs ~600 B, and a
+        # simulated 1,000-host cluster keeps one per agent and moved MAC.)
+        self._moves: dict[tuple[int, int], int | list[int]] = {}
         self.flapping: dict[tuple[int, int], int] = {}
         self.extra_methods: dict[str, Callable[[dict], object]] = {}
         self.last_error = ""
@@ -687,10 +687,16 @@ class AgentCore:
     def _note_move(self, key: tuple[int, int], now_ns: int) -> None:
         times = self._moves.get(key)
         if times is None:
-            self._moves[key] = [now_ns]
+            # Its first move: an int, not a list (most MACs move once; a simulated 1,000-host
+            # cluster keeps one per agent and moved MAC). Nothing reported before, nothing now.
+            self._moves[key] = now_ns
             if self.config.flap_moves >= 1:
-                return  # its first move: nothing to report, nothing reported before
-            times = self._moves[key]
+                return
+            times = self._moves[key] = [now_ns]
+        elif type(times) is int:
+            times = self._moves[key] = [times, now_ns]
+            if now_ns - times[0] > self._flap_window_ns:
+                del times[0]
         else:
             times.append(now_ns)
             if now_ns - times[0] > self._flap_window_ns:

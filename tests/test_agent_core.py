@@ -616,6 +616,19 @@ def test_moves_spread_beyond_the_window_do_not_flap():
     assert c.stat("flap_reports") == 0
 
 
+def test_a_move_older_than_the_window_does_not_count_toward_a_flap():
+    c = Cluster(["h1", "h2", "h3"])
+    c.attach("h1", 1)
+    hosts = ["h1", "h2"]
+    c.move(1, "h1", "h2", 1)
+    c.advance(c.config.flap_window_ms + 1)
+    for seq in range(2, 7):  # five more within the window: six in all, five in the window
+        c.move(1, hosts[(seq - 1) % 2], hosts[seq % 2], seq)
+    assert c.stat("flap_reports") == 0
+    c.move(1, "h1", "h2", 7)
+    assert all(core.stats.flap_reports == 1 for core in c.cores.values())
+
+
 # ------------------------------------------------------------------ malformed input
 
 

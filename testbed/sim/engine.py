@@ -284,6 +284,7 @@ class Simulator:
         self.incarnations = [0] * cfg.hosts
         self.next_iid = FIRST_AGENT
         self.subs: dict[str, dict[int, int]] = {}  # pub endpoint -> {subscriber iid: subscriber host index}
+        self.endpoints: dict[str, tuple[str, str]] = {}  # pub endpoint -> (pub, rpc) of that agent
         self.by_rpc: dict[str, Agent] = {}  # rpc endpoint -> running agent
         self.by_ctl_env: dict[bytes, Agent] = {}  # control envelope -> agent (running or not)
         self.by_pull_id: dict[bytes, int] = {}  # b"pull:h3" -> host index
@@ -525,7 +526,11 @@ class Simulator:
                 elif kind == "connect":
                     peer = dest[1]
                     self._disconnect(a, peer.host)
-                    a.conns[peer.host] = (peer.pub_endpoint, peer.rpc_endpoint)
+                    # (one tuple per peer incarnation, shared by all who connect to it)
+                    pair = self.endpoints.get(peer.pub_endpoint)
+                    if pair is None or pair[1] != peer.rpc_endpoint:
+                        pair = self.endpoints[peer.pub_endpoint] = (peer.pub_endpoint, peer.rpc_endpoint)
+                    a.conns[peer.host] = pair
                     s = self.subs.get(peer.pub_endpoint)
                     if s is None:
                         # The publisher is gone (or not there yet): a ZeroMQ connect would keep
