@@ -263,8 +263,10 @@ class Simulator:
         self.on_progress = None
         self.net = cfg.net
         self.agent_config = agent_config_for(cfg)
-        # The apply log is for the chaos checker; the simulator watches every merge itself.
-        self.ctl_config = cfg.controller_config or ControllerConfig(applied_log_max=0)
+        # The apply log is for the chaos checker, the move history for `dvs moves`: the simulator
+        # watches every merge itself and takes each move's record from the client's reply (a
+        # history of 2,000 moves at 1,000 hosts holds 2 million apply stamps).
+        self.ctl_config = cfg.controller_config or ControllerConfig(applied_log_max=0, history_max=0)
         self.hosts = [f"h{i}" for i in range(1, cfg.hosts + 1)]
         self.hidx = {h: i for i, h in enumerate(self.hosts)}
         self.net_rng = random.Random(f"{cfg.seed}/net")
