@@ -109,8 +109,10 @@ class Origin:
     rows: dict[int, tuple] = field(default_factory=dict)
 
 
-# Range reports kept per origin while it has not told us the numbers yet, at most.
-EARLY_MAX = 100_000
+# Range reports kept per origin while it has not told us the numbers yet, at most (they
+# come first only by a few ms, unless we restarted and agents repair older updates: then the
+# numbers may never be told, and the oldest go).
+EARLY_MAX = 10_000
 # An origin's numbered entries kept to write range reports into applied_log, at most (as
 # many as an agent keeps in its own log by default).
 ORIGIN_ROWS_MAX = 100_000

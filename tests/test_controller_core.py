@@ -1018,3 +1018,15 @@ def test_a_hint_names_the_origins_number_once_the_origin_reported_it():
                                "entry": [VLAN, MAC_BASE + 1, "h2", port, 1, False]})]
     ranges(c, "h3", ("h2", 1, 4, 4, c.now))
     assert c.reply(req)[1]["converged"]
+
+
+def test_ranges_whose_numbers_are_never_told_are_bounded():
+    # (After a restart of ours, agents repair updates numbered before it: no own report of
+    # their origin will ever name them.)
+    from controller.core import EARLY_MAX
+
+    c = cluster(2)
+    batch = [["h2", 1, n, n, c.now] for n in range(1, 2_001)]
+    for _ in range(EARLY_MAX // len(batch) + 2):
+        c.feed(route("h1"), MsgType.APPLY_REPORT, ["h1", [], batch])
+    assert 0 < len(c.core._origins["h2"].early) <= EARLY_MAX
