@@ -210,14 +210,7 @@ class AgentCore:
         out = self.outbox
         if out:
             self.outbox = []
-        d = self._next_heartbeat_ns
-        if self._next_status_ns < d:
-            d = self._next_status_ns
-        if self._applied or self._ranges:
-            due = self._applied_due_ns if self._applied_first_ns >= 0 else self._next_applied_ns
-            if due < d:
-                d = due
-        return out, d
+        return out, self.next_deadline_ns()
 
     def next_deadline_ns(self) -> int:
         d = min(self._next_heartbeat_ns, self._next_status_ns)
@@ -700,18 +693,15 @@ class AgentCore:
             self._moves[key] = now_ns
             if self.config.flap_moves >= 1:
                 return
-            times = self._moves[key] = [now_ns]
+            times = self._moves[key] = []
         elif type(times) is int:
-            times = self._moves[key] = [times, now_ns]
-            if now_ns - times[0] > self._flap_window_ns:
-                del times[0]
-        else:
-            times.append(now_ns)
-            if now_ns - times[0] > self._flap_window_ns:
-                expired = 1
-                while now_ns - times[expired] > self._flap_window_ns:
-                    expired += 1
-                del times[:expired]
+            times = self._moves[key] = [times]
+        times.append(now_ns)
+        if now_ns - times[0] > self._flap_window_ns:
+            expired = 1
+            while now_ns - times[expired] > self._flap_window_ns:
+                expired += 1
+            del times[:expired]
         if len(times) > self.config.flap_moves:
             if key not in self.flapping:
                 self.stats.flap_reports += 1
