@@ -239,31 +239,10 @@ class ControllerCore:
         elif mt is MsgType.AGENT_STATUS:
             self._on_status(host, body, now_ns)
         elif mt is MsgType.APPLIED:
-            self._seen(host, now_ns)
-            self._last_applied_ns[host] = now_ns
-            if body[1] and now_ns - body[1][0][5] > self._hint_ns:
-                # We read this report later than the hint delay after its oldest apply (rows are in
-                # apply order): we, not PUB/SUB, are the laggard (see _hint_repairs).
-                self._late_report_ns = now_ns
+            self._report_arrived(host, body[1][0][5] if body[1] else now_ns, now_ns)
             self._on_applied(host, body[1], now_ns)
         elif mt is MsgType.APPLY_REPORT:
-            self._seen(host, now_ns)
-            self._last_applied_ns[host] = now_ns
-            rows, ranges = body[1], body[2]
-            oldest = min(rows[0][5] if rows else now_ns, ranges[0][4] if ranges else now_ns)
-            if now_ns - oldest > self._hint_ns:
-                self._late_report_ns = now_ns  # (as for APPLIED)
-            if rows:
-                self._on_applied(host, rows, now_ns)
-                self._on_own_updates(host, rows, now_ns)
-            origins = self._origins
-            keep_log = self.config.applied_log_max
-            for origin, incarnation, lo, hi, t_ns in ranges:
-                o = origins.get(origin)
-                if (o is not None and not o.awaiting and o.incarnation == incarnation and hi <= o.told_n
-                        and not keep_log):
-                    continue  # (the common case, inlined: known numbers, no op waits on that origin)
-                self._on_range(host, origin, incarnation, lo, hi, t_ns, now_ns)
+            self._on_apply_report(host, body[1], body[2], now_ns)
         elif mt is MsgType.TABLE_REPORT:
             self._seen(host, now_ns)
             for vlan, mac, ehost, _port, seq, tomb in body[1]:
@@ -494,6 +473,30 @@ class ControllerCore:
                     if len(done) >= live_n and op.phase == "converging":
                         self._check_converged(op, now_ns)
 
+    def _report_arrived(self, host: str, oldest_ns: int, now_ns: int) -> None:
+        """An apply report from `host` whose oldest apply is stamped `oldest_ns`."""
+        self._seen(host, now_ns)
+        self._last_applied_ns[host] = now_ns
+        if now_ns - oldest_ns > self._hint_ns:
+            # We read this report later than the hint delay after its oldest apply (rows and
+            # ranges are in apply order): we, not PUB/SUB, are the laggard (see _hint_repairs).
+            self._late_report_ns = now_ns
+
+    def _on_apply_report(self, host: str, rows: list, ranges: list, now_ns: int) -> None:
+        self._report_arrived(host, min(rows[0][5] if rows else now_ns, ranges[0][4] if ranges else now_ns),
+                             now_ns)
+        if rows:
+            self._on_applied(host, rows, now_ns)
+            self._on_own_updates(host, rows, now_ns)
+        origins = self._origins
+        keep_log = self.config.applied_log_max
+        for origin, incarnation, lo, hi, t_ns in ranges:
+            o = origins.get(origin)
+            if (o is not None and not o.awaiting and o.incarnation == incarnation and hi <= o.told_n
+                    and not keep_log):
+                continue  # (the common case, inlined: known numbers, no op waits on that origin)
+            self._on_range(host, origin, incarnation, lo, hi, t_ns, now_ns)
+
     def _origin(self, host: str, incarnation: int) -> Origin | None:
         """The origin state of `host` in `incarnation`; None for an older life of it."""
         o = self._origins.get(host)
@@ -521,11 +524,14 @@ class ControllerCore:
                 if len(o.rows) > ORIGIN_ROWS_MAX:
                     del o.rows[next(iter(o.rows))]
             op = self.ops_by_key.get((vlan, mac))
-            if op is not None and ehost == host and (seq > op.target[1] or op.target == (ehost, seq, tomb)):
+            if op is None or ehost != host:
+                continue
+            exact = op.target == (ehost, seq, tomb)
+            if exact or seq > op.target[1]:
                 # (a greater seq settles it too: that agent has moved past the target)
                 o.awaiting[n] = op
                 op.updates.append((host, o.incarnation, n))
-                if op.target == (ehost, seq, tomb):
+                if exact:
                     op.claim = (o.incarnation, n)
         if o is not None and o.early:
             early, o.early = o.early, []
