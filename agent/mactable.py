@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 Key = tuple[int, int]  # (vlan, mac)
@@ -42,12 +42,36 @@ def entry_hash(vlan: int, mac: int, e: Entry) -> int:
 PreparedRow = tuple[Key, Entry, int, int, str, bool]
 
 
-def prepare_rows(updates: list) -> list[PreparedRow]:
+# A message of at least this many distinct keys also gets the all-new merge ready (PreparedRows).
+FRESH_ROWS_MIN = 4
+
+
+class PreparedRows(list):
+    """prepare_rows()'s result: the rows, and for a message of distinct keys what merging it
+    into a table that holds none of them takes, made once for every table (a batch create
+    is 8 new MACs per message at each of 1,000 simulated agents): `fresh` key -> entry, the
+    XOR of their hashes, their tombstone count and the applied `(key, None, entry)`, read-only."""
+
+    __slots__ = ("fresh", "fresh_digest", "fresh_tombs", "fresh_applied")
+
+
+def prepare_rows(updates: list) -> PreparedRows:
     """Gossip rows `[n, vlan, mac, host, port, seq, tombstone]` (validated), ready to merge."""
-    rows = []
+    rows = PreparedRows()
+    rows.fresh = None
     for _n, vlan, mac, host, port, seq, tomb in updates:
         e = Entry(host, port, seq, tomb)
         rows.append(((vlan, mac), e, entry_hash(vlan, mac, e), seq, host, tomb))
+    if len(rows) >= FRESH_ROWS_MIN:
+        fresh = {r[0]: r[1] for r in rows}
+        if len(fresh) == len(rows):
+            rows.fresh = fresh
+            digest = 0
+            for r in rows:
+                digest ^= r[2]
+            rows.fresh_digest = digest
+            rows.fresh_tombs = sum(r[5] for r in rows)
+            rows.fresh_applied = tuple((r[0], None, r[1]) for r in rows)
     return rows
 
 
@@ -135,12 +159,13 @@ class MacTable:
             self.observer(key, old, new)
         return MergeResult(True, old)
 
-    def merge_updates(self, updates: list) -> list[tuple[Key, Entry | None, Entry]]:
+    def merge_updates(self, updates: list) -> Sequence[tuple[Key, Entry | None, Entry]]:
         """Merge gossip rows `[n, vlan, mac, host, port, seq, tombstone]` by the same rule as
-        merge(); return what was applied as `(key, old, new)`."""
+        merge(); return what was applied as `(key, old, new)`: a sequence the caller only
+        reads (a message of new keys hands every table the same one)."""
         return self.merge_prepared(prepare_rows(updates))
 
-    def merge_prepared(self, rows: list[PreparedRow]) -> list[tuple[Key, Entry | None, Entry]]:
+    def merge_prepared(self, rows: list[PreparedRow]) -> Sequence[tuple[Key, Entry | None, Entry]]:
         """merge_updates() for rows already prepared (prepare_rows), in one loop.
 
         The bulk path: creating 8,000 VMs is 8,000 rows at every agent, and a call per row
@@ -149,8 +174,19 @@ class MacTable:
             return self._merge_one_by_one(rows)
         return self._merge_prepared_fast(rows)
 
-    def _merge_prepared_fast(self, rows: list[PreparedRow]) -> list[tuple[Key, Entry | None, Entry]]:
+    def _merge_prepared_fast(self, rows: list[PreparedRow]) -> Sequence[tuple[Key, Entry | None, Entry]]:
         entries = self._entries
+        if type(rows) is PreparedRows and rows.fresh is not None and entries.keys().isdisjoint(rows.fresh):
+            # Every key is new here: each row applies, in C.
+            entries.update(rows.fresh)
+            self.digest ^= rows.fresh_digest
+            self._tombstones += rows.fresh_tombs
+            applied = rows.fresh_applied
+            if self.observer is not None:
+                observer = self.observer
+                for key, old, new in applied:
+                    observer(key, old, new)
+            return applied
         get = entries.get
         applied = []
         digest = self.digest

@@ -70,6 +70,9 @@ class Op:
     # their numbers: the target's claim (or a later claim of the same MAC)
     updates: list[tuple[str, int, int]] = field(default_factory=list)
     claim: tuple[int, int] | None = None  # (incarnation, n) of the target's claim itself
+    # The ops claimed together with this one whose reports so far were the same: they share
+    # one `applied` dict (see ClaimGroup); None once anything set them apart.
+    group: ClaimGroup | None = None
 
     def record(self, per_host: bool = True) -> dict:
         return {
@@ -107,6 +110,34 @@ class Origin:
     early: list[tuple[str, int, int, int]] = field(default_factory=list)  # (reporter, lo, hi, t_ns)
     # number -> (vlan, mac, host, seq, tombstone): only while applied_log is kept
     rows: dict[int, tuple] = field(default_factory=dict)
+    groups: dict[int, ClaimGroup] = field(default_factory=dict)  # first number -> its group
+
+
+class ClaimGroup:
+    """Ops whose claims an origin numbered lo..hi in one run (a batch create: a host claims
+    its new VMs' MACs together, and every agent takes them in one message and reports them
+    as one range). While every report covers all of them alike, they share one `applied`
+    dict and a range is marked once, not once per op: at 1,000 hosts, creating 8,000 VMs is 8
+    million (op, host) marks otherwise. Any report that sets one apart (a row, a part of the
+    range, another number of the same op) or an op that finishes dissolves the group first:
+    each op gets its own copy, and from then on is marked alone."""
+
+    __slots__ = ("lo", "hi", "ops", "applied", "owner")
+
+    def __init__(self, lo: int, hi: int, ops: list[Op], applied: dict[str, int], owner: dict) -> None:
+        self.lo = lo
+        self.hi = hi
+        self.ops = ops
+        self.applied = applied
+        self.owner = owner  # the origin's `groups` (number lo -> this group)
+
+    def dissolve(self) -> None:
+        if self.owner.get(self.lo) is self:
+            del self.owner[self.lo]
+        for op in self.ops:
+            op.applied = dict(self.applied)
+            op.group = None
+        self.ops = []
 
 
 # Range reports kept per origin while it has not told us the numbers yet, at most (they
@@ -468,6 +499,9 @@ class ControllerCore:
                 # A later seq for the same MAC also means this agent moved past the target.
                 done = op.applied
                 if host not in done:
+                    if op.group is not None:
+                        op.group.dissolve()  # a row marks this op alone
+                        done = op.applied
                     done[host] = t_ns
                     # (_check_converged's own cheap exit, inlined: this runs for every row)
                     if len(done) >= live_n and op.phase == "converging":
@@ -509,6 +543,7 @@ class ControllerCore:
     def _on_own_updates(self, host: str, rows: list, now_ns: int) -> None:
         """Rows the reporter originated carry its number for them: which op waits on which number."""
         o = None
+        fresh = None  # (n, op) of ops told their first number here: grouped if they run together
         keep_rows = bool(self.config.applied_log_max)
         for vlan, mac, ehost, seq, tomb, _t_ns, n in rows:
             if not n:
@@ -529,14 +564,43 @@ class ControllerCore:
             exact = op.target == (ehost, seq, tomb)
             if exact or seq > op.target[1]:
                 # (a greater seq settles it too: that agent has moved past the target)
+                prev = o.awaiting.get(n)
+                if prev is not None or op.updates:
+                    # A number told twice, or an op waiting on more than one: never grouped.
+                    for other in (prev, op):
+                        if other is not None and other.group is not None:
+                            other.group.dissolve()
+                elif fresh is None:
+                    fresh = [(n, op)]
+                else:
+                    fresh.append((n, op))
                 o.awaiting[n] = op
                 op.updates.append((host, o.incarnation, n))
                 if exact:
                     op.claim = (o.incarnation, n)
+        if fresh is not None and len(fresh) > 1:
+            self._group_claims(o, fresh)
         if o is not None and o.early:
             early, o.early = o.early, []
             for reporter, lo, hi, t_ns in early:
                 self._on_range(reporter, host, o.incarnation, lo, hi, t_ns, now_ns)
+
+    @staticmethod
+    def _group_claims(o: Origin, fresh: list[tuple[int, Op]]) -> None:
+        """Group the runs of consecutive numbers whose ops were reported alike so far."""
+        start = 0
+        for i in range(1, len(fresh) + 1):
+            if (i < len(fresh) and fresh[i][0] == fresh[i - 1][0] + 1 and fresh[i][1] is not fresh[i - 1][1]
+                    and fresh[i][1].applied == fresh[start][1].applied):
+                continue
+            if i - start > 1:
+                ops = [op for _, op in fresh[start:i]]
+                g = ClaimGroup(fresh[start][0], fresh[i - 1][0], ops, dict(ops[0].applied), o.groups)
+                for op in ops:
+                    op.applied = g.applied
+                    op.group = g
+                o.groups[g.lo] = g
+            start = i
 
     def _on_range(self, reporter: str, origin: str, incarnation: int, lo: int, hi: int, t_ns: int,
                   now_ns: int) -> None:
@@ -559,19 +623,36 @@ class ControllerCore:
             return
         aw = o.awaiting
         if aw:
-            if top - lo < len(aw):
-                hits = [aw[n] for n in range(lo, top + 1) if n in aw]
-            else:
-                hits = [op for n, op in aw.items() if lo <= n <= top]
-            if hits and hits[-1].switched:
-                self._lag_ns[reporter] = t_ns - hits[-1].switch_ns
-            live_n = self._live_n
-            for op in hits:
-                done = op.applied
+            g = o.groups.get(lo) if o.groups else None
+            if g is not None and g.hi == top:
+                # The whole group, as it was claimed: one mark for all its ops.
+                last = g.ops[-1]
+                if last.switched:
+                    self._lag_ns[reporter] = t_ns - last.switch_ns
+                done = g.applied
                 if reporter not in done:
                     done[reporter] = t_ns
-                    if len(done) >= live_n and op.phase == "converging":
-                        self._check_converged(op, now_ns)
+                    if len(done) >= self._live_n:
+                        for op in list(g.ops):
+                            if op.phase == "converging":
+                                self._check_converged(op, now_ns)
+            else:
+                if top - lo < len(aw):
+                    hits = [aw[n] for n in range(lo, top + 1) if n in aw]
+                else:
+                    hits = [op for n, op in aw.items() if lo <= n <= top]
+                if hits and hits[-1].switched:
+                    self._lag_ns[reporter] = t_ns - hits[-1].switch_ns
+                live_n = self._live_n
+                for op in hits:
+                    done = op.applied
+                    if reporter not in done:
+                        if op.group is not None:
+                            op.group.dissolve()  # this range covers part of its group
+                            done = op.applied
+                        done[reporter] = t_ns
+                        if len(done) >= live_n and op.phase == "converging":
+                            self._check_converged(op, now_ns)
         if self.config.applied_log_max and o.rows:
             rows = o.rows
             log = [(t_ns, reporter, *rows[n]) for n in range(lo, top + 1) if n in rows]
@@ -739,6 +820,8 @@ class ControllerCore:
 
     def _finish(self, op: Op, now_ns: int, timed_out: bool = False) -> None:
         self.ops.pop(op.op_id, None)
+        if op.group is not None:
+            op.group.dissolve()  # later reports must not reach a finished op through the others
         for host, incarnation, n in op.updates:
             o = self._origins.get(host)
             if o is not None and o.incarnation == incarnation:

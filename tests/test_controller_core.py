@@ -1030,3 +1030,46 @@ def test_ranges_whose_numbers_are_never_told_are_bounded():
     for _ in range(EARLY_MAX // len(batch) + 2):
         c.feed(route("h1"), MsgType.APPLY_REPORT, ["h1", [], batch])
     assert 0 < len(c.core._origins["h2"].early) <= EARLY_MAX
+
+
+def batch_on(c: Ctl, host: str, vms: range) -> tuple[int, list[int]]:
+    """Create vm<i> for i in vms on `host` in one request, acked and claimed by `host` as its
+    updates 1, 2, ... in one report: (client request id, op ids)."""
+    req = c.request("vm_create", {"vms": [[f"vm{i}", host, "web"] for i in vms]})
+    ops = [body[0] for body in c.take(route(host), MsgType.ATTACH)]
+    for op in ops:
+        c.ack(host, op)
+    rows = [[110, MAC_BASE + i, host, 0, False, c.now, n] for n, i in enumerate(vms, start=1)]
+    c.feed(route(host), MsgType.APPLY_REPORT, [host, rows, []])
+    return req, ops
+
+
+def test_claims_made_together_are_marked_together_while_reports_cover_them_alike():
+    c = cluster(4)
+    req, ops = batch_on(c, "h1", range(1, 5))
+    group = c.core.ops[ops[0]].group
+    assert group is not None and [op.op_id for op in group.ops] == ops  # numbers 1..4, one run
+    ranges(c, "h2", ("h1", 1, 1, 4, c.now + 1))
+    assert all(c.core.ops[op].applied == {"h1": c.now, "h2": c.now + 1} for op in ops)
+    # h3 took only updates 1..2 so far (a pull of a part): the group comes apart, each op marked alone.
+    ranges(c, "h3", ("h1", 1, 1, 2, c.now + 2))
+    assert all(c.core.ops[op].group is None for op in ops)
+    assert [sorted(c.core.ops[op].applied) for op in ops] == [["h1", "h2", "h3"]] * 2 + [["h1", "h2"]] * 2
+    ranges(c, "h3", ("h1", 1, 3, 4, c.now + 3))
+    ranges(c, "h4", ("h1", 1, 1, 4, c.now + 4))
+    ok, result = c.reply(req)
+    assert ok and all(r["converged"] for r in result["ops"])
+
+
+def test_a_grouped_claim_reported_alone_leaves_the_others_waiting():
+    c = cluster(3)
+    req, ops = batch_on(c, "h1", range(1, 4))
+    ranges(c, "h2", ("h1", 1, 1, 3, c.now))
+    # A row (a repair hint's entry) for vm2 alone.
+    c.feed(route("h3"), MsgType.APPLY_REPORT, ["h3", [[110, MAC_BASE + 2, "h1", 0, False, c.now, 0]], []])
+    assert ops[1] not in c.core.ops  # vm2 converged: every host holds it
+    assert [sorted(c.core.ops[op].applied) for op in (ops[0], ops[2])] == [["h1", "h2"]] * 2
+    assert c.reply(req) is None
+    ranges(c, "h3", ("h1", 1, 1, 3, c.now))
+    ok, result = c.reply(req)
+    assert ok and [r["vm"] for r in result["ops"]] == ["vm1", "vm2", "vm3"] and all(r["converged"] for r in result["ops"])

@@ -422,3 +422,11 @@ def test_flood_lists_follow_bulk_gossip_merges():
     assert h.dp.flood_hosts(100) == ("h2",) and h.dp.flood_hosts(110) == ("h3",)
     h.table.merge_updates([[3, 100, C, "h3", "vEth3", 1, False]])
     assert h.dp.flood_hosts(100) == ("h3",)
+
+
+def test_flood_lists_follow_a_batch_of_new_macs():
+    """A message of distinct new keys takes the table's all-new path: the observer still sees each."""
+    h = Host("h1")
+    h.table.merge_updates([[i, 100 + 10 * (i % 2), 0x020000000100 + i, f"h{2 + i % 3}", f"vEth{i}", 0, False]
+                           for i in range(1, 7)])
+    assert h.dp.flood_hosts(100) == ("h2", "h3", "h4") and h.dp.flood_hosts(110) == ("h2", "h3", "h4")

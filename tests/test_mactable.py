@@ -237,13 +237,17 @@ def test_parse_mac_rejects_int_syntax(text):
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.integers(100, 101), st.integers(1, 4), st.sampled_from(HOSTS),
                           st.sampled_from(["vEth1", "vEth2"]), st.integers(0, 4), st.booleans()), max_size=30),
-       st.booleans())
-def test_bulk_merge_of_gossip_rows_is_the_one_by_one_merge(rows, reverse):
+       st.booleans(), st.integers(0, 3))
+def test_bulk_merge_of_gossip_rows_is_the_one_by_one_merge(rows, reverse, held):
     # merge_updates (the hot path) keeps exactly the one merge rule: same table, same digest,
-    # same tombstone count and the same applied (key, old, new), in order.
+    # same tombstone count and the same applied (key, old, new), in order. Both tables may
+    # already hold some of the keys (none: the all-new path of a message of distinct keys).
     updates = [[i + 1, *r] for i, r in enumerate(rows)]
     bulk, single = MacTable(reverse_merge_rule=reverse), MacTable(reverse_merge_rule=reverse)
-    applied = bulk.merge_updates(updates)
+    for t in (bulk, single):
+        for mac in range(1, held + 1):
+            t.merge((100, mac), Entry("h2", "vEth1", 2, False))
+    applied = list(bulk.merge_updates(updates))
     expected = []
     for _n, vlan, mac, host, port, seq, tomb in updates:
         e = Entry(host, port, seq, tomb)
