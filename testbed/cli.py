@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -597,6 +598,7 @@ def demo(hosts, vms, n_moves, seed, heartbeat_interval_ms, pairs, rate, as_json,
 
 from testbed.bench.command import bench  # noqa: E402 - registered after the core commands
 from testbed.chaos.command import chaos  # noqa: E402
+from testbed.sim import command as sim_command  # noqa: E402
 from testbed.sim.command import sim  # noqa: E402
 
 cli.add_command(bench)
@@ -611,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run `dvs`: errors the user can act on print as one line, never a traceback."""
     try:
         cli.main(args=argv, prog_name="dvs", standalone_mode=False)
+    except SystemExit:
+        if sim_command.finished_exit_code is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(sim_command.finished_exit_code)  # the OS takes the simulation's memory back at once
+        raise
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:
