@@ -275,7 +275,7 @@ class Simulator:
         self.slots: dict[int, list[tuple]] = {}  # slot number -> its events, unordered
         self.slot_heap: list[int] = []  # slot numbers that have events
         self.slot = -1  # the slot being run
-        self.heap: list[tuple] = []  # the events of that slot, a heap
+        self.heap: list[tuple] = []  # events pushed into that slot (or before) while it runs, a heap
         self.seq = 0
         self.now = 0
         self.stopped = False
@@ -382,16 +382,31 @@ class Simulator:
         agents = self.agents
         slots = self.slots
         slot_heap = self.slot_heap
-        heap = self.heap
+        # A slot's events are sorted once when it starts (a sort of tuples compares their first
+        # items natively; a heap pops with full tuple comparisons, a few per level), and run in
+        # order; what is pushed into the slot while it runs (timers due now, actions) goes to
+        # the small `side` heap, and the next event is the smaller of the two heads.
+        side = self.heap
+        cur: list[tuple] = []
+        i = n = 0
         events = self.events
         while not self.stopped:
-            if not heap:
-                if not slot_heap:
-                    break
+            if i < n:
+                ev = cur[i]
+                if side and side[0] < ev:
+                    ev = pop(side)
+                else:
+                    i += 1
+            elif side:
+                ev = pop(side)
+            elif slot_heap:
                 self.slot = pop(slot_heap)
-                heap = self.heap = slots.pop(self.slot)
-                heapq.heapify(heap)
-            ev = pop(heap)
+                cur = slots.pop(self.slot)
+                cur.sort()
+                i, n = 0, len(cur)
+                continue
+            else:
+                break
             t = ev[0]
             self.now = t
             dst = ev[1]
@@ -409,8 +424,20 @@ class Simulator:
                     core.on_message("sub", ev[4], ev[5], t)
                 else:
                     self._agent_event(a, ev, t)
-                while heap and heap[0][0] == t and heap[0][1] == dst:
-                    ev = pop(heap)
+                # Everything else that reached this agent at the same instant: one batch.
+                while True:
+                    if i < n and not (side and side[0] < cur[i]):
+                        ev = cur[i]
+                        if ev[0] != t or ev[1] != dst:
+                            break
+                        i += 1
+                    elif side:
+                        ev = side[0]
+                        if ev[0] != t or ev[1] != dst:
+                            break
+                        pop(side)
+                    else:
+                        break
                     events += 1
                     if ev[3] == K_SUB:
                         core.on_message("sub", ev[4], ev[5], t)
@@ -426,9 +453,21 @@ class Simulator:
                     continue
                 ctl = self.controller
                 self._controller_event(ctl, ev, t)
-                while heap and heap[0][0] == t and heap[0][1] == CONTROLLER:
+                while True:
+                    if i < n and not (side and side[0] < cur[i]):
+                        ev = cur[i]
+                        if ev[0] != t or ev[1] != CONTROLLER:
+                            break
+                        i += 1
+                    elif side:
+                        ev = side[0]
+                        if ev[0] != t or ev[1] != CONTROLLER:
+                            break
+                        pop(side)
+                    else:
+                        break
                     events += 1
-                    self._controller_event(ctl, pop(heap), t)
+                    self._controller_event(ctl, ev, t)
                 self._after_controller(t)
             elif dst == CLIENT:
                 self.client.on_frames(ev[4], t)
