@@ -205,12 +205,24 @@ class AgentCore:
     def end_batch(self, now_ns: int) -> tuple[list[tuple[object, object]], int]:
         """flush(), take_outbox() and next_deadline_ns() in one call: what a driver does after
         every batch of events (the simulator, millions of times)."""
-        if self._pending_pub or self._applied or self._ranges:
+        # (flush() and next_deadline_ns() written out: a flush that would send nothing yet is
+        # not called; this runs after every batch of events)
+        reports = self._applied or self._ranges
+        if self._pending_pub or (reports and (self._report_now or self._applied_first_ns < 0
+                                              or now_ns >= self._applied_send_ns)):
             self.flush(now_ns)
+            reports = self._applied or self._ranges
         out = self.outbox
         if out:
             self.outbox = []
-        return out, self.next_deadline_ns()
+        d = self._next_heartbeat_ns
+        if self._next_status_ns < d:
+            d = self._next_status_ns
+        if reports:
+            r = self._applied_due_ns if self._applied_first_ns >= 0 else self._next_applied_ns
+            if r < d:
+                d = r
+        return out, d
 
     def next_deadline_ns(self) -> int:
         d = min(self._next_heartbeat_ns, self._next_status_ns)
@@ -254,10 +266,27 @@ class AgentCore:
             return
         try:
             self._dispatch(mt, body, now_ns, envelope)
-        except WireError:
+        except Exception as e:  # noqa: BLE001 - a bug of ours must not kill the agent either
+            self._failed(mt, e)
+
+    def on_gossip(self, mt: MsgType, body: list, now_ns: int) -> None:
+        """on_message("sub", mt, body, now_ns): the hot path of a driver that hands one
+        decoded publication to many cores (the simulator, millions of times a run)."""
+        try:
+            if mt is MsgType.UPDATES:
+                self._on_updates(body[0], body[1], body[2], now_ns, False)
+            elif mt is MsgType.HEARTBEAT:
+                self._on_heartbeat(*body, now_ns=now_ns)
+            else:
+                self.stats.dropped_unexpected += 1
+        except Exception as e:  # noqa: BLE001 - as in on_message
+            self._failed(mt, e)
+
+    def _failed(self, mt: MsgType, e: Exception) -> None:
+        if isinstance(e, WireError):
             # Well-formed but semantically impossible: the sender's fault, dropped and counted.
             self.stats.dropped_malformed += 1
-        except Exception as e:  # noqa: BLE001 - a bug of ours must not kill the agent either
+        else:
             # Our fault, not the sender's: counted apart and shown in status so it gets fixed.
             self.stats.handler_errors += 1
             self.last_error = f"{mt.name}: {type(e).__name__}: {e}"[:300]
@@ -491,10 +520,21 @@ class AgentCore:
                 if last >= 1:  # (numbering starts at 1: a 0 is nobody's update)
                     ranges.append([origin, incarnation, max(first, 1), last, now_ns])
         if peer is not None:
-            for first, last in runs:
-                peer.mark_run(first, last)
+            if len(runs) == 1 and not peer.above and runs[0][0] <= peer.contiguous + 1:
+                last = runs[0][1]  # (mark_run's common case: in order, no gap)
+                if last > peer.contiguous:
+                    peer.contiguous = last
+                if last > peer.latest_seen:
+                    peer.latest_seen = last
+            else:
+                for first, last in runs:
+                    peer.mark_run(first, last)
             if not repaired:
-                self._heard_from(peer, now_ns)  # a published update stands in for a heartbeat
+                # A published update stands in for a heartbeat.
+                if peer.heard:
+                    peer.last_heard_ns = now_ns
+                else:
+                    self._heard_from(peer, now_ns)
                 if peer.latest_seen > peer.contiguous:  # (_maybe_pull's own first test)
                     self._maybe_pull(peer, now_ns)
 
@@ -671,11 +711,15 @@ class AgentCore:
         loop for a batch: 8,000 creates are 8,000 rows at every agent."""
         self.stats.updates_applied += len(applied)
         local = self.switch.by_key
+        moves = self._moves
         for key, old, new in applied:
             if old is not None:
                 self.applied_at[key] = now_ns
                 if old.host != new.host and not new.tombstone:
-                    self._note_move(key, now_ns)
+                    if key in moves or self.config.flap_moves < 1:
+                        self._note_move(key, now_ns)
+                    else:
+                        moves[key] = now_ns  # (_note_move's common case: a MAC's first move)
             if key in local and new.host != self.host:
                 self._release_local(key)
 

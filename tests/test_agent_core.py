@@ -917,3 +917,24 @@ def test_end_batch_is_flush_take_outbox_and_next_deadline_in_one_call():
         a.flush(t)
         expected = (a.take_outbox(), a.next_deadline_ns())
         assert b.end_batch(t) == expected
+
+
+def test_on_gossip_is_on_message_on_the_sub_channel():
+    """The simulator's hot path hands decoded publications to on_gossip: same verdicts, same table."""
+    frames = [
+        wire.encode(MsgType.HEARTBEAT, ["h2", INC, 3, 0, 0]),
+        wire.encode(MsgType.UPDATES, ["h2", INC, [[n, VLAN, mac_of(n), "h2", "p", 0, False] for n in range(1, 6)]]),
+        wire.encode(MsgType.UPDATES, ["h2", INC, [[6, VLAN, mac_of(1), "h2", "p", 1, False]]]),
+        wire.encode(MsgType.UPDATES, ["h3", INC, [[2, VLAN, mac_of(7), "h3", "p", 0, False]]]),  # a gap: pull
+        wire.encode(MsgType.ATTACH, [1, "vm9", VLAN, mac_of(9), "vEth9", 0]),  # not a gossip type
+        wire.encode(MsgType.UPDATES, ["h2", INC, [[7, VLAN, mac_of(8), "h2", "p", 0, False]] * 2]),  # twice
+    ]
+    a, b = AgentCore("h1", 1, pub_endpoint="p", rpc_endpoint="r"), AgentCore("h1", 1, pub_endpoint="p", rpc_endpoint="r")
+    for i, frame in enumerate(frames):
+        mt, body = wire.decode(frame)
+        a.on_message("sub", mt, body, 10 * i)
+        b.on_gossip(mt, AgentCore.prepare(mt, body), 10 * i)
+    assert a.stats.as_dict() == b.stats.as_dict() and a.stats.dropped_unexpected == 1
+    assert (a.table.as_placement(), a.table.digest) == (b.table.as_placement(), b.table.digest)
+    assert a.take_outbox() == b.take_outbox() != []
+    assert a.end_batch(100) == b.end_batch(100)

@@ -11,7 +11,7 @@ Routing mirrors agent/runtime.py and controller/runtime.py:
 - an agent's "pub" frame goes to every agent that connected to that publisher (an agent
   connects when its core emits `("connect", peer)` and disconnects on `("disconnect", host)`);
   it is decoded and prepared (`AgentCore.prepare`) once and the same read-only
-  `(msg_type, body)` is handed to every subscriber through `AgentCore.on_message("sub", ...)`;
+  `(msg_type, body)` is handed to every subscriber through `AgentCore.on_gossip` (on_message("sub", ...));
 - `("peer", host)` goes to that host's "rpc" channel (only if the sender connected to it, as a
   ZeroMQ ROUTER drops what it cannot route) with the envelope `[b"pull:<sender>"]`; the answer,
   `("reply", envelope)`, comes back on the requester's "pull" channel;
@@ -54,7 +54,7 @@ from agent import wire
 from agent.config import AgentConfig
 from agent.core import AgentCore
 from agent.faults import peek_type
-from agent.mactable import MacTable, entry_hash
+from agent.mactable import MacTable, PreparedRows, entry_hash
 from agent.wire import MsgType, WireError
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
@@ -202,7 +202,14 @@ class MonitoredTable(MacTable):
             return self._merge_one_by_one(rows)  # through merge(), watched there
         applied = self._merge_prepared_fast(rows)
         if applied:
-            self._watch(applied)
+            sim = self._sim
+            sim.last_change_ns = sim.now
+            sim.dirty = True
+            # (all new keys: no old entry to compare with)
+            if type(rows) is not PreparedRows or rows.fresh is None or applied is not rows.fresh_applied:
+                for key, old, new in applied:
+                    if old is not None and (new.seq, new.host) <= (old.seq, old.host):
+                        sim.safety_violation(self._host, key, old, new)
         return applied
 
     def merge(self, key, new):
@@ -421,7 +428,7 @@ class Simulator:
                     continue
                 core = a.core
                 if ev[3] == K_SUB:
-                    core.on_message("sub", ev[4], ev[5], t)
+                    core.on_gossip(ev[4], ev[5], t)
                 else:
                     self._agent_event(a, ev, t)
                 # Everything else that reached this agent at the same instant: one batch.
@@ -440,7 +447,7 @@ class Simulator:
                         break
                     events += 1
                     if ev[3] == K_SUB:
-                        core.on_message("sub", ev[4], ev[5], t)
+                        core.on_gossip(ev[4], ev[5], t)
                     else:
                         self._agent_event(a, ev, t)
                 if a.alive:
@@ -521,7 +528,7 @@ class Simulator:
         kind = ev[3]
         core = a.core
         if kind == K_SUB:
-            core.on_message("sub", ev[4], ev[5], t)
+            core.on_gossip(ev[4], ev[5], t)
         elif kind == K_CTLIN:
             for mt, body, frame in ev[4]:
                 if mt is None:
