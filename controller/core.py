@@ -120,7 +120,7 @@ class ClaimGroup:
     dict and a range is marked once, not once per op: at 1,000 hosts, creating 8,000 VMs is 8
     million (op, host) marks otherwise. Any report that sets one apart (a row, a part of the
     range, another number of the same op) or an op that finishes dissolves the group first:
-    each op gets its own copy, and from then on is marked alone."""
+    each op gets its own copy, and from then on is marked alone. A finished op just leaves."""
 
     __slots__ = ("lo", "hi", "ops", "applied", "owner")
 
@@ -130,6 +130,14 @@ class ClaimGroup:
         self.ops = ops
         self.applied = applied
         self.owner = owner  # the origin's `groups` (number lo -> this group)
+
+    def leave(self, op: Op) -> None:
+        """A finished op leaves; it keeps the shared dict (later reports of the others may add
+        hosts to it: they did apply its update too, later)."""
+        self.ops.remove(op)
+        op.group = None
+        if not self.ops and self.owner.get(self.lo) is self:
+            del self.owner[self.lo]
 
     def dissolve(self) -> None:
         if self.owner.get(self.lo) is self:
@@ -632,10 +640,12 @@ class ControllerCore:
                 done = g.applied
                 if reporter not in done:
                     done[reporter] = t_ns
-                    if len(done) >= self._live_n:
+                    if len(done) >= self._live_n and done.keys() >= self._live:
+                        # (_check_converged for each op, the shared part done once)
+                        last = max(map(done.__getitem__, self._live), default=None)
                         for op in list(g.ops):
                             if op.phase == "converging":
-                                self._check_converged(op, now_ns)
+                                self._converged(op, op.switch_ns if last is None else last, now_ns)
             else:
                 if top - lo < len(aw):
                     hits = [aw[n] for n in range(lo, top + 1) if n in aw]
@@ -813,15 +823,18 @@ class ControllerCore:
         live = self._live
         applied = op.applied
         if applied.keys() >= live:
-            op.converged = True
-            last = max(map(applied.__getitem__, live), default=op.switch_ns)
-            op.latency_ms = max(0, last - op.switch_ns) / NS_PER_MS
-            self._finish(op, now_ns)
+            self._converged(op, max(map(applied.__getitem__, live), default=op.switch_ns), now_ns)
+
+    def _converged(self, op: Op, last_ns: int, now_ns: int) -> None:
+        """Every live host applied it; the last of them at `last_ns` (its own clock)."""
+        op.converged = True
+        op.latency_ms = max(0, last_ns - op.switch_ns) / NS_PER_MS
+        self._finish(op, now_ns)
 
     def _finish(self, op: Op, now_ns: int, timed_out: bool = False) -> None:
         self.ops.pop(op.op_id, None)
         if op.group is not None:
-            op.group.dissolve()  # later reports must not reach a finished op through the others
+            op.group.leave(op)
         for host, incarnation, n in op.updates:
             o = self._origins.get(host)
             if o is not None and o.incarnation == incarnation:
