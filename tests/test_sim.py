@@ -328,3 +328,21 @@ def test_property_safety_always_and_agreement_within_the_bound_after_faults(cfg)
     r = run_sim(cfg)
     note(f"seed {cfg.seed}; replay with: {r['replay']}")
     check_run(r, all_moves=False)
+
+
+@pytest.mark.parametrize("tick", [0, 1 << 15])
+def test_receivers_take_messages_on_their_rx_tick(monkeypatch, tick):
+    from agent.core import AgentCore
+
+    seen = []
+    gossip = AgentCore.on_gossip
+    monkeypatch.setattr(AgentCore, "on_gossip", lambda self, mt, body, t: (seen.append(t), gossip(self, mt, body, t)))
+    r = run_sim(SimConfig(hosts=6, vms=24, moves=6, seed=4, net=NetConfig(rx_tick_ns=tick)))
+    assert r["ok"] and r["config"]["rx_tick_ns"] == tick and len(seen) > 100
+    on_grid = sum(1 for t in seen if t % (1 << 15) == 0)
+    assert on_grid == len(seen) if tick else on_grid < len(seen) // 10
+
+
+def test_rx_tick_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        Simulator(SimConfig(hosts=2, vms=0, moves=0, net=NetConfig(rx_tick_ns=30_000)))

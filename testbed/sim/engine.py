@@ -26,6 +26,10 @@ Network model (all per message, decided by the seeded network RNG):
 - latency = `base_latency_us` + an exponential jitter of mean `jitter_mean_us` (defaults 100 µs
   and 50 µs). Every link is FIFO (TCP) unless `reorder` is on; what one sender emits in one
   flush to one receiver over the control connection travels together.
+- a receiver takes its messages on a grid of `rx_tick_ns` (default 32,768 ns, as NIC interrupt
+  coalescing does): what reaches it within one tick is handled as one batch at the tick's end.
+  Under a burst (a thousand agents announcing 8,000 new VMs within a millisecond) an agent so
+  handles many messages per wake-up, as a real one draining its socket does.
 - `loss`, `dup` and `reorder` apply to agent-to-agent traffic (gossip and repair): ZeroMQ PUB/SUB
   drops silently and repair requests time out and are retried. The control connection
   (agent <-> controller DEALER/ROUTER over TCP) is reliable and FIFO unless `ctl_faults` is set:
@@ -99,6 +103,10 @@ class NetConfig:
     reorder_prob: float = 0.2  # with `reorder`: probability a message is held back
     reorder_max_us: int = 1_000  # with `reorder`: the hold-back is uniform in [0, this], µs
     ctl_faults: bool = False  # also apply loss/dup/reorder to agent <-> controller messages
+    # Receivers take what arrived at the next multiple of this, ns, as one batch: NIC interrupt
+    # coalescing (rx-usecs, typically 20-50 µs) and an event loop that drains its socket when it
+    # wakes. A power of two; 0: each message at its own arrival time. Default 32,768 (~33 µs).
+    rx_tick_ns: int = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -309,6 +317,10 @@ class Simulator:
         # Network state.
         self.base_ns = self.net.base_latency_us * NS_PER_US
         self.jitter_ns = self.net.jitter_mean_us * NS_PER_US
+        tick = self.net.rx_tick_ns
+        if tick < 0 or tick & (tick - 1):
+            raise ValueError(f"rx_tick_ns must be 0 or a power of two, not {tick}")
+        self.tick_mask = tick - 1 if tick else 0
         self.p2p_faulty = False  # loss/dup/reorder active on agent-to-agent traffic
         self.ctl_faulty = False  # ... and on control traffic
         self.loss = self.dup = 0.0
@@ -361,6 +373,10 @@ class Simulator:
 
     def _latency(self) -> int:
         return self.base_ns + int(-math.log(1.0 - self.net_rng.random()) * self.jitter_ns)
+
+    def _tick(self, arr: int) -> int:
+        """The receiver's next rx tick after an arrival at `arr` (NetConfig.rx_tick_ns)."""
+        return (arr | self.tick_mask) + 1 if self.tick_mask else arr
 
     # ------------------------------------------------------------------ run
 
@@ -618,7 +634,7 @@ class Simulator:
         except WireError:
             # Never from our own cores; still, let each receiver drop and count it.
             for iid in subs:
-                self._push(t + self._latency(), iid, K_P2P, "sub", frame, None)
+                self._push(self._tick(t + self._latency()), iid, K_P2P, "sub", frame, None)
             return
         slots = self.slots
         slot_heap = self.slot_heap
@@ -632,10 +648,13 @@ class Simulator:
             fifo = a.fifo = array("q", bytes(8 * len(self.hosts)))
         check_fifo = base < a.fifo_until
         until = 0
+        mask = self.tick_mask
         if not (self.p2p_faulty or self.partitioned):
             seq = self.seq
             for iid, hidx in subs.items():
                 arr = base + int(-log(1.0 - rnd()) * jit)
+                if mask:
+                    arr = (arr | mask) + 1
                 if check_fifo and arr < fifo[hidx]:
                     arr = fifo[hidx]
                 fifo[hidx] = arr
@@ -670,10 +689,11 @@ class Simulator:
                 self.lost += 1
                 continue
             arr = base + int(-log(1.0 - rnd()) * jit)
-            if reorder:
-                if rnd() < hold_p:
-                    arr += int(rnd() * hold_ns)
-            else:
+            if reorder and rnd() < hold_p:
+                arr += int(rnd() * hold_ns)
+            if mask:
+                arr = (arr | mask) + 1
+            if not reorder:
                 if check_fifo and arr < fifo[hidx]:
                     arr = fifo[hidx]
                 fifo[hidx] = arr
@@ -683,7 +703,7 @@ class Simulator:
             if dup and rnd() < dup:
                 self.duplicated += 1
                 self._count(frame, 1)
-                self._push(arr + self._latency(), iid, K_SUB, mt, body)
+                self._push(self._tick(arr + self._latency()), iid, K_SUB, mt, body)
         a.fifo_until = max(until, a.fifo_until)
 
     def _p2p_send(self, src: Agent, dst: Agent, channel: str, frame: bytes, envelope, t: int) -> None:
@@ -700,7 +720,9 @@ class Simulator:
         if faulty and self.reorder:
             if rnd() < self.net.reorder_prob:
                 arr += int(rnd() * self.net.reorder_max_us * NS_PER_US)
+            arr = self._tick(arr)
         else:
+            arr = self._tick(arr)
             link = (src.iid, dst.iid)
             last = self.p2p_last.get(link, 0)
             if arr < last:
@@ -710,7 +732,7 @@ class Simulator:
         if faulty and self.dup and rnd() < self.dup:
             self.duplicated += 1
             self._count(frame, 1)
-            self._push(arr + self._latency(), dst.iid, K_P2P, channel, frame, envelope)
+            self._push(self._tick(arr + self._latency()), dst.iid, K_P2P, channel, frame, envelope)
 
     def _request(self, a: Agent, host: str, frame: bytes, t: int) -> None:
         eps = a.conns.get(host)
@@ -742,8 +764,8 @@ class Simulator:
             return None
         arr = t + self._latency()
         if self.ctl_faulty and self.reorder and self.net_rng.random() < self.net.reorder_prob:
-            return arr + int(self.net_rng.random() * self.net.reorder_max_us * NS_PER_US)
-        return max(arr, last)
+            return self._tick(arr + int(self.net_rng.random() * self.net.reorder_max_us * NS_PER_US))
+        return max(self._tick(arr), last)
 
     def _to_controller(self, a: Agent, frames: list, t: int) -> None:
         if self.ctl_faulty and self.loss:
@@ -1070,6 +1092,7 @@ class Simulator:
                 "move_rate": cfg.move_rate, "fault_ms": cfg.fault_ms,
                 "concurrency": None if cfg.move_rate is not None else concurrency_for(cfg),
                 "base_latency_us": cfg.net.base_latency_us, "jitter_mean_us": cfg.net.jitter_mean_us,
+                "rx_tick_ns": cfg.net.rx_tick_ns,
                 "gossip_interval_ms": gossip_interval_ms(self.agent_config, cfg.hosts),
                 "heartbeat_budget_per_s": self.agent_config.heartbeat_budget_per_s,
             },
