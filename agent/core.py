@@ -451,6 +451,8 @@ class AgentCore:
             self._on_updates(body[0], body[1], body[2], now_ns, repaired=False)
         elif mt is MsgType.HEARTBEAT:
             self._on_heartbeat(*body, now_ns=now_ns)
+        elif mt is MsgType.REQUEST:  # (third: repair hints come by the hundred thousand at 1,000 hosts)
+            self._on_request(body, now_ns, "ctl" if envelope is None else ("reply", envelope))
         elif mt is MsgType.PULL_REQ:
             self._on_pull_req(body, envelope)
         elif mt is MsgType.PULL_REPLY:
@@ -478,8 +480,6 @@ class AgentCore:
             self._on_attach(body, now_ns, "switched")
         elif mt is MsgType.DETACH:
             self._on_detach(body, now_ns)
-        elif mt is MsgType.REQUEST:
-            self._on_request(body, now_ns, "ctl" if envelope is None else ("reply", envelope))
 
     # ------------------------------------------------------------------ gossip in
 
@@ -594,7 +594,9 @@ class AgentCore:
             raise WireError("repair hint without origin and incarnation")
         if type(n) is not int or not 0 <= n <= wire.MAX_U64:
             raise WireError(f"repair hint with update number {n!r}")
-        entry = wire.ENTRY(args["entry"]) if "entry" in args else None
+        entry = args["entry"] if "entry" in args else None
+        if "entry" in args and not (type(entry) is list and len(entry) == 6 and wire.entry_ok(*entry)):
+            entry = wire.ENTRY(entry)  # raises, saying what is wrong
         if origin == self.host or origin not in self.peers or self.config.defect_no_repair:
             return
         self.stats.repair_hints += 1

@@ -269,6 +269,8 @@ class ControllerCore:
             self._on_request(envelope, body, now_ns)
         elif mt is MsgType.REGISTER:
             self._on_register(envelope, body, now_ns)
+        elif mt is MsgType.APPLY_REPORT and host is not None and host in self.inv.hosts:
+            self._on_apply_report(host, body[1], body[2], now_ns)  # (first: most of what agents send)
         elif host is None or host not in self.inv.hosts:
             if mt in (MsgType.AGENT_STATUS, MsgType.APPLIED, MsgType.APPLY_REPORT, MsgType.ACK, MsgType.TABLE_REPORT):
                 # An agent we do not know (we restarted, or it did): ask it to register again.
@@ -280,8 +282,6 @@ class ControllerCore:
         elif mt is MsgType.APPLIED:
             self._report_arrived(host, body[1][0][5] if body[1] else now_ns, now_ns)
             self._on_applied(host, body[1], now_ns)
-        elif mt is MsgType.APPLY_REPORT:
-            self._on_apply_report(host, body[1], body[2], now_ns)
         elif mt is MsgType.TABLE_REPORT:
             self._seen(host, now_ns)
             for vlan, mac, ehost, _port, seq, tomb in body[1]:
@@ -647,7 +647,10 @@ class ControllerCore:
                             if op.phase == "converging":
                                 self._converged(op, op.switch_ns if last is None else last, now_ns)
             else:
-                if top - lo < len(aw):
+                if lo == top:  # (a move: one number)
+                    op = aw.get(lo)
+                    hits = () if op is None else (op,)
+                elif top - lo < len(aw):
                     hits = [aw[n] for n in range(lo, top + 1) if n in aw]
                 else:
                     hits = [op for n, op in aw.items() if lo <= n <= top]

@@ -424,7 +424,9 @@ def test_repair_hint_with_the_entry_settles_it_in_one_message_and_never_goes_bac
 @pytest.mark.parametrize("args", [{}, {"origin": 5, "incarnation": 1}, {"origin": "h2", "incarnation": "x"},
                                   {"origin": "h2", "incarnation": -1},
                                   {"origin": "h2", "incarnation": 1, "entry": [VLAN, 1, "h2", "p", 1]},
-                                  {"origin": "h2", "incarnation": 1, "entry": [0, 1, "h2", "p", 1, False]}])
+                                  {"origin": "h2", "incarnation": 1, "entry": [0, 1, "h2", "p", 1, False]},
+                                  {"origin": "h2", "incarnation": 1, "entry": None},
+                                  {"origin": "h2", "incarnation": 1, "entry": [100, 1, "h2", "p", 1, 0]}])
 def test_malformed_repair_hint_is_dropped_and_counted(args):
     c = Cluster(["h1", "h2"])
     core = c.cores["h1"]

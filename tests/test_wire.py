@@ -393,7 +393,8 @@ def test_fast_row_validators_agree_with_the_field_by_field_ones(rows):
     # The inline validators of the hot lists must accept exactly what the general ones accept.
     for fast, slow in ((wire.UPDATES_LIST, wire._list_of(wire.UPDATE)),
                        (wire.ENTRIES_LIST, wire._list_of(wire.ENTRY)),
-                       (wire.APPLIED_LIST, wire._list_of(wire.APPLIED_ROW))):
+                       (wire.APPLIED_LIST, wire._list_of(wire.APPLIED_ROW)),
+                       (wire.RANGES_LIST, wire._list_of(wire._range_row))):
         try:
             expected = slow(rows)
         except wire.WireError:
