@@ -48,6 +48,10 @@ class AgentConfig:
     # Default 5: the 31 reports of one move at 32 hosts then leave after the update fanned
     # out instead of competing with it for the CPU, mostly riding on a later wake-up.
     applied_report_delay_ms: int = 5
+    # Keep no per-MAC time of this agent's last apply (the `lookup` API, by which headless
+    # moves are timed, then answers applied_ns 0). Default False. The simulator sets it: it
+    # stamps every apply itself, and at 1,000 hosts these are millions of dict entries.
+    no_apply_times: bool = False
     # Test-only defects, for proving the checker catches bugs. Never set in production.
     defect_no_repair: bool = False
     defect_reverse_merge: bool = False

@@ -180,7 +180,8 @@ class AgentCore:
         self._prepared: dict[str, int] = {}  # prepared port -> time (ns) it is released
         # When each key last changed here (monotonic ns): how headless moves measure convergence.
         # Changes of a held entry only: 8,000 creates at 1,000 simulated agents are 8 million.
-        self.applied_at: dict[tuple[int, int], int] = {}
+        # (vlan, mac) -> when we last applied a change to it; None: not kept (config.no_apply_times)
+        self.applied_at: dict[tuple[int, int], int] | None = None if self.config.no_apply_times else {}
         c = self.config
         self._status_ns = c.heartbeat_interval_ms * NS_PER_MS
         self._applied_interval_ns = c.applied_report_interval_ms * NS_PER_MS
@@ -714,9 +715,11 @@ class AgentCore:
         self.stats.updates_applied += len(applied)
         local = self.switch.by_key
         moves = self._moves
+        applied_at = self.applied_at
         for key, old, new in applied:
             if old is not None:
-                self.applied_at[key] = now_ns
+                if applied_at is not None:
+                    applied_at[key] = now_ns
                 if old.host != new.host and not new.tombstone:
                     if key in moves or self.config.flap_moves < 1:
                         self._note_move(key, now_ns)
@@ -887,8 +890,9 @@ class AgentCore:
             elif method == "lookup":
                 key = (int(args["vlan"]), int(args["mac"]))
                 e = self.table.get(key)
+                applied_ns = self.applied_at.get(key, 0) if self.applied_at is not None else 0
                 result = None if e is None else {"host": e.host, "port": e.port, "seq": e.seq,
-                                                  "tombstone": e.tombstone, "applied_ns": self.applied_at.get(key, 0)}
+                                                  "tombstone": e.tombstone, "applied_ns": applied_ns}
             elif method == "ping":
                 result = {"host": self.host, "incarnation": self.incarnation}
             elif method in self.extra_methods:

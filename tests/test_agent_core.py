@@ -940,3 +940,17 @@ def test_on_gossip_is_on_message_on_the_sub_channel():
     assert (a.table.as_placement(), a.table.digest) == (b.table.as_placement(), b.table.digest)
     assert a.take_outbox() == b.take_outbox() != []
     assert a.end_batch(100) == b.end_batch(100)
+
+
+@pytest.mark.parametrize("no_times", [False, True])
+def test_lookup_answers_when_the_entry_was_last_changed_here(no_times):
+    core = AgentCore("h1", 1, AgentConfig(no_apply_times=no_times), pub_endpoint="p", rpc_endpoint="r")
+    core.on_message("sub", MsgType.UPDATES, ["h2", 1, [[1, VLAN, mac_of(1), "h2", "p", 0, False]]], 5)
+    core.on_message("sub", MsgType.UPDATES, ["h3", 1, [[1, VLAN, mac_of(1), "h3", "p", 1, False]]], 70)
+    core.take_outbox()
+    core.on_frame("rpc", wire.encode(MsgType.REQUEST, [9, "lookup", {"vlan": VLAN, "mac": mac_of(1)}]), 80,
+                  envelope=[b"client"])
+    ((dest, frame),) = core.take_outbox()
+    assert dest == ("reply", [b"client"])
+    assert wire.decode(frame)[1] == [9, True, {"host": "h3", "port": "p", "seq": 1, "tombstone": False,
+                                               "applied_ns": 0 if no_times else 70}]

@@ -1073,3 +1073,27 @@ def test_a_grouped_claim_reported_alone_leaves_the_others_waiting():
     ranges(c, "h3", ("h1", 1, 1, 3, c.now))
     ok, result = c.reply(req)
     assert ok and [r["vm"] for r in result["ops"]] == ["vm1", "vm2", "vm3"] and all(r["converged"] for r in result["ops"])
+
+
+@pytest.mark.parametrize("per_host", [None, True, False])
+def test_a_move_reply_carries_each_hosts_apply_time_unless_asked_not_to(per_host):
+    c = cluster(3)
+    create(c, 1, "h1")
+    args = {"name": "vm1", "to": "h2"} | ({} if per_host is None else {"per_host": per_host})
+    req = c.request("vm_move", args)
+    ((_, (op, *_)),) = c.to("h2")
+    c.ack("h2", op, detail="prepared")
+    t_sw = c.now
+    c.ack("h2", op, detail="switched", t_ns=t_sw)
+    for i, h in enumerate(("h1", "h2", "h3")):
+        c.applied(h, 1, "h2", 1, t_ns=t_sw + i * NS_PER_MS)
+    ok, rec = c.reply(req)
+    assert ok and rec["converged"] and rec["latency_ms"] == 2.0
+    assert rec["applied_ms"] == ({} if per_host is False else {"h1": 0.0, "h2": 1.0, "h3": 2.0})
+
+
+def test_a_move_with_a_per_host_flag_that_is_not_a_bool_is_refused():
+    c = cluster(2)
+    create(c, 1, "h1")
+    ok, msg = c.call("vm_move", {"name": "vm1", "to": "h2", "per_host": "no"})
+    assert not ok and "per_host must be true or false" in msg

@@ -145,8 +145,9 @@ def concurrency_for(cfg: SimConfig) -> int:
 
 
 def agent_config_for(cfg: SimConfig) -> AgentConfig:
-    """The AgentConfig the simulated agents run with (see SimConfig.gossip_interval_ms)."""
-    base = cfg.agent_config or AgentConfig()
+    """The AgentConfig the simulated agents run with (see SimConfig.gossip_interval_ms); they
+    keep no apply times of their own (the simulator stamps every apply itself)."""
+    base = replace(cfg.agent_config or AgentConfig(), no_apply_times=True)
     if cfg.gossip_interval_ms is None:
         return base
     g = cfg.gossip_interval_ms
@@ -1317,7 +1318,8 @@ class Client:
                 break
             dst = choices[rng.randrange(len(choices))]
             self.inflight.add(name)
-            self.call("vm_move", {"name": name, "to": dst}, "move", (name, src, dst))
+            # (per-host apply times: not needed here, 1,000 of them per reply at 1,000 hosts)
+            self.call("vm_move", {"name": name, "to": dst, "per_host": False}, "move", (name, src, dst))
             return
         # Nothing movable right now (every candidate busy or down): counted as a failed move.
         sim.at(sim.now, self._record, {"vm": "-", "src": "-", "dst": "-", "seq": None, "converged": False,
