@@ -77,14 +77,20 @@ CONTROLLER = 0
 CLIENT = 1
 FIRST_AGENT = 2
 
-# Event kinds (fourth field of an event tuple).
-K_SUB = 0  # (t, iid, seq, K_SUB, msg_type, body)                   gossip, decoded once
-K_CTLIN = 1  # (t, iid, seq, K_CTLIN, [(msg_type, body, frame)])    controller -> agent, one train
-K_P2P = 2  # (t, iid, seq, K_P2P, channel, frame, envelope)        repair request or reply
-K_TIMER = 3  # (t, iid, seq, K_TIMER)
-K_TOCTL = 4  # (t, CONTROLLER, seq, K_TOCTL, envelope, [frames])    agent or client -> controller
-K_TOCLIENT = 5  # (t, CLIENT, seq, K_TOCLIENT, [frames])
-K_ACTION = 6  # (t, ACTION, seq, K_ACTION, function, args)
+# An event is `(key, seq, kind, ...)` with key = t << DST_SHIFT | (destination id + 1): events
+# sort by (time, destination, seq) comparing one int (deliveries share their rx tick's time,
+# and a tuple whose first items are equal compares item by item, slowly).
+DST_SHIFT = 24
+DST_MASK = (1 << DST_SHIFT) - 1
+
+# Event kinds (third field of an event tuple).
+K_SUB = 0  # (key, seq, K_SUB, msg_type, body)                   gossip, decoded once
+K_CTLIN = 1  # (key, seq, K_CTLIN, [(msg_type, body, frame)])    controller -> agent, one train
+K_P2P = 2  # (key, seq, K_P2P, channel, frame, envelope)        repair request or reply
+K_TIMER = 3  # (key, seq, K_TIMER)
+K_TOCTL = 4  # (key, seq, K_TOCTL, envelope, [frames])           agent or client -> controller
+K_TOCLIENT = 5  # (key, seq, K_TOCLIENT, [frames])
+K_ACTION = 6  # (key, seq, K_ACTION, function, args)
 
 CLIENT_ENVELOPE = b"client:sim"
 ANY_GROUP = -1  # partition group of a controller that every group reaches
@@ -357,7 +363,7 @@ class Simulator:
 
     def _push(self, t: int, dst: int, *rest) -> None:
         self.seq += 1
-        ev = (t, dst, self.seq, *rest)
+        ev = ((t << DST_SHIFT) | (dst + 1), self.seq, *rest)
         slot = t >> SLOT_SHIFT
         if slot <= self.slot:
             heapq.heappush(self.heap, ev)
@@ -431,9 +437,10 @@ class Simulator:
                 continue
             else:
                 break
-            t = ev[0]
+            key = ev[0]
+            t = key >> DST_SHIFT
             self.now = t
-            dst = ev[1]
+            dst = (key & DST_MASK) - 1
             events += 1
             if not events & 0xFFFF and self.on_progress is not None:
                 self.events = events
@@ -444,27 +451,27 @@ class Simulator:
                     self.undeliverable += 1
                     continue
                 core = a.core
-                if ev[3] == K_SUB:
-                    core.on_gossip(ev[4], ev[5], t)
+                if ev[2] == K_SUB:
+                    core.on_gossip(ev[3], ev[4], t)
                 else:
                     self._agent_event(a, ev, t)
                 # Everything else that reached this agent at the same instant: one batch.
                 while True:
                     if i < n and not (side and side[0] < cur[i]):
                         ev = cur[i]
-                        if ev[0] != t or ev[1] != dst:
+                        if ev[0] != key:
                             break
                         i += 1
                     elif side:
                         ev = side[0]
-                        if ev[0] != t or ev[1] != dst:
+                        if ev[0] != key:
                             break
                         pop(side)
                     else:
                         break
                     events += 1
-                    if ev[3] == K_SUB:
-                        core.on_gossip(ev[4], ev[5], t)
+                    if ev[2] == K_SUB:
+                        core.on_gossip(ev[3], ev[4], t)
                     else:
                         self._agent_event(a, ev, t)
                 if a.alive:
@@ -472,7 +479,7 @@ class Simulator:
             elif dst == CONTROLLER:
                 if not self.ctl_up:
                     # A crashed controller: what was on its way to it is lost, its timers with it.
-                    if ev[3] != K_TIMER:
+                    if ev[2] != K_TIMER:
                         self.undeliverable += 1
                     continue
                 ctl = self.controller
@@ -480,12 +487,12 @@ class Simulator:
                 while True:
                     if i < n and not (side and side[0] < cur[i]):
                         ev = cur[i]
-                        if ev[0] != t or ev[1] != CONTROLLER:
+                        if ev[0] != key:
                             break
                         i += 1
                     elif side:
                         ev = side[0]
-                        if ev[0] != t or ev[1] != CONTROLLER:
+                        if ev[0] != key:
                             break
                         pop(side)
                     else:
@@ -494,9 +501,9 @@ class Simulator:
                     self._controller_event(ctl, ev, t)
                 self._after_controller(t)
             elif dst == CLIENT:
-                self.client.on_frames(ev[4], t)
+                self.client.on_frames(ev[3], t)
             else:
-                ev[4](*ev[5])
+                ev[3](*ev[4])
         self.events = events
 
     def stop(self) -> None:
@@ -513,6 +520,8 @@ class Simulator:
         core.table = self.table_class(self, host, reverse_merge_rule=core.config.defect_reverse_merge)
         a = Agent(self.next_iid, hidx, host, core)
         self.next_iid += 1
+        if self.next_iid > DST_MASK:  # pragma: no cover - 16 million agent starts
+            raise ValueError("too many agent starts for the event key")
         self.agents[a.iid] = a
         self.current[hidx] = a
         self.by_rpc[a.rpc_ep] = a
@@ -542,18 +551,18 @@ class Simulator:
         self.crash_log.append({"host": a.host, "incarnation": a.core.incarnation, "at_ms": _ms(self.now)})
 
     def _agent_event(self, a: Agent, ev: tuple, t: int) -> None:
-        kind = ev[3]
+        kind = ev[2]
         core = a.core
         if kind == K_SUB:
-            core.on_gossip(ev[4], ev[5], t)
+            core.on_gossip(ev[3], ev[4], t)
         elif kind == K_CTLIN:
-            for mt, body, frame in ev[4]:
+            for mt, body, frame in ev[3]:
                 if mt is None:
                     core.on_frame("ctl", frame, t)
                 else:
                     core.on_message("ctl", mt, body, t)
         elif kind == K_P2P:
-            core.on_frame(ev[4], ev[5], t, ev[6])
+            core.on_frame(ev[3], ev[4], t, ev[5])
         elif kind == K_TIMER:
             a.timers.discard(t)
             if a.timer_at == t:
@@ -663,15 +672,16 @@ class Simulator:
                     until = arr
                 seq += 1
                 slot = arr >> SLOT_SHIFT
+                ev = ((arr << DST_SHIFT) | (iid + 1), seq, K_SUB, mt, body)
                 if slot <= current:
-                    heapq.heappush(self.heap, (arr, iid, seq, K_SUB, mt, body))
+                    heapq.heappush(self.heap, ev)
                     continue
                 events = slots.get(slot)
                 if events is None:
-                    slots[slot] = [(arr, iid, seq, K_SUB, mt, body)]
+                    slots[slot] = [ev]
                     heapq.heappush(slot_heap, slot)
                 else:
-                    events.append((arr, iid, seq, K_SUB, mt, body))
+                    events.append(ev)
             self.seq = seq
             a.fifo_until = until
             return
@@ -802,10 +812,10 @@ class Simulator:
         self._push(arr, CONTROLLER, K_TOCTL, [CLIENT_ENVELOPE], [frame])
 
     def _controller_event(self, ctl: ControllerCore, ev: tuple, t: int) -> None:
-        kind = ev[3]
+        kind = ev[2]
         if kind == K_TOCTL:
-            env = ev[4]
-            for frame in ev[5]:
+            env = ev[3]
+            for frame in ev[4]:
                 ctl.on_frame(env, frame, t)
         elif kind == K_TIMER:
             if self.ctl_timer_at == t:
