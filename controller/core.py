@@ -217,6 +217,7 @@ class ControllerCore:
         self._origins: dict[str, Origin] = {}  # host -> its current incarnation as an origin
         self._live_n = 0  # hosts not dead, kept current by _recount_live()
         self._live: frozenset[str] = frozenset()  # their names (a convergence check per apply batch)
+        self._rank: dict[str, int] = {}  # host name -> its place in registration order
         # Membership epoch: bumped on every change; PEERS carries it and agents report it back.
         self.peers_epoch = 0
         self._peers_dirty = False
@@ -454,6 +455,7 @@ class ControllerCore:
     def _recount_live(self) -> None:
         self._live = frozenset(h.name for h in self.inv.hosts.values() if h.state != "dead")
         self._live_n = len(self._live)
+        self._rank = {name: i for i, name in enumerate(self.inv.hosts)}  # registration order
 
     def _defer_restart(self, vm: Vm, now_ns: int) -> None:
         self._pending_restarts[vm.name] = now_ns + self.config.command_retry_ms * NS_PER_MS
@@ -712,6 +714,7 @@ class ControllerCore:
         last_report = self._last_applied_ns
         lag = self._lag_ns
         current_ns = self._hint_ns // 2
+        hosts = self.inv.hosts
         for op in self.ops.values():
             if op.phase != "converging" or not op.next_hint_ns or now_ns < op.next_hint_ns:
                 continue
@@ -737,13 +740,14 @@ class ControllerCore:
                     hint["n"] = op.claim[1]
             frame = wire.encode(MsgType.REQUEST, [0, "repair", hint])
             patient = now_ns - op.converging_ns < grace_ns
-            for h in self.inv.hosts.values():
-                if (h.state != "dead" and h.name not in op.applied and h.name != host
-                        and (not patient or last_report.get(h.name, quiet_since) <= quiet_since
-                             or lag.get(h.name, current_ns + 1) <= current_ns)):
+            # The live hosts that have not applied it, in registration order (a set difference,
+            # not a pass over every host per op: at 1,000 hosts some 200 of them lack it).
+            for name in sorted(self._live.difference(op.applied), key=self._rank.__getitem__):
+                if (name != host and (not patient or last_report.get(name, quiet_since) <= quiet_since
+                                      or lag.get(name, current_ns + 1) <= current_ns)):
                     self.repair_hints += 1
                     budget -= 1
-                    self.outbox.append((h.route, frame))
+                    self.outbox.append((hosts[name].route, frame))
 
     # Which ack detail completes which phase: a duplicated "prepared" must not pass for "switched".
     _ACK_FOR_PHASE = {
