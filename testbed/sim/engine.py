@@ -69,6 +69,7 @@ NS_PER_MS = 1_000_000
 
 MOVES_PER_HOSTS = 20  # default concurrency: one move in flight per this many hosts
 SLOT_SHIFT = 12  # a calendar slot is 4,096 ns of virtual time
+PROGRESS_EVERY = 1 << 16  # events between two on_progress calls
 FULL_CHECK_ENTRIES = 2_000_000  # final checks compare every table in full up to this many entries
 
 # Destination ids in the event heap: actions run before deliveries of the same instant.
@@ -420,6 +421,7 @@ class Simulator:
         cur: list[tuple] = []
         i = n = 0
         events = self.events
+        progress_at = events + PROGRESS_EVERY
         while not self.stopped:
             if i < n:
                 ev = cur[i]
@@ -441,69 +443,64 @@ class Simulator:
             t = key >> DST_SHIFT
             self.now = t
             dst = (key & DST_MASK) - 1
-            events += 1
-            if not events & 0xFFFF and self.on_progress is not None:
+            # Everything else for the same destination at the same instant: one batch.
+            more = None
+            while True:
+                if i < n and not (side and side[0] < cur[i]):
+                    nxt = cur[i]
+                    if nxt[0] != key:
+                        break
+                    i += 1
+                elif side:
+                    nxt = side[0]
+                    if nxt[0] != key:
+                        break
+                    pop(side)
+                else:
+                    break
+                if more is None:
+                    more = [nxt]
+                else:
+                    more.append(nxt)
+            events += 1 if more is None else 1 + len(more)
+            if events >= progress_at and self.on_progress is not None:
+                progress_at = events + PROGRESS_EVERY
                 self.events = events
                 self.on_progress(self)
             if dst >= FIRST_AGENT:
                 a = agents.get(dst)
                 if a is None:
-                    self.undeliverable += 1
+                    self.undeliverable += 1 if more is None else 1 + len(more)
                     continue
                 core = a.core
                 if ev[2] == K_SUB:
                     core.on_gossip(ev[3], ev[4], t)
                 else:
                     self._agent_event(a, ev, t)
-                # Everything else that reached this agent at the same instant: one batch.
-                while True:
-                    if i < n and not (side and side[0] < cur[i]):
-                        ev = cur[i]
-                        if ev[0] != key:
-                            break
-                        i += 1
-                    elif side:
-                        ev = side[0]
-                        if ev[0] != key:
-                            break
-                        pop(side)
-                    else:
-                        break
-                    events += 1
-                    if ev[2] == K_SUB:
-                        core.on_gossip(ev[3], ev[4], t)
-                    else:
-                        self._agent_event(a, ev, t)
+                if more is not None:
+                    for ev in more:
+                        if ev[2] == K_SUB:
+                            core.on_gossip(ev[3], ev[4], t)
+                        else:
+                            self._agent_event(a, ev, t)
                 if a.alive:
                     self._after_agent(a, t)
             elif dst == CONTROLLER:
+                batch = [ev] if more is None else [ev, *more]
                 if not self.ctl_up:
                     # A crashed controller: what was on its way to it is lost, its timers with it.
-                    if ev[2] != K_TIMER:
-                        self.undeliverable += 1
+                    self.undeliverable += sum(1 for e in batch if e[2] != K_TIMER)
                     continue
                 ctl = self.controller
-                self._controller_event(ctl, ev, t)
-                while True:
-                    if i < n and not (side and side[0] < cur[i]):
-                        ev = cur[i]
-                        if ev[0] != key:
-                            break
-                        i += 1
-                    elif side:
-                        ev = side[0]
-                        if ev[0] != key:
-                            break
-                        pop(side)
-                    else:
-                        break
-                    events += 1
-                    self._controller_event(ctl, ev, t)
+                for e in batch:
+                    self._controller_event(ctl, e, t)
                 self._after_controller(t)
-            elif dst == CLIENT:
-                self.client.on_frames(ev[3], t)
             else:
-                ev[3](*ev[4])
+                for e in [ev] if more is None else [ev, *more]:
+                    if dst == CLIENT:
+                        self.client.on_frames(e[3], t)
+                    else:
+                        e[3](*e[4])
         self.events = events
 
     def stop(self) -> None:
