@@ -119,8 +119,8 @@ class ClaimGroup:
     as one range). While every report covers all of them alike, they share one `applied`
     dict and a range is marked once, not once per op: at 1,000 hosts, creating 8,000 VMs is 8
     million (op, host) marks otherwise. Any report that sets one apart (a row, a part of the
-    range, another number of the same op) or an op that finishes dissolves the group first:
-    each op gets its own copy, and from then on is marked alone. A finished op just leaves."""
+    range, another number of the same op) dissolves the group first: each op gets its own
+    copy, and from then on is marked alone. A finished op just leaves the group."""
 
     __slots__ = ("lo", "hi", "ops", "applied", "owner")
 
