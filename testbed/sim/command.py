@@ -28,7 +28,8 @@ answered (or after --fault-ms); then the run waits until every running agent's M
 equals the controller's inventory and reports how long that took.
 
 \b
-Network (per message): latency = --latency-us + exponential jitter of mean --jitter-us.
+Network (per message): latency = --latency-us + exponential jitter of mean --jitter-us;
+a receiver takes what arrived on a 32.8 us rx tick as one batch (interrupt coalescing).
 --loss, --dup and --reorder act on agent-to-agent messages (gossip and repair) inside the
 fault window; the agent<->controller connection stays reliable and in order (--ctl-faults
 makes it lossy too).
