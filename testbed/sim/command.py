@@ -170,9 +170,9 @@ def sim(hosts, vms, n_moves, loss, dup, reorder, partitions, crashes, seed, move
 
 def estimate_memory_bytes(hosts: int, vms: int) -> int:
     """Rough peak memory of a run: ~350 B per (agent, peer) pair (PeerState, the peer map, the
-    simulated subscription) and ~180 B per (agent, MAC) (table slot, applied_at, the
+    simulated subscription) and ~180 B per (agent, MAC) (table slot, flap-guard times, the
     controller's per-host apply times); keys and entries are shared between agents. Measured
-    2026-11-27: 1,000 hosts 448 MB without VMs, 1.79 GB with 8,000 (1.19 GB since: an upper
+    2026-11-27: 1,000 hosts 448 MB without VMs, 1.79 GB with 8,000 (0.97 GB since: an upper
     bound, as a refusal should be)."""
     return 350 * hosts * hosts + 180 * hosts * vms + 100 * 2**20
 
