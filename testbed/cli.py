@@ -611,6 +611,7 @@ cli.add_command(sim)
 
 def main(argv: list[str] | None = None) -> int:
     """Run `dvs`: errors the user can act on print as one line, never a traceback."""
+    sim_command.finished_exit_code = None  # (set by this run's `dvs sim` only)
     try:
         cli.main(args=argv, prog_name="dvs", standalone_mode=False)
     except SystemExit:
