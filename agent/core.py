@@ -505,11 +505,15 @@ class AgentCore:
         self.stats.updates_received += len(updates)
         if type(updates) is not Updates:
             updates = prepare_updates(updates)
-        applied = self.table.merge_prepared(updates.rows)
+        rows = updates.rows
+        applied = self.table.merge_prepared(rows)
         if applied:
             if repaired:
                 self.stats.repaired_updates += len(applied)
-            self._note_applied_many(applied, now_ns)
+            if rows.fresh is not None and applied is rows.fresh_applied and self.switch.by_key.keys().isdisjoint(rows.fresh):
+                self.stats.updates_applied += len(applied)  # (all new keys, none of ours: nothing else to note)
+            else:
+                self._note_applied_many(applied, now_ns)
         # Our table now dominates each of these updates: report them as runs of numbers (an
         # origin numbers its updates 1, 2, 3 ...; one message is one run unless it is not ours).
         # Only if we took one: what we held already was reported when we took it (the
