@@ -381,9 +381,17 @@ PROFILE_NOTES = """### Where the time goes (profiled 2026-11-26 with py-spy, str
   prefix; unacked commands kept apart); `gc.freeze()` after startup and a young-generation
   threshold of 20,000 cut agent CPU by a third. What remains: ~0.2-0.3 s of `vm_create` before the
   first ATTACH (~38 µs per VM: op objects, journal JSON, fsync), then every agent applies 8,000
-  entries while the controller validates and books 256,000 apply rows (~2.5 s of its CPU).
-- **64 hosts** (`dvs bench --hosts 64 --vms 2560 --moves 100 --phases floor,moves`, earlier the
-  same day): 100 of 100 moves converged, p50 21.0 ms, p99 41.8 ms (3.6× the floor's 11.7 ms).
+  entries. Since 2026-11-27 agents report gossiped updates by their origin's numbers (one range
+  per message taken, `APPLY_REPORT`) instead of one row per entry: the controller reads 8,000
+  own rows and ~1,000 ranges instead of validating 256,000 rows, and the claims a host numbered
+  in one run share one apply set while every report covers them alike. Cold start 2,007 →
+  1,090-1,101 ms, controller CPU 1.97 → ~1.0 s, agent CPU 0.18 → 0.09 s each (the goal is met).
+- **Load curve after that change**: 300 moves/s achieved 287-293/s with p99 41.8-50.8 ms,
+  around the goal's 50 ms (the agents at 1.74 cores). What is left there is the per-delivery
+  wake-up cost above, twice per move and receiver with the RARP flood.
+- **64 hosts** (`dvs bench --hosts 64 --vms 2560 --moves 100 --phases floor,moves --no-docs`,
+  2026-11-27, 25 s): 100 of 100 moves converged, p50 13.5 ms, p99 28.2 ms (8.2× the floor's
+  3.4 ms).
 """
 
 DEFINITIONS = """### What is measured, exactly
