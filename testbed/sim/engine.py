@@ -656,39 +656,17 @@ class Simulator:
         check_fifo = base < a.fifo_until
         until = 0
         mask = self.tick_mask
-        if not (self.p2p_faulty or self.partitioned):
-            seq = self.seq
-            for iid, hidx in subs.items():
-                arr = base + int(-log(1.0 - rnd()) * jit)
-                if mask:
-                    arr = (arr | mask) + 1
-                if check_fifo and arr < fifo[hidx]:
-                    arr = fifo[hidx]
-                fifo[hidx] = arr
-                if arr > until:
-                    until = arr
-                seq += 1
-                slot = arr >> SLOT_SHIFT
-                ev = ((arr << DST_SHIFT) | (iid + 1), seq, K_SUB, mt, body)
-                if slot <= current:
-                    heapq.heappush(self.heap, ev)
-                    continue
-                events = slots.get(slot)
-                if events is None:
-                    slots[slot] = [ev]
-                    heapq.heappush(slot_heap, slot)
-                else:
-                    events.append(ev)
-            self.seq = seq
-            a.fifo_until = until
-            return
-        # The faulty path: partitions, loss, duplication, reordering.
+        # Faults (partitions, loss, duplication, reordering) are tested inline; without them
+        # this loop only draws each subscriber's latency.
+        faulty = self.p2p_faulty or self.partitioned
+        partitioned = self.partitioned
         gid = self.gid
         my_gid = gid[a.hidx]
-        partitioned = self.partitioned
         loss, dup, reorder = (self.loss, self.dup, self.reorder) if self.p2p_faulty else (0.0, 0.0, False)
         hold_p = self.net.reorder_prob
         hold_ns = self.net.reorder_max_us * NS_PER_US
+        heap = self.heap
+        seq = self.seq
         for iid, hidx in subs.items():
             if partitioned and gid[hidx] != my_gid:
                 self.cut += 1
@@ -707,12 +685,26 @@ class Simulator:
                 fifo[hidx] = arr
             if arr > until:
                 until = arr
-            self._push(arr, iid, K_SUB, mt, body)
+            seq += 1
+            slot = arr >> SLOT_SHIFT
+            ev = ((arr << DST_SHIFT) | (iid + 1), seq, K_SUB, mt, body)  # (_push, written out)
+            if slot <= current:
+                heapq.heappush(heap, ev)
+            else:
+                events = slots.get(slot)
+                if events is None:
+                    slots[slot] = [ev]
+                    heapq.heappush(slot_heap, slot)
+                else:
+                    events.append(ev)
             if dup and rnd() < dup:
                 self.duplicated += 1
                 self._count(frame, 1)
+                self.seq = seq
                 self._push(self._tick(arr + self._latency()), iid, K_SUB, mt, body)
-        a.fifo_until = max(until, a.fifo_until)
+                seq = self.seq
+        self.seq = seq
+        a.fifo_until = max(until, a.fifo_until) if faulty else until
 
     def _p2p_send(self, src: Agent, dst: Agent, channel: str, frame: bytes, envelope, t: int) -> None:
         self._count(frame, 1)
