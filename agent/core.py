@@ -807,13 +807,10 @@ class AgentCore:
             if host == self.host:
                 continue
             seen.add(host)
-            peer = self.peers.get(host)
-            if peer is None:
-                peer = self.peers[host] = PeerState(host)
-            if incarnation > peer.incarnation:
-                self._clear_pending(peer)
-                peer.new_incarnation(incarnation)
-            if (pub, rpc) != (peer.pub_endpoint, peer.rpc_endpoint):
+            peer = self._peer(host, incarnation)
+            # (None: the list names an older life of a peer we know a newer one of, e.g. from
+            # a repair hint; its endpoints are gone, so we stay with what we have)
+            if peer is not None and (pub, rpc) != (peer.pub_endpoint, peer.rpc_endpoint):
                 peer.pub_endpoint, peer.rpc_endpoint = pub, rpc
                 self.outbox.append((("connect", peer), None))
         for host in [h for h in self.peers if h not in seen]:

@@ -954,3 +954,14 @@ def test_lookup_answers_when_the_entry_was_last_changed_here(no_times):
     assert dest == ("reply", [b"client"])
     assert wire.decode(frame)[1] == [9, True, {"host": "h3", "port": "p", "seq": 1, "tombstone": False,
                                                "applied_ns": 0 if no_times else 70}]
+
+
+def test_a_membership_naming_an_older_life_of_a_peer_leaves_its_newer_endpoints_alone():
+    core = AgentCore("h1", 1, pub_endpoint="p", rpc_endpoint="r")
+    core.on_message("ctl", MsgType.PEERS, [[["h2", 2, "tcp://new:1", "tcp://new:2"]], 1], 5)
+    core.take_outbox()
+    # A stale list (an older epoch, reordered on a faulty control link) names h2's first life.
+    core.on_message("ctl", MsgType.PEERS, [[["h2", 1, "tcp://old:1", "tcp://old:2"]], 0], 6)
+    assert [d for d, _ in core.take_outbox() if d[0] in ("connect", "disconnect")] == []
+    peer = core.peers["h2"]
+    assert (peer.incarnation, peer.pub_endpoint, peer.rpc_endpoint) == (2, "tcp://new:1", "tcp://new:2")
