@@ -609,6 +609,14 @@ class AgentCore:
             vlan, mac, host, port, seq, tomb = entry
             if self._merge(vlan, mac, Entry(host, port, seq, tomb), now_ns):
                 self.stats.repaired_updates += 1
+            else:
+                held = self.table.get((vlan, mac))
+                if held is not None and (held.seq, held.host) >= (seq, host):
+                    # We hold it (or newer) already: our apply report was lost (a faulty control
+                    # link) or is still on its way. Report it again, or the controller waits
+                    # for us until the op times out; stamped when we took it if we know.
+                    t_ns = self.applied_at.get((vlan, mac), now_ns) if self.applied_at is not None else now_ns
+                    self._applied.append((vlan, mac, held.host, held.seq, held.tombstone, t_ns, 0))
             if n:
                 peer = self._peer(origin, incarnation)
                 if peer is not None:

@@ -965,3 +965,37 @@ def test_a_membership_naming_an_older_life_of_a_peer_leaves_its_newer_endpoints_
     assert [d for d, _ in core.take_outbox() if d[0] in ("connect", "disconnect")] == []
     peer = core.peers["h2"]
     assert (peer.incarnation, peer.pub_endpoint, peer.rpc_endpoint) == (2, "tcp://new:1", "tcp://new:2")
+
+
+MS = 1_000_000
+
+
+def _reported_rows(core: AgentCore, now_ns: int) -> list:
+    """Apply-report rows sent by now_ns + 100 ms (the first flush after an apply only times it)."""
+    out = list(core.end_batch(now_ns)[0])  # (an empty outbox is handed out as is: copy it)
+    out += core.end_batch(now_ns + 100 * MS)[0]
+    rows = []
+    for dest, frame in out:
+        if dest == "ctl":
+            mt, body = wire.decode(frame)
+            if mt is MsgType.APPLY_REPORT:
+                rows += body[1]
+    return rows
+
+
+def test_a_hint_for_what_we_already_hold_reports_it_again():
+    # Our apply report of it was lost (a faulty control link): the controller hints; we hold the
+    # entry, so we say so again, stamped when we took it, or the op would wait for us in vain.
+    core = AgentCore("h1", 1, pub_endpoint="p", rpc_endpoint="r")
+    core.on_message("ctl", MsgType.PEERS, [[["h2", 1, "p2", "r2"], ["h3", 1, "p3", "r3"]], 1], 0)
+    core.on_message("sub", MsgType.UPDATES, ["h3", 1, [[1, VLAN, mac_of(1), "h3", "vEth1", 0, False]]], 5 * MS)
+    core.on_message("sub", MsgType.UPDATES, ["h2", 1, [[1, VLAN, mac_of(1), "h2", "vEth1", 1, False]]], 70 * MS)
+    _reported_rows(core, 1_000 * MS)  # (the ranges of both updates go out; that report is lost)
+    hint_args = {"origin": "h2", "incarnation": 1, "entry": [VLAN, mac_of(1), "h2", "vEth1", 1, False]}
+    core.on_message("ctl", MsgType.REQUEST, [0, "repair", hint_args], 2_000 * MS)
+    assert core.stats.repaired_updates == 0
+    assert _reported_rows(core, 3_000 * MS) == [[VLAN, mac_of(1), "h2", 1, False, 70 * MS, 0]]
+    # A hint for an older entry than we hold: we report what we hold (past the target counts).
+    hint_args["entry"] = [VLAN, mac_of(1), "h3", "vEth1", 0, False]
+    core.on_message("ctl", MsgType.REQUEST, [0, "repair", hint_args], 4_000 * MS)
+    assert _reported_rows(core, 5_000 * MS) == [[VLAN, mac_of(1), "h2", 1, False, 70 * MS, 0]]
