@@ -778,6 +778,12 @@ class ControllerCore:
         op.switch_ns = t_ns
         op.switched = True
         op.phase = "converging"
+        if ok and detail != "no such port" and host not in op.applied:
+            # The target acks once its table holds the target entry: it applied it then. (Its
+            # own apply report says the same; on a lossy control link it may never arrive.)
+            if op.group is not None:
+                op.group.dissolve()
+            op.applied[host] = t_ns
         if self._hint_ns:
             op.converging_ns = now_ns
             op.next_hint_ns = now_ns + self._hint_ns
