@@ -33,7 +33,9 @@ Network model (all per message, decided by the seeded network RNG):
 - `loss`, `dup` and `reorder` apply to agent-to-agent traffic (gossip and repair): ZeroMQ PUB/SUB
   drops silently and repair requests time out and are retried. The control connection
   (agent <-> controller DEALER/ROUTER over TCP) is reliable and FIFO unless `ctl_faults` is set:
-  the controller never retransmits a command, so losing one there fails that operation by design.
+  commands are sent again until acked, a lost apply report is made good by the target's ack and
+  by repair hints (an agent that holds the hinted entry reports it again), and an op whose every
+  resend is lost within its timeout fails.
 - with `reorder`, a message is held back by an extra uniform delay in [0, `reorder_max_us`] with
   probability `reorder_prob` (defaults 1,000 µs and 0.2), and links are no longer FIFO.
 - partitions drop every message between two groups while they last; the controller reaches
