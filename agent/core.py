@@ -206,24 +206,12 @@ class AgentCore:
     def end_batch(self, now_ns: int) -> tuple[list[tuple[object, object]], int]:
         """flush(), take_outbox() and next_deadline_ns() in one call: what a driver does after
         every batch of events (the simulator, millions of times)."""
-        # (flush() and next_deadline_ns() written out: a flush that would send nothing yet is
-        # not called; this runs after every batch of events)
-        reports = self._applied or self._ranges
-        if self._pending_pub or (reports and (self._report_now or self._applied_first_ns < 0
-                                              or now_ns >= self._applied_send_ns)):
+        if self._pending_pub or self._applied or self._ranges:
             self.flush(now_ns)
-            reports = self._applied or self._ranges
         out = self.outbox
         if out:
             self.outbox = []
-        d = self._next_heartbeat_ns
-        if self._next_status_ns < d:
-            d = self._next_status_ns
-        if reports:
-            r = self._applied_due_ns if self._applied_first_ns >= 0 else self._next_applied_ns
-            if r < d:
-                d = r
-        return out, d
+        return out, self.next_deadline_ns()
 
     def next_deadline_ns(self) -> int:
         d = min(self._next_heartbeat_ns, self._next_status_ns)
@@ -505,15 +493,11 @@ class AgentCore:
         self.stats.updates_received += len(updates)
         if type(updates) is not Updates:
             updates = prepare_updates(updates)
-        rows = updates.rows
-        applied = self.table.merge_prepared(rows)
+        applied = self.table.merge_prepared(updates.rows)
         if applied:
             if repaired:
                 self.stats.repaired_updates += len(applied)
-            if rows.fresh is not None and applied is rows.fresh_applied and self.switch.by_key.keys().isdisjoint(rows.fresh):
-                self.stats.updates_applied += len(applied)  # (all new keys, none of ours: nothing else to note)
-            else:
-                self._note_applied_many(applied, now_ns)
+            self._note_applied_many(applied, now_ns)
         # Our table now dominates each of these updates: report them as runs of numbers (an
         # origin numbers its updates 1, 2, 3 ...; one message is one run unless it is not ours).
         # Only if we took one: what we held already was reported when we took it (the
@@ -616,7 +600,7 @@ class AgentCore:
                     # link) or is still on its way. Report it again, or the controller waits
                     # for us until the op times out; stamped when we took it if we know.
                     t_ns = self.applied_at.get((vlan, mac), now_ns) if self.applied_at is not None else now_ns
-                    self._applied.append((vlan, mac, held.host, held.seq, held.tombstone, t_ns, 0))
+                    self._report_applied(vlan, mac, held, t_ns)
             if n:
                 peer = self._peer(origin, incarnation)
                 if peer is not None:
@@ -715,10 +699,15 @@ class AgentCore:
         applied, old = self.table.merge(key, entry)
         if applied:
             self._note_applied_many([(key, old, entry)], now_ns)
-            self._applied.append((vlan, mac, entry.host, entry.seq, entry.tombstone, now_ns, n))
-            if n:
-                self._report_now = True
+            self._report_applied(vlan, mac, entry, now_ns, n)
         return applied
+
+    def _report_applied(self, vlan: int, mac: int, entry: Entry, t_ns: int, n: int = 0) -> None:
+        """Report `entry` as applied here at t_ns, a row of its own; `n`: our number for it if
+        we originated it (then the report goes at once, with the command's ack)."""
+        self._applied.append((vlan, mac, entry.host, entry.seq, entry.tombstone, t_ns, n))
+        if n:
+            self._report_now = True
 
     def _note_applied_many(self, applied: list, now_ns: int) -> None:
         """Bookkeeping after the table took entries `(key, old, new)`: local ports, flap guard,

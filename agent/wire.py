@@ -203,23 +203,7 @@ UPDATES_LIST = _rows(UPDATE, _update_ok, 7)
 ENTRIES_LIST = _rows(ENTRY, entry_ok, 6)
 APPLIED_LIST = _rows(APPLIED_ROW, _applied_ok, 6)
 APPLIED_N_LIST = _rows(APPLIED_ROW_N, _applied_n_ok, 7)
-_RANGES_SLOW = _rows(_range_row, _range_ok, 5)
-
-
-def RANGES_LIST(v):  # noqa: N802 - a schema constant like the others
-    """_rows(_range_row, _range_ok, 5) with the row test written out: every apply report of a
-    simulated 1,000-host cluster carries a range per move (millions per run)."""
-    if type(v) is not list or len(v) > MAX_LIST_LEN:
-        raise WireError(f"expected list of <= {MAX_LIST_LEN} items")
-    for row in v:
-        if type(row) is not list or len(row) != 5:
-            return _RANGES_SLOW(v)  # raises, saying what is wrong
-        origin, incarnation, lo, hi, t_ns = row
-        if not (type(origin) is str and 0 < len(origin) <= MAX_NAME_LEN and type(incarnation) is int
-                and 0 <= incarnation <= MAX_U64 and type(lo) is int and type(hi) is int and 1 <= lo <= hi <= MAX_U64
-                and type(t_ns) is int and 0 <= t_ns <= MAX_U64):
-            return _RANGES_SLOW(v)
-    return v
+RANGES_LIST = _rows(_range_row, _range_ok, 5)
 # origin -> (incarnation, highest contiguous update number)
 VERSION = _tuple(NAME, U64, U64)
 

@@ -643,12 +643,13 @@ class ControllerCore:
                 done = g.applied
                 if reporter not in done:
                     done[reporter] = t_ns
-                    if len(done) >= self._live_n and done.keys() >= self._live:
+                    if len(done) >= self._live_n:
                         # (_check_converged for each op, the shared part done once)
-                        last = max(map(done.__getitem__, self._live), default=None)
-                        for op in list(g.ops):
-                            if op.phase == "converging":
-                                self._converged(op, op.switch_ns if last is None else last, now_ns)
+                        last = self._last_apply_ns(done)
+                        if last is not None:
+                            for op in list(g.ops):
+                                if op.phase == "converging":
+                                    self._converged(op, op.switch_ns if last < 0 else last, now_ns)
             else:
                 if lo == top:  # (a move: one number)
                     op = aw.get(lo)
@@ -834,10 +835,16 @@ class ControllerCore:
     def _check_converged(self, op: Op, now_ns: int) -> None:
         if op.phase != "converging" or len(op.applied) < self._live_count():
             return  # cheap exit: called for every apply report
+        last = self._last_apply_ns(op.applied)
+        if last is not None:
+            self._converged(op, op.switch_ns if last < 0 else last, now_ns)
+
+    def _last_apply_ns(self, applied: dict[str, int]) -> int | None:
+        """When the last live host applied it (-1: there are none); None while some have not."""
         live = self._live
-        applied = op.applied
-        if applied.keys() >= live:
-            self._converged(op, max(map(applied.__getitem__, live), default=op.switch_ns), now_ns)
+        if not applied.keys() >= live:
+            return None
+        return max(map(applied.__getitem__, live), default=-1)
 
     def _converged(self, op: Op, last_ns: int, now_ns: int) -> None:
         """Every live host applied it; the last of them at `last_ns` (its own clock)."""

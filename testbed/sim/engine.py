@@ -60,7 +60,7 @@ from agent import wire
 from agent.config import AgentConfig
 from agent.core import AgentCore
 from agent.faults import peek_type
-from agent.mactable import MacTable, PreparedRows, entry_hash
+from agent.mactable import MacTable, entry_hash
 from agent.wire import MsgType, WireError
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
@@ -220,14 +220,7 @@ class MonitoredTable(MacTable):
             return self._merge_one_by_one(rows)  # through merge(), watched there
         applied = self._merge_prepared_fast(rows)
         if applied:
-            sim = self._sim
-            sim.last_change_ns = sim.now
-            sim.dirty = True
-            # (all new keys: no old entry to compare with)
-            if type(rows) is not PreparedRows or rows.fresh is None or applied is not rows.fresh_applied:
-                for key, old, new in applied:
-                    if old is not None and (new.seq, new.host) <= (old.seq, old.host):
-                        sim.safety_violation(self._host, key, old, new)
+            self._watch(applied)
         return applied
 
     def merge(self, key, new):
