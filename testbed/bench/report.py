@@ -393,7 +393,7 @@ PROFILE_NOTES = """### Where the time goes (profiled 2026-11-26 with py-spy, str
   2026-11-27, 25 s): 100 of 100 moves converged, p50 13.5 ms, p99 28.2 ms (8.2× the floor's
   3.4 ms).
 - **The simulator** (`dvs sim`, one process, virtual time; not a `dvs bench` figure): 1,000
-  hosts × 8,000 VMs × 2,000 moves at 20 % loss in 42–55 s of wall time, 0.97 GB
+  hosts × 8,000 VMs × 2,000 moves at 20 % loss in 42–60 s of wall time, 0.97 GB
   (`dvs sim --hosts 1000 --vms 8000 --moves 2000 --loss 0.2 --seed 7 --json --progress`,
   2026-11-27); the README's Speed section has the table by size and where that time goes.
 """
