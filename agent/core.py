@@ -70,6 +70,11 @@ class Stats:
         "flap_reports",
         "repair_hints",
         "handler_errors",
+        # Membership gate (DESIGN.md "Trust"): entries a host numbered for another host, and
+        # entries or messages of a host that is no current member. Dropped, never applied.
+        "forged_claims",
+        "non_member_claims",
+        "non_member_messages",
     )
 
     def __init__(self) -> None:
@@ -102,14 +107,24 @@ def _runs(updates: list[list]) -> list[tuple[int, int]]:
 class Updates(list):
     """A message's gossip rows, as decoded (the list itself), with what merging and apply
     reports need built once: a driver that hands one message to many cores (the simulator)
-    prepares it once with AgentCore.prepare()."""
+    prepares it once with AgentCore.prepare(). `rows` holds only the rows that name their
+    origin as host (an origin only ever numbers its own claims); `forged` counts the others."""
 
-    __slots__ = ("rows", "runs")
+    __slots__ = ("rows", "runs", "origin", "forged")
 
 
-def prepare_updates(updates: list) -> Updates:
+def prepare_updates(updates: list, origin: str) -> Updates:
     prepared = Updates(updates)
-    prepared.rows = prepare_rows(updates)
+    prepared.origin = origin
+    honest = updates
+    for u in updates:
+        if u[3] != origin:
+            honest = [u for u in updates if u[3] == origin]
+            break
+    prepared.forged = len(updates) - len(honest)
+    prepared.rows = prepare_rows(honest)
+    # (Runs cover every number, forged ones too: they are the origin's numbered messages, and
+    # pulling them again would bring the same rows.)
     prepared.runs = _runs(updates) if updates else ()
     return prepared
 
@@ -244,7 +259,7 @@ class AgentCore:
         """A decoded message made ready for on_message(); the same object may then go to
         many cores (they only read it)."""
         if mt is MsgType.UPDATES or mt is MsgType.PULL_REPLY:
-            return [body[0], body[1], prepare_updates(body[2])]
+            return [body[0], body[1], prepare_updates(body[2], body[0])]
         return body
 
     def on_message(self, channel: str, mt: MsgType, body: list, now_ns: int, envelope: object = None) -> None:
@@ -445,12 +460,14 @@ class AgentCore:
         elif mt is MsgType.PULL_REQ:
             self._on_pull_req(body, envelope)
         elif mt is MsgType.PULL_REPLY:
-            self._on_pull_reply(body, now_ns)
+            # (`envelope` on the pull channel: the host whose rpc socket the reply came from, if
+            # the driver knows it; see AgentRuntime._on_pull)
+            self._on_pull_reply(body, now_ns, envelope if type(envelope) is str else None)
         elif mt is MsgType.SNAPSHOT_REQ:
             self.stats.snapshots_served += 1
             self.outbox.append((("reply", envelope), self._snapshot_frame()))
         elif mt is MsgType.SNAPSHOT:
-            self._on_snapshot(body, now_ns)
+            self._on_snapshot(body, now_ns, envelope if type(envelope) is str else None)
         elif mt is MsgType.PEERS:
             self.peers_epoch = body[1]
             self._on_peers(body[0], now_ns)
@@ -472,11 +489,18 @@ class AgentCore:
 
     # ------------------------------------------------------------------ gossip in
 
+    def is_member(self, host: str) -> bool:
+        """Whether `host` is a current member: ourselves, or a peer the controller's membership
+        (PEERS) admitted and that has not left it (see _on_peers: a peer still talking to us
+        stays while a restarted controller's list fills up again)."""
+        return host == self.host or host in self.peers
+
     def _peer(self, origin: str, incarnation: int) -> PeerState | None:
-        """The peer's state for this incarnation; None if the message is from an older life."""
+        """The member's state for this incarnation; None if it is no member (only PEERS admits
+        one) or the message is from an older life."""
         peer = self.peers.get(origin)
         if peer is None:
-            peer = self.peers[origin] = PeerState(origin)
+            return None
         if incarnation > peer.incarnation:
             self._clear_pending(peer)
             peer.new_incarnation(incarnation)
@@ -488,11 +512,18 @@ class AgentCore:
         if origin == self.host:
             return
         peer = self.peers.get(origin)
-        if peer is None or peer.incarnation != incarnation:
+        if peer is None:
+            # No member's: nobody admitted that name (or it left). Nothing of it is applied,
+            # and no state is kept for it (a stream of made-up names must not grow our peers).
+            self.stats.non_member_claims += len(updates)
+            return
+        if peer.incarnation != incarnation:
             peer = self._peer(origin, incarnation)
         self.stats.updates_received += len(updates)
-        if type(updates) is not Updates:
-            updates = prepare_updates(updates)
+        if type(updates) is not Updates or updates.origin != origin:
+            updates = prepare_updates(updates, origin)
+        if updates.forged:
+            self.stats.forged_claims += updates.forged
         applied = self.table.merge_prepared(updates.rows)
         if applied:
             if repaired:
@@ -529,6 +560,9 @@ class AgentCore:
 
     def _on_heartbeat(self, origin: str, incarnation: int, latest: int, digest: int, count: int, now_ns: int) -> None:
         if origin == self.host:
+            return
+        if origin not in self.peers:
+            self.stats.non_member_messages += 1
             return
         self.stats.heartbeats_received += 1
         peer = self._peer(origin, incarnation)
@@ -658,8 +692,13 @@ class AgentCore:
             (("reply", envelope), wire.encode(MsgType.PULL_REPLY, [self.host, self.incarnation, updates]))
         )
 
-    def _on_pull_reply(self, body: list, now_ns: int) -> None:
+    def _on_pull_reply(self, body: list, now_ns: int, sender: str | None) -> None:
         origin, incarnation, updates = body
+        if sender is not None and sender != origin:
+            # A host answers a pull with its own updates only (_on_pull_req); this one came
+            # over our connection to `sender` yet speaks for another.
+            self.stats.forged_claims += len(updates)
+            return
         peer = self.peers.get(origin)
         if peer is not None:
             self._clear_pending(peer)
@@ -674,21 +713,34 @@ class AgentCore:
         versions += [[p.host, p.incarnation, p.contiguous] for p in self.peers.values() if p.contiguous]
         return wire.encode(MsgType.SNAPSHOT, [self.host, self.table.snapshot(), versions])
 
-    def _on_snapshot(self, body: list, now_ns: int) -> None:
+    def _on_snapshot(self, body: list, now_ns: int, via: str | None) -> None:
         sender, entries, versions = body
-        self.stats.snapshots_received += 1
         sender_peer = self.peers.get(sender)
-        if sender_peer is not None:
-            self._clear_pending(sender_peer)
+        if sender_peer is None or (via is not None and via != sender):
+            # From no member, or over our connection to one host in another's name.
+            self.stats.non_member_messages += 1
+            return
+        self.stats.snapshots_received += 1
+        self._clear_pending(sender_peer)
+        peers = self.peers
+        me = self.host
         for vlan, mac, host, port, seq, tomb in entries:
+            # A member relays what its table holds: entries of members (and ours: an earlier
+            # life of ours claimed them), each one as its host numbered it. A live claim for a
+            # name that is no member is refused; a tombstone is taken whoever deleted it, as
+            # a host that left for good leaves its tombstones in every table and a joiner
+            # that lacked them would disagree with every peer (and `dvs check`) for good.
+            if host != me and host not in peers and not tomb:
+                self.stats.non_member_claims += 1
+                continue
             if self._merge(vlan, mac, Entry(host, port, seq, tomb), now_ns):
                 self.stats.repaired_updates += 1
-        # Our table now dominates every update the sender held, so we hold them too.
+        # Our table now dominates every update the sender held, so we hold them too. (Only
+        # for the life of each origin we know: a relay cannot tell us of a new life; that
+        # comes from the origin itself or the controller.)
         for origin, incarnation, n in versions:
-            if origin == self.host:
-                continue
-            peer = self._peer(origin, incarnation)
-            if peer is not None:
+            peer = peers.get(origin)
+            if peer is not None and peer.incarnation == incarnation:
                 peer.advance_to(n)
 
     # ------------------------------------------------------------------ merge and origination
@@ -804,6 +856,8 @@ class AgentCore:
             if host == self.host:
                 continue
             seen.add(host)
+            if host not in self.peers:
+                self.peers[host] = PeerState(host)
             peer = self._peer(host, incarnation)
             # (None: the list names an older life of a peer we know a newer one of, e.g. from
             # a repair hint; its endpoints are gone, so we stay with what we have)

@@ -26,6 +26,7 @@ with). Drivers feed `now_ns` with every input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from agent import vxlan
@@ -60,7 +61,7 @@ class DataplaneConfig:
 DROP_REASONS = (
     "malformed_vnic",  # not a tagged Ethernet frame we accept, from a vNIC
     "malformed_vxlan",  # not a VXLAN datagram we accept
-    "unknown_vtep",  # VXLAN from an address that is no host's VTEP
+    "unknown_vtep",  # VXLAN from an address that is no current member's VTEP
     "bad_vni",  # a VNI that maps to no VLAN
     "unknown_source",  # from a vNIC, source MAC/VLAN is no active port here (or spoofed backend)
     "no_port",  # for a MAC the table places here but whose port is gone (no pointer)
@@ -85,8 +86,12 @@ class Departure:
 
 
 class Dataplane:
-    def __init__(self, host: str, table: MacTable, switch: LocalSwitch, config: DataplaneConfig | None = None) -> None:
+    def __init__(self, host: str, table: MacTable, switch: LocalSwitch, config: DataplaneConfig | None = None,
+                 *, is_member: Callable[[str], bool] | None = None) -> None:
         self.host = host
+        # Which hosts are current members (the agent core's membership, AgentCore.is_member):
+        # VXLAN is taken only from their VTEPs. None: any host the VTEP block names.
+        self.is_member = is_member
         self.table = table
         self.switch = switch
         self.config = config or DataplaneConfig()
@@ -201,13 +206,16 @@ class Dataplane:
     # ------------------------------------------------------------------ vNIC backends
 
     def plug(self, bindings: list, now_ns: int) -> int:
-        """VMs' vNIC backends: [[mac, backend], ...]. A VM whose port is active here is told so."""
+        """VMs' vNIC backends: [[mac, backend], ...]. A VM whose port is active here is told so.
+        All or nothing: every binding is checked before any is taken."""
+        for mac, _ in bindings:
+            if type(mac) is not int or not 0 <= mac <= 0xFFFF_FFFF_FFFF or vxlan.is_group(mac):
+                raise ValueError(f"bad MAC {str(mac)[:40]}")
+        new = {mac for mac, _ in bindings} - self.vnics.keys()
+        if len(self.vnics) + len(new) > self.config.vnic_max:
+            raise ValueError(f"more than {self.config.vnic_max} vNIC backends")
         n = 0
         for mac, backend in bindings:
-            if not isinstance(mac, int) or not 0 <= mac <= 0xFFFF_FFFF_FFFF or vxlan.is_group(mac):
-                raise ValueError(f"bad MAC {mac!r}")
-            if mac not in self.vnics and len(self.vnics) >= self.config.vnic_max:
-                raise ValueError(f"more than {self.config.vnic_max} vNIC backends")
             self.vnics[mac] = backend
             n += 1
         macs = {mac for mac, _ in bindings}
@@ -274,7 +282,9 @@ class Dataplane:
     def from_vxlan(self, datagram: bytes, src_host: str | None, now_ns: int) -> None:
         """A VXLAN datagram from `src_host`'s VTEP (None: not from any host's VTEP)."""
         self.counters["vxlan_rx"] += 1
-        if src_host is None or src_host == self.host:
+        if src_host is None or src_host == self.host or (self.is_member is not None and not self.is_member(src_host)):
+            # An address inside the VTEP block is no proof of a host: only a member's VTEP
+            # may put frames in front of our VMs.
             self.drops["unknown_vtep"] += 1
             return
         try:

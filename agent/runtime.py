@@ -15,6 +15,7 @@ Data plane (UDP, asyncio datagram endpoints; see agent/dataplane.py and agent/vx
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ import zmq
 
 from agent import vxlan, wire
 from agent.config import AgentConfig
-from agent.core import AgentCore
+from agent.core import FRAME_LIMIT, AgentCore
 from agent.dataplane import Dataplane, DataplaneConfig
 from agent.faults import CONTROLLER, NetFaults, host_of_identity, peek_origin
 from agent.mactable import format_mac
@@ -66,26 +67,28 @@ class AgentRuntime:
         self.dp_config = dp_config or DataplaneConfig()
         self.dp: DataplaneRuntime | None = None
 
-    def _socket(self, kind: int) -> zmq.Socket:
+    def _socket(self, kind: int, max_msg_bytes: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, HWM)
         s.setsockopt(zmq.RCVHWM, HWM)
-        s.setsockopt(zmq.MAXMSGSIZE, wire.SOCKET_MAX_BYTES)
+        # ZMQ_MAXMSGSIZE is per socket, so each gets what its role needs (see wire.py): an 8 MB
+        # "subscription" must not be read into memory because snapshots are allowed to be big.
+        s.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
         return s
 
     async def run(self) -> int:
         loop = self.loop = asyncio.get_running_loop()
-        self.pub = self._socket(zmq.PUB)
+        self.pub = self._socket(zmq.PUB, wire.SUBSCRIPTION_MAX_BYTES)
         pub_ep = bind_ephemeral(self.pub, self.bind_ip)
-        self.sub = self._socket(zmq.SUB)
+        self.sub = self._socket(zmq.SUB, wire.socket_cap_bytes(FRAME_LIMIT["sub"]))
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.rpc = self._socket(zmq.ROUTER)
+        self.rpc = self._socket(zmq.ROUTER, wire.socket_cap_bytes(FRAME_LIMIT["rpc"]))
         rpc_ep = bind_ephemeral(self.rpc, self.bind_ip)
-        self.pull = self._socket(zmq.ROUTER)
+        self.pull = self._socket(zmq.ROUTER, wire.socket_cap_bytes(FRAME_LIMIT["pull"]))
         self.pull.setsockopt(zmq.ROUTING_ID, f"pull:{self.host}".encode())
         self.pull.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.ctl = self._socket(zmq.DEALER)
+        self.ctl = self._socket(zmq.DEALER, wire.socket_cap_bytes(FRAME_LIMIT["ctl"]))
         self.ctl.setsockopt(zmq.ROUTING_ID, f"agent:{self.host}:{self.incarnation}".encode())
         self.ctl.connect(self.controller)
 
@@ -159,10 +162,13 @@ class AgentRuntime:
         if len(frames) != 2:
             self.core.note_malformed()
             return
+        # Our own alias for the connection (see _connect), not a name the peer chose: the host
+        # the reply really came from, which the core holds it to.
+        sender = host_of_identity(frames[0])
         if self.faults.active:
-            self._faulty("pull", host_of_identity(frames[0]) or "?", frames[1], None)
+            self._faulty("pull", sender or "?", frames[1], sender)
         else:
-            self.core.on_frame("pull", frames[1], time.monotonic_ns())
+            self.core.on_frame("pull", frames[1], time.monotonic_ns(), envelope=sender)
 
     def _on_ctl(self, frames: list[bytes]) -> None:
         if self.faults.active:
@@ -287,7 +293,7 @@ class DataplaneRuntime:
     def __init__(self, rt: AgentRuntime, ip: str) -> None:
         self.rt = rt
         self.ip = ip
-        self.dp = Dataplane(rt.host, rt.core.table, rt.core.switch, rt.dp_config)
+        self.dp = Dataplane(rt.host, rt.core.table, rt.core.switch, rt.dp_config, is_member=rt.core.is_member)
         self.vnic_port = 0
         self.send_errors = 0
         self._tick: asyncio.TimerHandle | None = None
@@ -378,12 +384,26 @@ class DataplaneRuntime:
     # ---- API (through the agent's rpc socket)
 
     def _api_plug(self, args: dict) -> dict:
-        """{"vnics": [[mac, ip, port], ...]}: where each VM's vNIC backend listens."""
+        """{"vnics": [[mac, ip, port], ...]}: where each VM's vNIC backend listens. Every binding
+        is checked before any is taken (all or nothing); the address must be an IPv4 address,
+        not a name: the loop's sendto() would resolve a name on every frame, and fail."""
+        vnics = args.get("vnics", [])
+        if type(vnics) is not list:
+            raise ValueError("vnics must be a list of [mac, ipv4 address, udp port]")
         bindings = []
-        for item in args.get("vnics", []):
+        for item in vnics:
+            if type(item) is not list or len(item) != 3:
+                raise ValueError(f"bad vNIC binding {str(item)[:60]}: expected [mac, ipv4 address, udp port]")
             mac, ip, port = item
-            if not isinstance(ip, str) or not isinstance(port, int) or not 0 < port < 65536:
-                raise ValueError(f"bad vNIC binding {item!r}")
+            try:
+                if type(ip) is not str:
+                    raise ValueError
+                ip = str(ipaddress.IPv4Address(ip))
+            except ValueError:
+                raise ValueError(f"bad vNIC binding {str(item)[:60]}: {str(ip)[:40]!r} is not an IPv4 address; "
+                                 "give the backend's address, e.g. 127.0.0.1") from None
+            if type(port) is not int or not 0 < port < 65536:
+                raise ValueError(f"bad vNIC binding {str(item)[:60]}: port must be 1-65535")
             bindings.append((mac, (ip, port)))
         n = self.dp.plug(bindings, time.monotonic_ns())
         return {"plugged": n, "vnic": f"{self.ip}:{self.vnic_port}"}

@@ -185,6 +185,13 @@ def key(vm: int) -> tuple[int, int]:
     return (VLAN, mac_of(vm))
 
 
+def admit(core: AgentCore, *hosts: str, now_ns: int = 0) -> AgentCore:
+    """Give a lone core the controller's membership: `hosts` (incarnation INC) are its peers."""
+    core.on_message("ctl", MsgType.PEERS, [[[h, INC, f"pub-{h}", f"rpc-{h}"] for h in hosts], 1], now_ns)
+    core.take_outbox()
+    return core
+
+
 # ------------------------------------------------------------------ membership and bootstrap
 
 
@@ -830,6 +837,7 @@ def test_apply_reports_share_a_frame_under_load_but_keep_exact_stamps():
     core = AgentCore("h2", 1, AgentConfig(applied_report_interval_ms=20, applied_report_delay_ms=5),
                      pub_endpoint="p", rpc_endpoint="r")
     core.start(0)
+    core.on_message("ctl", MsgType.PEERS, [[["h1", 1, "p1", "r1"], ["h2", 1, "p", "r"]], 1], 0)  # h1 is a member
     core.on_timer(0)  # first heartbeat and status: the next ones are 500 ms away
     core.take_outbox()
 
@@ -931,7 +939,7 @@ def test_on_gossip_is_on_message_on_the_sub_channel():
         wire.encode(MsgType.ATTACH, [1, "vm9", VLAN, mac_of(9), "vEth9", 0]),  # not a gossip type
         wire.encode(MsgType.UPDATES, ["h2", INC, [[7, VLAN, mac_of(8), "h2", "p", 0, False]] * 2]),  # twice
     ]
-    a, b = AgentCore("h1", 1, pub_endpoint="p", rpc_endpoint="r"), AgentCore("h1", 1, pub_endpoint="p", rpc_endpoint="r")
+    a, b = (admit(AgentCore("h1", 1, pub_endpoint="p", rpc_endpoint="r"), "h2", "h3") for _ in range(2))
     for i, frame in enumerate(frames):
         mt, body = wire.decode(frame)
         a.on_message("sub", mt, body, 10 * i)
@@ -944,7 +952,8 @@ def test_on_gossip_is_on_message_on_the_sub_channel():
 
 @pytest.mark.parametrize("no_times", [False, True])
 def test_lookup_answers_when_the_entry_was_last_changed_here(no_times):
-    core = AgentCore("h1", 1, AgentConfig(no_apply_times=no_times), pub_endpoint="p", rpc_endpoint="r")
+    core = admit(AgentCore("h1", 1, AgentConfig(no_apply_times=no_times), pub_endpoint="p", rpc_endpoint="r"),
+                 "h2", "h3")
     core.on_message("sub", MsgType.UPDATES, ["h2", 1, [[1, VLAN, mac_of(1), "h2", "p", 0, False]]], 5)
     core.on_message("sub", MsgType.UPDATES, ["h3", 1, [[1, VLAN, mac_of(1), "h3", "p", 1, False]]], 70)
     core.take_outbox()
