@@ -70,8 +70,9 @@ class Stats:
         "flap_reports",
         "repair_hints",
         "handler_errors",
-        # Membership gate (DESIGN.md "Trust"): entries a host numbered for another host, and
-        # entries or messages of a host that is no current member. Dropped, never applied.
+        # Membership gate (DESIGN.md "Trust"): entries a host sent in another host's name (or
+        # naming another host as theirs; a heartbeat in another's name counts one), and entries
+        # or messages of a host that is no current member. Dropped, never applied.
         "forged_claims",
         "non_member_claims",
         "non_member_messages",
@@ -451,10 +452,16 @@ class AgentCore:
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch(self, mt: MsgType, body: list, now_ns: int, envelope: object) -> None:
-        if mt is MsgType.UPDATES:
-            self._on_updates(body[0], body[1], body[2], now_ns, repaired=False)
-        elif mt is MsgType.HEARTBEAT:
-            self._on_heartbeat(*body, now_ns=now_ns)
+        if mt is MsgType.UPDATES or mt is MsgType.HEARTBEAT:
+            # `envelope` on the sub channel: the host whose publisher the frame came from, when
+            # the driver knows it (the runtime has a SUB socket per peer). Gossip speaks for
+            # its publisher only.
+            if envelope is not None and envelope != body[0]:
+                self.stats.forged_claims += len(body[2]) if mt is MsgType.UPDATES else 1
+            elif mt is MsgType.UPDATES:
+                self._on_updates(body[0], body[1], body[2], now_ns, repaired=False)
+            else:
+                self._on_heartbeat(*body, now_ns=now_ns)
         elif mt is MsgType.REQUEST:  # (third: repair hints come by the hundred thousand at 1,000 hosts)
             self._on_request(body, now_ns, "ctl" if envelope is None else ("reply", envelope))
         elif mt is MsgType.PULL_REQ:

@@ -2,7 +2,8 @@
 
 Sockets:
 - PUB  (bound)  gossip out: heartbeats and numbered updates to every peer;
-- SUB           gossip in: connected to every peer's PUB (full mesh);
+- SUB           gossip in: one per peer, connected to its PUB (full mesh; one socket each, so
+                every frame is known to come from that peer's publisher: see AgentCore's gate);
 - ROUTER rpc (bound)  repair requests from peers and API calls from `dvs`;
 - ROUTER pull   our repair requests, addressed to a peer by its host id;
 - DEALER ctl    the control connection to the controller.
@@ -27,7 +28,7 @@ from agent import vxlan, wire
 from agent.config import AgentConfig
 from agent.core import FRAME_LIMIT, AgentCore
 from agent.dataplane import Dataplane, DataplaneConfig
-from agent.faults import CONTROLLER, NetFaults, host_of_identity, peek_origin
+from agent.faults import CONTROLLER, NetFaults, host_of_identity
 from agent.mactable import format_mac
 from agent.zmqloop import (
     NOBLOCK,
@@ -81,8 +82,7 @@ class AgentRuntime:
         loop = self.loop = asyncio.get_running_loop()
         self.pub = self._socket(zmq.PUB, wire.SUBSCRIPTION_MAX_BYTES)
         pub_ep = bind_ephemeral(self.pub, self.bind_ip)
-        self.sub = self._socket(zmq.SUB, wire.socket_cap_bytes(FRAME_LIMIT["sub"]))
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.subs: dict[str, tuple[zmq.Socket, Reader]] = {}  # peer host -> its SUB socket, reader
         self.rpc = self._socket(zmq.ROUTER, wire.socket_cap_bytes(FRAME_LIMIT["rpc"]))
         rpc_ep = bind_ephemeral(self.rpc, self.bind_ip)
         self.pull = self._socket(zmq.ROUTER, wire.socket_cap_bytes(FRAME_LIMIT["pull"]))
@@ -99,8 +99,7 @@ class AgentRuntime:
         self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after)
         self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after)
         self.ctl_reader = Reader(loop, self.ctl, self._on_ctl, self._after)
-        self.readers = [Reader(loop, self.sub, self._on_sub, self._after, single=True), self.rpc_reader, self.pull_reader,
-                        self.ctl_reader]
+        self.readers = [self.rpc_reader, self.pull_reader, self.ctl_reader]
         ready = {"host": self.host, "pid": os.getpid(), "pub": pub_ep, "rpc": rpc_ep, "incarnation": self.incarnation}
         if self.vtep_base:
             ip = vxlan.vtep_ip(self.vtep_base, self.host)
@@ -131,22 +130,26 @@ class AgentRuntime:
     def close(self) -> None:
         if self.dp is not None:
             self.dp.close()
+        for host in list(self.subs):
+            self._close_sub(host)
         for r in self.readers:
             r.close()
         if self.timer.handle:
             self.timer.handle.cancel()
-        for s in (self.pub, self.sub, self.rpc, self.pull, self.ctl):
+        for s in (self.pub, self.rpc, self.pull, self.ctl):
             s.close(linger=0)
         self.ctx.term()
 
     # ---- input
 
-    def _on_sub(self, frames: list[bytes]) -> None:
+    def _on_sub(self, host: str, frames: list[bytes]) -> None:
+        # `host`: whose publisher this SUB socket is connected to; the core holds the frame's
+        # origin to it.
         frame = frames[-1]
         if self.faults.active:
-            self._faulty("sub", peek_origin(frame) or "?", frame, None)
+            self._faulty("sub", host, frame, host)
         else:
-            self.core.on_frame("sub", frame, time.monotonic_ns())
+            self.core.on_frame("sub", frame, time.monotonic_ns(), envelope=host)
 
     def _on_rpc(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -241,7 +244,13 @@ class AgentRuntime:
 
     def _connect(self, peer) -> None:
         self._disconnect(peer.host)
-        self.sub.connect(peer.pub_endpoint)
+        host = peer.host
+        sub = self._socket(zmq.SUB, wire.socket_cap_bytes(FRAME_LIMIT["sub"]))
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(peer.pub_endpoint)
+        reader = Reader(self.loop, sub, lambda frames: self._on_sub(host, frames), self._after, single=True)
+        self.subs[host] = (sub, reader)
+        reader.kick()
         # A fresh alias per connection: libzmq aborts (router.cpp "!has_out_pipe") when a
         # CONNECT_ROUTING_ID is reused while the old pipe to a restarted peer still lingers.
         self._connects += 1
@@ -256,11 +265,17 @@ class AgentRuntime:
         eps = self._peer_eps.pop(host, None)
         if eps is None:
             return
-        for sock, ep in ((self.sub, eps[0]), (self.pull, eps[1])):
-            try:
-                sock.disconnect(ep)
-            except zmq.ZMQError:
-                pass
+        self._close_sub(host)
+        try:
+            self.pull.disconnect(eps[1])
+        except zmq.ZMQError:
+            pass
+
+    def _close_sub(self, host: str) -> None:
+        sub = self.subs.pop(host, None)
+        if sub is not None:
+            sub[1].close()
+            sub[0].close(linger=0)
 
 
 # ---------------------------------------------------------------------- data plane glue

@@ -217,3 +217,17 @@ def test_plug_is_all_or_nothing():
     with pytest.raises(ValueError, match="bad MAC"):
         dp.plug([[mac_of(1), ("127.0.0.1", 9)], [True, ("127.0.0.1", 9)]], 0)
     assert dp.vnics == {}
+
+
+def test_gossip_in_another_members_name_is_dropped_when_the_publisher_is_known():
+    # The runtime hands each frame over with the host whose publisher it came from.
+    c = three()
+    h1 = c.cores["h1"]
+    h3 = h1.peers["h3"]
+    spoofed = updates("h3", [(h3.contiguous + 1, 1, "h3", GHOST_SEQ)])
+    h1.on_frame("sub", spoofed, c.now, envelope="h2")  # h2's publisher, speaking as h3
+    h1.on_frame("sub", wire.encode(MsgType.HEARTBEAT, ["h3", INC, 10**9, 0, 0]), c.now, envelope="h2")
+    assert h1.table.get(key(1)).host == "h1" and h1.stats.forged_claims == 2
+    assert h3.latest_seen == 1 and not h3.pull_pending  # (no pull storm for numbers h3 never had)
+    h1.on_frame("sub", spoofed, c.now, envelope="h3")  # the same from h3's own publisher: h3's claim
+    assert h1.table.get(key(1)) == Entry("h3", "vEth1", GHOST_SEQ)
