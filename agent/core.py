@@ -49,6 +49,11 @@ FRAME_LIMIT = {
     "pull": wire.MAX_FRAME_BYTES,
     "ctl": wire.MAX_SMALL_FRAME_BYTES,
 }
+# A peer the controller's membership no longer lists stays (while it talks to us) this many
+# suspect windows at most (default 3 x 1,500 ms): long enough for a restarted controller to hear
+# from every live agent again, short enough that a host dropped for good is not a member for as
+# long as it keeps publishing.
+MEMBERSHIP_GRACE_SUSPECTS = 3
 # Updates (or applied reports) per frame at most, so a batch stays far below the limit.
 PUB_BATCH_MAX = 2_000
 
@@ -178,6 +183,8 @@ class AgentCore:
         self._pull_due: list[tuple[int, str]] = []
         self._bootstrapped = False
         self.peers_epoch = 0  # the controller's membership epoch of the last PEERS we took
+        # Peers the last PEERS did not list -> when a PEERS first left them out (see _expire_leaving).
+        self._leaving: dict[str, int] = {}
         # Peers heard within the suspect window, kept current in O(log N) amortized: one heap
         # entry per heard peer, at or before its last hearing; an entry that falls out of the
         # window either finds its peer silent since, or goes back in at its last hearing. (A
@@ -308,6 +315,8 @@ class AgentCore:
             self._send_status(now_ns)
             if self._prepared:
                 self._expire_prepared(now_ns)
+            if self._leaving:
+                self._expire_leaving(now_ns)
         self._retry_pulls(now_ns)
 
     def _expire_prepared(self, now_ns: int) -> None:
@@ -871,11 +880,38 @@ class AgentCore:
             if peer is not None and (pub, rpc) != (peer.pub_endpoint, peer.rpc_endpoint):
                 peer.pub_endpoint, peer.rpc_endpoint = pub, rpc
                 self.outbox.append((("connect", peer), None))
+        leaving = self._leaving
+        if leaving:
+            for host in seen.intersection(leaving):
+                del leaving[host]
         for host in [h for h in self.peers if h not in seen]:
-            peer = self.peers[host]
-            if peer.last_heard_ns >= 0 and now_ns - peer.last_heard_ns <= self._suspect_ns:
-                # Still talking to us: a controller that just restarted lists only the agents
-                # registered so far. Only silent peers leave the mesh.
+            if host not in leaving:
+                leaving[host] = now_ns
+        if leaving:
+            self._expire_leaving(now_ns)
+        self._rescale()
+        if not self._bootstrapped and self.peers:
+            # Joining (or rejoining): one snapshot beats pulling every origin's history.
+            self._bootstrapped = True
+            first = self.peers[min(self.peers)]
+            if first.rpc_endpoint and not self.config.defect_no_repair:
+                self._request_snapshot(first, now_ns)
+
+    def _expire_leaving(self, now_ns: int) -> None:
+        """Peers the membership no longer lists leave the mesh once silent, or after the grace
+        whatever they do: a controller that just restarted lists only the agents registered so
+        far (they come back within a status interval or two, and a peer still talking to us
+        stays meanwhile), but one that dropped a host for good must not see it stay a member
+        for as long as it keeps publishing."""
+        grace_ns = MEMBERSHIP_GRACE_SUSPECTS * self._suspect_ns
+        left = False
+        for host, since_ns in list(self._leaving.items()):
+            peer = self.peers.get(host)
+            if peer is not None and peer.last_heard_ns >= 0 and now_ns - peer.last_heard_ns <= self._suspect_ns \
+                    and now_ns - since_ns < grace_ns:
+                continue
+            del self._leaving[host]
+            if peer is None:
                 continue
             del self.peers[host]
             if peer.heard:
@@ -884,13 +920,9 @@ class AgentCore:
             if peer.pull_pending:
                 self._pulls_pending -= 1
             self.outbox.append((("disconnect", host), None))
-        self._rescale()
-        if not self._bootstrapped and self.peers:
-            # Joining (or rejoining): one snapshot beats pulling every origin's history.
-            self._bootstrapped = True
-            first = self.peers[min(self.peers)]
-            if first.rpc_endpoint and not self.config.defect_no_repair:
-                self._request_snapshot(first, now_ns)
+            left = True
+        if left:
+            self._rescale()
 
     def _on_attach(self, body: list, now_ns: int, done: str) -> None:
         """ATTACH (create, HA restart) or SWITCHOVER (move): activate the port and claim the MAC.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from agent import vxlan, wire
-from agent.core import AgentCore
+from agent.core import MEMBERSHIP_GRACE_SUSPECTS, AgentCore
 from agent.dataplane import Dataplane
 from agent.mactable import Entry, MacTable
 from agent.switch import LocalSwitch
@@ -231,3 +231,35 @@ def test_gossip_in_another_members_name_is_dropped_when_the_publisher_is_known()
     assert h3.latest_seen == 1 and not h3.pull_pending  # (no pull storm for numbers h3 never had)
     h1.on_frame("sub", spoofed, c.now, envelope="h3")  # the same from h3's own publisher: h3's claim
     assert h1.table.get(key(1)) == Entry("h3", "vEth1", GHOST_SEQ)
+
+
+def _peers_without(c: Cluster, gone: str, epoch: int) -> bytes:
+    return wire.encode(MsgType.PEERS, [[m for m in c.members() if m[0] != gone], epoch])
+
+
+def test_a_host_the_membership_dropped_leaves_after_the_grace_even_while_it_keeps_talking():
+    c = three()
+    h1 = c.cores["h1"]
+    h1.on_frame("ctl", _peers_without(c, "h3", 2), c.now)
+    grace_ms = MEMBERSHIP_GRACE_SUSPECTS * h1._suspect_ns // 1_000_000
+    c.heartbeat_round()
+    assert "h3" in h1.peers  # still talking: maybe a controller that restarted and has not heard of it yet
+    while c.now - 1_000 * 1_000_000 < grace_ms * 1_000_000:
+        c.heartbeat_round()  # h3 keeps publishing all along
+    assert "h3" not in h1.peers and not h1.is_member("h3")
+    c.attach("h3", 9)  # its new claims no longer count at h1
+    assert key(9) not in h1.table and h1.stats.non_member_claims >= 1
+    assert key(9) in c.cores["h2"].table
+
+
+def test_a_restarted_controllers_partial_membership_keeps_a_talking_peer():
+    c = three()
+    h1 = c.cores["h1"]
+    h1.on_frame("ctl", _peers_without(c, "h3", 1), c.now)  # a new controller: h3 not registered yet
+    c.heartbeat_round()
+    h1.on_frame("ctl", wire.encode(MsgType.PEERS, [c.members(), 2]), c.now)  # ...and now it is
+    for _ in range(10):
+        c.heartbeat_round()
+    assert "h3" in h1.peers and h1._leaving == {}
+    c.attach("h3", 9)
+    assert key(9) in h1.table

@@ -404,3 +404,22 @@ def test_fast_row_validators_agree_with_the_field_by_field_ones(rows):
         except wire.WireError:
             got = None
         assert got == expected
+
+
+def test_the_largest_legitimate_messages_fit_their_sockets_caps():
+    # The bounds wire.py documents, measured: a full table (MAX_LIST_LEN entries, 64 hosts' names and
+    # vEth ports as the controller gives them) in one snapshot, a full gossip batch, a subscription.
+    from agent.core import FRAME_LIMIT, PUB_BATCH_MAX
+
+    entries = [[100 + i % 50, 0x02_00_00_00_00_00 + i, f"h{1 + i % 64}", f"vEth{i + 1}", 1000 + i % 7, False]
+               for i in range(wire.MAX_LIST_LEN)]
+    versions = [[f"h{h}", (1 << 62) + h, 100_000] for h in range(1, 65)]
+    snapshot = wire.encode(MsgType.SNAPSHOT, ["h64", entries, versions])
+    assert len(snapshot) <= FRAME_LIMIT["pull"] == MAX_FRAME_BYTES
+    assert wire.decode(snapshot, FRAME_LIMIT["pull"])[0] is MsgType.SNAPSHOT
+    batch = [[(1 << 40) + i, 4094, 0x02_00_00_00_00_00 + i, "h64", f"vEth{100_000 + i}", 1 << 31, False]
+             for i in range(PUB_BATCH_MAX)]
+    assert len(wire.encode(MsgType.UPDATES, ["h64", 1 << 62, batch])) <= FRAME_LIMIT["sub"] // 4
+    # A subscription to everything is one flag byte (ZMTP 3.1's SUBSCRIBE command: ten bytes).
+    assert len(b"\x09SUBSCRIBE") < wire.SUBSCRIPTION_MAX_BYTES
+    assert wire.socket_cap_bytes(FRAME_LIMIT["sub"]) > FRAME_LIMIT["sub"]  # (over the limit: still counted)
