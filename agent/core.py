@@ -507,8 +507,8 @@ class AgentCore:
 
     def is_member(self, host: str) -> bool:
         """Whether `host` is a current member: ourselves, or a peer the controller's membership
-        (PEERS) admitted and that has not left it (see _on_peers: a peer still talking to us
-        stays while a restarted controller's list fills up again)."""
+        (PEERS) admitted and that has not left it (a peer the latest PEERS leaves out stays
+        while it talks to us, for a grace at most: see _expire_leaving)."""
         return host == self.host or host in self.peers
 
     def _peer(self, origin: str, incarnation: int) -> PeerState | None:

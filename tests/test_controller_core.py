@@ -700,6 +700,9 @@ def test_end_to_end_with_real_agents():
     lab.ctl.core.on_frame(CLIENT, wire.encode(MsgType.REQUEST, [req, "wait_ready", {"hosts": 3}]), lab.ctl.now)
     lab.pump()
     assert lab.client_replies == []  # no heartbeats heard yet
+    # (Agents take gossip only from members: the full PEERS goes out in the first tick, after the
+    # agents' first heartbeats; the second round is heard, the third round's status reports it.)
+    lab.tick(500)
     lab.tick(500)
     lab.tick(500)
     assert lab.client_replies == [[req, True, {"hosts": 3}]]
