@@ -205,10 +205,20 @@ class HostilePeer:
         hosts = list(self.cluster.agents)
         subscribed = 0
         reachable: set[str] = set()
-        deadline = time.monotonic() + self.wait_s
+        listed = False  # a PEERS of the controller names us
+        start = time.monotonic()
+        deadline = start + self.wait_s
         status = wire.encode(MsgType.AGENT_STATUS, [self.name, incarnation, 0, 0, 0, 0, 0])
         while time.monotonic() < deadline and (subscribed < len(hosts) or len(reachable) < len(hosts)):
+            if not listed and time.monotonic() - start > min(5.0, self.wait_s):
+                break  # the controller does not admit us: nothing here reaches the agents' gossip
             ctl.send(status)  # alive, in the controller's eyes, while we attack
+            while ctl.poll(0):
+                try:
+                    mt, body = wire.decode(ctl.recv())
+                except wire.WireError:
+                    continue
+                listed = listed or (mt is MsgType.PEERS and any(m[0] == self.name for m in body[0]))
             while pub.poll(50):
                 subscribed += pub.recv()[:1] == b"\x01"
             for h in hosts:
