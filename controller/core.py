@@ -1232,6 +1232,14 @@ class ControllerCore:
         w.done = True
         w.envelope = []  # (the heaps may hold it a while longer: not the client's identity)
         self._ready_n -= 1
+        if not self._ready_n:
+            self._ready_by_hosts.clear()
+            self._ready_by_deadline.clear()
+        elif len(self._ready_by_hosts) + len(self._ready_by_deadline) > 4 * READY_WAITERS_MAX:
+            # Answered ones below a pending one pile up in a heap: drop them (bounded memory).
+            for heap in (self._ready_by_hosts, self._ready_by_deadline):
+                heap[:] = [x for x in heap if not x[2].done]
+                heapq.heapify(heap)
 
     def _check_host(self, name: str, now_ns: int | None = None) -> Host:
         h = self.inv.hosts.get(name)

@@ -225,6 +225,51 @@ def controller_start(state_dir) -> None:
     click.echo(f"controller started (pid {p.pid}) on {cluster.controller_endpoint}")
 
 
+@controller.command("check-journal")
+@state_dir_option
+def controller_check_journal(state_dir) -> None:
+    """Check the controller's journal record by record without starting anything: exit 0 when
+    it is sound, 1 when damaged (a start keeps the sound records before the damage and moves
+    the rest aside to controller.journal.damaged-<offset>)."""
+    from pathlib import Path
+
+    from controller import journal
+    from testbed.cluster import JOURNAL_FILE
+
+    path = Path(state_dir) / JOURNAL_FILE
+    if not path.exists():
+        raise ClusterError(f"no journal at {path}; is --state-dir right?")
+    try:
+        rec = journal.read(path)
+    except OSError as e:
+        raise ClusterError(f"cannot read {path}: {e.strerror or e}") from None
+    click.echo(rec.summary() + (f"; a controller start moves the {rec.size_bytes - rec.sound_bytes} bytes from "
+                                f"there to {rec.damaged_path()}" if rec.damaged else ""))
+    sys.exit(1 if rec.damaged else 0)
+
+
+@cli.group()
+def host() -> None:
+    """Hosts the controller admits."""
+
+
+@host.command("add")
+@click.argument("name")
+@click.option("--no-start", is_flag=True, help="Only admit it; start its agent later with `dvs agent start`.")
+@state_dir_option
+def host_add(name, no_start, state_dir) -> None:
+    """Admit a new host NAME at the controller (only admitted hosts may register and join the
+    mesh) and start its agent."""
+    from testbed import procs
+
+    cluster = Cluster.load(state_dir)
+    r = cluster.admit_host(name)
+    click.echo(f"host {name} admitted" if r["added"] else f"host {name} was admitted already")
+    if not no_start and not (name in cluster.agents and procs.alive(cluster.agents[name])):
+        p = cluster.add_agent(name)
+        click.echo(f"agent {name} started (pid {p.pid})")
+
+
 @cli.group()
 def agent() -> None:
     """Agent processes."""
@@ -237,7 +282,8 @@ def agent_start(host, state_dir) -> None:
     """Start a stopped or crashed agent again; it rejoins with a new incarnation and rebuilds
     its table from its peers."""
     cluster = Cluster.load(state_dir)
-    cluster.agent(host)
+    if host not in cluster.agents and not cluster.admitted(host):
+        raise ClusterError(f"host {host!r} is not admitted; run `dvs host add {host}` first")
     p = cluster.add_agent(host)
     click.echo(f"agent {host} started (pid {p.pid})")
 
@@ -480,9 +526,26 @@ def vm_move(name, to, as_json, state_dir) -> None:
         rec = headless.move(cluster, name, to)
         _report_op(rec, as_json, f"moved {name} {rec['src']} -> {rec['dst']} headless")
         return
-    with cluster.controller_client(timeout_ms=30_000) as ctl:
-        rec = ctl.call("vm_move", {"name": name, "to": to})
+    rec = call_retrying(cluster, "vm_move", {"name": name, "to": to})
     _report_op(rec, as_json, f"moved {name} {rec['src']} -> {rec['dst']}")
+
+
+def call_retrying(cluster: Cluster, method: str, args: dict, retry_s: float = 10.0):
+    """Call the controller; an error it marks "retry: " (a restarted controller whose hosts have
+    not all registered again) is retried every 200 ms for up to `retry_s`."""
+    import time
+
+    from controller.core import RETRY_PREFIX
+
+    deadline = time.monotonic() + retry_s
+    with cluster.controller_client(timeout_ms=30_000) as ctl:
+        while True:
+            try:
+                return ctl.call(method, args)
+            except ClusterError as e:
+                if not str(e).startswith(RETRY_PREFIX) or time.monotonic() >= deadline:
+                    raise ClusterError(str(e).removeprefix(RETRY_PREFIX)) from None
+            time.sleep(0.2)  # (the controller waits for agents we cannot see: polling, with a deadline)
 
 
 def controller_answers(cluster: Cluster) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from testbed.client import Client, ClusterError
 from testbed.netns import NetnsLab
 from testbed.procs import Proc
 
+# What a ZeroMQ endpoint we connect to looks like (libzmq aborts the call on anything else).
+ENDPOINT_RE = re.compile(r"^(tcp://[^\s:/]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
 STATE_FILE = "cluster.json"
 JOURNAL_FILE = "controller.journal"
 DEFAULT_STATE_DIR = ".dvs"
@@ -92,7 +95,11 @@ class Cluster:
     def controller_endpoint(self) -> str:
         if self.controller is None:
             raise ClusterError(f"the cluster in {self.state_dir} has no controller")
-        return self.controller.info["controller"]
+        endpoint = self.controller.info.get("controller")
+        if not isinstance(endpoint, str) or not ENDPOINT_RE.match(endpoint):
+            raise ClusterError(f"{self.state_file} names the controller endpoint {endpoint!r}, which is not an "
+                               "endpoint (tcp://IP:PORT); stop the cluster's processes by hand and remove the file")
+        return endpoint
 
     def controller_client(self, timeout_ms: int = 5_000) -> Client:
         return Client(self.controller_endpoint, name="the controller", timeout_ms=timeout_ms)
@@ -152,7 +159,8 @@ class Cluster:
             bind = ["--bind-ip", c.netns.controller_ip]
         try:
             [c.controller] = procs.wait_ready(
-                [procs.spawn("controller", "controller", ["--journal", str(journal), *bind, *c.controller_args],
+                [procs.spawn("controller", "controller",
+                             ["--journal", str(journal), "--hosts", str(hosts), *bind, *c.controller_args],
                              logs / "controller.log")],
                 ready_timeout_s,
             )
@@ -205,11 +213,25 @@ class Cluster:
             raise ClusterError(f"host {host} is already running (pid {self.agents[host].pid})")
         if agent_args is not None:
             self.agent_args = list(agent_args)
+        if host not in self.agents:
+            self.admit_host(host)  # the testbed adds a host on purpose: as the admin would
         index = int(host[1:]) if host[1:].isdigit() else len(self.agents) + 1
         [p] = procs.wait_ready([self._spawn_agent(host, index)], ready_timeout_s)
         self.agents[host] = p
         self.save()
         return p
+
+    def admit_host(self, host: str) -> dict:
+        """Admit a new host name at the controller (`dvs host add`): only admitted hosts may
+        register and join the mesh."""
+        with self.controller_client() as ctl:
+            return ctl.call("host_add", {"name": host})
+
+    def admitted(self, host: str) -> bool:
+        """Does the controller admit `host`? (It may register.)"""
+        with self.controller_client() as ctl:
+            st = ctl.call("status")
+        return st.get("admitted") is None or host in st["admitted"]
 
     def down(self, timeout_s: float = 5.0) -> list[str]:
         """Stop every process of this cluster by pid. Returns the ones that needed SIGKILL."""
