@@ -562,8 +562,9 @@ class ControllerCore:
         for name in sorted(due, key=lambda n: self.inv.vms[n].number if n in self.inv.vms else 0):
             vm = self.inv.vms.get(name)
             h = self.inv.hosts.get(vm.host) if vm is not None else None
-            if vm is not None and settling and (h is None or h.state == "dead") and self.is_admitted(vm.host):
-                continue  # stays pending: retried at a later tick
+            if (vm is not None and settling and (h is None or h.state == "dead") and self.is_admitted(vm.host)
+                    and now_ns - self._pending_restarts[name] < self.config.dead_after_ms * NS_PER_MS):
+                continue  # stays pending (for a dead timeout at most: a flapping host must not starve it)
             del self._pending_restarts[name]
             if vm is None or vm.state != "active" or vm.key in self.ops_by_key:
                 continue

@@ -110,3 +110,24 @@ def test_check_journal_command_reports_without_touching_it(tmp_path):
     missing = run_dvs("controller", "check-journal", state_dir=tmp_path / "nowhere")
     assert missing.returncode == 1 and missing.stderr.startswith("dvs: error: no journal at")
     assert "Traceback" not in missing.stderr
+
+
+def test_headless_move_reads_the_sound_records_and_names_the_damage(tmp_path):
+    import pytest
+
+    from testbed import headless
+    from testbed.client import ClusterError
+    from testbed.cluster import Cluster
+    from testbed.procs import Proc
+
+    cluster = Cluster(tmp_path, agents={"h1": Proc("h1", 1, 0.0, "", {"rpc": "tcp://127.0.0.1:9"})})
+    path = tmp_path / "controller.journal"
+    data = write(path, [vm_record(1), vm_record(1, "h2", 1)])
+    path.write_bytes(data + b"12 deadbeef {broken}\n" + journal.encode(vm_record(2)))
+    assert headless.known_vms(cluster)["vm1"]["host"] == "h2"
+    with pytest.raises(ClusterError, match=r"unknown VM 'vm2' .* damaged at byte \d+"):
+        headless.move(cluster, "vm2", "h1")
+    path.unlink()
+    path.mkdir()  # unreadable as a file: one line, no traceback
+    with pytest.raises(ClusterError, match="cannot read the controller's journal"):
+        headless.move(cluster, "vm1", "h1")

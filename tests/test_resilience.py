@@ -33,6 +33,7 @@ def test_killed_agent_vms_restart_elsewhere(make_cluster):
     vms = vms_by_name(cluster)
     for name in ("vm3", "vm7"):
         assert vms[name]["host"] != "h3" and vms[name]["seq"] == 1 and vms[name]["state"] == "active"
+    assert vms["vm3"]["host"] != vms["vm7"]["host"]  # spread: one placement decision per VM
     assert set(result["hosts"]) == {"h1", "h2", "h4"}
     with cluster.controller_client() as ctl:
         restarts = [m for m in ctl.call("moves")["moves"] if m["kind"] == "restart"]
