@@ -221,6 +221,7 @@ class ControllerCore:
         self._restart_times: dict[str, deque[int]] = {}  # VM -> its recent restart times (ns)
         self._parked: set[str] = set()  # VMs whose restart budget ran out (their event is out)
         self._last_register_ns = -(1 << 62)
+        self._burst_start_ns = -(1 << 62)
         self.outbox: list[tuple[list, bytes]] = []
         self.ops: dict[int, Op] = {}  # in flight, by op id
         self.ops_by_key: dict[tuple[int, int], Op] = {}
@@ -418,6 +419,8 @@ class ControllerCore:
                 f"host {name!r} is not admitted; an admin adds it with `dvs host add {name}`")[:200]])))
             return
         self._refused.pop(envelope[0] if envelope else b"", None)
+        if now_ns - self._last_register_ns >= self._settle_ns():
+            self._burst_start_ns = now_ns  # the first of a run of registrations
         self._last_register_ns = now_ns
         old = self.inv.hosts.get(name)
         prev = old.incarnation if old is not None else self.inv.incarnations.get(name)
@@ -557,14 +560,15 @@ class ControllerCore:
         # Hosts still registering (every agent restarting after a full outage): a VM whose host
         # is not up may yet see it come back and go home. Place the others once registrations
         # have been quiet for a while, so they spread over every host that came back.
-        settling = now_ns - self._last_register_ns < self._settle_ns()
+        # (For a dead timeout at most: hosts that keep registering must not starve them.)
+        settling = (now_ns - self._last_register_ns < self._settle_ns()
+                    and now_ns - self._burst_start_ns < self.config.dead_after_ms * NS_PER_MS)
         load = None
         for name in sorted(due, key=lambda n: self.inv.vms[n].number if n in self.inv.vms else 0):
             vm = self.inv.vms.get(name)
             h = self.inv.hosts.get(vm.host) if vm is not None else None
-            if (vm is not None and settling and (h is None or h.state == "dead") and self.is_admitted(vm.host)
-                    and now_ns - self._pending_restarts[name] < self.config.dead_after_ms * NS_PER_MS):
-                continue  # stays pending (for a dead timeout at most: a flapping host must not starve it)
+            if vm is not None and settling and (h is None or h.state == "dead") and self.is_admitted(vm.host):
+                continue  # stays pending: retried at a later tick
             del self._pending_restarts[name]
             if vm is None or vm.state != "active" or vm.key in self.ops_by_key:
                 continue
@@ -1200,8 +1204,9 @@ class ControllerCore:
 
     def _check_ready(self, now_ns: int, reporter: Host | None = None) -> None:
         """Answer the waiters the cluster satisfies now, and those whose deadline passed.
-        `reporter`: the host whose status just arrived; unless it alone could be what kept the
-        first waiter waiting, nothing can have changed for any of them (no pass over hosts)."""
+        `reporter`: the host whose status just arrived. Unless it now meets the bar of the
+        waiter asking for the fewest hosts, nothing changed for any waiter: no pass over the
+        hosts, and never one over the waiters (they are popped in order of hosts wanted)."""
         if not self._ready_n:
             return
         by_hosts, by_deadline = self._ready_by_hosts, self._ready_by_deadline
