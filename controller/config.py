@@ -52,5 +52,6 @@ class ControllerConfig:
     # VMs waiting for a restart whose own host is down wait until no host has registered for
     # this long, in ms, before they are placed elsewhere. Default 2,000: after a full outage
     # agents come back one by one, and a VM whose host returns goes home; the rest spread
-    # over every host that came back instead of piling onto the first one.
+    # over every host that came back instead of piling onto the first one. (They wait 5 such
+    # windows at most, so hosts that keep registering cannot starve them.)
     placement_settle_ms: int = 2_000

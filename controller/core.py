@@ -40,6 +40,8 @@ READY_TIMEOUT_MS_MAX = 600_000
 REFUSED_MAX = 1_024
 # Events (one line each, for the runtime's log) held until the driver takes them, at most.
 EVENTS_MAX = 1_000
+# Restarts waiting for registrations to pause wait this many placement_settle_ms at most.
+SETTLE_WINDOWS_MAX = 5
 # Error text of a request that may succeed if sent again shortly: `dvs vm move` retries it.
 RETRY_PREFIX = "retry: "
 # An agent's refusal of a claim: "stale: table holds seq S on H".
@@ -560,9 +562,9 @@ class ControllerCore:
         # Hosts still registering (every agent restarting after a full outage): a VM whose host
         # is not up may yet see it come back and go home. Place the others once registrations
         # have been quiet for a while, so they spread over every host that came back.
-        # (For a dead timeout at most: hosts that keep registering must not starve them.)
+        # (For SETTLE_WINDOWS_MAX windows at most: hosts that keep registering must not starve them.)
         settling = (now_ns - self._last_register_ns < self._settle_ns()
-                    and now_ns - self._burst_start_ns < self.config.dead_after_ms * NS_PER_MS)
+                    and now_ns - self._burst_start_ns < SETTLE_WINDOWS_MAX * self._settle_ns())
         load = None
         for name in sorted(due, key=lambda n: self.inv.vms[n].number if n in self.inv.vms else 0):
             vm = self.inv.vms.get(name)

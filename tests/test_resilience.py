@@ -196,3 +196,39 @@ def test_admission_and_a_create_cut_by_a_controller_crash(make_cluster):
     assert vms_by_name(cluster)["vm3"]["host"] == "h3"
     result = check(cluster, settle_s=15)
     assert result["ok"] and result["entries"] == 3, result
+
+
+def test_after_every_agent_was_killed_vms_go_back_spread_not_onto_the_first_host(make_cluster):
+    from testbed import procs
+
+    # (A long settle window: agents starting on a loaded machine may come up seconds apart.)
+    cluster = make_cluster(4, controller_args=["--placement-settle-ms", "15000"])
+    cluster.create_vms(8)
+    for p in cluster.agents.values():
+        os.kill(p.pid, signal.SIGKILL)
+    for p in cluster.agents.values():
+        psutil.Process(p.pid).wait(timeout=5)
+    deadline = time.monotonic() + 20
+    while True:
+        with cluster.controller_client() as ctl:
+            states = {h["host"]: h["state"] for h in ctl.call("status")["hosts"]}
+        if set(states.values()) == {"dead"}:
+            break
+        assert time.monotonic() < deadline, states
+        time.sleep(0.1)
+    # h1 comes back first, alone for a while (what piled every VM onto it), then the others.
+    started = procs.wait_ready([cluster._spawn_agent("h1", 1)], 60)
+    cluster.agents.update({p.name: p for p in started})
+    cluster.save()
+    with cluster.controller_client(timeout_ms=30_000) as ctl:
+        ctl.call("wait_ready", {"hosts": 1, "timeout_ms": 20_000})
+    time.sleep(1)  # (part of the scenario, not a wait for something: the others are late)
+    started = procs.wait_ready([cluster._spawn_agent(f"h{i}", i) for i in range(2, 5)], 60)
+    cluster.agents.update({p.name: p for p in started})
+    cluster.save()
+    result = check(cluster, settle_s=20)
+    assert result["ok"], result
+    per_host = {}
+    for v in vms_by_name(cluster).values():
+        per_host[v["host"]] = per_host.get(v["host"], 0) + 1
+    assert per_host == {"h1": 2, "h2": 2, "h3": 2, "h4": 2}, per_host
