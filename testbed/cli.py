@@ -220,9 +220,19 @@ def controller() -> None:
 def controller_start(state_dir) -> None:
     """Start the controller again (after a crash or kill) on its old endpoint; it recovers its
     inventory from its journal and from what the agents hold."""
+    from controller import journal
+    from testbed.cluster import JOURNAL_FILE
+
     cluster = Cluster.load(state_dir)
+    try:
+        damage = journal.read(cluster.state_dir / JOURNAL_FILE)
+    except OSError:
+        damage = None  # (the controller says what is wrong with it)
     p = cluster.start_controller()
     click.echo(f"controller started (pid {p.pid}) on {cluster.controller_endpoint}")
+    if damage is not None and damage.damaged:
+        click.echo(f"its journal was damaged at byte {damage.sound_bytes} ({damage.why}): it kept the "
+                   f"{len(damage.records)} records before it and moved the rest to {damage.damaged_path()}")
 
 
 @controller.command("check-journal")

@@ -134,7 +134,12 @@ def test_damaged_journal_keeps_every_acknowledged_record_before_the_damage(make_
     path.write_bytes(bytes(data) + random.Random(2).randbytes(256))  # ...and junk at the end
     damage = journal.read(path)
     assert damage.damaged and damage.sound_bytes <= mid
-    cluster.start_controller()
+    from tests.conftest import run_dvs
+
+    proc = run_dvs("controller", "start", state_dir=cluster.state_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert f"its journal was damaged at byte {damage.sound_bytes}" in proc.stdout, proc.stdout
+    cluster.controller = type(cluster).load(cluster.state_dir).controller  # (so the fixture stops it)
     moved = cluster.state_dir / f"{JOURNAL_FILE}.damaged-{damage.sound_bytes}"
     assert moved.exists() and moved.stat().st_size == len(data) + 256 - damage.sound_bytes
     log = (cluster.state_dir / "logs" / "controller.log").read_text()
