@@ -42,11 +42,11 @@ class ControllerConfig:
     # A VM create, move or delete that has not converged by then is reported as not
     # converged, in ms. Default 10,000.
     op_timeout_ms: int = 10_000
-    # HA restarts of one VM allowed within restart_budget_window_ms, in restarts. Default 5.
+    # HA restarts of one VM allowed within restart_budget_window_ms, in restarts. Default 10.
     # Past it the VM is parked: one log line and a counter (`restart_budget_exhausted`), no
     # restart until the oldest one leaves the window, and what agents report of it is adopted
     # meanwhile. A VM that keeps failing must not be restarted over and over. 0: no budget.
-    restart_budget: int = 5
+    restart_budget: int = 10
     # ...the window of that budget, in ms. Default 60,000.
     restart_budget_window_ms: int = 60_000
     # VMs waiting for a restart whose own host is down wait until no host has registered for
