@@ -573,8 +573,7 @@ def controller_answers(cluster: Cluster) -> bool:
 @state_dir_option
 def vm_delete(name, as_json, state_dir) -> None:
     """Delete a VM; its MAC becomes a tombstone on every host."""
-    with Cluster.load(state_dir).controller_client(timeout_ms=30_000) as ctl:
-        rec = ctl.call("vm_delete", {"name": name})
+    rec = call_retrying(Cluster.load(state_dir), "vm_delete", {"name": name})
     _report_op(rec, as_json, f"deleted {name}")
 
 
