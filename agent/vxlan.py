@@ -201,6 +201,8 @@ def parse_vtep_map(obj: object) -> dict[str, str]:
         if not isinstance(host, str) or not 0 < len(host) <= 64:
             raise ValueError(f"bad host id {host!r} in the VTEP map")
         try:
+            if not isinstance(ip, str):
+                raise TypeError
             addr = str(ipaddress.IPv4Address(ip))
         except (ipaddress.AddressValueError, ValueError, TypeError):
             raise ValueError(f"VTEP of {host} is {ip!r}, not an IPv4 address") from None
