@@ -493,6 +493,9 @@ class DataplaneRuntime:
             self._tap_retry[key] = now_s + TAP_RETRY_S
             return None
         self._tap_retry.pop(key, None)
+        if tap.steering_error is not None:
+            log.warning("TAP of %s: no steering program (%s); a move may drop a frame", port.vm, tap.steering_error)
+            tap.steering_error = None
         q = tap.TapQueue(fd, port.vm, port.vlan, port.mac, active)
         self.taps[key] = q
         self.loop.add_reader(fd, self._on_tap, q)
