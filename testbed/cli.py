@@ -640,15 +640,16 @@ def _tool_traffic(cluster, tool, pairs, rate, duration_s, n_moves, seed, bitrate
             console.print(t)
         console.print(f"ping: {s['transmitted']} sent, {s['lost_total']} lost in all; per move: {s['pings_lost']} "
                       f"lost, longest gap ms p50 {_fmt(s['gap_ms_p50'])} p99 {_fmt(s['gap_ms_p99'])} max "
-                      f"{_fmt(s['gap_ms_max'])} (ping's own pacing p99 {_fmt(s['send_gap_ms_p99'])})")
+                      f"{_fmt(s['gap_ms_max'])} (ping's own pacing p99 {_fmt(s['send_gap_ms_p99'])}; longest gap "
+                      f"in windows without a move p99 {_fmt(s['no_move_gap_ms_p99'])})")
     else:
         if rep["moves"]:
-            t = Table("#", "vm", "from", "to", "converged", "pair", "session survived", "Mbit/s min",
-                      "Mbit/s median", "dip %", title="moves during iperf3")
+            t = Table("#", "vm", "from", "to", "converged", "pair", "session survived", "Mbit/s window",
+                      "Mbit/s median", "dip %", "worst 100 ms", title="moves during iperf3")
             for i, m in enumerate(rep["moves"], 1):
                 t.add_row(str(i), m["vm"], m["src"], m["dst"], "yes" if m["converged"] else "[red]no[/red]",
-                          _fmt(m["pair"]), _fmt(m["survived"]), _fmt(m["mbps_min"]), _fmt(m["mbps_median"]),
-                          _fmt(m["dip_pct"]))
+                          _fmt(m["pair"]), _fmt(m["survived"]), _fmt(m["mbps_window"]), _fmt(m["mbps_median"]),
+                          _fmt(m["dip_pct"]), _fmt(m["mbps_min"]))
             console.print(t)
         for x in rep["sessions"]:
             console.print(f"{x['a']} -> {x['b']}: {'survived' if x['survived'] else '[red]failed[/red]'}, "

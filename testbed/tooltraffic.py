@@ -14,8 +14,8 @@ the tools' own output, not from the switch's counters:
   see a reply to a request it has not sent (on a loaded 2-core machine `-i 0.01` paces at ~16 ms).
 - iperf3: a one-off server (`iperf3 -s -1`) in B, a client (`iperf3 -c ADDR_B -t DURATION -i 0.1
   -J`) in A: one TCP session per pair for the whole run. Per session: whether it survived (the
-  client ran its full time and reported no error); per move: the lowest 100 ms throughput in the
-  window against the session's median (the dip, in %).
+  client ran its full time and reported no error); per move: the throughput over the window
+  against the session's median 100 ms interval (the dip, in %), and the window's worst interval.
 
 Moves carry the controller's switchover stamp (CLOCK_MONOTONIC); the tools stamp with the wall
 clock; dvs reads both clocks together once to map one onto the other.
@@ -155,16 +155,21 @@ def parse_iperf3(text: str) -> IperfLog:
 
 
 def iperf_window_stats(log: IperfLog, start: float, lo: float, hi: float) -> dict:
-    """The lowest interval throughput overlapping [lo, hi] (wall s; the test started at `start`)
-    against the session's median interval, as a dip in %."""
+    """Throughput over the intervals overlapping [lo, hi] (wall s; the test started at `start`)
+    against the session's median interval, as a dip in %, and the window's worst 100 ms interval.
+    The dip uses the window's mean, not its minimum: with -b, iperf3 sends whole blocks (128 KB),
+    so at 10 Mbit/s single 100 ms intervals are 0 or 2x by construction."""
     rates = [bps for _, _, bps in log.intervals]
     if not rates:
-        return {"mbps_min": None, "mbps_median": None, "dip_pct": None}
+        return {"mbps_min": None, "mbps_window": None, "mbps_median": None, "dip_pct": None}
     median = statistics.median(rates)
-    window = [bps for a, b, bps in log.intervals if start + b >= lo and start + a <= hi]
-    low = min(window) if window else None
-    dip = None if low is None or median <= 0 else round(max(0.0, 100 * (1 - low / median)), 1)
-    return {"mbps_min": None if low is None else round(low / 1e6, 2), "mbps_median": round(median / 1e6, 2),
+    window = [(b - a, bps) for a, b, bps in log.intervals if start + b >= lo and start + a <= hi]
+    span = sum(d for d, _ in window)
+    mean = sum(d * bps for d, bps in window) / span if span > 0 else None
+    low = min(bps for _, bps in window) if window else None
+    dip = None if mean is None or median <= 0 else round(max(0.0, 100 * (1 - mean / median)), 1)
+    return {"mbps_min": None if low is None else round(low / 1e6, 2),
+            "mbps_window": None if mean is None else round(mean / 1e6, 2), "mbps_median": round(median / 1e6, 2),
             "dip_pct": dip}
 
 
@@ -322,6 +327,20 @@ def _windows(records: list[dict], runs: list[Pair], offset_ns: int) -> list[tupl
     return out
 
 
+def baseline_windows(send_times: dict[int, float], busy: list[float], width_s: float) -> list[tuple[float, float]]:
+    """The run cut into windows of `width_s` that hold none of the `busy` instants (this pair's
+    switchovers, with the width as margin): where a move cannot have caused what is measured."""
+    if not send_times:
+        return []
+    t, end = min(send_times.values()), max(send_times.values())
+    out = []
+    while t + width_s <= end:
+        if not any(t - width_s <= b <= t + 2 * width_s for b in busy):
+            out.append((t, t + width_s))
+        t += width_s
+    return out
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -355,12 +374,24 @@ def _report(tool: str, runs: list[Pair], records: list[dict], offset_ns: int, in
                              "duplicates": lg.duplicates, "gap_ms_max": whole["gap_ms_max"],
                              "send_gap_ms_max": whole["send_gap_ms_max"],
                              "exit_code": r.proc.returncode if r.proc else None})
+        # The same statistic where no move happened: what the machine and ping do by themselves.
+        width_s = (MOVE_WINDOW_BEFORE_MS + MOVE_WINDOW_AFTER_MS) / 1000
+        quiet = []
+        for p, (lg, snd) in enumerate(zip(logs, sends, strict=True)):
+            busy = [_wall_of_mono(rec["switch_ns"], offset_ns) for rec, w in zip(records, windows, strict=True)
+                    if w is not None and w[0] == p]
+            for lo, hi in baseline_windows(snd, busy, width_s):
+                g = ping_window_stats(lg, snd, lo, hi)["gap_ms_max"]
+                if g is not None:
+                    quiet.append(g)
         lost = [m["lost"] for m in moves_out if m["lost"] is not None]
         gaps = [m["gap_ms_max"] for m in moves_out if m["gap_ms_max"] is not None]
         floor = [m["send_gap_ms_max"] for m in moves_out if m["send_gap_ms_max"] is not None]
         summary = {"moves": len(moves_out), "pings_lost": sum(lost), "moves_with_loss": sum(1 for x in lost if x),
                    "gap_ms_p50": _pct(gaps, 50), "gap_ms_p99": _pct(gaps, 99), "gap_ms_max": max(gaps, default=None),
                    "send_gap_ms_p99": _pct(floor, 99),
+                   "no_move_windows": len(quiet), "no_move_gap_ms_p50": _pct(quiet, 50),
+                   "no_move_gap_ms_p99": _pct(quiet, 99),
                    "transmitted": sum(s["transmitted"] or 0 for s in sessions),
                    "lost_total": sum(s["lost"] or 0 for s in sessions),
                    "complete": all(s["transmitted"] is not None for s in sessions)}
@@ -377,7 +408,7 @@ def _report(tool: str, runs: list[Pair], records: list[dict], offset_ns: int, in
     for rec, w in zip(records, windows, strict=True):
         m = {k: rec.get(k) for k in ("vm", "src", "dst", "seq", "converged", "latency_ms")}
         if w is None:
-            m.update(pair=None, survived=None, mbps_min=None, mbps_median=None, dip_pct=None)
+            m.update(pair=None, survived=None, mbps_min=None, mbps_window=None, mbps_median=None, dip_pct=None)
         else:
             p, lo, hi = w
             m.update(pair=p + 1, survived=sessions[p]["survived"], **iperf_window_stats(logs[p], starts[p], lo, hi))

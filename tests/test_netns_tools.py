@@ -57,9 +57,11 @@ def test_iperf3_parser_on_recorded_output():
     assert log.ok and log.error is None and log.seconds == pytest.approx(1.0, abs=0.01)
     assert len(log.intervals) == 10 and log.retransmits == 0
     assert log.bits_per_second == pytest.approx(50.3e6, rel=0.01)
-    st = tt.iperf_window_stats(log, 1000.0, 1000.4, 1000.45)  # only the 5th interval (41.9 Mbit/s)
+    st = tt.iperf_window_stats(log, 1000.0, 1000.41, 1000.45)  # only the 5th interval (41.9 Mbit/s)
     assert st["mbps_min"] == pytest.approx(41.9, abs=0.1) and st["mbps_median"] == pytest.approx(52.4, abs=0.1)
-    assert 15 < st["dip_pct"] < 25
+    assert 15 < st["dip_pct"] < 25 and st["mbps_window"] == pytest.approx(41.9, abs=0.1)
+    whole = tt.iperf_window_stats(log, 1000.0, 1000.0, 1001.0)  # every interval: the mean is near the median
+    assert whole["mbps_min"] == pytest.approx(41.9, abs=0.1) and whole["dip_pct"] < 5
     refused = tt.parse_iperf3((DATA / "iperf3_refused.json").read_text())
     assert not refused.ok and "Connection refused" in refused.error and refused.intervals == []
     assert not tt.parse_iperf3("").ok and not tt.parse_iperf3("{broken").ok
@@ -128,3 +130,11 @@ def test_tap_queue_tags_what_the_vm_sends_and_untags_what_it_gets():
     assert os.read(r2, 100) == untagged and out.tx_frames == 1
     out.close()
     os.close(r2)
+
+
+def test_baseline_windows_avoid_the_pairs_switchovers():
+    sends = {i: 100.0 + i * 0.01 for i in range(1, 1001)}  # 10 s of pings
+    assert len(tt.baseline_windows(sends, [], 1.5)) == 6
+    ws = tt.baseline_windows(sends, [105.0], 1.5)
+    assert ws and all(not (lo - 1.5 <= 105.0 <= hi + 1.5) for lo, hi in ws)
+    assert tt.baseline_windows({}, [], 1.5) == []
