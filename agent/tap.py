@@ -18,7 +18,10 @@ in the VM's tx_dropped). So every agent installs a steering program (TUNSETSTEER
 two-instruction eBPF socket filter that returns 0) that sends every frame to queue 0: the old
 host's until it closes its queue, then the new host's, which takes index 0 in the same step.
 Index 0 always exists while any queue does; what the old host has not read when it closes is
-the only exposure, and it reads its queue empty first.
+the only exposure, and it reads its queue empty first. The price: until the old host closes its
+queue (milliseconds after switchover, when its DETACH arrives) the VM's frames still reach the
+switch through it, as departed-VM ingress; an old host that is paused (SIGSTOP) rather than dead
+keeps them until it resumes and lets go. (A real VM would be paused with its host.)
 
 Frames on a TAP are what the VM's kernel sends: untagged Ethernet II. The switch speaks
 802.1Q-tagged frames with its vNICs (agent/vxlan.py), so the agent tags what it reads with the

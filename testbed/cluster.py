@@ -191,7 +191,7 @@ class Cluster:
             if ip is None:
                 ip = self.netns.add_host(host, index)
                 self.write_vteps()  # the running agents re-read it when they meet the new host
-            args += ["--bind-ip", ip, "--vteps", str(self.state_dir / VTEPS_FILE),
+            args += ["--bind-ip", ip, "--vteps", str((self.state_dir / VTEPS_FILE).resolve()),
                      "--vm-netns", vmns.vm_prefix(self.netns)]
             prefix = self.netns.exec_prefix(host)
         return procs.spawn(host, "agent", args, self.state_dir / "logs" / f"{host}.log", prefix=prefix)
