@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     vteps = None
     if args.vteps is not None:
         try:
-            vteps = VtepMap.load(args.vteps)
+            vteps = VtepMap(args.vteps)
         except ValueError as e:
             print(f"agent: error: {e}; pass a JSON object {{host: IPv4 address}}", file=sys.stderr)
             return 2

@@ -301,17 +301,13 @@ class VtepMap:
     to a running cluster), at most once per VTEP_RELOAD_S and only if the file changed."""
 
     def __init__(self, path: str) -> None:
+        """ValueError with a one-line reason for a missing or bad file."""
         self.path = Path(path)
         self._mtime_ns = 0
         self._checked = 0.0
         self.by_host: dict[str, str] = {}
         self.by_ip: dict[str, str] = {}
         self._load()
-
-    @classmethod
-    def load(cls, path: str) -> VtepMap:
-        """Raises ValueError with a one-line reason for a missing or bad file."""
-        return cls(path)
 
     def _load(self) -> None:
         try:

@@ -97,7 +97,7 @@ def test_vtep_map_is_explicit_and_checked(tmp_path):
             vxlan.parse_vtep_map(bad)
     path = tmp_path / "vteps.json"
     path.write_text(json.dumps({"h1": "10.9.0.3"}))
-    m = VtepMap.load(str(path))
+    m = VtepMap(str(path))
     assert m.ip_of("h1") == "10.9.0.3" and m.host_of("10.9.0.3") == "h1" and m.host_of("10.9.0.4") is None
     # A host added later: the file changes and an unknown name re-reads it (at most once a second).
     path.write_text(json.dumps({"h1": "10.9.0.3", "h2": "10.9.0.4"}))
@@ -106,9 +106,9 @@ def test_vtep_map_is_explicit_and_checked(tmp_path):
     assert m.ip_of("h2") == "10.9.0.4" and m.host_of("10.9.0.4") == "h2"
     path.write_text("{nope")
     with pytest.raises(ValueError, match="not JSON"):
-        VtepMap.load(str(path))
+        VtepMap(str(path))
     with pytest.raises(ValueError, match="cannot read"):
-        VtepMap.load(str(tmp_path / "missing.json"))
+        VtepMap(str(tmp_path / "missing.json"))
 
 
 def test_tap_queue_tags_what_the_vm_sends_and_untags_what_it_gets():
