@@ -648,7 +648,8 @@ def _tool_traffic(cluster, tool, pairs, rate, duration_s, n_moves, seed, bitrate
                       "Mbit/s median", "dip %", "worst 100 ms", title="moves during iperf3")
             for i, m in enumerate(rep["moves"], 1):
                 t.add_row(str(i), m["vm"], m["src"], m["dst"], "yes" if m["converged"] else "[red]no[/red]",
-                          _fmt(m["pair"]), _fmt(m["survived"]), _fmt(m["mbps_window"]), _fmt(m["mbps_median"]),
+                          _fmt(m["pair"]), {True: "yes", False: "[red]no[/red]"}.get(m["survived"], "-"),
+                          _fmt(m["mbps_window"]), _fmt(m["mbps_median"]),
                           _fmt(m["dip_pct"]), _fmt(m["mbps_min"]))
             console.print(t)
         for x in rep["sessions"]:
