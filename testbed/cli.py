@@ -478,16 +478,51 @@ def vm() -> None:
 @json_option
 @state_dir_option
 def vm_list(include_deleted, as_json, state_dir) -> None:
-    """VMs in the controller's inventory."""
-    with Cluster.load(state_dir).controller_client() as ctl:
+    """VMs in the controller's inventory (in --netns mode with each VM's IPv4 address)."""
+    cluster = Cluster.load(state_dir)
+    with cluster.controller_client() as ctl:
         vms = ctl.call("vm_list", {"all": include_deleted})["vms"]
+    if cluster.netns is not None:
+        from testbed.vmns import vm_address
+
+        for v in vms:
+            v["address"] = vm_address(v["vlan"], v["mac"])
     if as_json:
         emit_json(vms)
         return
-    t = Table("vm", "mac", "vlan", "profile", "host", "port", "seq", "state")
+    cols = ["vm", "mac", "vlan", "profile", "host", "port", "seq", "state"]
+    t = Table(*cols, *(["address"] if cluster.netns is not None else []))
     for v in vms:
-        t.add_row(v["vm"], v["mac"], str(v["vlan"]), v["profile"], v["host"], v["port"], str(v["seq"]), v["state"])
+        t.add_row(*(str(v[c]) for c in cols), *([v["address"] or "-"] if cluster.netns is not None else []))
     console.print(t)
+
+
+@vm.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@state_dir_option
+def vm_exec(name, argv, state_dir) -> None:
+    """Run a command inside a VM's network namespace (--netns mode), e.g.
+    `dvs vm exec vm1 -- ping -c 3 198.18.64.2`; its exit code is dvs's."""
+    import subprocess
+
+    from testbed import vmns
+
+    argv = list(argv[1:] if argv and argv[0] == "--" else argv)
+    if not argv:
+        raise click.UsageError("no command to run; e.g. `dvs vm exec vm1 -- ping -c 3 ADDRESS`")
+    cluster = Cluster.load(state_dir)
+    if cluster.netns is None:
+        raise ClusterError("VMs have network stacks only in --netns mode; start the cluster with "
+                           "`dvs up --netns --hosts N --vms M`")
+    if not vmns.exists(cluster.netns, name):
+        known = ", ".join(vmns.list_namespaces(cluster.netns)[:10]) or "none"
+        raise ClusterError(f"no VM namespace for {name!r} (VMs: {known}); see `dvs vm list`")
+    try:
+        rc = subprocess.call(vmns.exec_argv(cluster.netns, name, argv))
+    except OSError as e:
+        raise ClusterError(f"cannot run `ip netns exec`: {e.strerror}") from None
+    sys.exit(rc)
 
 
 @vm.command("create")
@@ -498,8 +533,13 @@ def vm_list(include_deleted, as_json, state_dir) -> None:
 @state_dir_option
 def vm_create(name, host, profile, as_json, state_dir) -> None:
     """Create a VM on a host and wait until every agent knows it."""
-    with Cluster.load(state_dir).controller_client(timeout_ms=30_000) as ctl:
+    cluster = Cluster.load(state_dir)
+    with cluster.controller_client(timeout_ms=30_000) as ctl:
         rec = ctl.call("vm_create", {"name": name, "host": host, "profile": profile})
+    if cluster.netns is not None and rec.get("converged"):
+        from testbed import vmns
+
+        vmns.sync(cluster)  # its namespace and TAP
     if as_json:
         emit_json(rec)
     elif rec["converged"]:
@@ -573,7 +613,12 @@ def controller_answers(cluster: Cluster) -> bool:
 @state_dir_option
 def vm_delete(name, as_json, state_dir) -> None:
     """Delete a VM; its MAC becomes a tombstone on every host."""
-    rec = call_retrying(Cluster.load(state_dir), "vm_delete", {"name": name})
+    cluster = Cluster.load(state_dir)
+    rec = call_retrying(cluster, "vm_delete", {"name": name})
+    if cluster.netns is not None and rec.get("converged"):
+        from testbed import vmns
+
+        vmns.delete(cluster.netns, name)
     _report_op(rec, as_json, f"deleted {name}")
 
 
@@ -604,15 +649,25 @@ def moves(as_json, state_dir) -> None:
 @click.option("--moves", "n_moves", type=click.IntRange(0, 10_000), default=0, show_default=True,
               help="Paired VMs to move (one after another, evenly spread) while the traffic runs.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed for which VMs move where.")
+@click.option("--tool", type=click.Choice(["ping", "iperf3"]), default=None,
+              help="--netns mode: real ping (-i 1/RATE) or iperf3 TCP between the VMs' namespaces instead of "
+                   "frames from this process; figures come from the tool's output.")
+@click.option("--bitrate", default=None, help="--tool iperf3: target bitrate per session (iperf3 -b, e.g. 20M); "
+                                                "default unlimited.")
 @json_option
 @state_dir_option
-def traffic(pairs, rate, duration_s, n_moves, seed, as_json, state_dir) -> None:
+def traffic(pairs, rate, duration_s, n_moves, seed, tool, bitrate, as_json, state_dir) -> None:
     """Send sequence-numbered frames between VM pairs across hosts (this process plays the VMs)
     and count delivered, lost, duplicated and misdelivered frames; per move, frames lost and the
-    data-plane blackout."""
+    data-plane blackout. With --tool, real ping or iperf3 run inside the VMs (--netns mode)."""
     from testbed.traffic import run_traffic
 
     cluster = Cluster.load(state_dir)
+    if tool is not None:
+        _tool_traffic(cluster, tool, pairs, rate, duration_s, n_moves, seed, bitrate, as_json)
+        return
+    if cluster.netns is not None:
+        raise ClusterError("in --netns mode the VMs are namespaces with real stacks: use --tool ping or --tool iperf3")
     with err_console.status(f"{pairs} pairs at {rate:g} frames/s for {duration_s:g} s"
                             + (f", {n_moves} moves" if n_moves else "")):
         rep = run_traffic(cluster, pairs=pairs, rate=rate, duration_s=duration_s, moves=n_moves, seed=seed)
@@ -633,6 +688,48 @@ def traffic(pairs, rate, duration_s, n_moves, seed, as_json, state_dir) -> None:
                       f"{f['duplicated']}, misdelivered {f['misdelivered']}; one-way delay ms p50 "
                       f"{_fmt(d['p50'])} p99 {_fmt(d['p99'])} max {_fmt(d['max'])}")
     ok = rep["accounted"] and all(m["converged"] for m in rep["moves"])
+    sys.exit(0 if ok else 1)
+
+
+def _tool_traffic(cluster, tool, pairs, rate, duration_s, n_moves, seed, bitrate, as_json) -> None:
+    from testbed.tooltraffic import run_tool_traffic
+
+    with err_console.status(f"{tool} between {pairs} VM pairs for {duration_s:g} s"
+                            + (f", {n_moves} moves" if n_moves else "")):
+        rep = run_tool_traffic(cluster, tool=tool, pairs=pairs, rate=rate, duration_s=duration_s, moves=n_moves,
+                               seed=seed, bitrate=bitrate)
+    s = rep["moves_summary"]
+    if as_json:
+        emit_json(rep)
+    elif tool == "ping":
+        if rep["moves"]:
+            t = Table("#", "vm", "from", "to", "converged", "latency ms", "pair", "pings", "lost", "longest gap ms",
+                      "ping pacing ms", title="moves during ping")
+            for i, m in enumerate(rep["moves"], 1):
+                t.add_row(str(i), m["vm"], m["src"], m["dst"], "yes" if m["converged"] else "[red]no[/red]",
+                          _fmt(m["latency_ms"]), _fmt(m["pair"]), _fmt(m["pings"]), _fmt(m["lost"]),
+                          _fmt(m["gap_ms_max"]), _fmt(m["send_gap_ms_max"]))
+            console.print(t)
+        console.print(f"ping: {s['transmitted']} sent, {s['lost_total']} lost in all; per move: {s['pings_lost']} "
+                      f"lost, longest gap ms p50 {_fmt(s['gap_ms_p50'])} p99 {_fmt(s['gap_ms_p99'])} max "
+                      f"{_fmt(s['gap_ms_max'])} (ping's own pacing p99 {_fmt(s['send_gap_ms_p99'])}; longest gap "
+                      f"in windows without a move p99 {_fmt(s['no_move_gap_ms_p99'])})")
+    else:
+        if rep["moves"]:
+            t = Table("#", "vm", "from", "to", "converged", "pair", "session survived", "Mbit/s window",
+                      "Mbit/s median", "dip %", "worst 100 ms", title="moves during iperf3")
+            for i, m in enumerate(rep["moves"], 1):
+                t.add_row(str(i), m["vm"], m["src"], m["dst"], "yes" if m["converged"] else "[red]no[/red]",
+                          _fmt(m["pair"]), {True: "yes", False: "[red]no[/red]"}.get(m["survived"], "-"),
+                          _fmt(m["mbps_window"]), _fmt(m["mbps_median"]),
+                          _fmt(m["dip_pct"]), _fmt(m["mbps_min"]))
+            console.print(t)
+        for x in rep["sessions"]:
+            console.print(f"{x['a']} -> {x['b']}: {'survived' if x['survived'] else '[red]failed[/red]'}, "
+                          f"{_fmt(x['mbps'])} Mbit/s, {_fmt(x['retransmits'])} retransmits"
+                          + (f" ({x['error']})" if x["error"] else ""))
+    converged = all(m["converged"] for m in rep["moves"])
+    ok = converged and (s["complete"] if tool == "ping" else s["sessions_survived"] == s["sessions"])
     sys.exit(0 if ok else 1)
 
 

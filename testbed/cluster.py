@@ -25,6 +25,8 @@ from testbed.procs import Proc
 ENDPOINT_RE = re.compile(r"^(tcp://[^\s:/]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
 STATE_FILE = "cluster.json"
 JOURNAL_FILE = "controller.journal"
+# netns mode: every host's VTEP address, explicitly ({host: IPv4}); the agents read it (--vteps).
+VTEPS_FILE = "vteps.json"
 DEFAULT_STATE_DIR = ".dvs"
 
 
@@ -129,7 +131,8 @@ class Cluster:
     ) -> Cluster:
         """`vtep_base`: "auto" picks a free 127.a.b.0 block (so concurrent clusters never collide),
         an IPv4 address uses that (`dvs up` passes 127.0.0.1: h1 = 127.0.0.2), "off" runs no data plane.
-        The data plane is off in netns mode."""
+        In netns mode the VTEPs are the hosts' namespace addresses, listed in VTEPS_FILE, and
+        every VM is a namespace with a TAP (testbed/vmns.py)."""
         state_dir = Path(state_dir)
         if hosts < 1 or hosts > 256:
             raise ClusterError(f"--hosts must be between 1 and 256, got {hosts}")
@@ -169,6 +172,11 @@ class Cluster:
             raise
         c.save()  # from here on `dvs down` can clean up whatever happens next
         try:
+            if c.netns is not None:
+                for i in range(1, hosts + 1):
+                    c.netns.add_host(f"h{i}", i)
+                c.write_vteps()
+                c.save()
             pending = [c._spawn_agent(f"h{i}", i) for i in range(1, hosts + 1)]
             for p in procs.wait_ready(pending, ready_timeout_s):
                 c.agents[p.name] = p
@@ -185,10 +193,22 @@ class Cluster:
                 *self.agent_args]
         prefix = None
         if self.netns is not None:
-            ip = self.netns.ips.get(host) or self.netns.add_host(host, index)
-            args += ["--bind-ip", ip]
+            from testbed import vmns
+
+            ip = self.netns.ips.get(host)
+            if ip is None:
+                ip = self.netns.add_host(host, index)
+                self.write_vteps()  # the running agents re-read it when they meet the new host
+            args += ["--bind-ip", ip, "--vteps", str((self.state_dir / VTEPS_FILE).resolve()),
+                     "--vm-netns", vmns.vm_prefix(self.netns)]
             prefix = self.netns.exec_prefix(host)
         return procs.spawn(host, "agent", args, self.state_dir / "logs" / f"{host}.log", prefix=prefix)
+
+    def write_vteps(self) -> None:
+        path = self.state_dir / VTEPS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.netns.ips, indent=1))
+        tmp.replace(path)
 
     def start_controller(self, ready_timeout_s: float = 30.0) -> Proc:
         """(Re)start the controller on its old endpoint; it recovers from its journal and the
@@ -241,6 +261,7 @@ class Cluster:
             self.netns.destroy()
         if self.state_file.exists():
             self.state_file.unlink()
+        (self.state_dir / VTEPS_FILE).unlink(missing_ok=True)
         return killed
 
     # ------------------------------------------------------------------ helpers for commands
@@ -254,6 +275,10 @@ class Cluster:
         failed = [op for op in result["ops"] if not op["converged"]]
         if failed:
             raise ClusterError(f"{len(failed)} of {count} VMs did not converge: {failed[0]['error']}")
+        if self.netns is not None:
+            from testbed import vmns
+
+            vmns.sync(self)
         return result
 
 
