@@ -466,6 +466,8 @@ def fault_show(as_json, state_dir) -> None:
         for h, e in shown["hosts"].items():
             for r in e["kernel"]:
                 k.add_row(h, r["where"], r["rule"], "-" if r["packets"] is None else str(r["packets"]))
+        for r in shown["bridge"]:
+            k.add_row("(bridge)", r["where"], r["rule"], "-" if r["packets"] is None else str(r["packets"]))
         console.print(k)
     a = Table("host", "rules", "blocked", "dropped", "delayed", "duplicated", title="agent wrapper")
     for h, e in shown["hosts"].items():

@@ -56,8 +56,8 @@ def netem_missing() -> str | None:
         _run(["ip", "netns", "del", ns])
     if r.returncode == 0:
         return None
-    first = (r.stderr.strip() or r.stdout.strip() or "tc failed").splitlines()[0]
-    return f"this kernel has no netem (`tc qdisc add ... netem` says: {first})"
+    first = (r.stderr.strip() or r.stdout.strip() or "tc failed").splitlines()[0].removeprefix("Error: ")
+    return f"this kernel has no netem (tc: {first.rstrip('.')})"
 
 
 def unsupported(rule: Rule, netem: str | None) -> str | None:
@@ -112,11 +112,17 @@ def rule_lines(rule: Rule, host_ip: str, addr_of: Callable[[str], str | None]) -
     raise ValueError(f"{rule.kind} is not an nftables rule")
 
 
-def host_script(table: str, host_ip: str, rules: Iterable[Rule], addr_of: Callable[[str], str | None]) -> str:
+def host_script(table: str, host_ip: str, rules: Iterable[Rule], addr_of: Callable[[str], str | None],
+                admin: tuple[str, int] | None = None) -> str:
     """An `nft -f` script that replaces hN's fault table with these rules in one transaction
-    (or removes it when there are none). Losses come first: a lost packet is not copied."""
+    (or removes it when there are none). Losses come first: a lost packet is not copied.
+    `admin` = (address, port): dvs's requests to the agent's API socket pass untouched, as the
+    agent wrapper never faults a client (so `dvs fault show` and the agent-level faults of a
+    chaos run are not slowed by the kernel's losses)."""
     rules = [r for r in rules if r.kind in ("loss", "dup")]
     lines = [ln for kind in ("loss", "dup") for r in rules if r.kind == kind for ln in rule_lines(r, host_ip, addr_of)]
+    if lines and admin is not None:
+        lines.insert(0, f'ip saddr {admin[0]} tcp dport {admin[1]} counter accept comment "{COMMENT}admin dvs"')
     # `table X {}` then `delete table X`: removes an old table whether or not it exists.
     script = f"table ip {table} {{}}\ndelete table ip {table}\n"
     if lines:
@@ -144,8 +150,19 @@ def netem_argv(dev: str, rules: Iterable[Rule]) -> list[str]:
 class KernelFaults:
     """The kernel rules of one NetnsLab (testbed/netns.py), host by host."""
 
-    def __init__(self, lab) -> None:
+    @classmethod
+    def of(cls, cluster) -> KernelFaults:
+        """For a cluster in netns mode, knowing its agents' API ports."""
+        ports = {}
+        for h, p in cluster.agents.items():
+            ep = p.info.get("rpc", "")
+            if ep.rsplit(":", 1)[-1].isdigit():
+                ports[h] = int(ep.rsplit(":", 1)[-1])
+        return cls(cluster.netns, ports)
+
+    def __init__(self, lab, rpc_ports: dict[str, int] | None = None) -> None:
         self.lab = lab
+        self.rpc_ports = rpc_ports or {}  # host -> its agent's API port (dvs connects there)
 
     def addr_of(self, name: str) -> str | None:
         return self.lab.controller_ip if name == CONTROLLER else self.lab.ips.get(name)
@@ -155,7 +172,9 @@ class KernelFaults:
         ip = self.lab.ips.get(host)
         if ip is None:
             raise ClusterError(f"{host} has no namespace in this lab")
-        script = host_script(self.lab.table, ip, rules, self.addr_of)
+        port = self.rpc_ports.get(host)
+        script = host_script(self.lab.table, ip, rules, self.addr_of,
+                             None if port is None else (self.lab.controller_ip, port))
         r = _run([*self.lab.exec_prefix(host), "nft", "-f", "-"], input_text=script)
         if r.returncode != 0:
             raise ClusterError(f"nft in {self.lab.namespace(host)} refused the fault rules: "
@@ -189,4 +208,18 @@ class KernelFaults:
             if "netem" in line:
                 out.append({"id": None, "kind": "delay", "where": f"tc {self.lab.veth(host)}", "rule": line.strip(),
                             "packets": None})
+        return out
+
+    def list_partition(self) -> list[dict]:
+        """The partition's drop rules on the lab bridge (root namespace), chain by chain."""
+        r = _run(["nft", "list", "table", "bridge", self.lab.table])
+        out, chain = [], ""
+        for line in r.stdout.splitlines() if r.returncode == 0 else []:
+            m = re.match(r"\s*chain (\S+)", line)
+            if m:
+                chain = m.group(1)
+            elif " drop" in line:
+                pk = re.search(r"counter packets (\d+)", line)
+                out.append({"id": None, "kind": "partition", "where": f"nft bridge {self.lab.table} {chain}",
+                            "rule": line.strip(), "packets": int(pk.group(1)) if pk else None})
         return out

@@ -154,7 +154,7 @@ def boundary(cluster: Cluster) -> str:
 def _kernel(cluster: Cluster):
     from testbed.kernfaults import KernelFaults
 
-    return KernelFaults(cluster.netns)
+    return KernelFaults.of(cluster)
 
 
 def _rules_on(reg: dict, host: str, where: str) -> list[Rule]:
@@ -329,7 +329,8 @@ def show(cluster: Cluster) -> dict:
                     missing.append(h)
             f["missing"] = missing
         faults.append(f)
-    return {"boundary": boundary(cluster), "faults": faults, "hosts": hosts}
+    return {"boundary": boundary(cluster), "faults": faults, "hosts": hosts,
+            "bridge": kf.list_partition() if kf else []}
 
 
 def describe(f: dict) -> str:
@@ -371,4 +372,17 @@ def restart(cluster: Cluster, name: str) -> Proc:
     if procs.alive(p):
         os.kill(p.pid, signal.SIGKILL)
         procs.wait_gone(p, timeout_s=5)
-    return cluster.start_controller() if name == CONTROLLER else cluster.add_agent(name)
+    if name == CONTROLLER:
+        return cluster.start_controller()
+    p = cluster.add_agent(name)
+    if cluster.netns is not None:
+        rekernel(cluster, name)
+    return p
+
+
+def rekernel(cluster: Cluster, host: str) -> None:
+    """Render hN's kernel rules again (after a restart its API port, exempt for dvs, is new).
+    The rules themselves outlive the agent: they live in its namespace."""
+    rules = _rules_on(load_registry(cluster), host, KERNEL)
+    if rules:
+        _kernel(cluster).apply_host(host, rules)
