@@ -119,10 +119,13 @@ def live_hosts(cluster: Cluster) -> list[str]:
 
 
 def load_registry(cluster: Cluster) -> dict:
+    """The faults in force on this cluster. A record left by an earlier cluster in the same state
+    dir (another `started_at`) is not this one's: its faults died with it."""
     path = cluster.state_dir / FAULTS_FILE
     try:
         reg = json.loads(path.read_text())
-        if isinstance(reg, dict) and isinstance(reg.get("faults"), list) and isinstance(reg.get("next"), int):
+        if (isinstance(reg, dict) and isinstance(reg.get("faults"), list) and isinstance(reg.get("next"), int)
+                and reg.get("cluster_started_at") == cluster.started_at):
             return reg
     except FileNotFoundError:
         pass
@@ -134,7 +137,7 @@ def load_registry(cluster: Cluster) -> dict:
 def save_registry(cluster: Cluster, reg: dict) -> None:
     path = cluster.state_dir / FAULTS_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(reg, indent=1))
+    tmp.write_text(json.dumps(reg | {"cluster_started_at": cluster.started_at}, indent=1))
     os.replace(tmp, path)
 
 
