@@ -211,8 +211,8 @@ class NetFaults:
         for rid in remove:
             rules.pop(rid, None)
         added = args.get("add", [])
-        if not isinstance(added, list):
-            raise ValueError("add must be a list of rules")
+        if not isinstance(added, list) or len(added) > MAX_RULES:
+            raise ValueError(f"add must be a list of at most {MAX_RULES} rules")
         new = [parse_rule(d) for d in added]
         new += self._flat_rules(args, rules)
         for r in new:

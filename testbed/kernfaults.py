@@ -41,7 +41,10 @@ COMMENT = "dvs "  # every rule we write carries `comment "dvs <id> <kind>"`
 
 
 def _run(argv: list[str], input_text: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, input=input_text, capture_output=True, text=True)
+    try:
+        return subprocess.run(argv, input=input_text, capture_output=True, text=True)
+    except FileNotFoundError:  # e.g. no `tc` (iproute2 without it): a failed command, not a traceback
+        return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: command not found")
 
 
 @functools.cache
@@ -180,10 +183,11 @@ class KernelFaults:
             raise ClusterError(f"nft in {self.lab.namespace(host)} refused the fault rules: "
                                f"{(r.stderr.strip() or r.stdout.strip()).splitlines()[0]}")
         delays = [r for r in rules if r.kind == "delay"]
-        argv = netem_argv(self.lab.veth(host), delays)
-        res = _run(argv)
-        if res.returncode != 0 and delays:
-            raise ClusterError(f"`{' '.join(argv)}` failed: {res.stderr.strip()}")
+        if delays or netem_missing() is None:  # (without netem there is never a qdisc to remove)
+            argv = netem_argv(self.lab.veth(host), delays)
+            res = _run(argv)
+            if res.returncode != 0 and delays:
+                raise ClusterError(f"`{' '.join(argv)}` failed: {res.stderr.strip()}")
 
     def clear(self, hosts: Iterable[str]) -> None:
         for h in hosts:
@@ -203,8 +207,8 @@ class KernelFaults:
                 pk = re.search(r"counter packets (\d+)", line)
                 out.append({"id": m.group(1), "kind": m.group(2), "where": f"nft {self.lab.namespace(host)}",
                             "rule": line.strip(), "packets": int(pk.group(1)) if pk else None})
-        q = _run(["tc", "qdisc", "show", "dev", self.lab.veth(host)])
-        for line in q.stdout.splitlines():
+        q = _run(["tc", "qdisc", "show", "dev", self.lab.veth(host)]) if netem_missing() is None else None
+        for line in q.stdout.splitlines() if q else []:
             if "netem" in line:
                 out.append({"id": None, "kind": "delay", "where": f"tc {self.lab.veth(host)}", "rule": line.strip(),
                             "packets": None})
