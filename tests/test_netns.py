@@ -97,6 +97,11 @@ def test_network_faults_are_kernel_rules_in_the_hosts_namespaces(make_cluster):
             break
         time.sleep(0.2)
     assert f1["packets"] > 0
+    # The rules live in the namespace and outlive the agent; its new API port stays exempt for dvs.
+    # (in this process, the agent's parent, which reaps it: a `dvs` child would wait for a zombie)
+    nemesis.restart(cluster, "h1")
+    port = cluster.agents["h1"].info["rpc"].rsplit(":", 1)[1]
+    assert f"tcp dport {port} counter" in nft_in(cluster, "h1") and "dvs f1 loss" in nft_in(cluster, "h1")
     assert run_dvs("fault", "heal", state_dir=sd).returncode == 0
     assert "dvs f" not in nft_in(cluster, "h1") + nft_in(cluster, "h2")
     with cluster.agent_client("h3") as a:
