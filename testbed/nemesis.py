@@ -223,23 +223,38 @@ def add_fault(cluster: Cluster, kind: str, params: dict, *, hosts: list[str] | N
             new_reg["faults"].append(old)
     new_reg["faults"].append(rec)
     done: list[str] = []
-    try:
-        for h in on:
+
+    def undo(h: str, client=None) -> None:
+        """Put back what hN had. On the connection the failed request went out on, the undo queues
+        behind it, so an agent that answers late (paused) still ends with what it had."""
+        try:
+            if where == KERNEL:
+                _kernel(cluster).apply_host(h, _rules_on(reg, h, KERNEL))
+            elif client is not None:
+                client.call("faults", {"remove": [fid], "add": gone.get(h, [])}, timeout_ms=300)
+            else:
+                configure(cluster, {h: {"remove": [fid], "add": gone.get(h, [])}})
+        except ClusterError:
+            pass
+
+    for h in on:
+        try:
             if where == KERNEL:
                 _kernel(cluster).apply_host(h, _rules_on(new_reg, h, KERNEL))
             else:
-                configure(cluster, {h: {"add": [rule.to_json()], "remove": [r["id"] for r in gone.get(h, [])]}})
-            done.append(h)
-    except (ClusterError, OSError) as e:
-        for h in done:  # put back what was there: never half applied
-            try:
-                if where == KERNEL:
-                    _kernel(cluster).apply_host(h, _rules_on(reg, h, KERNEL))
-                else:
-                    configure(cluster, {h: {"remove": [fid], "add": gone.get(h, [])}})
-            except ClusterError:
-                pass
-        raise ClusterError(f"fault {kind} not applied (failed on {on[len(done)]}: {e}); nothing changed") from None
+                with cluster.agent_client(h) as a:
+                    try:
+                        a.call("faults", {"add": [rule.to_json()], "remove": [r["id"] for r in gone.get(h, [])]})
+                    except ClusterError:
+                        undo(h, a)
+                        raise
+        except (ClusterError, OSError) as e:
+            for d in done:  # never half applied
+                undo(d)
+            if where == KERNEL:
+                undo(h)
+            raise ClusterError(f"fault {kind} not applied (failed on {h}: {e}); nothing changed") from None
+        done.append(h)
     save_registry(cluster, new_reg)
     return rec
 
