@@ -303,46 +303,81 @@ def agent_start(host, state_dir) -> None:
 
 def _hosts_option(f):
     return click.option("--hosts", "only", default=None,
-                        help="Comma-separated hosts to apply it on (default: every host).")(f)
+                        help="Comma-separated hosts that suffer it, on what they receive (default: every host).")(f)
 
 
 def _peers_option(f):
     return click.option("--from", "from_", default=None,
-                        help="Only frames from these comma-separated hosts (or 'controller').")(f)
+                        help="Only what comes from these comma-separated hosts (or 'controller'); default: everyone.")(f)
+
+
+def _types_option(f):
+    return click.option("--types", default=None,
+                        help="Only these message types, e.g. UPDATES,HEARTBEAT (agent wrapper only: the kernel "
+                             "sees packets, not messages).")(f)
+
+
+def _in_agent_option(f):
+    return click.option("--in-agent", is_flag=True,
+                        help="In --netns mode, apply it in the agents' transport wrapper instead of the kernel "
+                             "(for what the kernel cannot do: --types, reorder, delay without netem).")(f)
 
 
 def _csv(text: str | None) -> list[str] | None:
     return None if text is None else [x for x in (t.strip() for t in text.split(",")) if x]
 
 
-def _apply_to_agents(state_dir: str, only: str | None, args: dict) -> None:
+# Numbers may be negative on the command line so that `dvs fault delay -3` is a range error,
+# not an unknown option `-3`.
+_NUMERIC = {"ignore_unknown_options": True}
+
+
+def _add_fault(state_dir: str, kind: str, params: dict, only, from_, types, in_agent: bool) -> None:
     from testbed import nemesis
 
     cluster = Cluster.load(state_dir)
-    hosts = _csv(only) or nemesis.live_hosts(cluster)
-    for h in hosts:
-        cluster.agent(h)
-    nemesis.configure(cluster, dict.fromkeys(hosts, args))
-    click.echo(f"{', '.join(f'{k}={v}' for k, v in args.items())} on {len(hosts)} host(s)")
+    rec = nemesis.add_fault(cluster, kind, params, hosts=_csv(only), from_=_csv(from_), types=_csv(types),
+                            in_agent=in_agent)
+    r = rec["rule"]
+    where = {"kernel": "kernel rules", "agent": "agent wrapper"}[rec["boundary"]]
+    if rec["why_agent"]:
+        where += f" ({rec['why_agent']})"
+    click.echo(f"{rec['id']} {kind} {nemesis.describe(rec)} on {','.join(rec['hosts'])} "
+               f"from {','.join(r['from']) if r['from'] else 'everyone'}, "
+               f"types {','.join(r['types']) if r['types'] else 'all'}: {where}")
+    for old in rec["replaced"]:
+        click.echo(f"  replaced {old['id']} ({kind} {nemesis.describe({'kind': kind, 'rule': old['rule']})}) "
+                   f"on {','.join(old['hosts'])}: same kind, peers and types")
 
 
 @cli.group()
 def fault() -> None:
-    """Inject faults into a running cluster (network faults act on what each agent receives)."""
+    """Inject faults into a running cluster. Network faults act on what each host receives: as kernel
+    rules in --netns mode (nftables, netem where the kernel has it), else in each agent's transport
+    wrapper. Each network fault is an independent rule with an id (f1, f2, ...); `dvs fault show`
+    lists them."""
 
 
 @fault.command("partition")
 @click.argument("groups", nargs=-1, required=True)
+@click.option("--rest", default=None, metavar="group|isolated|N",
+              help="Where hosts named in no group go: one more group, each alone, or into group N. "
+                   "Required when some host is in no group.")
 @state_dir_option
-def fault_partition(groups, state_dir) -> None:
+def fault_partition(groups, rest, state_dir) -> None:
     """Split hosts into groups that cannot talk: `dvs fault partition h1,h2 h3,h4`.
-    Put `controller` in a group to cut it off from the others; unlisted hosts form one more group."""
+    Put `controller` in a group to cut it off from the others. Replaces the partition in force."""
     from testbed import nemesis
 
     cluster = Cluster.load(state_dir)
-    blocked = nemesis.groups_to_blocked(list(cluster.agents), [_csv(g) for g in groups])
-    nemesis.partition(cluster, blocked)
-    click.echo(f"partitioned: {' | '.join(groups)}")
+    if rest is not None and rest not in nemesis.REST:
+        if not rest.isdigit():
+            raise click.BadParameter("expected group, isolated or a group number", param_hint="--rest")
+        rest = int(rest)
+    blocked = nemesis.groups_to_blocked(list(cluster.agents), [_csv(g) for g in groups], rest)
+    label = " | ".join(groups) + (f" (rest: {rest})" if rest is not None else "")
+    nemesis.partition(cluster, blocked, label)
+    click.echo(f"partitioned: {label}")
 
 
 @fault.command("isolate")
@@ -356,64 +391,72 @@ def fault_isolate(kind, host, state_dir) -> None:
 
     cluster = Cluster.load(state_dir)
     blocked = nemesis.named_partition("isolate" if kind == "host" else kind, list(cluster.agents), host)
-    nemesis.partition(cluster, blocked)
+    nemesis.partition(cluster, blocked, f"isolate {kind}{' ' + host if host else ''}")
     cut = {h: sorted(b) for h, b in blocked.items() if b}
     click.echo(f"partition {kind}{' ' + host if host else ''}: {len(cut)} host(s) cut off from some peers")
 
 
 @fault.command("heal")
+@click.argument("ids", nargs=-1)
 @state_dir_option
-def fault_heal(state_dir) -> None:
-    """Remove every network fault (partitions, loss, delay, duplication, reordering)."""
+def fault_heal(ids, state_dir) -> None:
+    """Remove every network fault (kernel rules, partitions, agent wrapper faults), or only the
+    faults IDS (e.g. `dvs fault heal f2`)."""
     from testbed import nemesis
 
     cluster = Cluster.load(state_dir)
-    n = len(nemesis.heal(cluster))
-    click.echo(f"healed {n} host(s)")
+    nemesis.heal(cluster, list(ids))
+    click.echo(f"healed {', '.join(ids)}" if ids else f"healed every network fault on {len(cluster.agents)} host(s)")
 
 
-@fault.command("loss")
+@fault.command("loss", context_settings=_NUMERIC)
 @click.argument("probability", type=click.FloatRange(0, 1))
-@click.option("--types", default=None, help="Only these message types, e.g. UPDATES,HEARTBEAT.")
+@_types_option
 @_hosts_option
 @_peers_option
+@_in_agent_option
 @state_dir_option
-def fault_loss(probability, types, only, from_, state_dir) -> None:
-    """Drop received frames with this probability."""
-    args = {"drop": probability, "drop_types": _csv(types), "peers": _csv(from_)}
-    _apply_to_agents(state_dir, only, args)
+def fault_loss(probability, types, only, from_, in_agent, state_dir) -> None:
+    """Drop received packets (frames, in the agent wrapper) with this probability."""
+    _add_fault(state_dir, "loss", {"p": probability}, only, from_, types, in_agent)
 
 
-@fault.command("delay")
+@fault.command("delay", context_settings=_NUMERIC)
 @click.argument("ms", type=click.FloatRange(0, 60_000))
 @click.option("--jitter", "jitter_ms", type=click.FloatRange(0, 60_000), default=0.0, show_default=True,
               help="Plus a uniform random 0..JITTER ms.")
+@_types_option
 @_hosts_option
 @_peers_option
+@_in_agent_option
 @state_dir_option
-def fault_delay(ms, jitter_ms, only, from_, state_dir) -> None:
-    """Delay received frames by MS milliseconds (plus jitter)."""
-    _apply_to_agents(state_dir, only, {"delay_ms": ms, "jitter_ms": jitter_ms, "peers": _csv(from_)})
+def fault_delay(ms, jitter_ms, types, only, from_, in_agent, state_dir) -> None:
+    """Delay received packets by MS milliseconds (plus jitter)."""
+    _add_fault(state_dir, "delay", {"delay_ms": ms, "jitter_ms": jitter_ms}, only, from_, types, in_agent)
 
 
-@fault.command("dup")
+@fault.command("dup", context_settings=_NUMERIC)
 @click.argument("probability", type=click.FloatRange(0, 1))
+@_types_option
 @_hosts_option
 @_peers_option
+@_in_agent_option
 @state_dir_option
-def fault_dup(probability, only, from_, state_dir) -> None:
-    """Deliver received frames twice with this probability."""
-    _apply_to_agents(state_dir, only, {"dup": probability, "peers": _csv(from_)})
+def fault_dup(probability, types, only, from_, in_agent, state_dir) -> None:
+    """Deliver received packets twice with this probability."""
+    _add_fault(state_dir, "dup", {"p": probability}, only, from_, types, in_agent)
 
 
-@fault.command("reorder")
+@fault.command("reorder", context_settings=_NUMERIC)
 @click.argument("probability", type=click.FloatRange(0, 1))
+@_types_option
 @_hosts_option
 @_peers_option
+@_in_agent_option
 @state_dir_option
-def fault_reorder(probability, only, from_, state_dir) -> None:
-    """Hold back received frames with this probability so later ones overtake them."""
-    _apply_to_agents(state_dir, only, {"reorder": probability, "peers": _csv(from_)})
+def fault_reorder(probability, types, only, from_, in_agent, state_dir) -> None:
+    """Hold back received frames with this probability so later ones overtake them (agent wrapper)."""
+    _add_fault(state_dir, "reorder", {"p": probability}, only, from_, types, in_agent)
 
 
 def _process_fault(name: str, action: str, state_dir: str) -> None:
@@ -450,19 +493,48 @@ for _action, _doc in (("kill", "SIGKILL a host's agent, or the controller."),
 @json_option
 @state_dir_option
 def fault_show(as_json, state_dir) -> None:
-    """The network faults each agent applies now, and what they did so far."""
+    """The network faults in force: every parameter, the boundary that enforces each, which fault a
+    newer one replaced; then per host the kernel rules in force (with their packet counters) and
+    the agent wrapper's faults (with what they did so far)."""
     from testbed import nemesis
 
     cluster = Cluster.load(state_dir)
-    shown = nemesis.configure(cluster, dict.fromkeys(nemesis.live_hosts(cluster), {}))
+    shown = nemesis.show(cluster)
     if as_json:
         emit_json(shown)
         return
-    t = Table("host", "drop", "delay ms", "jitter ms", "dup", "reorder", "blocked", "dropped", "delayed", "duplicated")
-    for h, f in shown.items():
-        t.add_row(h, str(f["drop"]), str(f["delay_ms"]), str(f["jitter_ms"]), str(f["dup"]), str(f["reorder"]),
-                  ",".join(f["blocked"]) or "-", str(f["dropped"]), str(f["delayed"]), str(f["duplicated"]))
+    click.echo(f"boundary: {shown['boundary']}")
+    t = Table("fault", "kind", "settings", "hosts", "from", "types", "boundary", "note", title="faults in force")
+    for f in shown["faults"]:
+        r = f.get("rule", {})
+        notes = [f"replaced {o['id']} on {','.join(o['hosts'])}" for o in f["replaced"]]
+        if f.get("why_agent"):
+            notes.append(f["why_agent"])
+        if f.get("missing"):
+            notes.append(f"NOT in force on {','.join(f['missing'])} (restarted since?)")
+        t.add_row(f["id"], f["kind"], nemesis.describe(f), ",".join(f["hosts"]) or "-",
+                  ",".join(r.get("from") or []) or ("-" if f["kind"] == "partition" else "everyone"),
+                  ",".join(r.get("types") or []) or ("-" if f["kind"] == "partition" else "all"),
+                  f["boundary"], "; ".join(notes) or "-")
     console.print(t)
+    if cluster.netns is not None:
+        k = Table("host", "where", "kernel rule", "packets", title="kernel rules in force")
+        for h, e in shown["hosts"].items():
+            for r in e["kernel"]:
+                k.add_row(h, r["where"], r["rule"], "-" if r["packets"] is None else str(r["packets"]))
+        for r in shown["bridge"]:
+            k.add_row("(bridge)", r["where"], r["rule"], "-" if r["packets"] is None else str(r["packets"]))
+        console.print(k)
+    a = Table("host", "rules", "blocked", "dropped", "delayed", "duplicated", title="agent wrapper")
+    for h, e in shown["hosts"].items():
+        ag = e["agent"] or {}
+        if "error" in ag:
+            a.add_row(h, ag["error"], "", "", "", "")
+            continue
+        rules = ", ".join(f"{r['id']} {r['kind']} ({r['hits']} frames)" for r in ag.get("rules", [])) or "-"
+        a.add_row(h, rules, ",".join(ag.get("blocked", [])) or "-", str(ag.get("dropped", 0)),
+                  str(ag.get("delayed", 0)), str(ag.get("duplicated", 0)))
+    console.print(a)
 
 
 # ---------------------------------------------------------------------- VMs
