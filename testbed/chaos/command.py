@@ -38,6 +38,12 @@ and REPORT/timeline.png. Invariants: tables-match-inventory, moves-resolved, sin
 monotonic-applies, processes-up (docs/scenarios.md).
 
 \b
+With --netns (root) the cluster runs in network namespaces and network faults are kernel
+rules: nftables loss, duplication and partitions. What the kernel cannot do here (reordering,
+message types, delay on a kernel without netem) falls back to the agents' transport wrapper,
+and the run says so fault by fault before it starts.
+
+\b
 The same --seed gives the same fault schedule and the same workload choices.
 Exit status: 0 valid, 1 invalid (an invariant failed), 2 unknown (the history is
 incomplete, the run broke, or the scenario could not be run).
@@ -52,7 +58,9 @@ incomplete, the run broke, or the scenario could not be run).
 @click.option("--check-only", "check_only", default=None, metavar="DIR",
               help="Do not run anything: judge the history already in DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def chaos(scenario, seed, report, check_only, as_json) -> None:
+@click.option("--netns", is_flag=True,
+              help="Run the cluster in network namespaces; network faults become kernel rules (root only).")
+def chaos(scenario, seed, report, check_only, as_json, netns) -> None:
     from testbed.chaos.checker import check_history
 
     out = Console()
@@ -76,13 +84,24 @@ def chaos(scenario, seed, report, check_only, as_json) -> None:
         plan = build_plan(sc, seed)
     except ClusterError as e:
         _die(str(e))
+    if netns:
+        from testbed.netns import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            _die(reason)
     report_dir = Path(report) if report else Path(tempfile.mkdtemp(prefix=f"dvs-chaos-{sc.name}-"))
     if report_dir.exists() and not report_dir.is_dir():
         _die(f"--report {report_dir}: exists and is not a directory")
     err.print(f"chaos {sc.name}: {sc.hosts} hosts, {sc.vms} VMs, {len(plan.moves)} planned moves, "
               f"{len(plan.actions)} fault actions over {sc.duration_s:g} s, seed {seed}; report in {report_dir}")
     started = time.monotonic()
-    history = ChaosRun(sc, plan, report_dir, err_console=err).run()
+    run = ChaosRun(sc, plan, report_dir, err_console=err, netns=netns)
+    for i, why in run.boundaries().items():
+        f = sc.faults[i]
+        where = "kernel rules" if why is None else f"the agents' transport wrapper ({why})"
+        err.print(f"faults[{i}] {f.kind}: {where}", highlight=False)
+    history = run.run()
     summary = check_history(history)
     summary["wall_s"] = round(time.monotonic() - started, 2)
     _print(summary, out, as_json)
