@@ -22,11 +22,12 @@ import time
 
 import zmq
 
-from agent import vxlan, wire
+from agent import metrics, vxlan, wire
 from agent.config import AgentConfig
 from agent.core import AgentCore
 from agent.dataplane import Dataplane, DataplaneConfig
 from agent.faults import CONTROLLER, NetFaults, host_of_identity, peek_origin
+from agent.lifeline import watch_owner
 from agent.mactable import format_mac
 from agent.zmqloop import (
     NOBLOCK,
@@ -48,8 +49,11 @@ class AgentRuntime:
     def __init__(self, host: str, controller: str, config: AgentConfig, *, bind_ip: str = "127.0.0.1",
                  incarnation: int | None = None, ready_fd: int | None = None, fault_seed: int = 0,
                  vtep_base: str | None = None, vtep_port: int = vxlan.VXLAN_PORT,
-                 dp_config: DataplaneConfig | None = None) -> None:
+                 dp_config: DataplaneConfig | None = None, metrics_port: int = -1,
+                 parent_pid: int | None = None) -> None:
         self.host = host
+        self.metrics_port = metrics_port  # -1: no metrics server (see agent/metrics.py)
+        self.parent_pid = parent_pid  # stop when this process exits (see agent/lifeline.py)
         self.controller = controller
         self.config = config
         self.bind_ip = bind_ip
@@ -115,6 +119,13 @@ class AgentRuntime:
                 ready.update(vtep=f"{ip}:{self.vtep_port}", vnic=f"{ip}:{dp.vnic_port}")
         stop = asyncio.Event()
         on_stop_signals(loop, stop)
+        if self.parent_pid:
+            watch_owner(loop, self.parent_pid, stop.set)
+        if self.metrics_port >= 0:
+            url = metrics.serve(loop, lambda: metrics.agent_metrics(self.core, self.dp, time.monotonic_ns()),
+                                self.bind_ip, self.metrics_port)
+            if url:
+                ready["metrics"] = url
         self.core.start(time.monotonic_ns())
         tune_gc()
         self._after()

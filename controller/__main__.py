@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
     p.add_argument("--journal", default=None, help="file to keep the inventory in (fsynced; replayed on start)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus metrics on --bind-ip:PORT (default 0: an ephemeral port; -1: none)")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="stop when this process exits (the run that owns the cluster); default: never")
     for f in fields(ControllerConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -26,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ControllerConfig(**{f.name: getattr(args, f.name) for f in fields(ControllerConfig)})
     install_uvloop()
     return asyncio.run(ControllerRuntime(config, bind=args.bind, bind_ip=args.bind_ip,
-                                         ready_fd=args.ready_fd, journal=args.journal).run())
+                                         ready_fd=args.ready_fd, journal=args.journal,
+                                         metrics_port=args.metrics_port, parent_pid=args.parent_pid).run())
 
 
 if __name__ == "__main__":
