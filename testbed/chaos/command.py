@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.client import ClusterError
+from testbed.console import EXIT_INVALID, EXIT_OK, EXIT_UNKNOWN, EXIT_USAGE, make_console
 
 HELP = """Run SCENARIO.toml against a real cluster (a controller and N agent processes) and
 check what happened.
@@ -39,9 +40,15 @@ monotonic-applies, processes-up (docs/scenarios.md).
 
 \b
 The same --seed gives the same fault schedule and the same workload choices.
-Exit status: 0 valid, 1 invalid (an invariant failed), 2 unknown (the history is
-incomplete, the run broke, or the scenario could not be run).
+\b
+Exit status: 0 valid, 1 invalid (an invariant failed), 2 usage (a bad flag or scenario
+file; nothing ran), 3 unknown (the history is incomplete or the run broke).
+SIGTERM and SIGHUP stop the run as Ctrl-C does (its cluster is stopped, the history kept);
+the cluster's processes also stop by themselves if this process is killed outright.
 """
+
+# The checker's verdict -> `dvs` exit code (testbed/console.py: one meaning per code).
+VERDICT_EXIT = {"valid": EXIT_OK, "invalid": EXIT_INVALID, "unknown": EXIT_UNKNOWN}
 
 
 @click.command("chaos", help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,8 +62,8 @@ incomplete, the run broke, or the scenario could not be run).
 def chaos(scenario, seed, report, check_only, as_json) -> None:
     from testbed.chaos.checker import check_history
 
-    out = Console()
-    err = Console(stderr=True)
+    out = make_console()
+    err = make_console(stderr=True)
     if check_only is not None:
         if scenario is not None:
             raise click.UsageError("give either SCENARIO.toml or --check-only DIR, not both")
@@ -64,12 +71,13 @@ def chaos(scenario, seed, report, check_only, as_json) -> None:
             _die(f"{check_only}: no such report directory (or history file)")
         summary = check_history(check_only)
         _print(summary, out, as_json)
-        sys.exit(summary["exit_code"])
+        sys.exit(VERDICT_EXIT.get(summary["verdict"], EXIT_UNKNOWN))
     if scenario is None:
         raise click.UsageError("missing SCENARIO.toml (or --check-only DIR)")
 
     from testbed.chaos.runner import ChaosRun
     from testbed.chaos.scenario import build_plan, load_scenario
+    from testbed.cluster import owned_by_this_process
 
     try:
         sc = load_scenario(scenario)
@@ -80,18 +88,21 @@ def chaos(scenario, seed, report, check_only, as_json) -> None:
     if report_dir.exists() and not report_dir.is_dir():
         _die(f"--report {report_dir}: exists and is not a directory")
     err.print(f"chaos {sc.name}: {sc.hosts} hosts, {sc.vms} VMs, {len(plan.moves)} planned moves, "
-              f"{len(plan.actions)} fault actions over {sc.duration_s:g} s, seed {seed}; report in {report_dir}")
+              f"{len(plan.actions)} fault actions over {sc.duration_s:g} s, seed {seed}; report in {report_dir}",
+              highlight=False)
+    err.print(f"chaos state dir {report_dir / 'state'} (pids in cluster.json, logs in logs/)", highlight=False)
+    owned_by_this_process()  # the cluster dies with this process, even after a SIGKILL
     started = time.monotonic()
     history = ChaosRun(sc, plan, report_dir, err_console=err).run()
     summary = check_history(history)
     summary["wall_s"] = round(time.monotonic() - started, 2)
     _print(summary, out, as_json)
-    sys.exit(summary["exit_code"])
+    sys.exit(VERDICT_EXIT.get(summary["verdict"], EXIT_UNKNOWN))
 
 
 def _die(msg: str) -> None:
     click.echo(f"dvs: error: {msg}", err=True)
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)
 
 
 def _print(summary: dict, console: Console, as_json: bool) -> None:
