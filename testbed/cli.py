@@ -60,6 +60,18 @@ def agent_flags(heartbeat_interval_ms: int | None) -> list[str]:
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
+def _vtep_base_value(ctx, param, value: str) -> str:
+    import ipaddress
+
+    if value in ("auto", "off"):
+        return value
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an IPv4 address, 'auto' or 'off'") from None
+    return value
+
+
 @cli.command()
 @click.option("--hosts", type=click.IntRange(1, 256), required=True, help="Number of agents (h1..hN).")
 @click.option("--vms", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
@@ -72,7 +84,7 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 @click.option("--netns", is_flag=True,
               help="Real-network mode: each host in its own network namespace on a bridge; partitions "
                    "become nftables rules (root only).")
-@click.option("--vtep-base", default="127.0.0.1", show_default=True,
+@click.option("--vtep-base", default="127.0.0.1", show_default=True, callback=_vtep_base_value,
               help="Data plane: host hN's VTEP is this IPv4 address + N on UDP 4789 (h1 = 127.0.0.2); "
                    "'auto' picks a free 127.a.b.0 block, 'off' runs no data plane.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 
 import psutil
 import pytest
 
 from testbed.cluster import Cluster
+
+# The tests' clusters are listed in a registry of their own (`dvs cleanup`), never the user's.
+os.environ.setdefault("DVS_REGISTRY_DIR", tempfile.mkdtemp(prefix="dvs-test-registry-"))
 
 
 def all_pids(cluster: Cluster) -> list[int]:
