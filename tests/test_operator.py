@@ -345,3 +345,33 @@ def test_cleanup_all_stops_detached_clusters(tmp_path, monkeypatch):
     finally:
         if (sd / "cluster.json").exists():
             run_dvs("down", state_dir=sd)
+
+
+def test_sighup_stops_traffic_and_unplugs_its_vms(cluster_dir):
+    from testbed.cluster import Cluster
+
+    cluster = Cluster.load(cluster_dir)
+
+    def vnics() -> int:
+        total = 0
+        for h in cluster.agents:
+            with cluster.agent_client(h) as a:
+                total += a.call("dataplane")["vnics"]
+        return total
+
+    proc = subprocess.Popen(_dvs_argv("traffic", "--pairs", "2", "--duration", "300", "--state-dir", str(cluster_dir)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while vnics() == 0 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert vnics() > 0, "the traffic run never plugged its VMs in"
+        proc.send_signal(signal.SIGHUP)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    assert "stopped by SIGHUP" in err and "Traceback" not in err
+    assert vnics() == 0  # its VMs' backends are gone: no agent keeps sending to them

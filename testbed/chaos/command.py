@@ -70,8 +70,9 @@ def chaos(scenario, seed, report, check_only, as_json) -> None:
         if not Path(check_only).exists():
             _die(f"{check_only}: no such report directory (or history file)")
         summary = check_history(check_only)
+        summary["exit_code"] = VERDICT_EXIT.get(summary["verdict"], EXIT_UNKNOWN)
         _print(summary, out, as_json)
-        sys.exit(VERDICT_EXIT.get(summary["verdict"], EXIT_UNKNOWN))
+        sys.exit(summary["exit_code"])
     if scenario is None:
         raise click.UsageError("missing SCENARIO.toml (or --check-only DIR)")
 
@@ -96,8 +97,9 @@ def chaos(scenario, seed, report, check_only, as_json) -> None:
     history = ChaosRun(sc, plan, report_dir, err_console=err).run()
     summary = check_history(history)
     summary["wall_s"] = round(time.monotonic() - started, 2)
+    summary["exit_code"] = VERDICT_EXIT.get(summary["verdict"], EXIT_UNKNOWN)  # (summary.json: the checker's)
     _print(summary, out, as_json)
-    sys.exit(VERDICT_EXIT.get(summary["verdict"], EXIT_UNKNOWN))
+    sys.exit(summary["exit_code"])
 
 
 def _die(msg: str) -> None:
