@@ -181,7 +181,7 @@ class Cluster:
             fresh = type(self).load(self.state_dir)
         except ClusterError:
             return
-        self.agents = {**fresh.agents, **{h: p for h, p in self.agents.items() if h not in fresh.agents}}
+        self.agents.update(fresh.agents)  # in place: callers may hold this dict
         if fresh.controller is not None:
             self.controller = fresh.controller
 
