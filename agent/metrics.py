@@ -4,7 +4,8 @@ Read at scrape time: a Collector turns the counters the cores keep anyway into m
 so the hot path pays nothing for metrics. prometheus-client's HTTP server runs in its own daemon
 thread; the collector hands the reading itself to the event loop (call_soon_threadsafe) and waits
 for it, so the core is read between two events, never halfway through one, and never from two
-threads. A scrape thus costs the loop one wake-up plus the reading.
+threads. A scrape thus costs the loop one wake-up plus the reading, and the server's thread
+sleeps in accept() between scrapes.
 
 `python -m agent` / `python -m controller` take `--metrics-port` (default 0: an ephemeral port;
 -1: no metrics server) and announce `metrics` (http://ip:port/metrics) in their ready line.
@@ -15,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +60,20 @@ def serve(loop: asyncio.AbstractEventLoop, read: Callable[[], list[Metric]], ip:
     registry.register(LoopCollector(loop, read))
     ProcessCollector(registry=registry)
     try:
-        server, _thread = start_http_server(port, addr=ip, registry=registry)
+        server = make_server(ip, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as e:
         log.error("cannot serve metrics on %s:%d: %s; running without", ip, port, e)
         return None
+    # (start_http_server's thread would wake every 0.5 s to look for a shutdown we never ask
+    # for, and take the GIL from the loop each time; this one sleeps until a scrape arrives.)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 3600}, name="metrics",
+                     daemon=True).start()
     return f"http://{ip}:{server.server_port}/metrics"
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's signature
+        pass  # a scrape is not worth a log line (stderr is the process's log)
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
