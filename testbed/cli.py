@@ -783,9 +783,19 @@ def _stop_on_signals() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `dvs`: errors the user can act on print as one line, never a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    _stop_on_signals()
+    try:
+        return _main(argv)
+    finally:
+        for sig, old in saved.items():  # a caller in the same process (a test) gets its own back
+            signal.signal(sig, old)
+
+
+def _main(argv: list[str] | None) -> int:
     sim_command.finished_exit_code = None  # (set by this run's `dvs sim` only)
-    if threading.current_thread() is threading.main_thread():
-        _stop_on_signals()
     try:
         cli.main(args=argv, prog_name="dvs", standalone_mode=False)
     except SystemExit:

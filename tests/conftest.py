@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,7 +15,9 @@ import pytest
 from testbed.cluster import Cluster
 
 # The tests' clusters are listed in a registry of their own (`dvs cleanup`), never the user's.
-os.environ.setdefault("DVS_REGISTRY_DIR", tempfile.mkdtemp(prefix="dvs-test-registry-"))
+if "DVS_REGISTRY_DIR" not in os.environ:
+    os.environ["DVS_REGISTRY_DIR"] = tempfile.mkdtemp(prefix="dvs-test-registry-")
+    atexit.register(shutil.rmtree, os.environ["DVS_REGISTRY_DIR"], ignore_errors=True)
 
 
 def all_pids(cluster: Cluster) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -267,6 +268,8 @@ def test_sigterm_stops_everything_the_run_started(tmp_path, argv, seconds):
     assert proc.returncode == 124  # timeout sent the signal
     assert not alive_pids(pids), f"left running: {alive_pids(pids)}"
     assert not (state_dir / "cluster.json").exists()
+    if argv[0] == "demo":
+        shutil.rmtree(state_dir)  # the demo keeps its logs after a failed run; the test keeps nothing
 
 
 def test_sigkill_of_the_run_takes_its_cluster_along(tmp_path, monkeypatch):
@@ -294,6 +297,7 @@ def test_sigkill_of_the_run_takes_its_cluster_along(tmp_path, monkeypatch):
         proc.kill()
         proc.wait()
     assert not wait_gone(pids, 15), "agents or the controller outlived their run"
+    shutil.rmtree(state_dir)
     # What it left: a stale registry entry, which cleanup removes (and a second cleanup finds nothing).
     first = run_dvs("cleanup")
     assert first.returncode == 0 and f"{state_dir}: stale entry removed" in first.stdout, first.stdout
