@@ -140,7 +140,8 @@ def agent_metrics(core, dp, now_ns: int) -> list[Metric]:
 class ControllerMetrics:
     """The controller's metrics. Finished moves and HA restarts are counted as they appear in the
     core's bounded history (read on each scrape, newest first down to the last one seen), so the
-    totals and the histogram cover the process's life, not only what the history still holds."""
+    totals and the histogram cover the process's life, not only what the history still holds,
+    as long as fewer than history_max (default 100,000) finish between two scrapes."""
 
     def __init__(self) -> None:
         self._last_seen = None  # the newest history entry counted so far

@@ -171,11 +171,22 @@ def macs_as_strings(obj: dict) -> dict:
     return obj
 
 
+def _metrics_fields(info: dict) -> dict:
+    """`metrics` (the URL a Prometheus server scrapes) and `metrics_port`, None if it serves none."""
+    url = info.get("metrics")
+    port = None
+    if url:
+        from urllib.parse import urlsplit
+
+        port = urlsplit(url).port
+    return {"metrics": url, "metrics_port": port}
+
+
 def gather_status(cluster: Cluster) -> dict:
     """The controller's view of each host, completed by each agent's own answer."""
     ctl_hosts = {}
     controller = {"endpoint": cluster.controller_endpoint, "pid": cluster.controller.pid, "state": "up",
-                  "metrics": cluster.controller.info.get("metrics")}
+                  **_metrics_fields(cluster.controller.info)}
     try:
         with cluster.controller_client(timeout_ms=2_000) as ctl:
             st = ctl.call("status")
@@ -188,7 +199,7 @@ def gather_status(cluster: Cluster) -> dict:
     for name, proc in cluster.agents.items():
         row = {"host": name, "pid": proc.pid, "state": ctl_hosts.get(name, {}).get("state", "unknown"),
                "pub_endpoint": proc.info["pub"], "rpc_endpoint": proc.info["rpc"],
-               "metrics": proc.info.get("metrics")}
+               **_metrics_fields(proc.info)}
         try:
             with cluster.agent_client(name, timeout_ms=1_000) as a:
                 s = a.call("status")

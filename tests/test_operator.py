@@ -79,8 +79,9 @@ def test_metrics_status_moves_and_output_in_a_pipe(cluster_dir):
     st = json.loads(run_dvs("status", "--json", state_dir=sd).stdout)
     ctl_url = st["controller"]["metrics"]
     assert ctl_url.startswith("http://127.0.0.1:") and ctl_url.endswith("/metrics")
+    assert ctl_url == f"http://127.0.0.1:{st['controller']['metrics_port']}/metrics"
     for h in st["hosts"]:
-        assert h["metrics"].startswith("http://127.0.0.1:")
+        assert h["metrics"] == f"http://127.0.0.1:{h['metrics_port']}/metrics"
         # MACs are strings in every JSON output, the data plane's ports included.
         assert all(isinstance(p["mac"], str) and p["mac"].count(":") == 5 for p in h["dataplane"]["ports"])
     mt = json.loads(run_dvs("mac-table", "h1", "--json", state_dir=sd).stdout)
