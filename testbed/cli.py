@@ -89,8 +89,11 @@ def _vtep_base_value(ctx, param, value: str) -> str:
                    "'auto' picks a free 127.a.b.0 block, 'off' runs no data plane.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
               help="Log level of the agents and the controller (their logs are in STATE_DIR/logs).")
+@click.option("--no-metrics", is_flag=True,
+              help="Serve no Prometheus metrics (saves ~3.5 MB of memory per process).")
 @state_dir_option
-def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_base, log_level, state_dir) -> None:
+def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_base, log_level, no_metrics,
+       state_dir) -> None:
     """Start the controller and N agents, wait until the mesh is connected, place VMs."""
     if netns:
         from testbed.netns import unavailable_reason
@@ -99,7 +102,8 @@ def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_bas
         if reason:
             raise ClusterError(reason)
     with err_console.status(f"starting controller and {hosts} agents"):
-        levels = ["--log-level", log_level] if log_level != "info" else []
+        levels = (["--log-level", log_level] if log_level != "info" else []) + \
+            (["--metrics-port", "-1"] if no_metrics else [])
         cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms) + levels,
                              controller_args=levels, ready_timeout_s=timeout_s, netns=netns, vtep_base=vtep_base)
     try:
