@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from agent.config import AgentConfig
 from agent.dataplane import DataplaneConfig
-from agent.runtime import AgentRuntime
+from agent.runtime import AgentRuntime, VtepMap
 from agent.vxlan import VXLAN_PORT
 from agent.zmqloop import install_uvloop, setup_logging
 
@@ -30,6 +30,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="data plane: host hN's VTEP is this IPv4 address + N (default 127.0.0.1, so h1 is "
                         "127.0.0.2); 'off' disables the data plane")
     p.add_argument("--vtep-port", type=int, default=VXLAN_PORT, help="VXLAN UDP port (default 4789)")
+    p.add_argument("--vteps", default=None, metavar="FILE",
+                   help="data plane: a JSON object {host: IPv4 address} naming every host's VTEP explicitly "
+                        "(overrides --vtep-base; re-read when it names a host or address not seen before)")
+    p.add_argument("--vm-netns", default=None, metavar="PREFIX",
+                   help="TAP vNICs: VM v is the network namespace PREFIX+v with a multi-queue TAP `eth0`; this "
+                        "agent attaches a queue for every VM whose port is on this host (root, /dev/net/tun)")
     for f in [*fields(AgentConfig), *fields(DataplaneConfig)]:
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -45,10 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     config = AgentConfig(**{f.name: getattr(args, f.name) for f in fields(AgentConfig)})
     dp_config = DataplaneConfig(**{f.name: getattr(args, f.name) for f in fields(DataplaneConfig)})
     vtep_base = None if args.vtep_base == "off" else args.vtep_base
+    vteps = None
+    if args.vteps is not None:
+        try:
+            vteps = VtepMap(args.vteps)
+        except ValueError as e:
+            print(f"agent: error: {e}; pass a JSON object {{host: IPv4 address}}", file=sys.stderr)
+            return 2
     install_uvloop()
     rt = AgentRuntime(args.host, args.controller, config, bind_ip=args.bind_ip, ready_fd=args.ready_fd,
                       fault_seed=args.fault_seed, vtep_base=vtep_base, vtep_port=args.vtep_port,
-                      dp_config=dp_config, metrics_port=args.metrics_port, parent_pid=args.parent_pid)
+                      dp_config=dp_config, vteps=vteps, vm_netns=args.vm_netns,
+                      metrics_port=args.metrics_port, parent_pid=args.parent_pid)
     return asyncio.run(rt.run())
 
 

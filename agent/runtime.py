@@ -8,21 +8,26 @@ Sockets:
 - DEALER ctl    the control connection to the controller.
 
 Data plane (UDP, asyncio datagram endpoints; see agent/dataplane.py and agent/vxlan.py):
-- VXLAN  (bound on this host's VTEP, vtep_base + N : 4789)  frames to and from other hosts;
-- vNIC   (bound on the VTEP address, ephemeral port)   frames to and from this host's VMs.
+- VXLAN  (bound on this host's VTEP, vtep_base + N : 4789, or the address a `--vteps` file
+  names for it)  frames to and from other hosts;
+- vNIC   (bound on the VTEP address, ephemeral port)   frames to and from this host's VMs;
+- TAP    (with `--vm-netns`) one queue of each local VM's multi-queue TAP (agent/tap.py),
+  attached at prepare, enabled at switchover, read empty and closed when the port leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
 import time
+from pathlib import Path
 
 import zmq
 
-from agent import metrics, vxlan, wire
+from agent import metrics, tap, vxlan, wire
 from agent.config import AgentConfig
 from agent.core import AgentCore
 from agent.dataplane import Dataplane, DataplaneConfig
@@ -49,8 +54,8 @@ class AgentRuntime:
     def __init__(self, host: str, controller: str, config: AgentConfig, *, bind_ip: str = "127.0.0.1",
                  incarnation: int | None = None, ready_fd: int | None = None, fault_seed: int = 0,
                  vtep_base: str | None = None, vtep_port: int = vxlan.VXLAN_PORT,
-                 dp_config: DataplaneConfig | None = None, metrics_port: int = -1,
-                 parent_pid: int | None = None) -> None:
+                 dp_config: DataplaneConfig | None = None, vteps: VtepMap | None = None,
+                 vm_netns: str | None = None, metrics_port: int = -1, parent_pid: int | None = None) -> None:
         self.host = host
         self.metrics_port = metrics_port  # -1: no metrics server (see agent/metrics.py)
         self.parent_pid = parent_pid  # stop when this process exits (see agent/lifeline.py)
@@ -67,6 +72,8 @@ class AgentRuntime:
         self._connects = 0
         self.vtep_base = vtep_base
         self.vtep_port = vtep_port
+        self.vteps = vteps
+        self.vm_netns = vm_netns
         self.dp_config = dp_config or DataplaneConfig()
         self.dp: DataplaneRuntime | None = None
 
@@ -103,10 +110,11 @@ class AgentRuntime:
         self.readers = [Reader(loop, self.sub, self._on_sub, self._after, single=True), self.rpc_reader, self.pull_reader,
                         self.ctl_reader]
         ready = {"host": self.host, "pid": os.getpid(), "pub": pub_ep, "rpc": rpc_ep, "incarnation": self.incarnation}
-        if self.vtep_base:
-            ip = vxlan.vtep_ip(self.vtep_base, self.host)
+        if self.vteps is not None or self.vtep_base:
+            ip = self.vteps.ip_of(self.host) if self.vteps is not None else vxlan.vtep_ip(self.vtep_base, self.host)
             if ip is None:
-                log.error("no VTEP address for host %r from base %s; data plane off", self.host, self.vtep_base)
+                where = f"file {self.vteps.path}" if self.vteps is not None else f"base {self.vtep_base}"
+                log.error("no VTEP address for host %r in %s; data plane off", self.host, where)
             else:
                 dp = DataplaneRuntime(self, ip)
                 try:
@@ -292,8 +300,67 @@ class _Udp(asyncio.DatagramProtocol):
         self.on_error(exc)
 
 
+VTEP_RELOAD_S = 1.0  # an unknown host or address re-reads the --vteps file at most this often
+TAP_RETRY_S = 1.0  # a VM port whose TAP could not be opened is tried again this often
+TAP_READ_BATCH = 64  # frames read from one TAP queue per wake-up before other sockets get a turn
+
+
+class VtepMap:
+    """Host -> VTEP address from a JSON file (`--vteps`): explicit addresses, so the same file can
+    describe hosts on several machines. Re-read when a host or address is not in it (a host added
+    to a running cluster), at most once per VTEP_RELOAD_S and only if the file changed."""
+
+    def __init__(self, path: str) -> None:
+        """ValueError with a one-line reason for a missing or bad file."""
+        self.path = Path(path)
+        self._mtime_ns = 0
+        self._checked = 0.0
+        self.by_host: dict[str, str] = {}
+        self.by_ip: dict[str, str] = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            st = self.path.stat()
+            data = json.loads(self.path.read_text())
+        except OSError as e:
+            raise ValueError(f"cannot read VTEP map {self.path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"VTEP map {self.path} is not JSON: {e}") from None
+        self.by_host = vxlan.parse_vtep_map(data)
+        self.by_ip = {ip: h for h, ip in self.by_host.items()}
+        self._mtime_ns = st.st_mtime_ns
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < VTEP_RELOAD_S:
+            return
+        self._checked = now
+        try:
+            if self.path.stat().st_mtime_ns != self._mtime_ns:
+                self._load()
+        except (OSError, ValueError) as e:
+            log.warning("keeping the old VTEP map: %s", e)
+
+    def ip_of(self, host: str) -> str | None:
+        ip = self.by_host.get(host)
+        if ip is None:
+            self._maybe_reload()
+            ip = self.by_host.get(host)
+        return ip
+
+    def host_of(self, ip: str) -> str | None:
+        host = self.by_ip.get(ip)
+        if host is None:
+            self._maybe_reload()
+            host = self.by_ip.get(ip)
+        return host
+
+
 class DataplaneRuntime:
-    """Drives the pure Dataplane with two UDP sockets (VXLAN and vNIC) on the agent's loop."""
+    """Drives the pure Dataplane with two UDP sockets (VXLAN and vNIC) on the agent's loop and,
+    with `--vm-netns PREFIX`, a queue of the TAP of each VM whose port is on this host (VM `v`
+    lives in namespace PREFIX + v, its TAP is `eth0` there)."""
 
     def __init__(self, rt: AgentRuntime, ip: str) -> None:
         self.rt = rt
@@ -303,8 +370,12 @@ class DataplaneRuntime:
         self.send_errors = 0
         self._tick: asyncio.TimerHandle | None = None
         self._vtep_cache: dict[str, tuple[str, int] | None] = {}
+        self.taps: dict[tuple[int, int], tap.TapQueue] = {}  # (vlan, mac) of a local port -> its queue
+        self._tap_retry: dict[tuple[int, int], float] = {}  # -> monotonic s of the next attempt
+        self._tap_timer: asyncio.TimerHandle | None = None
+        self.tap_errors = 0
         rt.core.extra_methods.update(vnic_plug=self._api_plug, vnic_unplug=self._api_unplug,
-                                     dataplane=self._api_status)
+                                     dataplane=self._api_status, tap_attach=self._api_tap_attach)
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -323,6 +394,12 @@ class DataplaneRuntime:
     def close(self) -> None:
         if self._tick is not None:
             self._tick.cancel()
+        if self._tap_timer is not None:
+            self._tap_timer.cancel()
+        for q in self.taps.values():
+            self.loop.remove_reader(q.fd)
+            q.close()
+        self.taps.clear()
         for t in (getattr(self, "vx", None), getattr(self, "vnic", None)):
             if t is not None:
                 t.close()
@@ -335,8 +412,13 @@ class DataplaneRuntime:
     def _on_error(self, exc: Exception) -> None:
         self.send_errors += 1  # e.g. ICMP port unreachable: a VM backend went away
 
+    def _host_of(self, ip: str) -> str | None:
+        if self.rt.vteps is not None:
+            return self.rt.vteps.host_of(ip)
+        return vxlan.host_of_vtep(self.rt.vtep_base, ip)
+
     def _on_vxlan(self, data: bytes, addr) -> None:
-        src = vxlan.host_of_vtep(self.rt.vtep_base, addr[0]) if addr[1] == self.rt.vtep_port else None
+        src = self._host_of(addr[0]) if addr[1] == self.rt.vtep_port else None
         faults = self.rt.faults
         if faults.active and src is not None:
             # The nemesis acts on the data plane as on gossip: partitions cut VXLAN between the
@@ -359,13 +441,109 @@ class DataplaneRuntime:
 
     def after_core(self, now_ns: int) -> None:
         self.dp.after_core(now_ns)
+        if self.rt.vm_netns is not None:
+            self._reconcile_taps(now_ns)
         self._flush()
 
     def _vtep(self, host: str) -> tuple[str, int] | None:
-        if host not in self._vtep_cache:
-            ip = vxlan.vtep_ip(self.rt.vtep_base, host)
-            self._vtep_cache[host] = (ip, self.rt.vtep_port) if ip else None
-        return self._vtep_cache[host]
+        addr = self._vtep_cache.get(host)
+        if addr is None:
+            if self.rt.vteps is not None:
+                ip = self.rt.vteps.ip_of(host)  # not cached while unknown: the file may grow
+            else:
+                ip = vxlan.vtep_ip(self.rt.vtep_base, host)
+            if ip is None:
+                return None
+            addr = self._vtep_cache[host] = (ip, self.rt.vtep_port)
+        return addr
+
+    # ---- TAP vNICs (--vm-netns)
+
+    def _reconcile_taps(self, now_ns: int) -> None:
+        """Make the TAP queues match the local ports: a prepared port has a disabled queue (so
+        switchover only flips a flag), an active one an enabled queue plugged into the data
+        plane, a port gone has none (after what its queue still held was switched)."""
+        ports = {(p.vlan, p.mac): p for p in self.dp.switch.ports.values()}
+        for key in [k for k, q in self.taps.items() if k not in ports or ports[k].vm != q.vm]:
+            self._release(key, now_ns)
+        for key in [k for k in self._tap_retry if k not in ports]:
+            del self._tap_retry[key]
+        now_s = time.monotonic()
+        for key, port in ports.items():
+            q = self.taps.get(key)
+            active = port.state == "active"
+            if q is None:
+                if now_s < self._tap_retry.get(key, 0.0):
+                    continue
+                q = self._open_tap(port, active, now_s)
+                if q is None:
+                    continue
+            elif q.enabled != active:
+                try:
+                    q.set_enabled(active)
+                except OSError as e:
+                    self.tap_errors += 1
+                    log.warning("cannot %s the TAP queue of %s: %s", "enable" if active else "disable", port.vm, e)
+        if self._tap_retry and self._tap_timer is None:
+            self._tap_timer = self.loop.call_later(TAP_RETRY_S, self._on_tap_retry)
+
+    def _open_tap(self, port, active: bool, now_s: float) -> tap.TapQueue | None:
+        key = (port.vlan, port.mac)
+        ns = self.rt.vm_netns + port.vm
+        try:
+            fd = tap.open_queue(ns, enabled=active)
+        except OSError as e:
+            if key not in self._tap_retry:  # once per port, not once per retry
+                log.info("no TAP for %s yet (namespace %s: %s); retrying every %.0f s", port.vm, ns,
+                         e.strerror or e, TAP_RETRY_S)
+            self._tap_retry[key] = now_s + TAP_RETRY_S
+            return None
+        self._tap_retry.pop(key, None)
+        if tap.steering_error is not None:
+            log.warning("TAP of %s: no steering program (%s); a move may drop a frame", port.vm, tap.steering_error)
+            tap.steering_error = None
+        q = tap.TapQueue(fd, port.vm, port.vlan, port.mac, active)
+        self.taps[key] = q
+        self.loop.add_reader(fd, self._on_tap, q)
+        # Plugged while still prepared: the data plane delivers only to active ports anyway, and
+        # a write to a disabled queue reaches the VM, so frames for it flow from switchover on.
+        self.dp.plug([(port.mac, q)], time.monotonic_ns())
+        log.info("TAP of %s attached (%s)", port.vm, "enabled" if active else "disabled until switchover")
+        return q
+
+    def _release(self, key: tuple[int, int], now_ns: int) -> None:
+        q = self.taps.pop(key)
+        self.loop.remove_reader(q.fd)
+        # What the VM sent before its port left is still switched (as departed ingress), then the
+        # queue closes; closing it is what makes the kernel steer the VM's frames to the new host.
+        try:
+            while frames := q.read_frames(TAP_READ_BATCH):
+                for frame in frames:
+                    self.dp.from_vnic(frame, q, now_ns)
+        except OSError:
+            pass
+        q.close()
+        if self.dp.vnics.get(key[1]) is q:
+            self.dp.unplug([key[1]])
+        log.info("TAP of %s released", q.vm)
+
+    def _on_tap_retry(self) -> None:
+        self._tap_timer = None
+        self._reconcile_taps(time.monotonic_ns())
+        self._flush()
+
+    def _on_tap(self, q: tap.TapQueue) -> None:
+        try:
+            frames = q.read_frames(TAP_READ_BATCH)
+        except OSError as e:
+            self.tap_errors += 1
+            log.warning("TAP of %s failed: %s; closing it", q.vm, e)
+            self._release((q.vlan, q.mac), time.monotonic_ns())
+            return
+        now = time.monotonic_ns()
+        for frame in frames:
+            self.dp.from_vnic(frame, q, now)
+        self._flush()
 
     def _flush(self) -> None:
         if self._tick is None and self.dp.departed:
@@ -381,6 +559,11 @@ class DataplaneRuntime:
                     addr = self._vtep(dest)
                     if addr is not None:
                         self.vx.sendto(payload, addr)
+                elif isinstance(dest, tap.TapQueue):
+                    # Link notices are for the lab's UDP vNICs; a VM's kernel learns of its link
+                    # from the TAP's carrier.
+                    if (payload[16] << 8 | payload[17]) != vxlan.ETHERTYPE_LINK and dest.fd >= 0:
+                        dest.write(payload)
                 else:
                     self.vnic.sendto(payload, dest)
             except OSError:
@@ -393,6 +576,8 @@ class DataplaneRuntime:
         bindings = []
         for item in args.get("vnics", []):
             mac, ip, port = item
+            if self.taps and any(k[1] == mac for k in self.taps):
+                raise ValueError(f"VM {mac!r} has a TAP vNIC on this host; it cannot be plugged elsewhere")
             if not isinstance(ip, str) or not isinstance(port, int) or not 0 < port < 65536:
                 raise ValueError(f"bad vNIC binding {item!r}")
             bindings.append((mac, (ip, port)))
@@ -400,10 +585,25 @@ class DataplaneRuntime:
         return {"plugged": n, "vnic": f"{self.ip}:{self.vnic_port}"}
 
     def _api_unplug(self, args: dict) -> dict:
-        return {"unplugged": self.dp.unplug(args.get("macs"))}
+        macs = args.get("macs")
+        tapped = {k[1] for k in self.taps}
+        if macs is None:
+            macs = [m for m in self.dp.vnics if m not in tapped]
+        return {"unplugged": self.dp.unplug([m for m in macs if m not in tapped])}
+
+    def _api_tap_attach(self, args: dict) -> dict:
+        """Try every local port without a TAP now (dvs calls this after making VM namespaces)."""
+        if self.rt.vm_netns is None:
+            raise ValueError("this agent runs without TAP vNICs (no --vm-netns)")
+        self._tap_retry.clear()
+        self._reconcile_taps(time.monotonic_ns())
+        return {"taps": len(self.taps), "waiting": len(self._tap_retry)}
 
     def _api_status(self, args: dict) -> dict:
         st = self.dp.status()
         st.update(vtep=f"{self.ip}:{self.rt.vtep_port}", vnic=f"{self.ip}:{self.vnic_port}",
                   send_errors=self.send_errors)
+        if self.rt.vm_netns is not None:
+            st.update(taps=[q.describe() for q in self.taps.values()],
+                      taps_waiting=len(self._tap_retry), tap_errors=self.tap_errors)
         return st

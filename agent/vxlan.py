@@ -187,3 +187,27 @@ def host_of_vtep(base: str, ip: str) -> str | None:
     except (ipaddress.AddressValueError, ValueError):
         return None
     return f"h{n}" if 1 <= n <= 999_999 else None
+
+
+def parse_vtep_map(obj: object) -> dict[str, str]:
+    """An explicit host -> VTEP IPv4 address map (the JSON object of a `--vteps` file), checked:
+    ValueError naming the first bad entry. No arithmetic: any host id, any address, as long as
+    no two hosts share one (a datagram's source address must name exactly one host)."""
+    if not isinstance(obj, dict):
+        raise ValueError("a VTEP map is a JSON object {host: IPv4 address}")
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for host, ip in obj.items():
+        if not isinstance(host, str) or not 0 < len(host) <= 64:
+            raise ValueError(f"bad host id {host!r} in the VTEP map")
+        try:
+            if not isinstance(ip, str):
+                raise TypeError
+            addr = str(ipaddress.IPv4Address(ip))
+        except (ipaddress.AddressValueError, ValueError, TypeError):
+            raise ValueError(f"VTEP of {host} is {ip!r}, not an IPv4 address") from None
+        if addr in seen:
+            raise ValueError(f"{seen[addr]} and {host} have the same VTEP {addr}")
+        seen[addr] = host
+        out[host] = addr
+    return out

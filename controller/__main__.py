@@ -7,8 +7,11 @@ import asyncio
 import sys
 from dataclasses import fields
 
+import zmq
+
 from agent.zmqloop import install_uvloop, setup_logging
 from controller.config import ControllerConfig
+from controller.core import NAME_RE
 from controller.runtime import ControllerRuntime
 
 
@@ -18,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bind-ip", default="127.0.0.1")
     p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
     p.add_argument("--journal", default=None, help="file to keep the inventory in (fsynced; replayed on start)")
+    p.add_argument("--hosts", default="",
+                   help="hosts to admit: a count N (h1..hN) or comma-separated names (default: none; the "
+                        "journal keeps every host admitted before, `dvs host add` admits more)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus metrics on --bind-ip:PORT (default 0: an ephemeral port; -1: none)")
@@ -26,12 +32,39 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(ControllerConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        hosts = parse_hosts(args.hosts)
+    except ValueError as e:
+        p.error(str(e))
     setup_logging("controller", args.log_level)
     config = ControllerConfig(**{f.name: getattr(args, f.name) for f in fields(ControllerConfig)})
     install_uvloop()
-    return asyncio.run(ControllerRuntime(config, bind=args.bind, bind_ip=args.bind_ip,
-                                         ready_fd=args.ready_fd, journal=args.journal,
-                                         metrics_port=args.metrics_port, parent_pid=args.parent_pid).run())
+    try:
+        return asyncio.run(ControllerRuntime(config, bind=args.bind, bind_ip=args.bind_ip, ready_fd=args.ready_fd,
+                                             journal=args.journal, hosts=hosts, metrics_port=args.metrics_port,
+                                             parent_pid=args.parent_pid).run())
+    except zmq.ZMQError as e:
+        # (a bind that is no endpoint, or one in use: the launcher shows this line)
+        print(f"controller: error: cannot bind {args.bind or args.bind_ip!r}: {e}; give an endpoint such as "
+              "tcp://127.0.0.1:5555", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"controller: error: journal {args.journal}: {e.strerror or e}; fix or move it", file=sys.stderr)
+        return 2
+
+
+def parse_hosts(text: str) -> list[str]:
+    """`--hosts 3` -> h1, h2, h3; `--hosts h1,h7` -> those."""
+    text = text.strip()
+    if not text:
+        return []
+    if text.isdigit():
+        return [f"h{i}" for i in range(1, int(text) + 1)]
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if not NAME_RE.match(n)]
+    if bad:
+        raise ValueError(f"--hosts: bad host name {bad[0]!r}: use letters, digits, '-', '_' or '.', at most 64")
+    return names
 
 
 if __name__ == "__main__":

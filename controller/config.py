@@ -42,3 +42,16 @@ class ControllerConfig:
     # A VM create, move or delete that has not converged by then is reported as not
     # converged, in ms. Default 10,000.
     op_timeout_ms: int = 10_000
+    # HA restarts of one VM allowed within restart_budget_window_ms, in restarts. Default 10.
+    # Past it the VM is parked: one log line and a counter (`restart_budget_exhausted`), no
+    # restart until the oldest one leaves the window, and what agents report of it is adopted
+    # meanwhile. A VM that keeps failing must not be restarted over and over. 0: no budget.
+    restart_budget: int = 10
+    # ...the window of that budget, in ms. Default 60,000.
+    restart_budget_window_ms: int = 60_000
+    # VMs waiting for a restart whose own host is down wait until no host has registered for
+    # this long, in ms, before they are placed elsewhere. Default 2,000: after a full outage
+    # agents come back one by one, and a VM whose host returns goes home; the rest spread
+    # over every host that came back instead of piling onto the first one. (They wait 5 such
+    # windows at most, so hosts that keep registering cannot starve them.)
+    placement_settle_ms: int = 2_000

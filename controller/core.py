@@ -15,6 +15,7 @@ the highest `(seq, host)` wins, as everywhere else.
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +32,22 @@ HINTS_PER_TICK_MAX = 2_000
 # A busy host (its apply reports keep arriving) is spared hints for this many hint delays.
 BUSY_GRACE = 4
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# wait_ready requests pending at once, at most: each holds a client envelope until its deadline,
+# and 20,000 abandoned ones must cost neither memory nor a scan per status message.
+READY_WAITERS_MAX = 1_024
+READY_TIMEOUT_MS_MAX = 600_000
+# Refused REGISTER envelopes remembered (not asked to register again), at most.
+REFUSED_MAX = 1_024
+# Events (one line each, for the runtime's log) held until the driver takes them, at most.
+EVENTS_MAX = 1_000
+# Restarts waiting for registrations to pause wait this many placement_settle_ms at most.
+SETTLE_WINDOWS_MAX = 5
+# Error text of a request that may succeed if sent again shortly: `dvs vm move` retries it.
+RETRY_PREFIX = "retry: "
+# An agent's refusal of a claim: "stale: table holds seq S on H".
+STALE_RE = re.compile(r"^stale: table holds seq (\d+) on ")
+# A refusal's seq is taken over only below this: a seq near 2^64 would leave no room above it.
+SEQ_JUMP_MAX = 1 << 48
 
 
 class ApiError(Exception):
@@ -175,15 +192,38 @@ class ReadyWaiter:
     req_id: int
     hosts: int
     deadline_ns: int
+    done: bool = False  # answered: still in the other index until popped there (lazy deletion)
 
 
 class ControllerCore:
-    def __init__(self, config: ControllerConfig | None = None, journal: list[dict] | None = None) -> None:
+    def __init__(self, config: ControllerConfig | None = None, journal: list[dict] | None = None,
+                 hosts: list[str] | None = None) -> None:
+        """`hosts`: the host names admitted besides those the journal admitted. None admits any
+        name that registers (the simulator and unit tests, whose every host is their own); a
+        list (the controller process, even an empty one) admits only those, the journal's and
+        those `host_add` admits later."""
         self.config = config or ControllerConfig()
         self.inv = Inventory()
         self.journal_out: list[dict] = []
         for record in journal or []:
             self.inv.apply_record(record)
+        self.admitted: set[str] | None = None
+        if hosts is not None:
+            self.admitted = set(self.inv.admitted)
+            if not self.admitted:
+                # A journal of the version before admission: the hosts it names were members.
+                self.admitted = set(self.inv.incarnations) | {vm.host for vm in self.inv.vms.values()}
+            for name in [*sorted(self.admitted - self.inv.admitted, key=_host_order), *hosts]:
+                self._admit(name)
+        self.refused_registrations = 0
+        self._refused: dict[bytes, None] = {}  # envelopes refused lately (bounded, oldest first)
+        self.events: list[str] = []
+        self.events_dropped = 0
+        self.restart_budget_exhausted = 0
+        self._restart_times: dict[str, deque[int]] = {}  # VM -> its recent restart times (ns)
+        self._parked: set[str] = set()  # VMs whose restart budget ran out (their event is out)
+        self._last_register_ns = -(1 << 62)
+        self._burst_start_ns = -(1 << 62)
         self.outbox: list[tuple[list, bytes]] = []
         self.ops: dict[int, Op] = {}  # in flight, by op id
         self.ops_by_key: dict[tuple[int, int], Op] = {}
@@ -207,7 +247,12 @@ class ControllerCore:
         self.applied_log: deque[tuple] = deque(maxlen=self.config.applied_log_max)
         self._routes: dict[bytes, str] = {}  # first envelope frame -> host
         self._next_op = 1
-        self._ready_waiters: list[ReadyWaiter] = []
+        # Pending wait_ready requests, indexed twice (heaps with lazy deletion): by the host count
+        # they wait for (the smallest is the first to be satisfied) and by deadline.
+        self._ready_by_hosts: list[tuple[int, int, ReadyWaiter]] = []
+        self._ready_by_deadline: list[tuple[int, int, ReadyWaiter]] = []
+        self._ready_n = 0  # pending (not done) waiters
+        self._ready_seq = 0
         self.dropped_malformed = 0
         self.handler_errors = 0
         self.last_error = ""
@@ -245,6 +290,29 @@ class ControllerCore:
         out, self.journal_out = self.journal_out, []
         return out
 
+    def take_events(self) -> list[str]:
+        """Lines for the operator's log (a refused host, a VM out of restart budget)."""
+        out, self.events = self.events, []
+        return out
+
+    def _event(self, text: str) -> None:
+        if len(self.events) >= EVENTS_MAX:
+            self.events_dropped += 1
+            return
+        self.events.append(text)
+
+    def _admit(self, name: str) -> bool:
+        """Admit `name` (durably); False if it already was."""
+        if self.admitted is None or (name in self.admitted and name in self.inv.admitted):
+            return False
+        self.admitted.add(name)
+        self.inv.admitted.add(name)
+        self.journal_out.append({"admit": name})
+        return True
+
+    def is_admitted(self, name: str) -> bool:
+        return self.admitted is None or name in self.admitted
+
     def _persist(self, vm: Vm) -> None:
         self.journal_out.append(self.inv.to_record(vm))
 
@@ -274,7 +342,10 @@ class ControllerCore:
         elif mt is MsgType.APPLY_REPORT and host is not None and host in self.inv.hosts:
             self._on_apply_report(host, body[1], body[2], now_ns)  # (first: most of what agents send)
         elif host is None or host not in self.inv.hosts:
-            if mt in (MsgType.AGENT_STATUS, MsgType.APPLIED, MsgType.APPLY_REPORT, MsgType.ACK, MsgType.TABLE_REPORT):
+            if envelope and envelope[0] in self._refused:
+                self.dropped_malformed += 1  # a host we refused: no invitation to register again
+            elif mt in (MsgType.AGENT_STATUS, MsgType.APPLIED, MsgType.APPLY_REPORT, MsgType.ACK,
+                        MsgType.TABLE_REPORT):
                 # An agent we do not know (we restarted, or it did): ask it to register again.
                 self.outbox.append((envelope, wire.encode(MsgType.REQUEST, [0, "register", {}])))
             else:
@@ -335,6 +406,24 @@ class ControllerCore:
 
     def _on_register(self, envelope: list, body: list, now_ns: int) -> None:
         name, incarnation, pub, rpc, pid = body
+        if not self.is_admitted(name):
+            # Registration is no way in: an admin admits a host (`dvs host add`, `--hosts` at
+            # start). Refused, counted, told why; its later messages are dropped, not invited.
+            self.refused_registrations += 1
+            if envelope:
+                if len(self._refused) >= REFUSED_MAX:
+                    del self._refused[next(iter(self._refused))]
+                self._refused[envelope[0]] = None
+                if self.refused_registrations <= 10 or self.refused_registrations % 1000 == 0:
+                    self._event(f"refused REGISTER from {name!r}: not an admitted host "
+                                f"({self.refused_registrations} refused so far)")
+            self.outbox.append((envelope, wire.encode(MsgType.REPLY, [0, False, (
+                f"host {name!r} is not admitted; an admin adds it with `dvs host add {name}`")[:200]])))
+            return
+        self._refused.pop(envelope[0] if envelope else b"", None)
+        if now_ns - self._last_register_ns >= self._settle_ns():
+            self._burst_start_ns = now_ns  # the first of a run of registrations
+        self._last_register_ns = now_ns
         old = self.inv.hosts.get(name)
         prev = old.incarnation if old is not None else self.inv.incarnations.get(name)
         if prev is not None and incarnation < prev:
@@ -354,8 +443,12 @@ class ControllerCore:
             # incarnation): the VMs it ran died with it. Start them again there
             # (with a new seq, so the new ports win over anything stale).
             for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
-                if vm.host != name or vm.state not in ("active", "moving"):
+                if vm.host != name or vm.state not in ("active", "moving", "creating"):
                     continue
+                if vm.state == "creating" and vm.key not in self.ops_by_key:
+                    # A create our crash cut short (journaled, never acked): its port died with
+                    # the old process, if it was made at all. Finish it: start it with a new seq.
+                    vm.state = "active"
                 # Durably: should we crash before it runs again, the next controller must
                 # restart it (the journal already knows the host's new incarnation).
                 self.journal_out.append({**self.inv.to_record(vm), "state": "lost"})
@@ -420,8 +513,8 @@ class ControllerCore:
             # again, to this agent only.
             h.peers_sent_ns = now_ns
             self.outbox.append((h.route, self._peers_frame()))
-        if self._ready_waiters:
-            self._check_ready(now_ns)
+        if self._ready_n:
+            self._check_ready(now_ns, h)
 
     def _check_liveness(self, now_ns: int) -> None:
         suspect_ns = self.config.suspect_after_ms * NS_PER_MS
@@ -444,10 +537,12 @@ class ControllerCore:
                 self._finish(op, now_ns)
             else:
                 self._check_converged(op, now_ns)
-        # HA: every VM of a dead host starts again on a live one, with a new seq.
+        # HA: every VM of a dead host starts again on a live one, with a new seq; one placement
+        # decision per VM, each counting those made before it in this round.
+        load = self._placement_load() if any(vm.host in died for vm in self.inv.vms.values()) else None
         for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
             if vm.host in died and vm.state == "active" and vm.key not in self.ops_by_key:
-                self._restart(vm, now_ns)
+                self._restart(vm, now_ns, load=load)
 
     def _live_count(self) -> int:
         return self._live_n
@@ -462,37 +557,118 @@ class ControllerCore:
 
     def _retry_restarts(self, now_ns: int) -> None:
         due = [n for n, t in self._pending_restarts.items() if now_ns >= t]
+        if not due:
+            return
+        # Hosts still registering (every agent restarting after a full outage): a VM whose host
+        # is not up may yet see it come back and go home. Place the others once registrations
+        # have been quiet for a while, so they spread over every host that came back.
+        # (For SETTLE_WINDOWS_MAX windows at most: hosts that keep registering must not starve them.)
+        settling = (now_ns - self._last_register_ns < self._settle_ns()
+                    and now_ns - self._burst_start_ns < SETTLE_WINDOWS_MAX * self._settle_ns())
+        load = None
         for name in sorted(due, key=lambda n: self.inv.vms[n].number if n in self.inv.vms else 0):
-            del self._pending_restarts[name]
             vm = self.inv.vms.get(name)
+            h = self.inv.hosts.get(vm.host) if vm is not None else None
+            if vm is not None and settling and (h is None or h.state == "dead") and self.is_admitted(vm.host):
+                continue  # stays pending: retried at a later tick
+            del self._pending_restarts[name]
             if vm is None or vm.state != "active" or vm.key in self.ops_by_key:
                 continue
-            h = self.inv.hosts.get(vm.host)
             if h is None or h.state != "alive" or self._needs_claim.pop(name, False):
-                self._restart(vm, now_ns, prefer=vm.host)
+                if load is None:
+                    load = self._placement_load()
+                self._restart(vm, now_ns, prefer=vm.host, load=load)
+
+    def _settle_ns(self) -> int:
+        return self.config.placement_settle_ms * NS_PER_MS
 
     def _restart_orphans(self, now_ns: int) -> None:
         """After a restart of ours: VMs on hosts that never registered again within the dead
         timeout are as good as on a dead host (HA)."""
+        load = self._placement_load()
         for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
-            if vm.state == "active" and vm.host not in self.inv.hosts and vm.key not in self.ops_by_key:
-                self._restart(vm, now_ns)
+            if vm.key in self.ops_by_key:
+                continue
+            if vm.state == "creating":
+                # Cut short by our crash, and no agent reported holding it: finish the create on
+                # its host if that is up (ATTACH is idempotent), else start it elsewhere.
+                h = self.inv.hosts.get(vm.host)
+                if h is not None and h.state == "alive":
+                    self._start_op("create", vm, vm.host, vm.host, (vm.host, vm.seq, False), now_ns)
+                    continue
+                vm.state = "active"
+            if vm.state == "active" and vm.host not in self.inv.hosts:
+                self._restart(vm, now_ns, load=load)
 
-    def _restart(self, vm: Vm, now_ns: int, prefer: str | None = None) -> Op | None:
+    def _placement_load(self) -> dict[str, int]:
+        """VMs per host, counting each VM where it is going when an op is taking it there."""
+        load: dict[str, int] = {}
+        ops_by_key = self.ops_by_key
+        for vm in self.inv.vms.values():
+            if vm.state in ("active", "moving", "creating"):
+                op = ops_by_key.get(vm.key)
+                host = op.target[0] if op is not None and op.kind != "delete" else vm.host
+                load[host] = load.get(host, 0) + 1
+        return load
+
+    def _place(self, load: dict[str, int] | None, prefer: str | None = None) -> str | None:
+        """The one placement scorer: `prefer` if it is alive, else the alive host with the fewest
+        VMs (ties: by host name, h2 before h10). Counts the choice in `load`, so the next
+        decision of the same round sees it. None: no host is alive."""
+        p = self.inv.hosts.get(prefer) if prefer is not None else None
+        if p is None or p.state != "alive":
+            alive = [h.name for h in self.inv.hosts.values() if h.state == "alive"]
+            if not alive:
+                return None
+            if load is None:
+                load = self._placement_load()
+            prefer = min(alive, key=lambda h: (load.get(h, 0), _host_order(h)))
+        if load is not None:
+            load[prefer] = load.get(prefer, 0) + 1
+        return prefer
+
+    def _restart_allowed(self, vm: Vm, now_ns: int) -> bool:
+        """The restart budget: at most `restart_budget` restarts of one VM within
+        `restart_budget_window_ms`. Past it the VM is parked (one event, a counter): no restart
+        until the oldest leaves the window, and meanwhile what agents report of it is adopted."""
+        budget = self.config.restart_budget
+        if budget <= 0:
+            return True
+        window_ns = self.config.restart_budget_window_ms * NS_PER_MS
+        times = self._restart_times.get(vm.name)
+        if times is None:
+            times = self._restart_times[vm.name] = deque()
+        while times and now_ns - times[0] >= window_ns:
+            times.popleft()
+        if len(times) < budget:
+            times.append(now_ns)
+            self._parked.discard(vm.name)
+            return True
+        if vm.name not in self._parked:
+            self._parked.add(vm.name)
+            self.restart_budget_exhausted += 1
+            self._event(f"vm {vm.name}: restart budget exhausted ({budget} restarts within "
+                        f"{self.config.restart_budget_window_ms} ms; last target {vm.host}, seq {vm.seq}); "
+                        f"reconciling from agent reports, next try in "
+                        f"{(times[0] + window_ns - now_ns) // NS_PER_MS} ms")
+        self._needs_claim[vm.name] = True
+        self._pending_restarts[vm.name] = times[0] + window_ns
+        return False
+
+    def _restart(self, vm: Vm, now_ns: int, prefer: str | None = None, load: dict[str, int] | None = None
+                 ) -> Op | None:
         """Start `vm` on `prefer` if it is alive, else on the live host with the fewest VMs."""
-        alive = [h.name for h in self.inv.hosts.values() if h.state == "alive"]
-        if not alive:
+        if not self._restart_allowed(vm, now_ns):
+            return None
+        dst = self._place(load, prefer)
+        if dst is None:
             # Nowhere to go now (e.g. we were paused and every host looks suspect): try again.
+            if vm.name in self._restart_times and self._restart_times[vm.name]:
+                self._restart_times[vm.name].pop()  # (no restart happened: it costs no budget)
             self._defer_restart(vm, now_ns)
             return None
-        if prefer not in alive:
-            load = dict.fromkeys(alive, 0)
-            for other in self.inv.vms.values():
-                if other.host in load and other.state in ("active", "moving", "creating"):
-                    load[other.host] += 1
-            prefer = min(alive, key=lambda h: (load[h], _host_order(h)))
         vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
-        return self._start_op("restart", vm, vm.host, prefer, (prefer, vm.seq_issued, False), now_ns)
+        return self._start_op("restart", vm, vm.host, dst, (dst, vm.seq_issued, False), now_ns)
 
     def _on_applied(self, host: str, applied: list, now_ns: int) -> None:
         self._applied_count += len(applied)
@@ -680,7 +856,10 @@ class ControllerCore:
         """An agent holds a newer placement than our inventory (a headless move, or one that
         finished while we were down): the highest (seq, host) wins, here as in every agent."""
         vm = self.inv.by_key(key)
-        if vm is None or key in self.ops_by_key or (seq, host) <= (vm.seq, vm.host):
+        if vm is None or key in self.ops_by_key or not self.is_admitted(host):
+            return  # (a name nobody admitted is never a VM's host, whoever reports it)
+        if (seq, host) < (vm.seq, vm.host) or ((seq, host) == (vm.seq, vm.host) and vm.state != "creating"):
+            # (Equal settles a create our crash cut short: the agents hold what we journaled.)
             return
         if vm.state == "deleted" and not tomb:
             return  # a tombstone is final: nothing resurrects a deleted VM
@@ -766,6 +945,12 @@ class ControllerCore:
         if host != op.target[0] or detail not in self._ACK_FOR_PHASE.get(op.phase, ()):
             if not ok and host == op.target[0] and op.phase not in ("converging", "done"):
                 op.error = f"{host} refused: {detail}"
+                m = STALE_RE.match(detail)
+                vm = self.inv.vms.get(op.vm)
+                if m and vm is not None and int(m.group(1)) < SEQ_JUMP_MAX:
+                    # Its table holds a higher seq than we handed out (a claim we never heard
+                    # of): reconcile: the next claim goes above it, instead of creeping up by one.
+                    vm.seq_issued = max(vm.seq_issued, int(m.group(1)))
                 self._finish(op, now_ns)
             return  # a duplicate, or an ack for a step we are past
         vm = self.inv.vms[op.vm]
@@ -962,7 +1147,19 @@ class ControllerCore:
             "dropped_malformed": self.dropped_malformed,
             "handler_errors": self.handler_errors,
             "last_error": self.last_error,
+            "refused_registrations": self.refused_registrations,
+            "restart_budget_exhausted": self.restart_budget_exhausted,
+            "ready_waiters": self._ready_n,
+            "admitted": None if self.admitted is None else sorted(self.admitted, key=_host_order),
         }
+
+    def api_host_add(self, args, now_ns, envelope, req_id) -> dict:
+        """Admit a host name: from now on it may register (and its agent join the mesh)."""
+        name = args["name"]
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ApiError(f"bad host name {name!r}: use letters, digits, '-', '_' or '.', at most 64")
+        added = self._admit(name)
+        return {"host": name, "added": added, "registered": name in self.inv.hosts}
 
     def api_vm_list(self, args, now_ns, envelope, req_id) -> dict:
         include_deleted = bool(args.get("all", False))
@@ -993,34 +1190,86 @@ class ControllerCore:
     def api_wait_ready(self, args, now_ns, envelope, req_id) -> None:
         hosts = int(args["hosts"])
         timeout_ms = int(args.get("timeout_ms", 30_000))
-        self._ready_waiters.append(ReadyWaiter(envelope, req_id, hosts, now_ns + timeout_ms * NS_PER_MS))
+        if not 1 <= hosts <= 1_000_000:
+            raise ApiError(f"hosts must be 1..1,000,000, not {hosts}")
+        if not 0 <= timeout_ms <= READY_TIMEOUT_MS_MAX:
+            raise ApiError(f"timeout_ms must be 0..{READY_TIMEOUT_MS_MAX}, not {timeout_ms}")
+        if self._ready_n >= READY_WAITERS_MAX:
+            raise ApiError(f"{RETRY_PREFIX}{READY_WAITERS_MAX} wait_ready requests are pending already; "
+                           "retry once some have been answered")
+        w = ReadyWaiter(envelope, req_id, hosts, now_ns + timeout_ms * NS_PER_MS)
+        self._ready_seq += 1
+        heapq.heappush(self._ready_by_hosts, (hosts, self._ready_seq, w))
+        heapq.heappush(self._ready_by_deadline, (w.deadline_ns, self._ready_seq, w))
+        self._ready_n += 1
         self._check_ready(now_ns)
 
-    def _check_ready(self, now_ns: int) -> None:
-        if not self._ready_waiters:
+    def _check_ready(self, now_ns: int, reporter: Host | None = None) -> None:
+        """Answer the waiters the cluster satisfies now, and those whose deadline passed.
+        `reporter`: the host whose status just arrived. Unless it now meets the bar of the
+        waiter asking for the fewest hosts, nothing changed for any waiter: no pass over the
+        hosts, and never one over the waiters (they are popped in order of hosts wanted)."""
+        if not self._ready_n:
             return
-        live = [h for h in self.inv.hosts.values() if h.state == "alive"]
-        keep = []
-        for w in self._ready_waiters:
-            if len(live) >= w.hosts and all(h.peers_heard >= w.hosts - 1 for h in live):
-                self._reply(w.envelope, w.req_id, True, {"hosts": len(live)})
-            elif now_ns >= w.deadline_ns:
-                meshed = sum(1 for h in live if h.peers_heard >= w.hosts - 1)
-                self._reply(w.envelope, w.req_id, False,
-                            f"cluster not ready: {len(live)}/{w.hosts} agents registered, "
-                            f"{meshed} hear all their peers")
-            else:
-                keep.append(w)
-        self._ready_waiters = keep
+        by_hosts, by_deadline = self._ready_by_hosts, self._ready_by_deadline
+        while by_hosts and by_hosts[0][2].done:
+            heapq.heappop(by_hosts)
+        if by_hosts:
+            need = by_hosts[0][0]
+            if reporter is None or (reporter.peers_heard >= need - 1 and self._live_n >= need):
+                live = [h for h in self.inv.hosts.values() if h.state == "alive"]
+                # Ready for k hosts: k alive, each hearing the other k - 1.
+                ready_for = min(len(live), min((h.peers_heard for h in live), default=0) + 1)
+                while by_hosts and by_hosts[0][0] <= ready_for:
+                    w = heapq.heappop(by_hosts)[2]
+                    if not w.done:
+                        self._reply(w.envelope, w.req_id, True, {"hosts": len(live)})
+                        self._ready_done(w)
+        while by_deadline and (by_deadline[0][2].done or by_deadline[0][0] <= now_ns):
+            w = heapq.heappop(by_deadline)[2]
+            if w.done:
+                continue
+            live = [h for h in self.inv.hosts.values() if h.state == "alive"]
+            meshed = sum(1 for h in live if h.peers_heard >= w.hosts - 1)
+            self._reply(w.envelope, w.req_id, False,
+                        f"cluster not ready: {len(live)}/{w.hosts} agents registered, "
+                        f"{meshed} hear all their peers")
+            self._ready_done(w)
 
-    def _check_host(self, name: str) -> Host:
+    def _ready_done(self, w: ReadyWaiter) -> None:
+        w.done = True
+        w.envelope = []  # (the heaps may hold it a while longer: not the client's identity)
+        self._ready_n -= 1
+        if not self._ready_n:
+            self._ready_by_hosts.clear()
+            self._ready_by_deadline.clear()
+        elif len(self._ready_by_hosts) + len(self._ready_by_deadline) > 4 * READY_WAITERS_MAX:
+            # Answered ones below a pending one pile up in a heap: drop them (bounded memory).
+            for heap in (self._ready_by_hosts, self._ready_by_deadline):
+                heap[:] = [x for x in heap if not x[2].done]
+                heapq.heapify(heap)
+
+    def _check_host(self, name: str, now_ns: int | None = None) -> Host:
         h = self.inv.hosts.get(name)
         if h is None:
+            if now_ns is not None and self._awaited(name, now_ns):
+                raise ApiError(f"{RETRY_PREFIX}host {name!r} has not registered again since the controller "
+                               f"restarted (it has until {self.config.dead_after_ms} ms after the start); "
+                               "send it again shortly")
             known = ", ".join(sorted(self.inv.hosts, key=_host_order)) or "none"
             raise ApiError(f"unknown host {name!r} (known: {known})")
         if h.state == "dead":
             raise ApiError(f"host {name!r} is dead; pick a live host")
         return h
+
+    def _awaited(self, name: str, now_ns: int) -> bool:
+        """A host we know from the journal and may still hear from: we started less than the dead
+        timeout ago, and it was admitted or ran VMs before."""
+        if self._started_ns is not None and now_ns - self._started_ns > self.config.dead_after_ms * NS_PER_MS:
+            return False
+        if self.admitted is not None:
+            return name in self.admitted
+        return name in self.inv.incarnations
 
     def _check_vm(self, name: str) -> Vm:
         vm = self.inv.vms.get(name)
@@ -1047,7 +1296,7 @@ class ControllerCore:
             if name in names or (name in self.inv.vms and self.inv.vms[name].state not in ("deleted", "failed")):
                 raise ApiError(f"VM {name!r} already exists")
             names.add(name)
-            self._check_host(host)
+            self._check_host(host, now_ns)
             if profile not in self.inv.profiles:
                 raise ApiError(f"unknown port profile {profile!r} (known: {', '.join(self.inv.profiles)})")
         ops = []
@@ -1065,7 +1314,12 @@ class ControllerCore:
         per_host = args.get("per_host", True)
         if type(per_host) is not bool:
             raise ApiError(f"per_host must be true or false, not {per_host!r}")
-        self._check_host(dst)
+        self._check_host(dst, now_ns)
+        if vm.host not in self.inv.hosts:
+            if self._awaited(vm.host, now_ns):
+                raise ApiError(f"{RETRY_PREFIX}{vm.name}'s host {vm.host!r} has not registered again since the "
+                               "controller restarted; send it again shortly")
+            raise ApiError(f"VM {vm.name!r} is on {vm.host}, which is no member now; wait for HA to restart it")
         if vm.host == dst:
             raise ApiError(f"VM {vm.name!r} is already on {dst}; pick another host")
         vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
@@ -1074,6 +1328,10 @@ class ControllerCore:
 
     def api_vm_delete(self, args, now_ns, envelope, req_id) -> None:
         vm = self._check_vm(args["name"])
+        if vm.host not in self.inv.hosts:
+            prefix = RETRY_PREFIX if self._awaited(vm.host, now_ns) else ""
+            raise ApiError(f"{prefix}VM {vm.name!r} is on {vm.host}, which has not registered (again) yet; "
+                           "wait for it or for HA to restart the VM")
         if self.inv.hosts[vm.host].state == "dead":
             raise ApiError(f"VM {vm.name!r} is on dead host {vm.host}; wait for HA to restart it")
         vm.seq_issued = max(vm.seq, vm.seq_issued) + 1

@@ -93,6 +93,8 @@ class Inventory:
     # must still tell an agent that restarted meanwhile (its VMs died with it) from one that
     # only re-registers with us.
     incarnations: dict[str, int] = field(default_factory=dict)
+    # Host names an admin admitted (journaled): only these may register.
+    admitted: set[str] = field(default_factory=set)
 
     def by_key(self, key: tuple[int, int]) -> Vm | None:
         return self._by_key.get(key)
@@ -116,6 +118,9 @@ class Inventory:
 
     def apply_record(self, r: dict) -> None:
         """Replay one journal record (the latest record of a VM, or of a host's incarnation, wins)."""
+        if "admit" in r:
+            self.admitted.add(r["admit"])
+            return
         if "host_incarnation" in r:
             self.incarnations[r["host_incarnation"]] = r["incarnation"]
             return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -14,6 +13,7 @@ import zmq
 from agent import metrics, wire
 from agent.lifeline import watch_owner
 from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, send_parts, tune_gc, write_ready
+from controller import journal
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
 
@@ -22,9 +22,10 @@ log = logging.getLogger("controller")
 
 class ControllerRuntime:
     def __init__(self, config: ControllerConfig, *, bind: str | None = None, bind_ip: str = "127.0.0.1",
-                 ready_fd: int | None = None, journal: str | None = None, metrics_port: int = -1,
-                 parent_pid: int | None = None) -> None:
+                 ready_fd: int | None = None, journal: str | None = None,
+                 hosts: list[str] | None = None, metrics_port: int = -1, parent_pid: int | None = None) -> None:
         self.config = config
+        self.hosts = list(hosts or [])  # admitted at start, besides those the journal admitted
         self.metrics_port = metrics_port  # -1: no metrics server (see agent/metrics.py)
         self.parent_pid = parent_pid  # stop when this process exits (see agent/lifeline.py)
         self.bind = bind
@@ -47,9 +48,9 @@ class ControllerRuntime:
             endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             endpoint = bind_ephemeral(self.sock, self.bind_ip)
-        self.core = ControllerCore(self.config, journal=self._read_journal())
+        self.core = ControllerCore(self.config, journal=self._read_journal(), hosts=self.hosts)
         if self.journal_path is not None:
-            self.journal_file = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
+            self.journal_file = open(self.journal_path, "ab")  # noqa: SIM115
         self.timer = Timer(loop, self._on_timer)
         self.reader = Reader(loop, self.sock, self._on_frames, self._after)
         stop = asyncio.Event()
@@ -92,24 +93,24 @@ class ControllerRuntime:
         self._after()
 
     def _read_journal(self) -> list[dict]:
-        if self.journal_path is None or not self.journal_path.exists():
+        if self.journal_path is None:
             return []
-        records = []
-        with open(self.journal_path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    # A torn last line from a crash mid-write: everything before it is intact.
-                    log.warning("journal %s line %d unreadable; ignoring it", self.journal_path, n)
-        log.info("recovered %d journal records from %s", len(records), self.journal_path)
-        return records
+        rec = journal.read(self.journal_path)
+        moved = journal.repair(rec)
+        if moved is not None:
+            log.error("journal %s damaged at byte %d (%s): kept %d records, moved the %d bytes from there "
+                      "to %s", self.journal_path, rec.sound_bytes, rec.why, len(rec.records),
+                      rec.size_bytes - rec.sound_bytes, moved)
+        else:
+            log.info("recovered %d journal records from %s%s", len(rec.records), self.journal_path,
+                     " (previous format: rewritten)" if rec.legacy else "")
+        return rec.records
 
     def _after(self) -> None:
         records = self.core.take_journal()
         if records and self.journal_file is not None:
             # Durable before anyone hears of it: write and fsync, then send.
-            self.journal_file.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+            self.journal_file.write(b"".join(map(journal.encode, records)))
             self.journal_file.flush()
             os.fsync(self.journal_file.fileno())
         for envelope, payload in self.core.take_outbox():
@@ -117,5 +118,7 @@ class ControllerRuntime:
                 send_parts(self.sock, [*envelope, payload])
             except zmq.ZMQError as e:
                 log.debug("send failed: %s", e)
+        for event in self.core.take_events():
+            log.warning("%s", event)
         self.timer.set(self.core.next_deadline_ns())
         self.reader.check()

@@ -368,9 +368,64 @@ def controller() -> None:
 def controller_start(state_dir) -> None:
     """Start the controller again (after a crash or kill) on its old endpoint; it recovers its
     inventory from its journal and from what the agents hold."""
+    from controller import journal
+    from testbed.cluster import JOURNAL_FILE
+
     cluster = Cluster.load(state_dir)
+    try:
+        damage = journal.read(cluster.state_dir / JOURNAL_FILE)
+    except OSError:
+        damage = None  # (the controller says what is wrong with it)
     p = cluster.start_controller()
     click.echo(f"controller started (pid {p.pid}) on {cluster.controller_endpoint}")
+    if damage is not None and damage.damaged:
+        click.echo(f"its journal was damaged at byte {damage.sound_bytes} ({damage.why}): it kept the "
+                   f"{len(damage.records)} records before it and moved the rest to {damage.damaged_path()}")
+
+
+@controller.command("check-journal")
+@state_dir_option
+def controller_check_journal(state_dir) -> None:
+    """Check the controller's journal record by record without starting anything: exit 0 when
+    it is sound, 1 when damaged (a start keeps the sound records before the damage and moves
+    the rest aside to controller.journal.damaged-<offset>)."""
+    from pathlib import Path
+
+    from controller import journal
+    from testbed.cluster import JOURNAL_FILE
+
+    path = Path(state_dir) / JOURNAL_FILE
+    if not path.exists():
+        raise ClusterError(f"no journal at {path}; is --state-dir right?")
+    try:
+        rec = journal.read(path)
+    except OSError as e:
+        raise ClusterError(f"cannot read {path}: {e.strerror or e}") from None
+    click.echo(rec.summary() + (f"; a controller start moves the {rec.size_bytes - rec.sound_bytes} bytes from "
+                                f"there to {rec.damaged_path()}" if rec.damaged else ""))
+    sys.exit(1 if rec.damaged else 0)
+
+
+@cli.group()
+def host() -> None:
+    """Hosts the controller admits."""
+
+
+@host.command("add")
+@click.argument("name")
+@click.option("--no-start", is_flag=True, help="Only admit it; start its agent later with `dvs agent start`.")
+@state_dir_option
+def host_add(name, no_start, state_dir) -> None:
+    """Admit a new host NAME at the controller (only admitted hosts may register and join the
+    mesh) and start its agent."""
+    from testbed import procs
+
+    cluster = Cluster.load(state_dir)
+    r = cluster.admit_host(name)
+    click.echo(f"host {name} admitted" if r["added"] else f"host {name} was admitted already")
+    if not no_start and not (name in cluster.agents and procs.alive(cluster.agents[name])):
+        p = cluster.add_agent(name)
+        click.echo(f"agent {name} started (pid {p.pid})")
 
 
 @cli.group()
@@ -385,7 +440,8 @@ def agent_start(host, state_dir) -> None:
     """Start a stopped or crashed agent again; it rejoins with a new incarnation and rebuilds
     its table from its peers."""
     cluster = Cluster.load(state_dir)
-    cluster.agent(host)
+    if host not in cluster.agents and not cluster.admitted(host):
+        raise ClusterError(f"host {host!r} is not admitted; run `dvs host add {host}` first")
     p = cluster.add_agent(host)
     click.echo(f"agent {host} started (pid {p.pid})")
 
@@ -395,46 +451,81 @@ def agent_start(host, state_dir) -> None:
 
 def _hosts_option(f):
     return click.option("--hosts", "only", default=None,
-                        help="Comma-separated hosts to apply it on (default: every host).")(f)
+                        help="Comma-separated hosts that suffer it, on what they receive (default: every host).")(f)
 
 
 def _peers_option(f):
     return click.option("--from", "from_", default=None,
-                        help="Only frames from these comma-separated hosts (or 'controller').")(f)
+                        help="Only what comes from these comma-separated hosts (or 'controller'); default: everyone.")(f)
+
+
+def _types_option(f):
+    return click.option("--types", default=None,
+                        help="Only these message types, e.g. UPDATES,HEARTBEAT (agent wrapper only: the kernel "
+                             "sees packets, not messages).")(f)
+
+
+def _in_agent_option(f):
+    return click.option("--in-agent", is_flag=True,
+                        help="In --netns mode, apply it in the agents' transport wrapper instead of the kernel "
+                             "(for what the kernel cannot do: --types, reorder, delay without netem).")(f)
 
 
 def _csv(text: str | None) -> list[str] | None:
     return None if text is None else [x for x in (t.strip() for t in text.split(",")) if x]
 
 
-def _apply_to_agents(state_dir: str, only: str | None, args: dict) -> None:
+# Numbers may be negative on the command line so that `dvs fault delay -3` is a range error,
+# not an unknown option `-3`.
+_NUMERIC = {"ignore_unknown_options": True}
+
+
+def _add_fault(state_dir: str, kind: str, params: dict, only, from_, types, in_agent: bool) -> None:
     from testbed import nemesis
 
     cluster = Cluster.load(state_dir)
-    hosts = _csv(only) or nemesis.live_hosts(cluster)
-    for h in hosts:
-        cluster.agent(h)
-    nemesis.configure(cluster, dict.fromkeys(hosts, args))
-    click.echo(f"{', '.join(f'{k}={v}' for k, v in args.items())} on {len(hosts)} host(s)")
+    rec = nemesis.add_fault(cluster, kind, params, hosts=_csv(only), from_=_csv(from_), types=_csv(types),
+                            in_agent=in_agent)
+    r = rec["rule"]
+    where = {"kernel": "kernel rules", "agent": "agent wrapper"}[rec["boundary"]]
+    if rec["why_agent"]:
+        where += f" ({rec['why_agent']})"
+    click.echo(f"{rec['id']} {kind} {nemesis.describe(rec)} on {','.join(rec['hosts'])} "
+               f"from {','.join(r['from']) if r['from'] else 'everyone'}, "
+               f"types {','.join(r['types']) if r['types'] else 'all'}: {where}")
+    for old in rec["replaced"]:
+        click.echo(f"  replaced {old['id']} ({kind} {nemesis.describe({'kind': kind, 'rule': old['rule']})}) "
+                   f"on {','.join(old['hosts'])}: same kind, peers and types")
 
 
 @cli.group()
 def fault() -> None:
-    """Inject faults into a running cluster (network faults act on what each agent receives)."""
+    """Inject faults into a running cluster. Network faults act on what each host receives: as kernel
+    rules in --netns mode (nftables, netem where the kernel has it), else in each agent's transport
+    wrapper. Each network fault is an independent rule with an id (f1, f2, ...); `dvs fault show`
+    lists them."""
 
 
 @fault.command("partition")
 @click.argument("groups", nargs=-1, required=True)
+@click.option("--rest", default=None, metavar="group|isolated|N",
+              help="Where hosts named in no group go: one more group, each alone, or into group N. "
+                   "Required when some host is in no group.")
 @state_dir_option
-def fault_partition(groups, state_dir) -> None:
+def fault_partition(groups, rest, state_dir) -> None:
     """Split hosts into groups that cannot talk: `dvs fault partition h1,h2 h3,h4`.
-    Put `controller` in a group to cut it off from the others; unlisted hosts form one more group."""
+    Put `controller` in a group to cut it off from the others. Replaces the partition in force."""
     from testbed import nemesis
 
     cluster = Cluster.load(state_dir)
-    blocked = nemesis.groups_to_blocked(list(cluster.agents), [_csv(g) for g in groups])
-    nemesis.partition(cluster, blocked)
-    click.echo(f"partitioned: {' | '.join(groups)}")
+    if rest is not None and rest not in nemesis.REST:
+        if not rest.isdigit():
+            raise click.BadParameter("expected group, isolated or a group number", param_hint="--rest")
+        rest = int(rest)
+    blocked = nemesis.groups_to_blocked(list(cluster.agents), [_csv(g) for g in groups], rest)
+    label = " | ".join(groups) + (f" (rest: {rest})" if rest is not None else "")
+    nemesis.partition(cluster, blocked, label)
+    click.echo(f"partitioned: {label}")
 
 
 @fault.command("isolate")
@@ -448,64 +539,72 @@ def fault_isolate(kind, host, state_dir) -> None:
 
     cluster = Cluster.load(state_dir)
     blocked = nemesis.named_partition("isolate" if kind == "host" else kind, list(cluster.agents), host)
-    nemesis.partition(cluster, blocked)
+    nemesis.partition(cluster, blocked, f"isolate {kind}{' ' + host if host else ''}")
     cut = {h: sorted(b) for h, b in blocked.items() if b}
     click.echo(f"partition {kind}{' ' + host if host else ''}: {len(cut)} host(s) cut off from some peers")
 
 
 @fault.command("heal")
+@click.argument("ids", nargs=-1)
 @state_dir_option
-def fault_heal(state_dir) -> None:
-    """Remove every network fault (partitions, loss, delay, duplication, reordering)."""
+def fault_heal(ids, state_dir) -> None:
+    """Remove every network fault (kernel rules, partitions, agent wrapper faults), or only the
+    faults IDS (e.g. `dvs fault heal f2`)."""
     from testbed import nemesis
 
     cluster = Cluster.load(state_dir)
-    n = len(nemesis.heal(cluster))
-    click.echo(f"healed {n} host(s)")
+    nemesis.heal(cluster, list(ids))
+    click.echo(f"healed {', '.join(ids)}" if ids else f"healed every network fault on {len(cluster.agents)} host(s)")
 
 
-@fault.command("loss")
+@fault.command("loss", context_settings=_NUMERIC)
 @click.argument("probability", type=click.FloatRange(0, 1))
-@click.option("--types", default=None, help="Only these message types, e.g. UPDATES,HEARTBEAT.")
+@_types_option
 @_hosts_option
 @_peers_option
+@_in_agent_option
 @state_dir_option
-def fault_loss(probability, types, only, from_, state_dir) -> None:
-    """Drop received frames with this probability."""
-    args = {"drop": probability, "drop_types": _csv(types), "peers": _csv(from_)}
-    _apply_to_agents(state_dir, only, args)
+def fault_loss(probability, types, only, from_, in_agent, state_dir) -> None:
+    """Drop received packets (frames, in the agent wrapper) with this probability."""
+    _add_fault(state_dir, "loss", {"p": probability}, only, from_, types, in_agent)
 
 
-@fault.command("delay")
+@fault.command("delay", context_settings=_NUMERIC)
 @click.argument("ms", type=click.FloatRange(0, 60_000))
 @click.option("--jitter", "jitter_ms", type=click.FloatRange(0, 60_000), default=0.0, show_default=True,
               help="Plus a uniform random 0..JITTER ms.")
+@_types_option
 @_hosts_option
 @_peers_option
+@_in_agent_option
 @state_dir_option
-def fault_delay(ms, jitter_ms, only, from_, state_dir) -> None:
-    """Delay received frames by MS milliseconds (plus jitter)."""
-    _apply_to_agents(state_dir, only, {"delay_ms": ms, "jitter_ms": jitter_ms, "peers": _csv(from_)})
+def fault_delay(ms, jitter_ms, types, only, from_, in_agent, state_dir) -> None:
+    """Delay received packets by MS milliseconds (plus jitter)."""
+    _add_fault(state_dir, "delay", {"delay_ms": ms, "jitter_ms": jitter_ms}, only, from_, types, in_agent)
 
 
-@fault.command("dup")
+@fault.command("dup", context_settings=_NUMERIC)
 @click.argument("probability", type=click.FloatRange(0, 1))
+@_types_option
 @_hosts_option
 @_peers_option
+@_in_agent_option
 @state_dir_option
-def fault_dup(probability, only, from_, state_dir) -> None:
-    """Deliver received frames twice with this probability."""
-    _apply_to_agents(state_dir, only, {"dup": probability, "peers": _csv(from_)})
+def fault_dup(probability, types, only, from_, in_agent, state_dir) -> None:
+    """Deliver received packets twice with this probability."""
+    _add_fault(state_dir, "dup", {"p": probability}, only, from_, types, in_agent)
 
 
-@fault.command("reorder")
+@fault.command("reorder", context_settings=_NUMERIC)
 @click.argument("probability", type=click.FloatRange(0, 1))
+@_types_option
 @_hosts_option
 @_peers_option
+@_in_agent_option
 @state_dir_option
-def fault_reorder(probability, only, from_, state_dir) -> None:
-    """Hold back received frames with this probability so later ones overtake them."""
-    _apply_to_agents(state_dir, only, {"reorder": probability, "peers": _csv(from_)})
+def fault_reorder(probability, types, only, from_, in_agent, state_dir) -> None:
+    """Hold back received frames with this probability so later ones overtake them (agent wrapper)."""
+    _add_fault(state_dir, "reorder", {"p": probability}, only, from_, types, in_agent)
 
 
 def _process_fault(name: str, action: str, state_dir: str) -> None:
@@ -542,19 +641,48 @@ for _action, _doc in (("kill", "SIGKILL a host's agent, or the controller."),
 @json_option
 @state_dir_option
 def fault_show(as_json, state_dir) -> None:
-    """The network faults each agent applies now, and what they did so far."""
+    """The network faults in force: every parameter, the boundary that enforces each, which fault a
+    newer one replaced; then per host the kernel rules in force (with their packet counters) and
+    the agent wrapper's faults (with what they did so far)."""
     from testbed import nemesis
 
     cluster = Cluster.load(state_dir)
-    shown = nemesis.configure(cluster, dict.fromkeys(nemesis.live_hosts(cluster), {}))
+    shown = nemesis.show(cluster)
     if as_json:
         emit_json(shown)
         return
-    t = Table("host", "drop", "delay ms", "jitter ms", "dup", "reorder", "blocked", "dropped", "delayed", "duplicated")
-    for h, f in shown.items():
-        t.add_row(h, str(f["drop"]), str(f["delay_ms"]), str(f["jitter_ms"]), str(f["dup"]), str(f["reorder"]),
-                  ",".join(f["blocked"]) or "-", str(f["dropped"]), str(f["delayed"]), str(f["duplicated"]))
+    click.echo(f"boundary: {shown['boundary']}")
+    t = Table("fault", "kind", "settings", "hosts", "from", "types", "boundary", "note", title="faults in force")
+    for f in shown["faults"]:
+        r = f.get("rule", {})
+        notes = [f"replaced {o['id']} on {','.join(o['hosts'])}" for o in f["replaced"]]
+        if f.get("why_agent"):
+            notes.append(f["why_agent"])
+        if f.get("missing"):
+            notes.append(f"NOT in force on {','.join(f['missing'])} (restarted since?)")
+        t.add_row(f["id"], f["kind"], nemesis.describe(f), ",".join(f["hosts"]) or "-",
+                  ",".join(r.get("from") or []) or ("-" if f["kind"] == "partition" else "everyone"),
+                  ",".join(r.get("types") or []) or ("-" if f["kind"] == "partition" else "all"),
+                  f["boundary"], "; ".join(notes) or "-")
     console.print(t)
+    if cluster.netns is not None:
+        k = Table("host", "where", "kernel rule", "packets", title="kernel rules in force")
+        for h, e in shown["hosts"].items():
+            for r in e["kernel"]:
+                k.add_row(h, r["where"], r["rule"], "-" if r["packets"] is None else str(r["packets"]))
+        for r in shown["bridge"]:
+            k.add_row("(bridge)", r["where"], r["rule"], "-" if r["packets"] is None else str(r["packets"]))
+        console.print(k)
+    a = Table("host", "rules", "blocked", "dropped", "delayed", "duplicated", title="agent wrapper")
+    for h, e in shown["hosts"].items():
+        ag = e["agent"] or {}
+        if "error" in ag:
+            a.add_row(h, ag["error"], "", "", "", "")
+            continue
+        rules = ", ".join(f"{r['id']} {r['kind']} ({r['hits']} frames)" for r in ag.get("rules", [])) or "-"
+        a.add_row(h, rules, ",".join(ag.get("blocked", [])) or "-", str(ag.get("dropped", 0)),
+                  str(ag.get("delayed", 0)), str(ag.get("duplicated", 0)))
+    console.print(a)
 
 
 # ---------------------------------------------------------------------- VMs
@@ -570,16 +698,51 @@ def vm() -> None:
 @json_option
 @state_dir_option
 def vm_list(include_deleted, as_json, state_dir) -> None:
-    """VMs in the controller's inventory."""
-    with Cluster.load(state_dir).controller_client() as ctl:
+    """VMs in the controller's inventory (in --netns mode with each VM's IPv4 address)."""
+    cluster = Cluster.load(state_dir)
+    with cluster.controller_client() as ctl:
         vms = ctl.call("vm_list", {"all": include_deleted})["vms"]
+    if cluster.netns is not None:
+        from testbed.vmns import vm_address
+
+        for v in vms:
+            v["address"] = vm_address(v["vlan"], v["mac"])
     if as_json:
         emit_json(vms)
         return
-    t = Table("vm", "mac", "vlan", "profile", "host", "port", "seq", "state")
+    cols = ["vm", "mac", "vlan", "profile", "host", "port", "seq", "state"]
+    t = Table(*cols, *(["address"] if cluster.netns is not None else []))
     for v in vms:
-        t.add_row(v["vm"], v["mac"], str(v["vlan"]), v["profile"], v["host"], v["port"], str(v["seq"]), v["state"])
+        t.add_row(*(str(v[c]) for c in cols), *([v["address"] or "-"] if cluster.netns is not None else []))
     console.print(t)
+
+
+@vm.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@state_dir_option
+def vm_exec(name, argv, state_dir) -> None:
+    """Run a command inside a VM's network namespace (--netns mode), e.g.
+    `dvs vm exec vm1 -- ping -c 3 198.18.64.2`; its exit code is dvs's."""
+    import subprocess
+
+    from testbed import vmns
+
+    argv = list(argv[1:] if argv and argv[0] == "--" else argv)
+    if not argv:
+        raise click.UsageError("no command to run; e.g. `dvs vm exec vm1 -- ping -c 3 ADDRESS`")
+    cluster = Cluster.load(state_dir)
+    if cluster.netns is None:
+        raise ClusterError("VMs have network stacks only in --netns mode; start the cluster with "
+                           "`dvs up --netns --hosts N --vms M`")
+    if not vmns.exists(cluster.netns, name):
+        known = ", ".join(vmns.list_namespaces(cluster.netns)[:10]) or "none"
+        raise ClusterError(f"no VM namespace for {name!r} (VMs: {known}); see `dvs vm list`")
+    try:
+        rc = subprocess.call(vmns.exec_argv(cluster.netns, name, argv))
+    except OSError as e:
+        raise ClusterError(f"cannot run `ip netns exec`: {e.strerror}") from None
+    sys.exit(rc)
 
 
 @vm.command("create")
@@ -590,8 +753,13 @@ def vm_list(include_deleted, as_json, state_dir) -> None:
 @state_dir_option
 def vm_create(name, host, profile, as_json, state_dir) -> None:
     """Create a VM on a host and wait until every agent knows it."""
-    with Cluster.load(state_dir).controller_client(timeout_ms=30_000) as ctl:
+    cluster = Cluster.load(state_dir)
+    with cluster.controller_client(timeout_ms=30_000) as ctl:
         rec = ctl.call("vm_create", {"name": name, "host": host, "profile": profile})
+    if cluster.netns is not None and rec.get("converged"):
+        from testbed import vmns
+
+        vmns.sync(cluster)  # its namespace and TAP
     if as_json:
         emit_json(rec)
     elif rec["converged"]:
@@ -630,9 +798,26 @@ def vm_move(name, to, as_json, state_dir) -> None:
         rec = headless.move(cluster, name, to)
         _report_op(rec, as_json, f"moved {name} {rec['src']} -> {rec['dst']} headless")
         return
-    with cluster.controller_client(timeout_ms=30_000) as ctl:
-        rec = ctl.call("vm_move", {"name": name, "to": to})
+    rec = call_retrying(cluster, "vm_move", {"name": name, "to": to})
     _report_op(rec, as_json, f"moved {name} {rec['src']} -> {rec['dst']}")
+
+
+def call_retrying(cluster: Cluster, method: str, args: dict, retry_s: float = 10.0):
+    """Call the controller; an error it marks "retry: " (a restarted controller whose hosts have
+    not all registered again) is retried every 200 ms for up to `retry_s`."""
+    import time
+
+    from controller.core import RETRY_PREFIX
+
+    deadline = time.monotonic() + retry_s
+    with cluster.controller_client(timeout_ms=30_000) as ctl:
+        while True:
+            try:
+                return ctl.call(method, args)
+            except ClusterError as e:
+                if not str(e).startswith(RETRY_PREFIX) or time.monotonic() >= deadline:
+                    raise ClusterError(str(e).removeprefix(RETRY_PREFIX)) from None
+            time.sleep(0.2)  # (the controller waits for agents we cannot see: polling, with a deadline)
 
 
 def controller_answers(cluster: Cluster) -> bool:
@@ -650,8 +835,12 @@ def controller_answers(cluster: Cluster) -> bool:
 @state_dir_option
 def vm_delete(name, as_json, state_dir) -> None:
     """Delete a VM; its MAC becomes a tombstone on every host."""
-    with Cluster.load(state_dir).controller_client(timeout_ms=30_000) as ctl:
-        rec = ctl.call("vm_delete", {"name": name})
+    cluster = Cluster.load(state_dir)
+    rec = call_retrying(cluster, "vm_delete", {"name": name})
+    if cluster.netns is not None and rec.get("converged"):
+        from testbed import vmns
+
+        vmns.delete(cluster.netns, name)
     _report_op(rec, as_json, f"deleted {name}")
 
 
@@ -697,15 +886,25 @@ def moves(last, show_all, as_json, state_dir) -> None:
 @click.option("--moves", "n_moves", type=click.IntRange(0, 10_000), default=0, show_default=True,
               help="Paired VMs to move (one after another, evenly spread) while the traffic runs.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed for which VMs move where.")
+@click.option("--tool", type=click.Choice(["ping", "iperf3"]), default=None,
+              help="--netns mode: real ping (-i 1/RATE) or iperf3 TCP between the VMs' namespaces instead of "
+                   "frames from this process; figures come from the tool's output.")
+@click.option("--bitrate", default=None, help="--tool iperf3: target bitrate per session (iperf3 -b, e.g. 20M); "
+                                                "default unlimited.")
 @json_option
 @state_dir_option
-def traffic(pairs, rate, duration_s, n_moves, seed, as_json, state_dir) -> None:
+def traffic(pairs, rate, duration_s, n_moves, seed, tool, bitrate, as_json, state_dir) -> None:
     """Send sequence-numbered frames between VM pairs across hosts (this process plays the VMs)
     and count delivered, lost, duplicated and misdelivered frames; per move, frames lost and the
-    data-plane blackout."""
+    data-plane blackout. With --tool, real ping or iperf3 run inside the VMs (--netns mode)."""
     from testbed.traffic import run_traffic
 
     cluster = Cluster.load(state_dir)
+    if tool is not None:
+        _tool_traffic(cluster, tool, pairs, rate, duration_s, n_moves, seed, bitrate, as_json)
+        return
+    if cluster.netns is not None:
+        raise ClusterError("in --netns mode the VMs are namespaces with real stacks: use --tool ping or --tool iperf3")
     with err_console.status(f"{pairs} pairs at {rate:g} frames/s for {duration_s:g} s"
                             + (f", {n_moves} moves" if n_moves else "")):
         rep = run_traffic(cluster, pairs=pairs, rate=rate, duration_s=duration_s, moves=n_moves, seed=seed)
@@ -727,6 +926,48 @@ def traffic(pairs, rate, duration_s, n_moves, seed, as_json, state_dir) -> None:
                       f"{_fmt(d['p50'])} p99 {_fmt(d['p99'])} max {_fmt(d['max'])}")
     ok = rep["accounted"] and all(m["converged"] for m in rep["moves"])
     sys.exit(EXIT_OK if ok else EXIT_INVALID)
+
+
+def _tool_traffic(cluster, tool, pairs, rate, duration_s, n_moves, seed, bitrate, as_json) -> None:
+    from testbed.tooltraffic import run_tool_traffic
+
+    with err_console.status(f"{tool} between {pairs} VM pairs for {duration_s:g} s"
+                            + (f", {n_moves} moves" if n_moves else "")):
+        rep = run_tool_traffic(cluster, tool=tool, pairs=pairs, rate=rate, duration_s=duration_s, moves=n_moves,
+                               seed=seed, bitrate=bitrate)
+    s = rep["moves_summary"]
+    if as_json:
+        emit_json(rep)
+    elif tool == "ping":
+        if rep["moves"]:
+            t = Table("#", "vm", "from", "to", "converged", "latency ms", "pair", "pings", "lost", "longest gap ms",
+                      "ping pacing ms", title="moves during ping")
+            for i, m in enumerate(rep["moves"], 1):
+                t.add_row(str(i), m["vm"], m["src"], m["dst"], "yes" if m["converged"] else "[red]no[/red]",
+                          _fmt(m["latency_ms"]), _fmt(m["pair"]), _fmt(m["pings"]), _fmt(m["lost"]),
+                          _fmt(m["gap_ms_max"]), _fmt(m["send_gap_ms_max"]))
+            console.print(t)
+        console.print(f"ping: {s['transmitted']} sent, {s['lost_total']} lost in all; per move: {s['pings_lost']} "
+                      f"lost, longest gap ms p50 {_fmt(s['gap_ms_p50'])} p99 {_fmt(s['gap_ms_p99'])} max "
+                      f"{_fmt(s['gap_ms_max'])} (ping's own pacing p99 {_fmt(s['send_gap_ms_p99'])}; longest gap "
+                      f"in windows without a move p99 {_fmt(s['no_move_gap_ms_p99'])})")
+    else:
+        if rep["moves"]:
+            t = Table("#", "vm", "from", "to", "converged", "pair", "session survived", "Mbit/s window",
+                      "Mbit/s median", "dip %", "worst 100 ms", title="moves during iperf3")
+            for i, m in enumerate(rep["moves"], 1):
+                t.add_row(str(i), m["vm"], m["src"], m["dst"], "yes" if m["converged"] else "[red]no[/red]",
+                          _fmt(m["pair"]), {True: "yes", False: "[red]no[/red]"}.get(m["survived"], "-"),
+                          _fmt(m["mbps_window"]), _fmt(m["mbps_median"]),
+                          _fmt(m["dip_pct"]), _fmt(m["mbps_min"]))
+            console.print(t)
+        for x in rep["sessions"]:
+            console.print(f"{x['a']} -> {x['b']}: {'survived' if x['survived'] else '[red]failed[/red]'}, "
+                          f"{_fmt(x['mbps'])} Mbit/s, {_fmt(x['retransmits'])} retransmits"
+                          + (f" ({x['error']})" if x["error"] else ""))
+    converged = all(m["converged"] for m in rep["moves"])
+    ok = converged and (s["complete"] if tool == "ping" else s["sessions_survived"] == s["sessions"])
+    sys.exit(0 if ok else 1)
 
 
 def _fmt(v) -> str:

@@ -22,6 +22,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -36,9 +37,13 @@ from testbed.client import Client, ClusterError
 from testbed.netns import NetnsLab
 from testbed.procs import Proc
 
+# What a ZeroMQ endpoint we connect to looks like (libzmq aborts the call on anything else).
+ENDPOINT_RE = re.compile(r"^(tcp://[^\s:/]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
 STATE_FILE = "cluster.json"
 LOCK_FILE = "cluster.lock"
 JOURNAL_FILE = "controller.journal"
+# netns mode: every host's VTEP address, explicitly ({host: IPv4}); the agents read it (--vteps).
+VTEPS_FILE = "vteps.json"
 DEFAULT_STATE_DIR = ".dvs"
 
 # (pid, create_time) of the run that owns the clusters this process starts, or None (detached).
@@ -236,7 +241,11 @@ class Cluster:
     def controller_endpoint(self) -> str:
         if self.controller is None:
             raise ClusterError(f"the cluster in {self.state_dir} has no controller")
-        return self.controller.info["controller"]
+        endpoint = self.controller.info.get("controller")
+        if not isinstance(endpoint, str) or not ENDPOINT_RE.match(endpoint):
+            raise ClusterError(f"{self.state_file} names the controller endpoint {endpoint!r}, which is not an "
+                               "endpoint (tcp://IP:PORT); stop the cluster's processes by hand and remove the file")
+        return endpoint
 
     def controller_client(self, timeout_ms: int = 5_000) -> Client:
         return Client(self.controller_endpoint, name="the controller", timeout_ms=timeout_ms)
@@ -266,7 +275,8 @@ class Cluster:
     ) -> Cluster:
         """`vtep_base`: "auto" picks a free 127.a.b.0 block (so concurrent clusters never collide),
         an IPv4 address uses that (`dvs up` passes 127.0.0.1: h1 = 127.0.0.2), "off" runs no data plane.
-        The data plane is off in netns mode."""
+        In netns mode the VTEPs are the hosts' namespace addresses, listed in VTEPS_FILE, and
+        every VM is a namespace with a TAP (testbed/vmns.py)."""
         state_dir = Path(state_dir)
         if hosts < 1 or hosts > 256:
             raise ClusterError(f"--hosts must be between 1 and 256, got {hosts}")
@@ -306,7 +316,8 @@ class Cluster:
         try:
             [c.controller] = procs.wait_ready(
                 [procs.spawn("controller", "controller",
-                             ["--journal", str(journal), *bind, *c.controller_args, *c.owner_args()],
+                             ["--journal", str(journal), "--hosts", str(hosts), *bind, *c.controller_args,
+                              *c.owner_args()],
                              logs / "controller.log")],
                 ready_timeout_s,
             )
@@ -315,6 +326,11 @@ class Cluster:
             raise
         c.save()  # from here on `dvs down` can clean up whatever happens next
         try:
+            if c.netns is not None:
+                for i in range(1, hosts + 1):
+                    c.netns.add_host(f"h{i}", i)
+                c.write_vteps()
+                c.save()
             pending = [c._spawn_agent(f"h{i}", i) for i in range(1, hosts + 1)]
             for p in procs.wait_ready(pending, ready_timeout_s):
                 c.agents[p.name] = p
@@ -343,10 +359,22 @@ class Cluster:
                 *self.agent_args, *self.owner_args()]
         prefix = None
         if self.netns is not None:
-            ip = self.netns.ips.get(host) or self.netns.add_host(host, index)
-            args += ["--bind-ip", ip]
+            from testbed import vmns
+
+            ip = self.netns.ips.get(host)
+            if ip is None:
+                ip = self.netns.add_host(host, index)
+                self.write_vteps()  # the running agents re-read it when they meet the new host
+            args += ["--bind-ip", ip, "--vteps", str((self.state_dir / VTEPS_FILE).resolve()),
+                     "--vm-netns", vmns.vm_prefix(self.netns)]
             prefix = self.netns.exec_prefix(host)
         return procs.spawn(host, "agent", args, self.state_dir / "logs" / f"{host}.log", prefix=prefix)
+
+    def write_vteps(self) -> None:
+        path = self.state_dir / VTEPS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.netns.ips, indent=1))
+        tmp.replace(path)
 
     def start_controller(self, ready_timeout_s: float = 30.0) -> Proc:
         """(Re)start the controller on its old endpoint; it recovers from its journal and the
@@ -370,10 +398,24 @@ class Cluster:
             raise ClusterError(f"host {host} is already running (pid {self.agents[host].pid})")
         if agent_args is not None:
             self.agent_args = list(agent_args)
+        if host not in self.agents:
+            self.admit_host(host)  # the testbed adds a host on purpose: as the admin would
         index = int(host[1:]) if host[1:].isdigit() else len(self.agents) + 1
         [p] = procs.wait_ready([self._spawn_agent(host, index)], ready_timeout_s)
         self._record(p)
         return p
+
+    def admit_host(self, host: str) -> dict:
+        """Admit a new host name at the controller (`dvs host add`): only admitted hosts may
+        register and join the mesh."""
+        with self.controller_client() as ctl:
+            return ctl.call("host_add", {"name": host})
+
+    def admitted(self, host: str) -> bool:
+        """Does the controller admit `host`? (It may register.)"""
+        with self.controller_client() as ctl:
+            st = ctl.call("status")
+        return st.get("admitted") is None or host in st["admitted"]
 
     def down(self, timeout_s: float = 5.0) -> list[str]:
         """Stop every process of this cluster by pid. Returns the ones that needed SIGKILL."""
@@ -383,6 +425,7 @@ class Cluster:
             self.netns.destroy()
         with contextlib.suppress(OSError):
             self.state_file.unlink(missing_ok=True)
+            (self.state_dir / VTEPS_FILE).unlink(missing_ok=True)
         self._unregister()
         return killed
 
@@ -397,6 +440,10 @@ class Cluster:
         failed = [op for op in result["ops"] if not op["converged"]]
         if failed:
             raise ClusterError(f"{len(failed)} of {count} VMs did not converge: {failed[0]['error']}")
+        if self.netns is not None:
+            from testbed import vmns
+
+            vmns.sync(self)
         return result
 
 

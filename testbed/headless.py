@@ -7,34 +7,42 @@ then ask every agent until each maps the MAC to the destination with that seq.
 
 from __future__ import annotations
 
-import json
 import time
 
 from agent.mactable import format_mac
+from controller import journal
 from controller.inventory import MAC_BASE
 from testbed.client import ClusterError
 from testbed.cluster import JOURNAL_FILE, Cluster
 
 
 def known_vms(cluster: Cluster) -> dict[str, dict]:
-    """The latest journal record of every VM (what the controller last made durable)."""
-    path = cluster.state_dir / JOURNAL_FILE
+    """The latest journal record of every VM (what the controller last made durable), from the
+    journal's sound records: a damaged tail is left out, as a starting controller would."""
     vms: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if "vm" in r:  # (host incarnation records carry no VM)
-                vms[r["vm"]] = r
+    for r in read_journal(cluster).records:
+        if "vm" in r:  # (host records carry no VM)
+            vms[r["vm"]] = r
     return vms
+
+
+def read_journal(cluster: Cluster) -> journal.Recovery:
+    path = cluster.state_dir / JOURNAL_FILE
+    try:
+        return journal.read(path)
+    except OSError as e:
+        raise ClusterError(f"cannot read the controller's journal {path}: {e.strerror or e}") from None
 
 
 def move(cluster: Cluster, name: str, to: str, timeout_s: float = 10.0) -> dict:
     cluster.agent(to)  # unknown host -> one clear error
     rec = known_vms(cluster).get(name)
     if rec is None or rec["state"] in ("deleted", "failed"):
+        damage = read_journal(cluster)
+        if damage.damaged:
+            raise ClusterError(f"unknown VM {name!r} in the sound part of the controller's journal, which is "
+                               f"damaged at byte {damage.sound_bytes} ({damage.why}); see `dvs controller "
+                               "check-journal`, or start the controller (`dvs controller start`) to recover")
         raise ClusterError(f"unknown VM {name!r}; `dvs vm list` (with the controller up) shows the VMs")
     vlan, mac, port = rec["vlan"], MAC_BASE + rec["number"], f"vEth{rec['number']}"
     try:

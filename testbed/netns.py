@@ -135,8 +135,8 @@ class NetnsLab:
                 dst = self.controller_ip if o == CONTROLLER else self.ips.get(o)
                 if dst is None:
                     continue
-                rules.append(f"ip saddr {src} ip daddr {dst} drop")
-                rules.append(f"ip saddr {dst} ip daddr {src} drop")
+                rules.append(f"ip saddr {src} ip daddr {dst} counter drop")
+                rules.append(f"ip saddr {dst} ip daddr {src} counter drop")
         body = "\n".join(f"    {r}" for r in dict.fromkeys(rules))
         # Bridged frames between namespaces meet `forward`; frames to and from the controller
         # (root namespace, on the bridge) meet `input` and `output`.

@@ -1109,3 +1109,206 @@ def test_the_target_counts_as_applied_from_its_ack_even_if_its_own_report_is_los
         c.applied(h, 1, "h2", 1, t_ns=t_sw + 3 * NS_PER_MS)
     ok, rec = c.reply(req)
     assert ok and rec["converged"] and rec["latency_ms"] == 3.0
+
+
+# ------------------------------------------------------------------ hostile input and bad luck (issues 19, 20)
+
+
+def admitted_core(hosts: list[str], journal: list[dict] | None = None) -> Ctl:
+    c = Ctl()
+    c.core = ControllerCore(c.config, journal=journal, hosts=hosts)
+    return c
+
+
+def test_only_admitted_hosts_may_register_and_a_refused_one_is_told_why():
+    c = admitted_core(["h1", "h2"])
+    assert [r for r in c.core.take_journal() if "admit" in r] == [{"admit": "h1"}, {"admit": "h2"}]
+    c.register("h1")
+    c.register("ghost")
+    assert "ghost" not in c.core.inv.hosts and c.core.refused_registrations == 1
+    (reply,) = c.take(route("ghost"), MsgType.REPLY)
+    assert reply[1] is False and "not admitted" in reply[2] and "dvs host add ghost" in reply[2]
+    # Nobody is handed "ghost" as a peer, and its later messages earn no invitation to register.
+    assert all(m[0] != "ghost" for b in c.take(mt=MsgType.PEERS) for m in b[0])
+    c.status("ghost", 0)
+    assert c.take(route("ghost")) == [] and c.core.dropped_malformed == 1
+    assert any("ghost" in e for e in c.core.take_events())
+    # An admin admits h3 (durably): then it registers like any host.
+    ok, r = c.call("host_add", {"name": "h3"})
+    assert ok and r["added"] and {"admit": "h3"} in c.core.take_journal()
+    c.register("h3")
+    assert c.core.inv.live_hosts() == ["h1", "h3"]
+    assert c.call("host_add", {"name": "bad name!"})[0] is False
+
+
+def test_admissions_survive_a_restart_and_an_old_journal_admits_its_hosts():
+    c = admitted_core(["h1"])
+    c.call("host_add", {"name": "h7"})
+    again = ControllerCore(ControllerConfig(), journal=c.core.take_journal(), hosts=[])
+    assert again.admitted == {"h1", "h7"}
+    old = [{"host_incarnation": "h2", "incarnation": 1},
+           {"vm": "vm1", "number": 1, "profile": "default", "vlan": VLAN, "host": "h3", "seq": 0, "seq_issued": 0,
+            "state": "active"}]
+    assert ControllerCore(ControllerConfig(), journal=old, hosts=[]).admitted == {"h2", "h3"}
+
+
+def test_a_forged_table_report_naming_ghost_changes_nothing():
+    c = admitted_core(["h1", "h2"])
+    c.register("h1")
+    c.register("h2")
+    create(c, 1, "h1")
+    for mt, body in ((MsgType.TABLE_REPORT, ["h2", [[VLAN, MAC_BASE + 1, "ghost", "vEth1", 4_000_000_000, False]]]),
+                     (MsgType.APPLIED, ["h2", [[VLAN, MAC_BASE + 1, "ghost", 4_000_000_000, False, c.now]]])):
+        c.feed(route("h2"), mt, body)
+    vm = c.core.inv.vms["vm1"]
+    assert (vm.host, vm.seq, vm.state) == ("h1", 0, "active")
+    assert not [r for r in c.core.take_journal() if r.get("host") == "ghost"]
+
+
+def test_abandoned_wait_ready_requests_are_bounded_expire_and_cost_a_status_nothing():
+    from controller import core as core_mod
+
+    c = cluster(2)
+    answers = 0
+    for i in range(20_000):
+        c.feed([f"client{i}".encode()], MsgType.REQUEST, [1, "wait_ready", {"hosts": 50, "timeout_ms": 5_000}])
+        answers += len(c.take(mt=MsgType.REPLY))
+    assert c.core._ready_n == core_mod.READY_WAITERS_MAX
+    assert answers == 20_000 - core_mod.READY_WAITERS_MAX  # refused at once, with a retry hint
+
+    class CountingDict(dict):
+        scans = 0
+
+        def values(self):
+            CountingDict.scans += 1
+            return super().values()
+
+    c.core.inv.hosts = CountingDict(c.core.inv.hosts)
+    for _ in range(100):
+        c.status("h1", 1)
+    assert CountingDict.scans == 0  # 50 hosts wanted, 2 there: nothing to look at
+    c.core.inv.hosts = dict(c.core.inv.hosts)
+    c.advance(5_001)
+    expired = c.take(mt=MsgType.REPLY)
+    assert len(expired) == core_mod.READY_WAITERS_MAX and all(not ok for _, ok, _ in expired)
+    assert c.core._ready_n == 0 and not c.core._ready_by_hosts and not c.core._ready_by_deadline
+    c.status("h1", 1)
+    c.status("h2", 1)
+    assert c.call("wait_ready", {"hosts": 2})[0] is True
+
+
+def test_a_restart_refused_over_and_over_stops_at_the_budget():
+    # 19.1: an agent whose table holds a higher claim refuses every restart; the controller
+    # must not spin on it (24 restarts in 5 s), and it reconciles to a seq above the refusal.
+    cfg = ControllerConfig(restart_budget=3, restart_budget_window_ms=10_000)
+    c = cluster(2, cfg)
+    create(c, 1, "h2")
+    attaches = 0
+    c.core.inv.hosts["h2"].last_seen_ns = -(10**12)  # h2 dies at once (and stays silent): HA restarts vm1
+    for _ in range(60):
+        c.advance(100)
+        c.status("h1", 1)
+        for op, *_ in c.take(route("h1"), MsgType.ATTACH):  # (every restart goes to h1)
+            attaches += 1
+            c.ack("h1", op, ok=False, detail="stale: table holds seq 7 on h3")
+    assert attaches == 3, attaches
+    assert c.core.restart_budget_exhausted == 1
+    (event,) = [e for e in c.core.take_events() if "restart budget" in e]
+    assert "vm1" in event
+    assert c.core.inv.vms["vm1"].seq_issued >= 7  # the next claim goes above what agents hold
+    assert c.call("status", {})[1]["restart_budget_exhausted"] == 1
+
+
+def test_vms_of_a_dead_host_spread_over_the_live_hosts_with_fewest_vms():
+    c = cluster(6)
+    for n in range(1, 13):
+        create(c, n, f"h{(n - 1) % 3 + 1}")  # h1..h3 hold 4 each, h4..h6 none
+    c.core.inv.hosts["h1"].last_seen_ns = -(10**12)
+    for h in ("h2", "h3", "h4", "h5", "h6"):
+        c.core.inv.hosts[h].last_seen_ns = c.now
+    c.advance(c.config.tick_interval_ms)
+    targets = sorted(op.target[0] for op in c.core.ops.values() if op.kind == "restart")
+    assert len(targets) == 4 and len(set(targets)) == 3 and set(targets) <= {"h4", "h5", "h6"}, targets
+    # ...and with four empty hosts, four different ones.
+    c = cluster(8)
+    for n in range(1, 17):
+        create(c, n, f"h{(n - 1) % 4 + 1}")
+    c.core.inv.hosts["h1"].last_seen_ns = -(10**12)
+    for h in c.core.inv.hosts:
+        if h != "h1":
+            c.core.inv.hosts[h].last_seen_ns = c.now
+    c.advance(c.config.tick_interval_ms)
+    targets = sorted(op.target[0] for op in c.core.ops.values() if op.kind == "restart")
+    assert targets == ["h5", "h6", "h7", "h8"], targets
+
+
+def test_after_a_full_outage_vms_go_home_instead_of_piling_on_the_first_host_back():
+    cfg = ControllerConfig()
+    c = cluster(4, cfg)
+    for n in range(1, 9):
+        create(c, n, f"h{(n - 1) % 4 + 1}")
+    c.advance(cfg.dead_after_ms + 100)  # every agent is silent: all dead, nowhere to restart
+    assert all(h.state == "dead" for h in c.core.inv.hosts.values()) and not c.core.ops
+    for _ in range(100):
+        c.advance(100)  # a long outage
+    assert not c.core.ops
+    for h in ("h1", "h2", "h3", "h4"):  # they come back one by one, as new processes
+        c.register(h, incarnation=2)
+        c.advance(300)
+        for other in c.core.inv.hosts.values():
+            if other.state != "dead":
+                c.status(other.name, 0, incarnation=2)
+    by_host = {}
+    for op in c.core.ops.values():
+        by_host.setdefault(op.target[0], []).append(op.vm)
+    assert {h: len(v) for h, v in by_host.items()} == {"h1": 2, "h2": 2, "h3": 2, "h4": 2}, by_host
+
+
+def test_creates_cut_by_a_controller_crash_are_adopted_or_finished():
+    rec = {"number": 1, "profile": "default", "vlan": VLAN, "seq": 0, "seq_issued": 0, "state": "creating"}
+    journal = [{"vm": "vm1", "host": "h1", **rec}, {"vm": "vm2", "host": "h1", **rec, "number": 2},
+               {"vm": "vm3", "host": "h3", **rec, "number": 3}]
+    c = Ctl()
+    c.core = ControllerCore(c.config, journal=journal)
+    c.advance(1)
+    c.register("h1")
+    c.register("h2")
+    # h1's agent holds vm1 exactly as journaled (the attach went through): adopted at equal (seq, host).
+    c.feed(route("h1"), MsgType.TABLE_REPORT, ["h1", [[VLAN, MAC_BASE + 1, "h1", "vEth1", 0, False]]])
+    assert c.core.inv.vms["vm1"].state == "active"
+    assert c.core.inv.expected_table()[(VLAN, MAC_BASE + 1)] == ("h1", 0, False)
+    # vm2 (the attach never reached h1) and vm3 (h3 never comes back) are finished once the
+    # hosts had their dead timeout to register again.
+    for _ in range(c.config.dead_after_ms // 500 + 2):
+        c.advance(500)
+        c.status("h1", 1)
+        c.status("h2", 1)
+    kinds = {op.vm: (op.kind, op.target) for op in c.core.ops.values()}
+    assert kinds["vm2"] == ("create", ("h1", 0, False))
+    assert kinds["vm3"][0] == "restart" and kinds["vm3"][1][0] in ("h1", "h2") and kinds["vm3"][1][1] == 1
+    op2 = next(op for op in c.core.ops.values() if op.vm == "vm2")
+    c.ack("h1", op2.op_id)
+    assert c.core.inv.vms["vm2"].state == "active"
+
+
+def test_a_restarted_controller_asks_to_retry_moves_to_hosts_not_back_yet():
+    journal = [{"admit": "h1"}, {"admit": "h5"},
+               {"vm": "vm1", "number": 1, "profile": "default", "vlan": VLAN, "host": "h1", "seq": 0, "seq_issued": 0,
+                "state": "active"}]
+    c = admitted_core([], journal)
+    c.advance(1)
+    c.register("h1")
+    ok, err = c.call("vm_move", {"name": "vm1", "to": "h5"})
+    assert not ok and err.startswith("retry: ") and "h5" in err
+    ok, err = c.call("vm_move", {"name": "vm1", "to": "h9"})
+    assert not ok and err.startswith("unknown host 'h9'")
+    c.register("h5")
+    req = c.request("vm_move", {"name": "vm1", "to": "h5"})
+    assert c.reply(req) is None and c.core.ops  # under way
+    # Past the dead timeout a host that never came back is just unknown.
+    c2 = admitted_core([], journal)
+    c2.advance(1)
+    c2.register("h1")
+    c2.advance(c2.config.dead_after_ms + 100)
+    ok, err = c2.call("vm_move", {"name": "vm1", "to": "h5"})
+    assert not ok and err.startswith("unknown host 'h5'")

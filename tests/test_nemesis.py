@@ -128,3 +128,138 @@ def test_pause_longer_than_the_failure_timeout(make_cluster):
     assert result["ok"] and set(result["hosts"]) == {"h1", "h2", "h3"}, result
     with cluster.agent_client("h2") as a:
         assert a.call("status")["ports"] == 0
+
+
+# ---------------------------------------------------------------------- one fault model, and the CLI's defects
+
+
+def test_partition_leftovers_are_refused_by_name_or_placed_as_asked():
+    hosts = [f"h{i}" for i in range(1, 9)]
+    with pytest.raises(ClusterError, match=r"h5, h6, h7, h8 in no group; say where they go: --rest group"):
+        nemesis.groups_to_blocked(hosts, [["h1", "h2"], ["h3", "h4"]], rest=None)
+    own = nemesis.groups_to_blocked(hosts, [["h1", "h2"], ["h3", "h4"]], rest="group")
+    assert own["h5"] == {"h1", "h2", "h3", "h4"}
+    alone = nemesis.groups_to_blocked(hosts, [["h1", "h2"], ["h3", "h4"]], rest="isolated")
+    assert alone["h5"] == set(hosts) - {"h5"} and alone["h1"] == set(hosts) - {"h1", "h2"}
+    joined = nemesis.groups_to_blocked(hosts, [["h1", "h2"], ["h3", "h4"]], rest=2)
+    assert joined["h5"] == {"h1", "h2"} and joined["h3"] == {"h1", "h2"}
+    with pytest.raises(ClusterError, match="group number 1..2"):
+        nemesis.groups_to_blocked(hosts, [["h1", "h2"], ["h3", "h4"]], rest=3)
+
+
+def test_a_fault_call_that_fails_validation_leaves_nothing_in_force():
+    f = NetFaults()
+    with pytest.raises(ValueError, match="delay_ms must be in"):
+        f.configure({"drop": 0.5, "delay_ms": -1})  # issue 19.3
+    assert not f.active and f.describe()["rules"] == []
+    with pytest.raises(ValueError, match="rule f2: a dup needs p"):
+        f.configure({"add": [{"id": "f1", "kind": "loss", "p": 0.5}, {"id": "f2", "kind": "dup"}],
+                     "blocked": ["h2"]})
+    assert not f.active
+    with pytest.raises(ValueError, match="unknown message type"):
+        f.configure({"add": [{"id": "f1", "kind": "loss", "p": 0.5, "types": ["NOPE"]}], "seed": 3})
+    assert not f.active
+
+
+def test_faults_are_independent_rules_with_their_own_peers_and_types():
+    f = NetFaults(seed=1)
+    f.configure({"add": [{"id": "f1", "kind": "loss", "p": 1.0, "from": ["h3"]}]})
+    f.configure({"delay_ms": 5})  # the old flat form: its own rule, the loss keeps its peers
+    rules = {r["id"]: r for r in f.describe()["rules"]}
+    assert rules["f1"]["from"] == ["h3"] and rules["delay"]["from"] is None
+    frame = encode(MsgType.UPDATES, ["h2", 1, []])
+    assert f.plan("h3", frame) == [] and f.plan("h2", frame) == [0.005]
+    # Types per rule: a dup of heartbeats only leaves updates alone.
+    f.configure({"reset": True, "add": [{"id": "f2", "kind": "dup", "p": 1.0, "types": ["HEARTBEAT"]}]})
+    assert f.plan("h2", frame) == [0.0] and f.plan("h2", encode(MsgType.HEARTBEAT, ["h2", 1, 0, 0])) == [0.0, 0.0]
+    # The same id replaces; remove takes one rule away.
+    f.configure({"add": [{"id": "f3", "kind": "loss", "p": 0.5}, {"id": "f3", "kind": "loss", "p": 1.0}]})
+    assert [r["p"] for r in f.describe()["rules"] if r["id"] == "f3"] == [1.0]
+    f.configure({"remove": ["f3"]})
+    assert [r["id"] for r in f.describe()["rules"]] == ["f2"]
+
+
+def test_a_negative_number_is_a_range_error_not_an_unknown_option(tmp_path):
+    for args in (["delay", "-3"], ["loss", "-0.5"], ["dup", "-1"], ["delay", "5", "--jitter", "-2"]):
+        proc = run_dvs("fault", *args, state_dir=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "not in the range" in proc.stderr and "no such option" not in proc.stderr.lower(), proc.stderr
+        assert proc.stderr.startswith("dvs: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.cluster
+def test_fault_cli_refuses_leftovers_keeps_faults_independent_and_shows_every_parameter(make_cluster):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cluster = make_cluster(4)
+    sd = cluster.state_dir
+    proc = run_dvs("fault", "partition", "h1", "h2", state_dir=sd)
+    assert proc.returncode == 4 and "h3, h4 in no group" in proc.stderr, proc.stderr
+    assert run_dvs("fault", "loss", "0.3", "--from", "h3", "--types", "UPDATES", state_dir=sd).returncode == 0
+    out = run_dvs("fault", "delay", "5", "--hosts", "h1,h2", state_dir=sd)
+    assert out.returncode == 0 and out.stdout.startswith("f2 delay 5 ms on h1,h2"), out.stdout
+    out = run_dvs("fault", "loss", "0.1", "--from", "h3", "--types", "UPDATES", "--hosts", "h1", state_dir=sd)
+    assert "replaced f1 (loss p=0.3) on h1" in out.stdout, out.stdout
+    assert run_dvs("fault", "partition", "h1", "h2", "--rest", "isolated", state_dir=sd).returncode == 0
+    shown = json.loads(run_dvs("fault", "show", "--json", state_dir=sd).stdout)
+    faults = {f["id"]: f for f in shown["faults"]}
+    assert shown["boundary"].startswith("agent:")
+    assert faults["f1"]["hosts"] == ["h2", "h3", "h4"] and faults["f1"]["rule"]["from"] == ["h3"]
+    assert faults["f1"]["rule"]["types"] == ["UPDATES"] and faults["f2"]["rule"]["delay_ms"] == 5
+    assert faults["f3"]["replaced"][0]["id"] == "f1" and faults["f3"]["replaced"][0]["hosts"] == ["h1"]
+    assert faults["f4"]["kind"] == "partition" and all(not f.get("missing") for f in faults.values())
+    # Each agent holds exactly the rules it was given: the delay did not reset the loss.
+    h1 = {r["id"]: r for r in shown["hosts"]["h1"]["agent"]["rules"]}
+    assert set(h1) == {"f2", "f3"} and h1["f3"]["from"] == ["h3"] and h1["f3"]["p"] == 0.1
+    assert shown["hosts"]["h1"]["agent"]["blocked"] == ["h2", "h3", "h4"]
+    # (wide enough that rich does not wrap the cells: issue 15's output contract is another change)
+    table = subprocess.run([sys.executable, "-m", "testbed.cli", "fault", "show", "--state-dir", str(sd)],
+                           capture_output=True, text=True, env=os.environ | {"COLUMNS": "250"}).stdout
+    assert "replaced f1 on h1" in table and "UPDATES" in table and "agent: each agent's transport" in table
+    # A half-valid call through the API changes nothing on that agent (issue 19.3).
+    with cluster.agent_client("h4") as a:
+        with pytest.raises(ClusterError, match="delay_ms"):
+            a.call("faults", {"drop": 0.5, "delay_ms": -1})
+        assert [r["id"] for r in a.call("faults", {})["rules"]] == ["f1"]
+    assert run_dvs("fault", "heal", "f2", state_dir=sd).returncode == 0
+    shown = json.loads(run_dvs("fault", "show", "--json", state_dir=sd).stdout)
+    assert [f["id"] for f in shown["faults"]] == ["f1", "f3", "f4"]
+    assert run_dvs("fault", "heal", state_dir=sd).returncode == 0
+    shown = json.loads(run_dvs("fault", "show", "--json", state_dir=sd).stdout)
+    assert shown["faults"] == [] and all(not h["agent"]["rules"] and not h["agent"]["blocked"]
+                                         for h in shown["hosts"].values())
+
+
+@pytest.mark.cluster
+def test_a_fault_that_fails_on_one_host_is_taken_back_everywhere(make_cluster):
+    import signal
+    import time
+
+    cluster = make_cluster(3)
+    nemesis.signal_process(cluster, "h2", signal.SIGSTOP)
+    try:
+        with pytest.raises(ClusterError, match=r"fault loss not applied \(failed on h2: .*nothing changed"):
+            nemesis.add_fault(cluster, "loss", {"p": 0.3}, from_=["h3"])
+    finally:
+        nemesis.signal_process(cluster, "h2", signal.SIGCONT)
+    assert nemesis.load_registry(cluster)["faults"] == []
+    for h in ("h1", "h3"):
+        with cluster.agent_client(h) as a:
+            assert a.call("faults", {})["rules"] == []
+    # h1 got the rule and had it taken back. Once resumed, h2 must hold nothing either (here the
+    # request never reached it: a stopped process completes no ZeroMQ handshake; an agent that
+    # got it and answered late would read the undo queued behind it on the same connection).
+    deadline = time.monotonic() + 2
+    seen = 0
+    while time.monotonic() < deadline:
+        try:
+            with cluster.agent_client("h2", timeout_ms=1_000) as a:
+                assert a.call("faults", {})["rules"] == []
+            seen += 1
+        except ClusterError:
+            pass
+        time.sleep(0.05)  # (pacing the checks, not waiting for anything)
+    assert seen > 0

@@ -39,6 +39,12 @@ and REPORT/timeline.png. Invariants: tables-match-inventory, moves-resolved, sin
 monotonic-applies, processes-up (docs/scenarios.md).
 
 \b
+With --netns (root) the cluster runs in network namespaces and network faults are kernel
+rules: nftables loss, duplication and partitions. What the kernel cannot do here (reordering,
+message types, delay on a kernel without netem) falls back to the agents' transport wrapper,
+and the run says so fault by fault before it starts.
+
+\b
 The same --seed gives the same fault schedule and the same workload choices.
 \b
 Exit status: 0 valid, 1 invalid (an invariant failed), 2 usage (a bad flag or scenario
@@ -59,7 +65,9 @@ VERDICT_EXIT = {"valid": EXIT_OK, "invalid": EXIT_INVALID, "unknown": EXIT_UNKNO
 @click.option("--check-only", "check_only", default=None, metavar="DIR",
               help="Do not run anything: judge the history already in DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def chaos(scenario, seed, report, check_only, as_json) -> None:
+@click.option("--netns", is_flag=True,
+              help="Run the cluster in network namespaces; network faults become kernel rules (root only).")
+def chaos(scenario, seed, report, check_only, as_json, netns) -> None:
     from testbed.chaos.checker import check_history
 
     out = make_console()
@@ -85,6 +93,12 @@ def chaos(scenario, seed, report, check_only, as_json) -> None:
         plan = build_plan(sc, seed)
     except ClusterError as e:
         _die(str(e))
+    if netns:
+        from testbed.netns import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            _die(reason)
     report_dir = Path(report) if report else Path(tempfile.mkdtemp(prefix=f"dvs-chaos-{sc.name}-"))
     if report_dir.exists() and not report_dir.is_dir():
         _die(f"--report {report_dir}: exists and is not a directory")
@@ -94,7 +108,12 @@ def chaos(scenario, seed, report, check_only, as_json) -> None:
     err.print(f"chaos state dir {report_dir / 'state'} (pids in cluster.json, logs in logs/)", highlight=False)
     owned_by_this_process()  # the cluster dies with this process, even after a SIGKILL
     started = time.monotonic()
-    history = ChaosRun(sc, plan, report_dir, err_console=err).run()
+    run = ChaosRun(sc, plan, report_dir, err_console=err, netns=netns)
+    for i, why in run.boundaries().items():
+        f = sc.faults[i]
+        where = "kernel rules" if why is None else f"the agents' transport wrapper ({why})"
+        err.print(f"faults[{i}] {f.kind}: {where}", highlight=False)
+    history = run.run()
     summary = check_history(history)
     summary["wall_s"] = round(time.monotonic() - started, 2)
     summary["exit_code"] = VERDICT_EXIT.get(summary["verdict"], EXIT_UNKNOWN)  # (summary.json: the checker's)

@@ -5,7 +5,9 @@ Three actors share one monotonic clock (t0 = the start of the workload):
   reads the replies, refreshes its view of placement, watches for processes that die by
   themselves, and draws the progress bar;
 - the nemesis thread applies the fault schedule at its times (network faults through each
-  agent's transport wrapper, processes by pid with real signals);
+  agent's transport wrapper, or with `netns` as kernel rules between the hosts' namespaces:
+  nftables loss, duplication and partitions, and the wrapper for what the kernel cannot do;
+  processes by pid with real signals);
 - at the end: heal everything, wait for the outstanding moves, settle, observe the final
   state (tables, inventory, every apply from the controller's applied_log) and stop every
   process by pid (Cluster.down, always).
@@ -27,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agent import wire
-from agent.faults import CONTROLLER
+from agent.faults import CONTROLLER, Rule, parse_rule
 from agent.mactable import parse_mac
 from agent.wire import MsgType, WireError
 from testbed import procs
@@ -110,8 +112,10 @@ class Procs:
 
 
 class ChaosRun:
-    def __init__(self, sc: Scenario, plan: Plan, report_dir: Path, *, err_console: Console | None = None) -> None:
+    def __init__(self, sc: Scenario, plan: Plan, report_dir: Path, *, err_console: Console | None = None,
+                 netns: bool = False) -> None:
         self.sc = sc
+        self.netns = netns
         self.plan = plan
         self.dir = report_dir
         self.err = err_console or Console(stderr=True)
@@ -119,7 +123,11 @@ class ChaosRun:
         self.journal: Journal | None = None
         self.cluster: Cluster | None = None
         self.procs = Procs([*sc.host_names, CONTROLLER])
-        self.net: dict[str, dict] = {}  # host -> network fault settings in force (re-applied on restart)
+        # host -> agent-level faults in force, re-applied on restart: {"blocked": [...], "rules": {id: rule}}.
+        # Kernel rules (netns) live in the host's namespace and outlive an agent's restart.
+        self.net: dict[str, dict] = {}
+        self.kernel_rules: dict[str, dict[str, Rule]] = {}  # host -> kernel rules in force (netns)
+        self.kernel_why: dict[int, str | None] = {}  # fault index -> why the kernel cannot (None: it can)
         # Controller lives: its applied_log starts again at 0 after a restart. The main thread
         # reads the log every LOG_EVERY_S (one request at a time); a kill bumps the life, resets
         # the cursor, and makes any answer still on its way count for nothing.
@@ -176,11 +184,13 @@ class ChaosRun:
         sc, j = self.sc, self.journal
         with self.err.status(f"starting the controller and {sc.hosts} agents"):
             self.cluster = Cluster.up(self.state_dir, sc.hosts, agent_args=sc.agent_args(),
-                                      controller_args=sc.controller_args())
+                                      controller_args=sc.controller_args(), netns=self.netns)
         c = self.cluster
         j.write("cluster_up", controller={"pid": c.controller.pid, "endpoint": c.controller_endpoint},
                 agents={h: p.pid for h, p in c.agents.items()}, agent_args=sc.agent_args(),
-                controller_args=sc.controller_args())
+                controller_args=sc.controller_args(), netns=c.netns.to_json() if c.netns else None,
+                fault_boundaries={str(i): ("agent: " + why) if why else "kernel"
+                                  for i, why in self.boundaries().items()})
         with self.err.status(f"creating {sc.vms} VMs"):
             res = c.create_vms(sc.vms)
         self.placement = {op["vm"]: op["dst"] for op in res["ops"]}
@@ -403,18 +413,26 @@ class ChaosRun:
         if a.kind == "net":
             applied, skipped = {}, []
             with self.procs.lock:
-                for host, args in a.settings.items():
-                    self.net.setdefault(host, {}).update(args)
-                    if self.procs.state[host] != "up":
-                        skipped.append(host)  # applied when it is resumed or restarted
-                        continue
-                    applied[host] = self._configure(host, args)
+                if self.netns and self.boundaries().get(a.fault) is None:
+                    applied = self._kernel_inject(a.settings)
+                else:
+                    for host, args in a.settings.items():
+                        held = self.net.setdefault(host, {"blocked": [], "rules": {}})
+                        if "blocked" in args:
+                            held["blocked"] = args["blocked"]
+                        for r in args.get("add", []):
+                            held["rules"][r["id"]] = r
+                        if self.procs.state[host] != "up":
+                            skipped.append(host)  # applied when it is resumed or restarted
+                            continue
+                        applied[host] = self._configure(host, args)
             self.active_faults[a.fault] = a.label
             j.write("fault", phase="inject", fault=a.fault, label=a.label, settings=a.settings, applied=applied,
                     skipped=skipped, late_ms=late_ms)
         elif a.kind == "heal":
             with self.procs.lock:
                 self.net.clear()
+                kernel = self._kernel_heal()
                 healed = {h: self._configure(h, {"reset": True}) for h, st in self.procs.state.items()
                           if h != CONTROLLER and st == "up"}
             ended = [f for f, label in self.active_faults.items()
@@ -422,7 +440,7 @@ class ChaosRun:
             for f in ended:
                 self.active_faults.pop(f, None)
             j.write("fault", phase="heal", fault=a.fault, label=a.label, ends=ended, healed=sorted(healed),
-                    late_ms=late_ms)
+                    late_ms=late_ms, **({"kernel_packets": kernel} if kernel else {}))
         else:
             self._process_action(a.kind, a.target, fault=a.fault, label=a.label, late_ms=late_ms)
             if a.kind in ("kill", "pause"):
@@ -486,11 +504,70 @@ class ChaosRun:
                            spawn_ns=spawn_ns, life=self.life if name == CONTROLLER else None, **info)
         if name != CONTROLLER:
             self._reapply_net(name)
+            if self.kernel_rules.get(name):  # its new API port must stay exempt for us
+                from testbed.kernfaults import KernelFaults
+
+                KernelFaults.of(c).apply_host(name, list(self.kernel_rules[name].values()))
 
     def _reapply_net(self, host: str) -> None:
         if host in self.net:
-            res = self._configure(host, self.net[host])
-            self.journal.write("fault", phase="reapply", host=host, settings=self.net[host], applied=res)
+            held = self.net[host]
+            args = {"reset": True, "blocked": held["blocked"], "add": list(held["rules"].values())}
+            res = self._configure(host, args)
+            self.journal.write("fault", phase="reapply", host=host, settings=args, applied=res)
+
+    # ------------------------------------------------------------------ kernel rules (netns)
+
+    def boundaries(self) -> dict[int, str | None]:
+        """For each network fault of the scenario: None if the kernel enforces it in netns mode,
+        else why it falls back to the agents' transport wrapper. Empty without netns."""
+        if not self.netns:
+            return {}
+        if not self.kernel_why:
+            from testbed.kernfaults import netem_missing, unsupported
+
+            for f in self.sc.faults:
+                if f.kind == "partition":
+                    self.kernel_why[f.index] = None
+                elif f.kind in ("loss", "delay", "dup", "reorder"):
+                    a = next(a for a in self.plan.actions if a.fault == f.index and a.kind == "net")
+                    rule = parse_rule(next(iter(a.settings.values()))["add"][0])
+                    self.kernel_why[f.index] = unsupported(rule, netem_missing() if f.kind == "delay" else None)
+        return self.kernel_why
+
+    def _kernel_inject(self, settings: dict) -> dict:
+        from testbed.kernfaults import KernelFaults
+
+        lab = self.cluster.netns
+        if any("blocked" in args for args in settings.values()):
+            blocked = {h: set(args["blocked"]) for h, args in settings.items()}
+            lab.apply_partition(blocked)
+            return {h: {"blocked": sorted(b), "by": "nftables bridge"} for h, b in blocked.items()}
+        kf = KernelFaults.of(self.cluster)
+        out = {}
+        for host, args in settings.items():
+            rules = self.kernel_rules.setdefault(host, {})
+            for r in args["add"]:
+                rules[r["id"]] = parse_rule(r)
+            kf.apply_host(host, list(rules.values()))
+            out[host] = {"by": f"nftables in {lab.namespace(host)}", "rules": sorted(rules)}
+        return out
+
+    def _kernel_heal(self) -> dict:
+        """Remove every kernel fault rule; returns what their counters say they did (host -> id -> packets)."""
+        if not self.netns or self.cluster is None or self.cluster.netns is None:
+            return {}
+        from testbed.kernfaults import KernelFaults
+
+        kf = KernelFaults.of(self.cluster)
+        counted = {h: {r["id"]: r["packets"] for r in kf.list_host(h)} for h in self.kernel_rules}
+        cut = sum(r["packets"] or 0 for r in kf.list_partition())
+        if cut:
+            counted["(bridge)"] = {"partition": cut}
+        self.cluster.netns.apply_partition({})
+        kf.clear(self.kernel_rules)
+        self.kernel_rules.clear()
+        return counted
 
     # ------------------------------------------------------------------ the end: heal, settle, observe
 
@@ -498,6 +575,7 @@ class ChaosRun:
         j = self.journal
         with self.procs.lock:
             self.net.clear()  # nothing to re-apply to what is resumed or restarted below
+            kernel = self._kernel_heal()
             for name, st in list(self.procs.state.items()):
                 if st == "paused":
                     self._process_action("resume", name, fault=None, label=f"resume {name}", final_heal=True)
@@ -510,7 +588,8 @@ class ChaosRun:
             healed = [h for h, st in self.procs.state.items()
                       if h != CONTROLLER and st == "up" and "error" not in self._configure(h, {"reset": True})]
         self.active_faults.clear()
-        j.write("heal_all", healed=healed, keep_down=list(self.sc.keep_down))
+        j.write("heal_all", healed=healed, keep_down=list(self.sc.keep_down),
+                **({"kernel_packets": kernel} if kernel else {}))
 
     def should_be_up(self) -> list[str]:
         return [h for h in self.sc.host_names if h not in self.sc.keep_down]

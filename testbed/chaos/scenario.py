@@ -38,9 +38,9 @@ _PARAMS: dict[str, dict[str, bool]] = {
     "partition": {"named": False, "groups": False, "host": False},
     "heal": {},
     "loss": {"p": True, "hosts": False, "from": False, "types": False},
-    "delay": {"ms": True, "jitter_ms": False, "hosts": False, "from": False},
-    "dup": {"p": True, "hosts": False, "from": False},
-    "reorder": {"p": True, "hosts": False, "from": False},
+    "delay": {"ms": True, "jitter_ms": False, "hosts": False, "from": False, "types": False},
+    "dup": {"p": True, "hosts": False, "from": False, "types": False},
+    "reorder": {"p": True, "hosts": False, "from": False, "types": False},
     "kill": {"target": True},
     "pause": {"target": True},
     "resume": {"target": True},
@@ -482,23 +482,19 @@ def _walk(sc: Scenario, rng: random.Random, v: _V | None = None) -> list[Action]
                     raise ClusterError(f"{sc.path}: {w}: {e}") from None
                 settings = {h: {"blocked": sorted(b)} for h, b in blocked.items() if b}
             else:
-                args: dict = {}
-                if f.kind == "loss":
-                    args["drop"] = p["p"]
-                    args["drop_types"] = p.get("types")
-                    label = f"loss {p['p']:g}"
-                elif f.kind == "delay":
-                    args["delay_ms"], args["jitter_ms"] = p["ms"], p["jitter_ms"]
+                rule: dict = {"id": f"faults[{f.index}]", "kind": f.kind}
+                if f.kind == "delay":
+                    rule["delay_ms"], rule["jitter_ms"] = p["ms"], p["jitter_ms"]
                     label = f"delay {p['ms']:g}+{p['jitter_ms']:g} ms"
                 else:
-                    args[f.kind] = p["p"]
+                    rule["p"] = p["p"]
                     label = f"{f.kind} {p['p']:g}"
-                if "from" in p:
-                    args["peers"] = p["from"]
+                rule["from"] = p.get("from")
+                rule["types"] = p.get("types")
                 on = p.get("hosts", hosts)
                 if "hosts" in p:
                     label += " on " + ",".join(on)
-                settings = {h: dict(args) for h in on}
+                settings = {h: {"add": [dict(rule)]} for h in on}
             for h in sorted(settings):
                 settings[h]["seed"] = rng.getrandbits(31)
             actions.append(Action(r.t_s, "net", f.index, label, settings=settings))
