@@ -22,6 +22,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault-injection RNG (default 0)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus metrics on --bind-ip:PORT (default 0: an ephemeral port; -1: none)")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="stop when this process exits (the run that owns the cluster); default: never")
     p.add_argument("--vtep-base", default="127.0.0.1",
                    help="data plane: host hN's VTEP is this IPv4 address + N (default 127.0.0.1, so h1 is "
                         "127.0.0.2); 'off' disables the data plane")
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     install_uvloop()
     rt = AgentRuntime(args.host, args.controller, config, bind_ip=args.bind_ip, ready_fd=args.ready_fd,
                       fault_seed=args.fault_seed, vtep_base=vtep_base, vtep_port=args.vtep_port,
-                      dp_config=dp_config, vteps=vteps, vm_netns=args.vm_netns)
+                      dp_config=dp_config, vteps=vteps, vm_netns=args.vm_netns,
+                      metrics_port=args.metrics_port, parent_pid=args.parent_pid)
     return asyncio.run(rt.run())
 
 

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import zmq
 
-from agent import tap, vxlan, wire
+from agent import metrics, tap, vxlan, wire
 from agent.config import AgentConfig
 from agent.core import FRAME_LIMIT, AgentCore
 from agent.dataplane import Dataplane, DataplaneConfig
 from agent.faults import CONTROLLER, NetFaults, host_of_identity
+from agent.lifeline import watch_owner
 from agent.mactable import format_mac
 from agent.zmqloop import (
     NOBLOCK,
@@ -56,8 +57,10 @@ class AgentRuntime:
                  incarnation: int | None = None, ready_fd: int | None = None, fault_seed: int = 0,
                  vtep_base: str | None = None, vtep_port: int = vxlan.VXLAN_PORT,
                  dp_config: DataplaneConfig | None = None, vteps: VtepMap | None = None,
-                 vm_netns: str | None = None) -> None:
+                 vm_netns: str | None = None, metrics_port: int = -1, parent_pid: int | None = None) -> None:
         self.host = host
+        self.metrics_port = metrics_port  # -1: no metrics server (see agent/metrics.py)
+        self.parent_pid = parent_pid  # stop when this process exits (see agent/lifeline.py)
         self.controller = controller
         self.config = config
         self.bind_ip = bind_ip
@@ -126,6 +129,13 @@ class AgentRuntime:
                 ready.update(vtep=f"{ip}:{self.vtep_port}", vnic=f"{ip}:{dp.vnic_port}")
         stop = asyncio.Event()
         on_stop_signals(loop, stop)
+        if self.parent_pid:
+            watch_owner(loop, self.parent_pid, stop.set)
+        if self.metrics_port >= 0:
+            url = metrics.serve(loop, lambda: metrics.agent_metrics(self.core, self.dp, time.monotonic_ns()),
+                                self.bind_ip, self.metrics_port)
+            if url:
+                ready["metrics"] = url
         self.core.start(time.monotonic_ns())
         tune_gc()
         self._after()

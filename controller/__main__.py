@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="hosts to admit: a count N (h1..hN) or comma-separated names (default: none; the "
                         "journal keeps every host admitted before, `dvs host add` admits more)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus metrics on --bind-ip:PORT (default 0: an ephemeral port; -1: none)")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="stop when this process exits (the run that owns the cluster); default: never")
     for f in fields(ControllerConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     install_uvloop()
     try:
         return asyncio.run(ControllerRuntime(config, bind=args.bind, bind_ip=args.bind_ip, ready_fd=args.ready_fd,
-                                             journal=args.journal, hosts=hosts).run())
+                                             journal=args.journal, hosts=hosts, metrics_port=args.metrics_port,
+                                             parent_pid=args.parent_pid).run())
     except zmq.ZMQError as e:
         # (a bind that is no endpoint, or one in use: the launcher shows this line)
         print(f"controller: error: cannot bind {args.bind or args.bind_ip!r}: {e}; give an endpoint such as "

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import zmq
 
-from agent import wire
+from agent import metrics, wire
+from agent.lifeline import watch_owner
 from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, send_parts, tune_gc, write_ready
 from controller import journal
 from controller.config import ControllerConfig
@@ -22,9 +23,11 @@ log = logging.getLogger("controller")
 class ControllerRuntime:
     def __init__(self, config: ControllerConfig, *, bind: str | None = None, bind_ip: str = "127.0.0.1",
                  ready_fd: int | None = None, journal: str | None = None,
-                 hosts: list[str] | None = None) -> None:
+                 hosts: list[str] | None = None, metrics_port: int = -1, parent_pid: int | None = None) -> None:
         self.config = config
         self.hosts = list(hosts or [])  # admitted at start, besides those the journal admitted
+        self.metrics_port = metrics_port  # -1: no metrics server (see agent/metrics.py)
+        self.parent_pid = parent_pid  # stop when this process exits (see agent/lifeline.py)
         self.bind = bind
         self.bind_ip = bind_ip
         self.ready_fd = ready_fd
@@ -52,10 +55,19 @@ class ControllerRuntime:
         self.reader = Reader(loop, self.sock, self._on_frames, self._after)
         stop = asyncio.Event()
         on_stop_signals(loop, stop)
+        if self.parent_pid:
+            watch_owner(loop, self.parent_pid, stop.set)
+        ready = {"controller": endpoint, "pid": os.getpid()}
+        if self.metrics_port >= 0:
+            cm = metrics.ControllerMetrics()
+            url = metrics.serve(loop, lambda: cm.read(self.core, time.monotonic_ns()), self.bind_ip,
+                                self.metrics_port)
+            if url:
+                ready["metrics"] = url
         self.core.on_timer(time.monotonic_ns())
         tune_gc()
         self._after()
-        write_ready(self.ready_fd, {"controller": endpoint, "pid": os.getpid()})
+        write_ready(self.ready_fd, ready)
         log.info("controller up on %s", endpoint)
         await stop.wait()
         log.info("controller stopping")

@@ -9,14 +9,14 @@ import sys
 import threading
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from testbed.client import ClusterError
-from testbed.cluster import Cluster, default_state_dir
+from testbed.cluster import Cluster, default_state_dir, owned_by_this_process
+from testbed.console import EXIT_ERROR, EXIT_INVALID, EXIT_OK, EXIT_USAGE, make_console
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def emit_json(obj) -> None:
@@ -33,8 +33,21 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dvswitch", prog_name="dvs", message="%(prog)s %(version)s")
 def cli() -> None:
-    """dvswitch: a distributed virtual switch on one machine, and a lab to test it."""
+    """dvswitch: a distributed virtual switch on one machine, and a lab to test it.
+
+    Results go to stdout, progress and errors to stderr; in a pipe nothing is cut short.
+
+    \b
+    Exit codes (every command):
+      0  ok / valid
+      1  invalid or disagreement (tables differ, a move did not converge, an invariant failed)
+      2  usage error (bad flag, argument or input file); nothing was started
+      3  unknown (chaos: the history is incomplete or the run broke)
+      4  cluster or environment error (no cluster, a process that does not answer, an OS error)
+      128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM), after stopping what it started
+    """
 
 
 # ---------------------------------------------------------------------- lifecycle
@@ -42,6 +55,21 @@ def cli() -> None:
 
 def agent_flags(heartbeat_interval_ms: int | None) -> list[str]:
     return ["--heartbeat-interval-ms", str(heartbeat_interval_ms)] if heartbeat_interval_ms else []
+
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def _vtep_base_value(ctx, param, value: str) -> str:
+    import ipaddress
+
+    if value in ("auto", "off"):
+        return value
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an IPv4 address, 'auto' or 'off'") from None
+    return value
 
 
 @cli.command()
@@ -56,11 +84,16 @@ def agent_flags(heartbeat_interval_ms: int | None) -> list[str]:
 @click.option("--netns", is_flag=True,
               help="Real-network mode: each host in its own network namespace on a bridge; partitions "
                    "become nftables rules (root only).")
-@click.option("--vtep-base", default="127.0.0.1", show_default=True,
+@click.option("--vtep-base", default="127.0.0.1", show_default=True, callback=_vtep_base_value,
               help="Data plane: host hN's VTEP is this IPv4 address + N on UDP 4789 (h1 = 127.0.0.2); "
                    "'auto' picks a free 127.a.b.0 block, 'off' runs no data plane.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+              help="Log level of the agents and the controller (their logs are in STATE_DIR/logs).")
+@click.option("--no-metrics", is_flag=True,
+              help="Serve no Prometheus metrics (saves ~3.5 MB of memory per process).")
 @state_dir_option
-def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_base, state_dir) -> None:
+def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_base, log_level, no_metrics,
+       state_dir) -> None:
     """Start the controller and N agents, wait until the mesh is connected, place VMs."""
     if netns:
         from testbed.netns import unavailable_reason
@@ -69,8 +102,10 @@ def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_bas
         if reason:
             raise ClusterError(reason)
     with err_console.status(f"starting controller and {hosts} agents"):
-        cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms),
-                             ready_timeout_s=timeout_s, netns=netns, vtep_base=vtep_base)
+        levels = (["--log-level", log_level] if log_level != "info" else []) + \
+            (["--metrics-port", "-1"] if no_metrics else [])
+        cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms) + levels,
+                             controller_args=levels, ready_timeout_s=timeout_s, netns=netns, vtep_base=vtep_base)
     try:
         if vms:
             with err_console.status(f"placing {vms} VMs"):
@@ -83,12 +118,12 @@ def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_bas
     if foreground:
         stop = threading.Event()
         # Handlers before the prompt: a Ctrl-C right after it must stop the cluster too.
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        click.echo("running in the foreground; Ctrl-C stops it")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: stop.set())
+        click.echo("running in the foreground; Ctrl-C stops it", err=True)
         while not stop.wait(0.5):
             if not cluster.any_alive():
-                click.echo("every process has exited")
+                click.echo("every process has exited", err=True)
                 break
         killed = cluster.down()
         click.echo("cluster stopped" + (f" (SIGKILL needed for {', '.join(killed)})" if killed else ""))
@@ -103,13 +138,59 @@ def down(state_dir) -> None:
     click.echo("cluster stopped" + (f" (SIGKILL needed for {', '.join(killed)})" if killed else ""))
 
 
+@cli.command()
+@click.option("--all", "detached", is_flag=True,
+              help="Also stop clusters started by `dvs up` (detached on purpose), wherever their state dir is.")
+@click.option("--timeout-s", type=click.FloatRange(0.1, 600), default=5, show_default=True,
+              help="SIGTERM, then SIGKILL after this long.")
+def cleanup(detached, timeout_s) -> None:
+    """Stop clusters left behind by crashed runs (`dvs demo`, `dvs chaos`, `dvs bench` killed
+    before they could stop them), found in the registry of clusters ($DVS_REGISTRY_DIR, else
+    $XDG_RUNTIME_DIR/dvswitch/clusters, else ~/.cache/dvswitch/clusters). Processes are stopped
+    by pid, each checked against its recorded start time, so a reused pid is never signalled.
+    Safe to run again and again (like `mn -c`)."""
+    from testbed.cluster import cleanup as run_cleanup
+
+    results = run_cleanup(detached=detached, timeout_s=timeout_s)
+    stopped = 0
+    for r in results:
+        procs_ = f": {', '.join(r['stopped'])}" if r["stopped"] else ""
+        killed = f" (SIGKILL needed for {', '.join(r['sigkill'])})" if r["sigkill"] else ""
+        click.echo(f"{r['state_dir'] or r['entry']}: {r['action']}{procs_}{killed}")
+        stopped += bool(r["stopped"])
+    click.echo(f"cleanup: {stopped} cluster(s) stopped, {len(results)} registry entr"
+               f"{'y' if len(results) == 1 else 'ies'} looked at")
+
+
 # ---------------------------------------------------------------------- reading
+
+
+def macs_as_strings(obj: dict) -> dict:
+    """Ports as agents describe them carry the MAC as an int; everywhere else in JSON it is a string."""
+    from agent.mactable import format_mac
+
+    for port in obj.get("ports", []):
+        if isinstance(port.get("mac"), int):
+            port["mac"] = format_mac(port["mac"])
+    return obj
+
+
+def _metrics_fields(info: dict) -> dict:
+    """`metrics` (the URL a Prometheus server scrapes) and `metrics_port`, None if it serves none."""
+    url = info.get("metrics")
+    port = None
+    if url:
+        from urllib.parse import urlsplit
+
+        port = urlsplit(url).port
+    return {"metrics": url, "metrics_port": port}
 
 
 def gather_status(cluster: Cluster) -> dict:
     """The controller's view of each host, completed by each agent's own answer."""
     ctl_hosts = {}
-    controller = {"endpoint": cluster.controller_endpoint, "pid": cluster.controller.pid, "state": "up"}
+    controller = {"endpoint": cluster.controller_endpoint, "pid": cluster.controller.pid, "state": "up",
+                  **_metrics_fields(cluster.controller.info)}
     try:
         with cluster.controller_client(timeout_ms=2_000) as ctl:
             st = ctl.call("status")
@@ -121,7 +202,8 @@ def gather_status(cluster: Cluster) -> dict:
     hosts = []
     for name, proc in cluster.agents.items():
         row = {"host": name, "pid": proc.pid, "state": ctl_hosts.get(name, {}).get("state", "unknown"),
-               "pub_endpoint": proc.info["pub"], "rpc_endpoint": proc.info["rpc"]}
+               "pub_endpoint": proc.info["pub"], "rpc_endpoint": proc.info["rpc"],
+               **_metrics_fields(proc.info)}
         try:
             with cluster.agent_client(name, timeout_ms=1_000) as a:
                 s = a.call("status")
@@ -130,12 +212,13 @@ def gather_status(cluster: Cluster) -> dict:
                        flapping=s["flapping"], stats=s["stats"])
             if "vtep" in proc.info:
                 with cluster.agent_client(name, timeout_ms=1_000) as a:
-                    row["dataplane"] = a.call("dataplane")
+                    row["dataplane"] = macs_as_strings(a.call("dataplane"))
         except ClusterError:
             row.update(state="unreachable", mac_entries=None, digest=None, dropped_malformed=None)
         hosts.append(row)
     digests = sorted({h["digest"] for h in hosts if h.get("digest")})
-    return {"state_dir": str(cluster.state_dir), "controller": controller, "hosts": hosts, "digests": digests}
+    flapping = sorted({(f["vlan"], f["mac"]) for h in hosts for f in h.get("flapping") or []})
+    return {"flapping": [{"vlan": v, "mac": m} for v, m in flapping],"state_dir": str(cluster.state_dir), "controller": controller, "hosts": hosts, "digests": digests}
 
 
 @cli.command()
@@ -163,6 +246,71 @@ def status(as_json, state_dir) -> None:
     console.print(t)
     n = len(st["digests"])
     console.print("tables agree (one digest)" if n == 1 else f"[yellow]{n} different table digests[/yellow]")
+    if st["flapping"]:
+        # Reported, not refused (as FRR/Junos/Cumulus do by default): moves of these MACs still go ahead.
+        macs = ", ".join(f"{f['mac']} (vlan {f['vlan']})" for f in st["flapping"])
+        console.print(f"[yellow]flapping[/yellow] (more moves than the flap guard allows; moves still go "
+                      f"ahead): {macs}", highlight=False)
+
+
+@cli.command()
+@click.option("--host", "only", default=None, help="Only this host (h1..hN) or `controller` [default: every process].")
+@json_option
+@state_dir_option
+def metrics(only, as_json, state_dir) -> None:
+    """One snapshot of the Prometheus metrics of every agent and the controller, merged: each
+    sample gets a `process` label (h1..hN, controller). Each process serves its own at the URL
+    `dvs status --json` shows (`metrics`), for a Prometheus server to scrape."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cluster = Cluster.load(state_dir)
+    procs_ = {**({"controller": cluster.controller} if cluster.controller else {}), **cluster.agents}
+    if only is not None:
+        if only not in procs_:
+            raise ClusterError(f"unknown process {only!r} (hosts: {', '.join(cluster.agents) or 'none'}, "
+                               f"or controller)")
+        procs_ = {only: procs_[only]}
+    merged: dict[str, Metric] = {}
+    samples = []
+    answered = 0
+    for name, proc in procs_.items():
+        url = proc.info.get("metrics")
+        if not url:
+            err_console.print(f"{name}: serves no metrics (started with --metrics-port -1, or by an older dvs)")
+            continue
+        try:
+            with urllib.request.urlopen(url, timeout=3) as resp:
+                text = resp.read().decode()
+        except (urllib.error.URLError, OSError) as e:
+            err_console.print(f"{name}: no answer from {url} ({getattr(e, 'reason', e)})", highlight=False)
+            continue
+        answered += 1
+        for fam in text_string_to_metric_families(text):
+            m = merged.get(fam.name)
+            if m is None:
+                m = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for smp in fam.samples:
+                labels = {"process": name, **smp.labels}
+                m.add_sample(smp.name, labels, smp.value, smp.timestamp, smp.exemplar)
+                samples.append({"process": name, "name": smp.name, "labels": smp.labels, "value": smp.value})
+    if not answered:
+        raise ClusterError("no process answered for its metrics; is the cluster up? (`dvs status`)")
+    if as_json:
+        emit_json(samples)
+        return
+
+    class Snapshot:
+        def collect(self):
+            return list(merged.values())
+
+    registry = CollectorRegistry()
+    registry.register(Snapshot())
+    click.echo(generate_latest(registry).decode(), nl=False)
 
 
 @cli.command("mac-table")
@@ -174,7 +322,7 @@ def mac_table(host, as_json, state_dir) -> None:
     with Cluster.load(state_dir).agent_client(host) as a:
         table = a.call("mac_table")
     if as_json:
-        emit_json(table)
+        emit_json(macs_as_strings(table))
         return
     t = Table("vlan", "mac", "host", "port", "seq", "where", "rx", "tx", "drop",
               title=f"{host} MAC table (digest {table['digest']})")
@@ -204,7 +352,7 @@ def check(settle_s, as_json, state_dir) -> None:
         console.print(("[green]OK[/green]" if result["ok"] else "[red]MISMATCH[/red]")
                       + f": {len(result['hosts'])} hosts, {result['entries']} entries, "
                       f"{len(result['digests'])} digest(s)")
-    sys.exit(0 if result["ok"] else 1)
+    sys.exit(EXIT_OK if result["ok"] else EXIT_INVALID)
 
 
 # ---------------------------------------------------------------------- processes
@@ -617,18 +765,20 @@ def vm_create(name, host, profile, as_json, state_dir) -> None:
     elif rec["converged"]:
         click.echo(f"created {name} on {host}; every agent knows it ({rec['latency_ms']:.2f} ms)")
     else:
-        raise ClusterError(f"created {name} on {host} but it did not converge: {rec['error']}")
+        click.echo(f"dvs: error: created {name} on {host} but it did not converge: {rec['error']}", err=True)
+        sys.exit(EXIT_INVALID)
 
 
 def _report_op(rec: dict, as_json: bool, what: str) -> None:
     if as_json:
         emit_json(rec)
         if not rec["converged"]:
-            sys.exit(1)
+            sys.exit(EXIT_INVALID)
     elif rec["converged"]:
         click.echo(f"{what}: converged on every live host in {rec['latency_ms']:.2f} ms (seq {rec['seq']})")
     else:
-        raise ClusterError(f"{what}: not converged: {rec['error']}")
+        click.echo(f"dvs: error: {what}: not converged: {rec['error']}", err=True)
+        sys.exit(EXIT_INVALID)
 
 
 @vm.command("move")
@@ -694,19 +844,34 @@ def vm_delete(name, as_json, state_dir) -> None:
     _report_op(rec, as_json, f"deleted {name}")
 
 
+MOVES_DEFAULT_LAST = 1_000
+
+
 @cli.command()
+@click.option("--last", "last", type=click.IntRange(1, 10_000_000), default=None,
+              help=f"Show the last N finished moves and HA restarts [default: {MOVES_DEFAULT_LAST:,}].")
+@click.option("--all", "show_all", is_flag=True,
+              help="Show every one the controller keeps (its history_max, default 100,000).")
 @json_option
 @state_dir_option
-def moves(as_json, state_dir) -> None:
-    """Moves done so far, with their convergence latency."""
+def moves(last, show_all, as_json, state_dir) -> None:
+    """Finished moves and HA restarts (kind "ha": a dead host's VM started elsewhere), oldest
+    first, with their convergence latency. A notice on stderr says when the list is capped."""
+    if last is not None and show_all:
+        raise click.UsageError("give --last N or --all, not both")
     with Cluster.load(state_dir).controller_client() as ctl:
-        recs = ctl.call("moves")["moves"]
+        kept = ctl.call("status")["moves_done"]
+        n = kept if show_all else (last or MOVES_DEFAULT_LAST)
+        recs = ctl.call("moves", {"last": max(n, 1)})["moves"] if kept else []
+    if len(recs) < kept:
+        err_console.print(f"showing the last {len(recs):,} of {kept:,} moves and HA restarts; "
+                          f"--last N or --all for more", highlight=False)
     if as_json:
         emit_json(recs)
         return
     from testbed.demo import moves_table
 
-    console.print(moves_table(recs))
+    console.print(moves_table(recs, first=kept - len(recs) + 1))
 
 
 # ---------------------------------------------------------------------- data plane traffic
@@ -760,7 +925,7 @@ def traffic(pairs, rate, duration_s, n_moves, seed, tool, bitrate, as_json, stat
                       f"{f['duplicated']}, misdelivered {f['misdelivered']}; one-way delay ms p50 "
                       f"{_fmt(d['p50'])} p99 {_fmt(d['p99'])} max {_fmt(d['max'])}")
     ok = rep["accounted"] and all(m["converged"] for m in rep["moves"])
-    sys.exit(0 if ok else 1)
+    sys.exit(EXIT_OK if ok else EXIT_INVALID)
 
 
 def _tool_traffic(cluster, tool, pairs, rate, duration_s, n_moves, seed, bitrate, as_json) -> None:
@@ -829,10 +994,11 @@ def demo(hosts, vms, n_moves, seed, heartbeat_interval_ms, pairs, rate, as_json,
     another, report latency and frames lost per move, stop."""
     from testbed.demo import run_demo
 
+    owned_by_this_process()  # its cluster dies with this process, even after a SIGKILL
     ok = run_demo(hosts=hosts, vms=vms, n_moves=n_moves, seed=seed, as_json=as_json, state_dir=state_dir,
                   agent_args=agent_flags(heartbeat_interval_ms), console=console, err_console=err_console,
                   pairs=pairs, rate=rate)
-    sys.exit(0 if ok else 1)
+    sys.exit(EXIT_OK if ok else EXIT_INVALID)
 
 
 # ---------------------------------------------------------------------- lab commands in their own packages
@@ -850,8 +1016,41 @@ cli.add_command(sim)
 # ---------------------------------------------------------------------- entry point
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so every `finally` stops what it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop a command as SIGINT does (CI runners, `timeout`, a closed terminal).
+    Only the first: a second one must not cut short the teardown the first one started."""
+    def handler(signum, _frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `dvs`: errors the user can act on print as one line, never a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    _stop_on_signals()
+    try:
+        return _main(argv)
+    finally:
+        for sig, old in saved.items():  # a caller in the same process (a test) gets its own back
+            signal.signal(sig, old)
+
+
+def _main(argv: list[str] | None) -> int:
     sim_command.finished_exit_code = None  # (set by this run's `dvs sim` only)
     try:
         cli.main(args=argv, prog_name="dvs", standalone_mode=False)
@@ -863,23 +1062,34 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("dvs: aborted", err=True)
+    except click.exceptions.Abort as e:
+        if isinstance(e.__cause__, Stopped):  # click turns the KeyboardInterrupt into Abort
+            click.echo(f"dvs: stopped by {signal.Signals(e.__cause__.signum).name}", err=True)
+            return 128 + e.__cause__.signum
+        click.echo("dvs: interrupted", err=True)
         return 130
     except click.UsageError as e:
         hint = f"; see `{e.ctx.command_path} --help`" if e.ctx else ""
         click.echo(f"dvs: error: {e.format_message()}{hint}", err=True)
-        return 2
+        return EXIT_USAGE
     except click.ClickException as e:
         click.echo(f"dvs: error: {e.format_message()}", err=True)
         return e.exit_code
     except ClusterError as e:
         click.echo(f"dvs: error: {e}", err=True)
-        return 1
+        return EXIT_ERROR
+    except Stopped as e:
+        click.echo(f"dvs: stopped by {signal.Signals(e.signum).name}", err=True)
+        return 128 + e.signum
     except KeyboardInterrupt:
         click.echo("dvs: interrupted", err=True)
         return 130
-    return 0
+    except OSError as e:
+        # Whatever the commands did not turn into a sentence themselves: still one line.
+        where = f" ({e.filename})" if e.filename else ""
+        click.echo(f"dvs: error: {e.strerror or e}{where}; check the path and its permissions", err=True)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":

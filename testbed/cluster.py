@@ -2,18 +2,34 @@
 
 Everything about a running cluster lives in its state dir: `cluster.json` (pids, start
 times, endpoints, log paths) and `logs/`. Commands find the cluster through that file.
+Writes of it are atomic (a temp file per writer, renamed over it) and serialized by an
+flock on `cluster.lock`, so parallel `dvs agent start` runs never lose each other's pids.
+
+Every cluster is also listed in a registry, one file per cluster (see `registry_dir`), with
+its pids and start times, so `dvs cleanup` finds clusters whose run crashed even when their
+state dir is gone. A cluster started by a run that owns it (`dvs demo`, `dvs chaos`,
+`dvs bench`: `owned_by_this_process()`) gives its processes `--parent-pid`: they stop when
+that run's process is gone, even after a SIGKILL. `dvs up` clusters detach on purpose.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
+import ipaddress
 import json
 import os
 import random
 import re
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from agent import vxlan
 from testbed import procs
@@ -24,14 +40,71 @@ from testbed.procs import Proc
 # What a ZeroMQ endpoint we connect to looks like (libzmq aborts the call on anything else).
 ENDPOINT_RE = re.compile(r"^(tcp://[^\s:/]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
 STATE_FILE = "cluster.json"
+LOCK_FILE = "cluster.lock"
 JOURNAL_FILE = "controller.journal"
 # netns mode: every host's VTEP address, explicitly ({host: IPv4}); the agents read it (--vteps).
 VTEPS_FILE = "vteps.json"
 DEFAULT_STATE_DIR = ".dvs"
 
+# (pid, create_time) of the run that owns the clusters this process starts, or None (detached).
+_owner: tuple[int, float] | None = None
+
 
 def default_state_dir() -> str:
     return os.environ.get("DVS_STATE_DIR", DEFAULT_STATE_DIR)
+
+
+def owned_by_this_process() -> None:
+    """Clusters this process starts from now on stop when it exits (`--parent-pid`)."""
+    global _owner
+    _owner = (os.getpid(), psutil.Process().create_time())
+
+
+def registry_dir() -> Path:
+    """Where every cluster is listed: $DVS_REGISTRY_DIR, else $XDG_RUNTIME_DIR/dvswitch/clusters,
+    else ~/.cache/dvswitch/clusters."""
+    if os.environ.get("DVS_REGISTRY_DIR"):
+        return Path(os.environ["DVS_REGISTRY_DIR"])
+    run = os.environ.get("XDG_RUNTIME_DIR")
+    return (Path(run) if run else Path.home() / ".cache") / "dvswitch" / "clusters"
+
+
+def registry_entry(state_dir: Path) -> Path:
+    key = hashlib.sha256(str(state_dir.absolute()).encode()).hexdigest()[:20]
+    return registry_dir() / f"{key}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` all at once: a temp name unique to this writer, renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.SystemRandom().getrandbits(32):08x}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def state_dir_error(state_dir: Path, e: OSError) -> ClusterError:
+    """An OSError about the state dir as the one line the user sees."""
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(state_dir) else ""
+    what = (e.strerror or str(e)).lower()
+    return ClusterError(f"state dir {state_dir}: {what}{where}; pass another --state-dir (or set DVS_STATE_DIR)")
+
+
+@contextlib.contextmanager
+def state_dir_errors(state_dir: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise state_dir_error(state_dir, e) from None
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    with state_dir_errors(state_dir):
+        if state_dir.exists() and not state_dir.is_dir():
+            raise ClusterError(f"state dir {state_dir} exists and is not a directory; pass another --state-dir "
+                               f"(or set DVS_STATE_DIR)")
 
 
 @dataclass
@@ -45,6 +118,9 @@ class Cluster:
     netns: NetnsLab | None = None
     # Data plane addressing: host hN's VTEP is vtep_base + N on UDP 4789 ("off": no data plane).
     vtep_base: str = "off"
+    # The run this cluster belongs to: its processes stop when it exits. None: detached (`dvs up`).
+    owner_pid: int | None = None
+    owner_create_time: float | None = None
 
     # ------------------------------------------------------------------ persistence
 
@@ -52,39 +128,107 @@ class Cluster:
     def state_file(self) -> Path:
         return self.state_dir / STATE_FILE
 
-    def save(self) -> None:
-        data = {
+    @property
+    def lock_file(self) -> Path:
+        return self.state_dir / LOCK_FILE
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the state dir's lock (an flock, released if we die): one writer at a time."""
+        with state_dir_errors(self.state_dir), open(self.lock_file, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def to_json(self) -> dict:
+        return {
             "started_at": self.started_at,
             "agent_args": self.agent_args,
             "controller_args": self.controller_args,
             "netns": self.netns.to_json() if self.netns else None,
             "vtep_base": self.vtep_base,
+            "owner_pid": self.owner_pid,
+            "owner_create_time": self.owner_create_time,
             "controller": self.controller.to_json() if self.controller else None,
             "agents": [a.to_json() for a in self.agents.values()],
         }
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.state_file)
+
+    def save(self) -> None:
+        with self.locked():
+            self._write()
+
+    def _write(self) -> None:
+        data = self.to_json()
+        with state_dir_errors(self.state_dir):
+            _write_atomic(self.state_file, json.dumps(data, indent=1))
+        self._register(data)
+
+    def _register(self, data: dict) -> None:
+        """List this cluster in the registry (best effort: without it only `dvs cleanup` is blind)."""
+        entry = {"state_dir": str(self.state_dir.absolute()), **data}
+        try:
+            registry_dir().mkdir(parents=True, exist_ok=True)
+            _write_atomic(registry_entry(self.state_dir), json.dumps(entry, indent=1))
+        except OSError:
+            pass
+
+    def _unregister(self) -> None:
+        with contextlib.suppress(OSError):
+            registry_entry(self.state_dir).unlink(missing_ok=True)
+
+    def _merge_from_disk(self) -> None:
+        """Under the lock, before a write: take the processes another `dvs` recorded since we read."""
+        if not self.state_file.exists():
+            return
+        try:
+            fresh = type(self).load(self.state_dir)
+        except ClusterError:
+            return
+        self.agents.update(fresh.agents)  # in place: callers may hold this dict
+        if fresh.controller is not None:
+            self.controller = fresh.controller
+
+    def _record(self, proc: Proc) -> None:
+        """Record one (re)started process in cluster.json without losing a parallel writer's."""
+        with self.locked():
+            self._merge_from_disk()
+            if proc.name == "controller":
+                self.controller = proc
+            else:
+                self.agents[proc.name] = proc
+            self._write()
 
     @classmethod
     def load(cls, state_dir: str | Path) -> Cluster:
         state_dir = Path(state_dir)
         path = state_dir / STATE_FILE
-        if not path.exists():
-            raise ClusterError(f"no cluster is running in {state_dir}; start one with `dvs up --hosts N`")
+        _check_state_dir(state_dir)
+        with state_dir_errors(state_dir):
+            if not path.exists():
+                raise ClusterError(f"no cluster is running in {state_dir}; start one with `dvs up --hosts N`")
+            text = path.read_text()
         try:
-            data = json.loads(path.read_text())
-            c = cls(state_dir, started_at=data.get("started_at", 0.0),
-                    agent_args=list(data.get("agent_args", [])), controller_args=list(data.get("controller_args", [])),
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON object was expected, not {type(data).__name__}")
+            if not isinstance(data.get("agents", []), list):
+                raise ValueError("'agents' is not a list")
+            c = cls(state_dir, started_at=float(data.get("started_at", 0.0)),
+                    agent_args=[str(a) for a in data.get("agent_args", [])],
+                    controller_args=[str(a) for a in data.get("controller_args", [])],
                     netns=NetnsLab.from_json(data["netns"]) if data.get("netns") else None,
-                    vtep_base=data.get("vtep_base", "off"))
+                    vtep_base=str(data.get("vtep_base", "off")), owner_pid=data.get("owner_pid"),
+                    owner_create_time=data.get("owner_create_time"))
             if data.get("controller"):
                 c.controller = Proc.from_json(data["controller"])
             for a in data.get("agents", []):
                 p = Proc.from_json(a)
                 c.agents[p.name] = p
-        except (ValueError, KeyError, TypeError) as e:
-            raise ClusterError(f"{path} is damaged ({e}); stop its processes by hand and remove it") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ClusterError(f"{path} is damaged ({e}); stop its processes by hand (or `dvs cleanup`) "
+                               f"and remove it") from None
         return c
 
     def any_alive(self) -> bool:
@@ -136,24 +280,33 @@ class Cluster:
         state_dir = Path(state_dir)
         if hosts < 1 or hosts > 256:
             raise ClusterError(f"--hosts must be between 1 and 256, got {hosts}")
-        if (state_dir / STATE_FILE).exists():
-            old = cls.load(state_dir)
-            if old.any_alive():
-                raise ClusterError(f"a cluster is already running in {state_dir}; run `dvs down` first")
-            (state_dir / STATE_FILE).unlink()
+        _check_state_dir(state_dir)
+        with state_dir_errors(state_dir):
+            if (state_dir / STATE_FILE).exists():
+                old = cls.load(state_dir)
+                if old.any_alive():
+                    raise ClusterError(f"a cluster is already running in {state_dir}; run `dvs down` first")
+                (state_dir / STATE_FILE).unlink()
         if netns or vtep_base == "off":
             vtep_base = "off"
         elif vtep_base == "auto":
             vtep_base = pick_vtep_base(hosts)
         else:
             check_vtep_base(vtep_base, hosts)
-        state_dir.mkdir(parents=True, exist_ok=True)
         logs = state_dir / "logs"
         c = cls(state_dir, started_at=time.time(), agent_args=list(agent_args or []),
                 controller_args=list(controller_args or []), vtep_base=vtep_base)
+        if _owner is not None:
+            c.owner_pid, c.owner_create_time = _owner
         journal = state_dir / JOURNAL_FILE
-        if journal.exists():
-            journal.unlink()  # a new cluster starts with an empty inventory
+        with state_dir_errors(state_dir):
+            state_dir.mkdir(parents=True, exist_ok=True)
+            logs.mkdir(exist_ok=True)
+            probe = state_dir / f".probe.{os.getpid()}"
+            probe.write_text("")  # not writable: say so now, not after the controller started
+            probe.unlink()
+            if journal.exists():
+                journal.unlink()  # a new cluster starts with an empty inventory
         bind = []
         if netns:
             c.netns = NetnsLab.for_state_dir(state_dir)
@@ -163,7 +316,8 @@ class Cluster:
         try:
             [c.controller] = procs.wait_ready(
                 [procs.spawn("controller", "controller",
-                             ["--journal", str(journal), "--hosts", str(hosts), *bind, *c.controller_args],
+                             ["--journal", str(journal), "--hosts", str(hosts), *bind, *c.controller_args,
+                              *c.owner_args()],
                              logs / "controller.log")],
                 ready_timeout_s,
             )
@@ -188,9 +342,21 @@ class Cluster:
             raise
         return c
 
+    def owner_args(self) -> list[str]:
+        """Flags that tie a process to the run owning this cluster (none for a detached one)."""
+        if self.owner_pid is None:
+            return []
+        if self.owner_create_time is not None:
+            try:
+                if abs(psutil.Process(self.owner_pid).create_time() - self.owner_create_time) >= 0.01:
+                    return []  # the pid is someone else's now: tie nothing to it
+            except psutil.Error:
+                return []
+        return ["--parent-pid", str(self.owner_pid)]
+
     def _spawn_agent(self, host: str, index: int) -> procs.Pending:
         args = ["--host", host, "--controller", self.controller_endpoint, "--vtep-base", self.vtep_base,
-                *self.agent_args]
+                *self.agent_args, *self.owner_args()]
         prefix = None
         if self.netns is not None:
             from testbed import vmns
@@ -219,12 +385,11 @@ class Cluster:
         [p] = procs.wait_ready(
             [procs.spawn("controller", "controller",
                          ["--bind", endpoint, "--journal", str(self.state_dir / JOURNAL_FILE),
-                          *self.controller_args],
+                          *self.controller_args, *self.owner_args()],
                          self.state_dir / "logs" / "controller.log")],
             ready_timeout_s,
         )
-        self.controller = p
-        self.save()
+        self._record(p)
         return p
 
     def add_agent(self, host: str, *, agent_args: list[str] | None = None, ready_timeout_s: float = 30.0) -> Proc:
@@ -237,8 +402,7 @@ class Cluster:
             self.admit_host(host)  # the testbed adds a host on purpose: as the admin would
         index = int(host[1:]) if host[1:].isdigit() else len(self.agents) + 1
         [p] = procs.wait_ready([self._spawn_agent(host, index)], ready_timeout_s)
-        self.agents[host] = p
-        self.save()
+        self._record(p)
         return p
 
     def admit_host(self, host: str) -> dict:
@@ -259,9 +423,10 @@ class Cluster:
         killed = procs.stop(all_procs, timeout_s)
         if self.netns is not None:
             self.netns.destroy()
-        if self.state_file.exists():
-            self.state_file.unlink()
-        (self.state_dir / VTEPS_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.state_file.unlink(missing_ok=True)
+            (self.state_dir / VTEPS_FILE).unlink(missing_ok=True)
+        self._unregister()
         return killed
 
     # ------------------------------------------------------------------ helpers for commands
@@ -285,22 +450,37 @@ class Cluster:
 # ---------------------------------------------------------------------- data plane addressing
 
 
-def _udp_free(ip: str, port: int) -> bool:
+def _udp_bind_error(ip: str, port: int) -> int:
+    """0 if ip:port can be bound now, else the errno (EADDRINUSE, EADDRNOTAVAIL, ...)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.bind((ip, port))
-        except OSError:
-            return False
-    return True
+        except OSError as e:
+            return e.errno or -1
+    return 0
+
+
+def _udp_free(ip: str, port: int) -> bool:
+    return _udp_bind_error(ip, port) == 0
 
 
 def check_vtep_base(base: str, hosts: int, port: int = vxlan.VXLAN_PORT) -> None:
-    """Every host's VTEP address is valid and free, or a one-line ClusterError."""
+    """Every host's VTEP address is valid, in the base's /24, local and free, or a one-line ClusterError."""
+    try:
+        first = ipaddress.IPv4Address(base)
+    except ValueError:
+        raise ClusterError(f"--vtep-base {base!r} is not an IPv4 address (nor 'auto' or 'off')") from None
+    last = vxlan.vtep_ip(base, f"h{hosts}")
+    if last is None or int(ipaddress.IPv4Address(last)) >> 8 != int(first) >> 8:
+        raise ClusterError(f"--vtep-base {base} has no room for {hosts} hosts in its /24 (h{hosts} would be "
+                           f"{last or 'past 255.255.255.255'}); pass a lower base or 'auto'")
     for i in range(1, hosts + 1):
         ip = vxlan.vtep_ip(base, f"h{i}")
-        if ip is None:
-            raise ClusterError(f"--vtep-base {base!r} is not an IPv4 address with room for {hosts} hosts")
-        if not _udp_free(ip, port):
+        err = _udp_bind_error(ip, port)
+        if err == errno.EADDRNOTAVAIL:
+            raise ClusterError(f"VTEP {ip} of h{i} (--vtep-base {base}) is not a local address of this machine; "
+                               f"pass a base in 127.0.0.0/8 or an address this machine has (or 'auto')")
+        if err:
             raise ClusterError(f"VTEP {ip}:{port} of h{i} is in use (another cluster?); stop it with "
                                f"`dvs down` or pass another --vtep-base (or 'auto')")
 
@@ -314,3 +494,62 @@ def pick_vtep_base(hosts: int, port: int = vxlan.VXLAN_PORT) -> str:
         if all(_udp_free(vxlan.vtep_ip(base, f"h{i}"), port) for i in range(1, hosts + 1)):
             return base
     raise ClusterError("found no free 127.a.b.0 block for the data plane's VTEPs after 50 tries")
+
+
+# ---------------------------------------------------------------------- `dvs cleanup`
+
+
+def _owner_alive(pid, create_time) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        p = psutil.Process(pid)
+        same = create_time is None or abs(p.create_time() - float(create_time)) < 0.01
+        return same and p.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, TypeError, ValueError):
+        return False
+
+
+def cleanup(*, detached: bool = False, timeout_s: float = 5.0) -> list[dict]:
+    """Stop the clusters the registry lists whose owning run is gone (and, with `detached`, the
+    `dvs up` ones too), by pid, each checked against its recorded start time; drop entries whose
+    processes are all gone. Rerunnable: a second run finds nothing to do. One dict per entry."""
+    results = []
+    try:
+        entries = sorted(registry_dir().glob("*.json"))
+    except OSError:
+        entries = []
+    for path in entries:
+        res: dict = {"entry": str(path), "state_dir": None, "action": "", "stopped": [], "sigkill": []}
+        results.append(res)
+        try:
+            data = json.loads(path.read_text())
+            res["state_dir"] = data["state_dir"]
+            ps = ([Proc.from_json(data["controller"])] if data.get("controller") else []) + \
+                [Proc.from_json(a) for a in data.get("agents", [])]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            res["action"] = f"damaged entry removed ({e})"
+            path.unlink(missing_ok=True)
+            continue
+        alive = [p for p in ps if procs.alive(p)]
+        owner = data.get("owner_pid")
+        if alive and owner is not None and _owner_alive(owner, data.get("owner_create_time")):
+            res["action"] = f"kept: its run (pid {owner}) is still going"
+            continue
+        if alive and owner is None and not detached:
+            res["action"] = "kept: started by `dvs up` (stop it with `dvs down`, or `dvs cleanup --all`)"
+            continue
+        res["stopped"] = [f"{p.name} (pid {p.pid})" for p in alive]
+        res["sigkill"] = procs.stop(alive, timeout_s)
+        if data.get("netns"):
+            try:
+                NetnsLab.from_json(data["netns"]).destroy()
+            except Exception as e:  # noqa: BLE001 - reported, the rest is still cleaned up
+                res["action"] = f"network namespaces not removed: {e}; "
+        state_file = Path(data["state_dir"]) / STATE_FILE
+        with contextlib.suppress(OSError):
+            if state_file.exists() and json.loads(state_file.read_text()).get("started_at") == data.get("started_at"):
+                state_file.unlink()
+        res["action"] += "stopped" if alive else "stale entry removed (no process left)"
+        path.unlink(missing_ok=True)
+    return results

@@ -43,12 +43,15 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def moves_table(records: list[dict]) -> Table:
+def moves_table(records: list[dict], first: int = 1) -> Table:
+    """`first`: the number of the first record shown (the list may be the tail of a longer one).
+    kind: "move", or "ha" for a VM of a dead host restarted elsewhere."""
     traffic = any("frames_lost" in r for r in records)
-    cols = ["#", "vm", "from", "to", "seq", "converged", "latency ms"]
+    cols = ["#", "kind", "vm", "from", "to", "seq", "converged", "latency ms"]
     t = Table(*cols, *(["frames", "lost", "blackout ms"] if traffic else []), title="VM moves")
-    for i, r in enumerate(records, 1):
-        row = [str(i), r["vm"], r["src"], r["dst"], str(r["seq"]),
+    for i, r in enumerate(records, first):
+        kind = r.get("kind", "move")
+        row = [str(i), "ha" if kind == "restart" else kind, r["vm"], r["src"], r["dst"], str(r["seq"]),
                "yes" if r["converged"] else f"[red]no[/red] {r.get('error', '')}", _ms(r["latency_ms"])]
         if traffic:
             lost = r.get("frames_lost")
@@ -70,6 +73,7 @@ def run_demo(*, hosts: int, vms: int, n_moves: int, seed: int, as_json: bool, st
     records: list[dict] = []
     ok = False
     cluster = None
+    err_console.print(f"demo state dir {sdir} (pids in cluster.json, logs in logs/)", highlight=False)
     try:
         with err_console.status(f"starting {hosts} agents and the controller"):
             cluster = Cluster.up(sdir, hosts, agent_args=agent_args)
@@ -103,7 +107,7 @@ def run_demo(*, hosts: int, vms: int, n_moves: int, seed: int, as_json: bool, st
                 traffic.pop("pairs_list")
         except BaseException:
             if run is not None:
-                run.close()
+                run.abort()
             raise
         with err_console.status("checking every agent's table against the inventory"):
             verdict = check(cluster)

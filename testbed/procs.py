@@ -34,8 +34,19 @@ class Proc:
 
     @classmethod
     def from_json(cls, d: dict) -> Proc:
+        """From a state file, checked: a pid that is not a positive int would make a kill hit a
+        process group (0, -1: every process we may signal), never the process we meant."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a process record must be an object, not {type(d).__name__}")
         d = dict(d)
-        return cls(d.pop("name"), d.pop("pid"), d.pop("create_time"), d.pop("log"), d)
+        name, pid, create_time, log = d.pop("name"), d.pop("pid"), d.pop("create_time"), d.pop("log")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise ValueError(f"pid {pid!r} of {name!r} is not a positive integer")
+        if not isinstance(create_time, int | float) or isinstance(create_time, bool):
+            raise ValueError(f"create_time {create_time!r} of {name!r} is not a number")
+        if not isinstance(name, str) or not isinstance(log, str):
+            raise ValueError("a process's name and log must be strings")
+        return cls(name, pid, float(create_time), log, d)
 
 
 @dataclass

@@ -319,8 +319,19 @@ class TrafficRun:
         self.kernel_rcvbuf_errors = None if k is None or self.kernel_before is None else k - self.kernel_before
         self.close()
 
+    def abort(self) -> None:
+        """Interrupted (Ctrl-C, SIGTERM, an error): stop sending, close our VMs' sockets and unplug
+        them from the agents, so no agent keeps sending to a backend that is gone."""
+        self.close()
+        for h in getattr(self, "hosts", []):
+            try:
+                with self.cluster.agent_client(h, timeout_ms=1_000) as a:
+                    a.call("vnic_unplug", {"macs": [n.mac for n in getattr(self, "by_name", {}).values()]})
+            except ClusterError:
+                pass
+
     def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if getattr(self, "_thread", None) is not None and self._thread.is_alive():
             def shutdown():
                 for nic in self.by_name.values():
                     if nic.sock is not None:
@@ -439,9 +450,9 @@ def run_traffic(cluster: Cluster, *, pairs: int, rate: float, duration_s: float,
                 seed: int = 1, on_move=None) -> dict:
     """Run traffic for `duration_s`, moving `moves` random paired VMs one after another during it."""
     run = TrafficRun(cluster, pairs, rate, seed=seed)
-    run.setup()
     records: list[dict] = []
     try:
+        run.setup()
         run.start()
         run.stop_sending_at(run.t0_ns + int(duration_s * NS_PER_S))
         if moves:
@@ -467,6 +478,6 @@ def run_traffic(cluster: Cluster, *, pairs: int, rate: float, duration_s: float,
             time.sleep(remaining)
         run.finish()
     except BaseException:
-        run.close()
+        run.abort()
         raise
     return run.report(records)

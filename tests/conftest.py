@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import psutil
 import pytest
 
 from testbed.cluster import Cluster
+
+# The tests' clusters are listed in a registry of their own (`dvs cleanup`), never the user's.
+if "DVS_REGISTRY_DIR" not in os.environ:
+    os.environ["DVS_REGISTRY_DIR"] = tempfile.mkdtemp(prefix="dvs-test-registry-")
+    atexit.register(shutil.rmtree, os.environ["DVS_REGISTRY_DIR"], ignore_errors=True)
 
 
 def all_pids(cluster: Cluster) -> list[int]:

@@ -105,6 +105,9 @@ def test_quick_bench_measures_every_phase_and_cleans_up(tmp_path):
     # Re-rendering an earlier run measures nothing and writes the same kinds of files.
     again = run_bench("--from-json", str(out / "bench.json"), timeout=60)
     assert again.returncode == 0, again.stderr
+    # Without --json the result tables go to stdout (whole, in a pipe); progress to stderr.
+    assert "Floor" in again.stdout or "floor" in again.stdout, again.stdout
+    assert "…" not in again.stdout and "re-rendered" in again.stderr and "re-rendered" not in again.stdout
     assert json.loads((out / "bench.json").read_text())["results"] == r
 
     # 1 controller + 4 agents per cluster (two clusters) + 3 floor subscribers, all stopped.

@@ -27,6 +27,12 @@ def test_commands_without_a_cluster_say_so(tmp_path):
     assert_one_line_error(run_dvs("mac-table", "h1", state_dir=tmp_path), "no cluster is running")
 
 
+def test_exit_codes_of_errors(tmp_path):
+    assert run_dvs("status", state_dir=tmp_path).returncode == 4  # no cluster: a cluster error
+    assert run_dvs("up", "--hostz", "3", state_dir=tmp_path).returncode == 2  # usage
+    assert run_dvs("up", "--hosts", "2", "--vtep-base", "nope", state_dir=tmp_path).returncode == 2
+
+
 def test_bad_flags_are_one_line(tmp_path):
     assert_one_line_error(run_dvs("up", "--hosts", "0", state_dir=tmp_path), "--hosts")
     assert_one_line_error(run_dvs("up", "--hosts", "many", state_dir=tmp_path), "--hosts")
@@ -124,7 +130,7 @@ def test_foreground_stops_everything_on_ctrl_c(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "up", "--hosts", "2", "--foreground", "--vtep-base", "auto",
                              "--state-dir", str(sd)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for line in proc.stdout:
+        for line in proc.stderr:  # progress goes to stderr, results to stdout
             if "Ctrl-C" in line:
                 break
         pids = [a["pid"] for a in json.loads((sd / "cluster.json").read_text())["agents"]]

@@ -174,12 +174,33 @@ def test_traffic_with_moves_accounts_for_every_frame(make_cluster, tmp_path):
 
 
 def _tshark_can_capture() -> str | None:
+    """None if tshark may capture on lo here, else why not. Listing interfaces (`tshark -D`)
+    works for anyone; only a real capture shows whether this user may capture, so try one
+    packet (a datagram we send to ourselves) with a short deadline."""
     if shutil.which("tshark") is None:
         return "tshark is not installed (Debian: apt-get install tshark)"
-    if os.geteuid() != 0:
-        probe = subprocess.run(["tshark", "-D"], capture_output=True, text=True, timeout=30)
-        if "lo" not in probe.stdout:
-            return "tshark cannot capture on lo here"
+    import socket
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        probe = subprocess.Popen(["tshark", "-i", "lo", "-c", "1", "-a", "duration:5", "-f", f"udp port {port}",
+                                  "-w", os.path.join(d, "probe.pcapng")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            while probe.poll() is None and time.monotonic() < deadline:
+                s.sendto(b"probe", ("127.0.0.1", port))
+                time.sleep(0.2)
+        finally:
+            if probe.poll() is None:
+                probe.kill()
+            err = probe.communicate()[1]
+    if probe.returncode != 0:
+        lines = [ln for ln in err.splitlines() if ln.strip() and "Capturing on" not in ln]
+        why = next((ln for ln in lines if "ermission" in ln or "not permitted" in ln), lines[-1] if lines else "")
+        return f"tshark may not capture on lo as this user: {why.strip() or f'exit {probe.returncode}'}"
     return None
 
 

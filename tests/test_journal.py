@@ -108,7 +108,7 @@ def test_check_journal_command_reports_without_touching_it(tmp_path):
     assert f"controller.journal.damaged-{len(data)}" in bad.stdout
     assert path.read_bytes() == data + b"\x00garbage"  # only looked at
     missing = run_dvs("controller", "check-journal", state_dir=tmp_path / "nowhere")
-    assert missing.returncode == 1 and missing.stderr.startswith("dvs: error: no journal at")
+    assert missing.returncode == 4 and missing.stderr.startswith("dvs: error: no journal at")
     assert "Traceback" not in missing.stderr
 
 

@@ -197,7 +197,7 @@ def test_fault_cli_refuses_leftovers_keeps_faults_independent_and_shows_every_pa
     cluster = make_cluster(4)
     sd = cluster.state_dir
     proc = run_dvs("fault", "partition", "h1", "h2", state_dir=sd)
-    assert proc.returncode == 1 and "h3, h4 in no group" in proc.stderr, proc.stderr
+    assert proc.returncode == 4 and "h3, h4 in no group" in proc.stderr, proc.stderr
     assert run_dvs("fault", "loss", "0.3", "--from", "h3", "--types", "UPDATES", state_dir=sd).returncode == 0
     out = run_dvs("fault", "delay", "5", "--hosts", "h1,h2", state_dir=sd)
     assert out.returncode == 0 and out.stdout.startswith("f2 delay 5 ms on h1,h2"), out.stdout

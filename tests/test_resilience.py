@@ -179,7 +179,7 @@ def test_admission_and_a_create_cut_by_a_controller_crash(make_cluster):
         st = ctl.call("status")
     assert st["refused_registrations"] == 1 and [h["host"] for h in st["hosts"]] == ["h1", "h2"]
     proc = run_dvs("agent", "start", "h3", state_dir=cluster.state_dir)
-    assert proc.returncode == 1 and proc.stderr.strip() == (
+    assert proc.returncode == 4 and proc.stderr.strip() == (
         "dvs: error: host 'h3' is not admitted; run `dvs host add h3` first"), proc.stderr
     proc = run_dvs("host", "add", "h3", state_dir=cluster.state_dir)
     assert proc.returncode == 0 and "agent h3 started" in proc.stdout, proc.stderr

@@ -30,6 +30,8 @@ from rich.console import Console
 from testbed.bench import report
 from testbed.bench.runner import PHASES, Bench, Params
 from testbed.client import ClusterError
+from testbed.cluster import owned_by_this_process
+from testbed.console import EXIT_INVALID, make_console
 
 REPO_DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
@@ -220,9 +222,8 @@ def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msg
 
 
 def run(params: Params, *, as_json: bool, docs_path: Path | None, no_docs: bool) -> dict:
-    err = Console(stderr=True)
-    if not err.is_terminal:
-        err.width = 160  # a log file or a pipe: keep the tables readable
+    err = make_console(stderr=True)
+    owned_by_this_process()  # its clusters die with this process, even after a SIGKILL
     out = params.out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -277,27 +278,27 @@ def run(params: Params, *, as_json: bool, docs_path: Path | None, no_docs: bool)
         files["docs"] = str(target)
     doc["files"] = files
     (out / "bench.json").write_text(json.dumps(doc, indent=1))
-    show(doc, err)
+    show(doc, err if as_json else make_console())
     err.print(f"wall time {doc['wall_s']:.0f} s; wrote " + ", ".join(files.values()))
     if as_json:
         click.echo(json.dumps(doc, indent=1))
     if doc["problems"]:
-        raise ClusterError(f"bench finished but {doc['problems'][0]}"
-                           + (f" (and {len(doc['problems']) - 1} more)" if len(doc["problems"]) > 1 else "")
-                           + f"; see {out / 'bench.json'}")
+        click.echo(f"dvs: error: bench finished but {doc['problems'][0]}"
+                   + (f" (and {len(doc['problems']) - 1} more)" if len(doc["problems"]) > 1 else "")
+                   + f"; see {out / 'bench.json'}", err=True)
+        sys.exit(EXIT_INVALID)
     return doc
 
 
-def show(doc: dict, err: Console) -> None:
+def show(doc: dict, console: Console) -> None:
+    """The result tables: on stdout, unless --json puts the document there (then on stderr)."""
     for t in report.tables(doc):
-        err.print(t)
+        console.print(t)
 
 
 def rerender(path: Path, *, as_json: bool, docs_path: Path | None) -> None:
     """Tables, plots and Markdown again from a bench.json (e.g. after improving the report)."""
-    err = Console(stderr=True)
-    if not err.is_terminal:
-        err.width = 160
+    err = make_console(stderr=True)
     try:
         doc = json.loads(path.read_text())
     except ValueError as e:
@@ -317,7 +318,7 @@ def rerender(path: Path, *, as_json: bool, docs_path: Path | None) -> None:
         files["docs"] = str(docs_path)
     doc["files"] = files
     path.write_text(json.dumps(doc, indent=1))
-    show(doc, err)
+    show(doc, err if as_json else make_console())
     err.print("re-rendered from " + str(path) + "; wrote " + ", ".join(files.values()))
     if as_json:
         click.echo(json.dumps(doc, indent=1))

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.client import ClusterError
+from testbed.console import EXIT_INVALID, EXIT_OK, EXIT_UNKNOWN, EXIT_USAGE, make_console
 
 HELP = """Run SCENARIO.toml against a real cluster (a controller and N agent processes) and
 check what happened.
@@ -45,9 +46,15 @@ and the run says so fault by fault before it starts.
 
 \b
 The same --seed gives the same fault schedule and the same workload choices.
-Exit status: 0 valid, 1 invalid (an invariant failed), 2 unknown (the history is
-incomplete, the run broke, or the scenario could not be run).
+\b
+Exit status: 0 valid, 1 invalid (an invariant failed), 2 usage (a bad flag or scenario
+file; nothing ran), 3 unknown (the history is incomplete or the run broke).
+SIGTERM and SIGHUP stop the run as Ctrl-C does (its cluster is stopped, the history kept);
+the cluster's processes also stop by themselves if this process is killed outright.
 """
+
+# The checker's verdict -> `dvs` exit code (testbed/console.py: one meaning per code).
+VERDICT_EXIT = {"valid": EXIT_OK, "invalid": EXIT_INVALID, "unknown": EXIT_UNKNOWN}
 
 
 @click.command("chaos", help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,14 +70,15 @@ incomplete, the run broke, or the scenario could not be run).
 def chaos(scenario, seed, report, check_only, as_json, netns) -> None:
     from testbed.chaos.checker import check_history
 
-    out = Console()
-    err = Console(stderr=True)
+    out = make_console()
+    err = make_console(stderr=True)
     if check_only is not None:
         if scenario is not None:
             raise click.UsageError("give either SCENARIO.toml or --check-only DIR, not both")
         if not Path(check_only).exists():
             _die(f"{check_only}: no such report directory (or history file)")
         summary = check_history(check_only)
+        summary["exit_code"] = VERDICT_EXIT.get(summary["verdict"], EXIT_UNKNOWN)
         _print(summary, out, as_json)
         sys.exit(summary["exit_code"])
     if scenario is None:
@@ -78,6 +86,7 @@ def chaos(scenario, seed, report, check_only, as_json, netns) -> None:
 
     from testbed.chaos.runner import ChaosRun
     from testbed.chaos.scenario import build_plan, load_scenario
+    from testbed.cluster import owned_by_this_process
 
     try:
         sc = load_scenario(scenario)
@@ -94,7 +103,10 @@ def chaos(scenario, seed, report, check_only, as_json, netns) -> None:
     if report_dir.exists() and not report_dir.is_dir():
         _die(f"--report {report_dir}: exists and is not a directory")
     err.print(f"chaos {sc.name}: {sc.hosts} hosts, {sc.vms} VMs, {len(plan.moves)} planned moves, "
-              f"{len(plan.actions)} fault actions over {sc.duration_s:g} s, seed {seed}; report in {report_dir}")
+              f"{len(plan.actions)} fault actions over {sc.duration_s:g} s, seed {seed}; report in {report_dir}",
+              highlight=False)
+    err.print(f"chaos state dir {report_dir / 'state'} (pids in cluster.json, logs in logs/)", highlight=False)
+    owned_by_this_process()  # the cluster dies with this process, even after a SIGKILL
     started = time.monotonic()
     run = ChaosRun(sc, plan, report_dir, err_console=err, netns=netns)
     for i, why in run.boundaries().items():
@@ -104,13 +116,14 @@ def chaos(scenario, seed, report, check_only, as_json, netns) -> None:
     history = run.run()
     summary = check_history(history)
     summary["wall_s"] = round(time.monotonic() - started, 2)
+    summary["exit_code"] = VERDICT_EXIT.get(summary["verdict"], EXIT_UNKNOWN)  # (summary.json: the checker's)
     _print(summary, out, as_json)
     sys.exit(summary["exit_code"])
 
 
 def _die(msg: str) -> None:
     click.echo(f"dvs: error: {msg}", err=True)
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)
 
 
 def _print(summary: dict, console: Console, as_json: bool) -> None:

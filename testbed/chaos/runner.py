@@ -693,7 +693,8 @@ def start_controller(cluster: Cluster, controller_args: list[str], ready_timeout
     endpoint = cluster.controller_endpoint
     [p] = procs.wait_ready(
         [procs.spawn("controller", "controller",
-                     ["--bind", endpoint, "--journal", str(cluster.state_dir / JOURNAL_FILE), *controller_args],
+                     ["--bind", endpoint, "--journal", str(cluster.state_dir / JOURNAL_FILE), *controller_args,
+                      *cluster.owner_args()],
                      cluster.state_dir / "logs" / "controller.log")],
         ready_timeout_s,
     )
