@@ -1,4 +1,5 @@
-"""`python -m agent --host h1 --controller tcp://127.0.0.1:PORT`: one simulated hypervisor."""
+"""`python -m agent --host h1 --controller tcp://127.0.0.1:PORT`: one simulated hypervisor.
+`python -m agent --cluster FILE --host h1`: one host of a cluster file (agent/clusterfile.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,28 @@ import asyncio
 import sys
 from dataclasses import fields
 
+import zmq
+
+from agent import clusterfile
 from agent.config import AgentConfig
 from agent.dataplane import DataplaneConfig
 from agent.runtime import AgentRuntime, VtepMap
 from agent.vxlan import VXLAN_PORT
 from agent.zmqloop import install_uvloop, setup_logging
 
+# Flags a cluster file answers itself; giving one beside --cluster would be a second source of truth.
+CLUSTER_OWNS = ("controller", "bind_ip", "vtep_base", "vteps")
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m agent", description="dvswitch agent (one host)")
     p.add_argument("--host", required=True, help="host id, e.g. h1")
-    p.add_argument("--controller", required=True, help="controller endpoint, e.g. tcp://127.0.0.1:5555")
-    p.add_argument("--bind-ip", default="127.0.0.1", help="address to bind sockets on (default 127.0.0.1)")
+    p.add_argument("--cluster", default=None, metavar="FILE",
+                   help="cluster file (TOML): the controller's endpoint, this host's control address (its "
+                        "sockets bind there only) and every host's VTEP; replaces --controller, --bind-ip, "
+                        "--vtep-base and --vteps")
+    p.add_argument("--controller", default=None, help="controller endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--bind-ip", default=None, help="address to bind sockets on (default 127.0.0.1)")
     p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault-injection RNG (default 0)")
     p.add_argument("--log-level", default="info")
@@ -26,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="Prometheus metrics on --bind-ip:PORT (default 0: an ephemeral port; -1: none)")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="stop when this process exits (the run that owns the cluster); default: never")
-    p.add_argument("--vtep-base", default="127.0.0.1",
+    p.add_argument("--vtep-base", default=None,
                    help="data plane: host hN's VTEP is this IPv4 address + N (default 127.0.0.1, so h1 is "
                         "127.0.0.2); 'off' disables the data plane")
     p.add_argument("--vtep-port", type=int, default=VXLAN_PORT, help="VXLAN UDP port (default 4789)")
@@ -45,25 +56,57 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def fail(msg: str) -> int:
+    print(f"agent: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _spec_vteps(path) -> dict[str, str]:
+    return clusterfile.load(path).vteps()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    pub_port = rpc_port = 0
+    vteps = None
+    if args.cluster is not None:
+        given = [n for n in CLUSTER_OWNS if getattr(args, n) is not None]
+        if given:
+            return fail(f"--cluster names the addresses itself; drop --{given[0].replace('_', '-')}")
+        try:
+            spec = clusterfile.load(args.cluster)
+            me = spec.host(args.host, args.cluster)
+            vteps = VtepMap(args.cluster, read=_spec_vteps)
+        except ValueError as e:
+            return fail(f"{e}")
+        args.controller, args.bind_ip = spec.controller, me.control
+        pub_port, rpc_port = me.pub_port, me.rpc_port
+        vtep_base = None
+    else:
+        if args.controller is None:
+            return fail("give --controller ENDPOINT (or --cluster FILE)")
+        args.bind_ip = args.bind_ip or "127.0.0.1"
+        vtep_base = args.vtep_base or "127.0.0.1"
+        vtep_base = None if vtep_base == "off" else vtep_base
+        if args.vteps is not None:
+            try:
+                vteps = VtepMap(args.vteps)
+            except ValueError as e:
+                return fail(f"{e}; pass a JSON object {{host: IPv4 address}}")
     setup_logging(f"agent[{args.host}]", args.log_level)
     config = AgentConfig(**{f.name: getattr(args, f.name) for f in fields(AgentConfig)})
     dp_config = DataplaneConfig(**{f.name: getattr(args, f.name) for f in fields(DataplaneConfig)})
-    vtep_base = None if args.vtep_base == "off" else args.vtep_base
-    vteps = None
-    if args.vteps is not None:
-        try:
-            vteps = VtepMap(args.vteps)
-        except ValueError as e:
-            print(f"agent: error: {e}; pass a JSON object {{host: IPv4 address}}", file=sys.stderr)
-            return 2
     install_uvloop()
     rt = AgentRuntime(args.host, args.controller, config, bind_ip=args.bind_ip, ready_fd=args.ready_fd,
                       fault_seed=args.fault_seed, vtep_base=vtep_base, vtep_port=args.vtep_port,
-                      dp_config=dp_config, vteps=vteps, vm_netns=args.vm_netns,
-                      metrics_port=args.metrics_port, parent_pid=args.parent_pid)
-    return asyncio.run(rt.run())
+                      dp_config=dp_config, vteps=vteps, vm_netns=args.vm_netns, pub_port=pub_port,
+                      rpc_port=rpc_port, metrics_port=args.metrics_port, parent_pid=args.parent_pid)
+    try:
+        return asyncio.run(rt.run())
+    except zmq.ZMQError as e:
+        # (an address not on this machine, or a fixed port in use: the launcher shows this line)
+        return fail(f"cannot bind the control sockets on {args.bind_ip}: {e}; use an address of this machine "
+                    "and free ports")
 
 
 if __name__ == "__main__":

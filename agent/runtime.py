@@ -9,8 +9,8 @@ Sockets:
 - DEALER ctl    the control connection to the controller.
 
 Data plane (UDP, asyncio datagram endpoints; see agent/dataplane.py and agent/vxlan.py):
-- VXLAN  (bound on this host's VTEP, vtep_base + N : 4789, or the address a `--vteps` file
-  names for it)  frames to and from other hosts;
+- VXLAN  (bound on this host's VTEP, vtep_base + N : 4789, or the address a `--vteps` file or
+  a cluster file names for it)  frames to and from other hosts;
 - vNIC   (bound on the VTEP address, ephemeral port)   frames to and from this host's VMs;
 - TAP    (with `--vm-netns`) one queue of each local VM's multi-queue TAP (agent/tap.py),
   attached at prepare, enabled at switchover, read empty and closed when the port leaves.
@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -57,7 +58,8 @@ class AgentRuntime:
                  incarnation: int | None = None, ready_fd: int | None = None, fault_seed: int = 0,
                  vtep_base: str | None = None, vtep_port: int = vxlan.VXLAN_PORT,
                  dp_config: DataplaneConfig | None = None, vteps: VtepMap | None = None,
-                 vm_netns: str | None = None, metrics_port: int = -1, parent_pid: int | None = None) -> None:
+                 vm_netns: str | None = None, pub_port: int = 0, rpc_port: int = 0, metrics_port: int = -1,
+                 parent_pid: int | None = None) -> None:
         self.host = host
         self.metrics_port = metrics_port  # -1: no metrics server (see agent/metrics.py)
         self.parent_pid = parent_pid  # stop when this process exits (see agent/lifeline.py)
@@ -76,6 +78,8 @@ class AgentRuntime:
         self.vtep_port = vtep_port
         self.vteps = vteps
         self.vm_netns = vm_netns
+        self.pub_port = pub_port  # 0: ephemeral; a cluster file may fix it (firewalls between machines)
+        self.rpc_port = rpc_port
         self.dp_config = dp_config or DataplaneConfig()
         self.dp: DataplaneRuntime | None = None
 
@@ -89,13 +93,19 @@ class AgentRuntime:
         s.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
         return s
 
+    def _bind(self, sock: zmq.Socket, port: int) -> str:
+        if not port:
+            return bind_ephemeral(sock, self.bind_ip)
+        sock.bind(f"tcp://{self.bind_ip}:{port}")
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
     async def run(self) -> int:
         loop = self.loop = asyncio.get_running_loop()
         self.pub = self._socket(zmq.PUB, wire.SUBSCRIPTION_MAX_BYTES)
-        pub_ep = bind_ephemeral(self.pub, self.bind_ip)
+        pub_ep = self._bind(self.pub, self.pub_port)
         self.subs: dict[str, tuple[zmq.Socket, Reader]] = {}  # peer host -> its SUB socket, reader
         self.rpc = self._socket(zmq.ROUTER, wire.socket_cap_bytes(FRAME_LIMIT["rpc"]))
-        rpc_ep = bind_ephemeral(self.rpc, self.bind_ip)
+        rpc_ep = self._bind(self.rpc, self.rpc_port)
         self.pull = self._socket(zmq.ROUTER, wire.socket_cap_bytes(FRAME_LIMIT["pull"]))
         self.pull.setsockopt(zmq.ROUTING_ID, f"pull:{self.host}".encode())
         self.pull.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -331,9 +341,11 @@ class VtepMap:
     describe hosts on several machines. Re-read when a host or address is not in it (a host added
     to a running cluster), at most once per VTEP_RELOAD_S and only if the file changed."""
 
-    def __init__(self, path: str) -> None:
-        """ValueError with a one-line reason for a missing or bad file."""
+    def __init__(self, path: str, read: Callable[[Path], dict[str, str]] | None = None) -> None:
+        """ValueError with a one-line reason for a missing or bad file. `read` turns another
+        kind of file into {host: IPv4} (a cluster file: agent/clusterfile.py); default JSON."""
         self.path = Path(path)
+        self._read = read
         self._mtime_ns = 0
         self._checked = 0.0
         self.by_host: dict[str, str] = {}
@@ -341,6 +353,15 @@ class VtepMap:
         self._load()
 
     def _load(self) -> None:
+        if self._read is not None:
+            try:
+                st = self.path.stat()
+            except OSError as e:
+                raise ValueError(f"cannot read VTEP map {self.path}: {e.strerror}") from None
+            self.by_host = self._read(self.path)
+            self.by_ip = {ip: h for h, ip in self.by_host.items()}
+            self._mtime_ns = st.st_mtime_ns
+            return
         try:
             st = self.path.stat()
             data = json.loads(self.path.read_text())

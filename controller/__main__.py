@@ -9,6 +9,7 @@ from dataclasses import fields
 
 import zmq
 
+from agent import clusterfile
 from agent.zmqloop import install_uvloop, setup_logging
 from controller.config import ControllerConfig
 from controller.core import NAME_RE
@@ -18,7 +19,10 @@ from controller.runtime import ControllerRuntime
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m controller", description="dvswitch controller")
     p.add_argument("--bind", default=None, help="endpoint to bind (default: tcp://127.0.0.1:<ephemeral>)")
-    p.add_argument("--bind-ip", default="127.0.0.1")
+    p.add_argument("--bind-ip", default=None, help="address to bind an ephemeral port on (default 127.0.0.1)")
+    p.add_argument("--cluster", default=None, metavar="FILE",
+                   help="cluster file (TOML): bind its controller endpoint and admit its hosts (replaces "
+                        "--bind, --bind-ip and --hosts)")
     p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
     p.add_argument("--journal", default=None, help="file to keep the inventory in (fsynced; replayed on start)")
     p.add_argument("--hosts", default="",
@@ -36,6 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         hosts = parse_hosts(args.hosts)
     except ValueError as e:
         p.error(str(e))
+    if args.cluster is not None:
+        given = [f for f, v in (("--bind", args.bind), ("--bind-ip", args.bind_ip), ("--hosts", hosts)) if v]
+        if given:
+            print(f"controller: error: --cluster names the endpoint and the hosts itself; drop {given[0]}",
+                  file=sys.stderr)
+            return 2
+        try:
+            spec = clusterfile.load(args.cluster)
+        except ValueError as e:
+            print(f"controller: error: {e}", file=sys.stderr)
+            return 2
+        args.bind, hosts = spec.controller, list(spec.hosts)
+    args.bind_ip = args.bind_ip or "127.0.0.1"
     setup_logging("controller", args.log_level)
     config = ControllerConfig(**{f.name: getattr(args, f.name) for f in fields(ControllerConfig)})
     install_uvloop()

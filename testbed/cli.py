@@ -73,7 +73,8 @@ def _vtep_base_value(ctx, param, value: str) -> str:
 
 
 @cli.command()
-@click.option("--hosts", type=click.IntRange(1, 256), required=True, help="Number of agents (h1..hN).")
+@click.option("--hosts", type=click.IntRange(1, 256), default=None,
+              help="Number of agents (h1..hN); required unless --cluster names the hosts.")
 @click.option("--vms", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
               help="VMs to place round-robin (vm1..vmM).")
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the cluster.")
@@ -91,21 +92,28 @@ def _vtep_base_value(ctx, param, value: str) -> str:
               help="Log level of the agents and the controller (their logs are in STATE_DIR/logs).")
 @click.option("--no-metrics", is_flag=True,
               help="Serve no Prometheus metrics (saves ~3.5 MB of memory per process).")
+@click.option("--cluster", "cluster_file", type=click.Path(dir_okay=False), default=None,
+              help="Cluster file (TOML) naming the controller's endpoint and every host's control and VTEP "
+                   "address; its addresses must be this machine's (e.g. 127.x). See README, Several machines.")
 @state_dir_option
 def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_base, log_level, no_metrics,
-       state_dir) -> None:
+       cluster_file, state_dir) -> None:
     """Start the controller and N agents, wait until the mesh is connected, place VMs."""
+    if hosts is None and cluster_file is None:
+        raise click.UsageError("give --hosts N (or --cluster FILE)")
     if netns:
         from testbed.netns import unavailable_reason
 
         reason = unavailable_reason()
         if reason:
             raise ClusterError(reason)
-    with err_console.status(f"starting controller and {hosts} agents"):
+    what = f"{hosts} agents" if hosts else f"the agents of {cluster_file}"
+    with err_console.status(f"starting controller and {what}"):
         levels = (["--log-level", log_level] if log_level != "info" else []) + \
             (["--metrics-port", "-1"] if no_metrics else [])
         cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms) + levels,
-                             controller_args=levels, ready_timeout_s=timeout_s, netns=netns, vtep_base=vtep_base)
+                             controller_args=levels, ready_timeout_s=timeout_s, netns=netns, vtep_base=vtep_base,
+                             cluster_file=cluster_file)
     try:
         if vms:
             with err_console.status(f"placing {vms} VMs"):
@@ -113,7 +121,7 @@ def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_bas
     except BaseException:
         cluster.down()
         raise
-    click.echo(f"cluster up: {hosts} hosts, {vms} VMs, state in {state_dir} "
+    click.echo(f"cluster up: {len(cluster.agents)} hosts, {vms} VMs, state in {state_dir} "
                f"(controller {cluster.controller_endpoint})")
     if foreground:
         stop = threading.Event()

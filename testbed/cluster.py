@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from agent import vxlan
+from agent import clusterfile, vxlan
 from testbed import procs
 from testbed.client import Client, ClusterError
 from testbed.netns import NetnsLab
@@ -42,8 +42,9 @@ ENDPOINT_RE = re.compile(r"^(tcp://[^\s:/]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
 STATE_FILE = "cluster.json"
 LOCK_FILE = "cluster.lock"
 JOURNAL_FILE = "controller.journal"
-# netns mode: every host's VTEP address, explicitly ({host: IPv4}); the agents read it (--vteps).
-VTEPS_FILE = "vteps.json"
+# netns mode: every address of the cluster (agent/clusterfile.py), written by `up`; the agents
+# read it (--cluster FILE --host hN), re-reading it when `dvs host add`-style growth adds a host.
+CLUSTER_FILE = "cluster.toml"
 DEFAULT_STATE_DIR = ".dvs"
 
 # (pid, create_time) of the run that owns the clusters this process starts, or None (detached).
@@ -116,11 +117,15 @@ class Cluster:
     controller_args: list[str] = field(default_factory=list)
     agent_args: list[str] = field(default_factory=list)
     netns: NetnsLab | None = None
-    # Data plane addressing: host hN's VTEP is vtep_base + N on UDP 4789 ("off": no data plane).
+    # Data plane addressing: host hN's VTEP is vtep_base + N on UDP 4789 ("off": no data plane,
+    # "file": each VTEP is the one the cluster file names).
     vtep_base: str = "off"
     # The run this cluster belongs to: its processes stop when it exits. None: detached (`dvs up`).
     owner_pid: int | None = None
     owner_create_time: float | None = None
+    # The cluster file the agents run from: STATE_DIR/cluster.toml in netns mode, the user's
+    # with `dvs up --cluster FILE`, None otherwise.
+    cluster_file: str | None = None
 
     # ------------------------------------------------------------------ persistence
 
@@ -151,6 +156,7 @@ class Cluster:
             "vtep_base": self.vtep_base,
             "owner_pid": self.owner_pid,
             "owner_create_time": self.owner_create_time,
+            "cluster_file": self.cluster_file,
             "controller": self.controller.to_json() if self.controller else None,
             "agents": [a.to_json() for a in self.agents.values()],
         }
@@ -220,7 +226,7 @@ class Cluster:
                     controller_args=[str(a) for a in data.get("controller_args", [])],
                     netns=NetnsLab.from_json(data["netns"]) if data.get("netns") else None,
                     vtep_base=str(data.get("vtep_base", "off")), owner_pid=data.get("owner_pid"),
-                    owner_create_time=data.get("owner_create_time"))
+                    owner_create_time=data.get("owner_create_time"), cluster_file=data.get("cluster_file"))
             if data.get("controller"):
                 c.controller = Proc.from_json(data["controller"])
             for a in data.get("agents", []):
@@ -265,20 +271,36 @@ class Cluster:
     def up(
         cls,
         state_dir: str | Path,
-        hosts: int,
+        hosts: int | None,
         *,
         agent_args: list[str] | None = None,
         controller_args: list[str] | None = None,
         ready_timeout_s: float = 60.0,
         netns: bool = False,
         vtep_base: str = "auto",
+        cluster_file: str | Path | None = None,
     ) -> Cluster:
         """`vtep_base`: "auto" picks a free 127.a.b.0 block (so concurrent clusters never collide),
         an IPv4 address uses that (`dvs up` passes 127.0.0.1: h1 = 127.0.0.2), "off" runs no data plane.
-        In netns mode the VTEPs are the hosts' namespace addresses, listed in VTEPS_FILE, and
-        every VM is a namespace with a TAP (testbed/vmns.py)."""
+        In netns mode the VTEPs are the hosts' namespace addresses, listed in CLUSTER_FILE, and
+        every VM is a namespace with a TAP (testbed/vmns.py). `cluster_file` runs the hosts a
+        cluster file names on the addresses it names (this machine's; `hosts` None or its count)."""
         state_dir = Path(state_dir)
-        if hosts < 1 or hosts > 256:
+        spec = None
+        if cluster_file is not None:
+            if netns:
+                raise ClusterError("--cluster and --netns do not mix: netns mode picks its namespaces' addresses "
+                                   "itself (and writes them to STATE_DIR/cluster.toml); drop one")
+            cluster_file = Path(cluster_file).resolve()
+            try:
+                spec = clusterfile.load(cluster_file)
+            except ValueError as e:
+                raise ClusterError(f"{e}") from None
+            if hosts is not None and hosts != len(spec.hosts):
+                raise ClusterError(f"--hosts {hosts} but cluster file {cluster_file} lists {len(spec.hosts)} "
+                                   "hosts; drop --hosts")
+            hosts = len(spec.hosts)
+        if hosts is None or hosts < 1 or hosts > 256:
             raise ClusterError(f"--hosts must be between 1 and 256, got {hosts}")
         _check_state_dir(state_dir)
         with state_dir_errors(state_dir):
@@ -287,7 +309,10 @@ class Cluster:
                 if old.any_alive():
                     raise ClusterError(f"a cluster is already running in {state_dir}; run `dvs down` first")
                 (state_dir / STATE_FILE).unlink()
-        if netns or vtep_base == "off":
+        if spec is not None:
+            check_cluster_spec(spec, cluster_file)
+            vtep_base = "file"
+        elif netns or vtep_base == "off":
             vtep_base = "off"
         elif vtep_base == "auto":
             vtep_base = pick_vtep_base(hosts)
@@ -295,7 +320,8 @@ class Cluster:
             check_vtep_base(vtep_base, hosts)
         logs = state_dir / "logs"
         c = cls(state_dir, started_at=time.time(), agent_args=list(agent_args or []),
-                controller_args=list(controller_args or []), vtep_base=vtep_base)
+                controller_args=list(controller_args or []), vtep_base=vtep_base,
+                cluster_file=str(cluster_file) if spec is not None else None)
         if _owner is not None:
             c.owner_pid, c.owner_create_time = _owner
         journal = state_dir / JOURNAL_FILE
@@ -307,17 +333,18 @@ class Cluster:
             probe.unlink()
             if journal.exists():
                 journal.unlink()  # a new cluster starts with an empty inventory
-        bind = []
+        bind = ["--hosts", str(hosts)]
+        if spec is not None:
+            bind = ["--cluster", str(cluster_file)]  # its endpoint, its hosts
         if netns:
             c.netns = NetnsLab.for_state_dir(state_dir)
             c.netns.create_bridge()
             c.save()  # `dvs down` removes the bridge even if the rest fails
-            bind = ["--bind-ip", c.netns.controller_ip]
+            bind += ["--bind-ip", c.netns.controller_ip]
         try:
             [c.controller] = procs.wait_ready(
                 [procs.spawn("controller", "controller",
-                             ["--journal", str(journal), "--hosts", str(hosts), *bind, *c.controller_args,
-                              *c.owner_args()],
+                             ["--journal", str(journal), *bind, *c.controller_args, *c.owner_args()],
                              logs / "controller.log")],
                 ready_timeout_s,
             )
@@ -329,9 +356,11 @@ class Cluster:
             if c.netns is not None:
                 for i in range(1, hosts + 1):
                     c.netns.add_host(f"h{i}", i)
-                c.write_vteps()
+                c.cluster_file = str((state_dir / CLUSTER_FILE).resolve())
+                c.write_cluster_file()
                 c.save()
-            pending = [c._spawn_agent(f"h{i}", i) for i in range(1, hosts + 1)]
+            names = list(spec.hosts) if spec is not None else [f"h{i}" for i in range(1, hosts + 1)]
+            pending = [c._spawn_agent(h, i) for i, h in enumerate(names, 1)]
             for p in procs.wait_ready(pending, ready_timeout_s):
                 c.agents[p.name] = p
             c.save()
@@ -355,26 +384,27 @@ class Cluster:
         return ["--parent-pid", str(self.owner_pid)]
 
     def _spawn_agent(self, host: str, index: int) -> procs.Pending:
-        args = ["--host", host, "--controller", self.controller_endpoint, "--vtep-base", self.vtep_base,
-                *self.agent_args, *self.owner_args()]
+        if self.cluster_file is not None:
+            # Every address from the file: the controller's endpoint, this host's, its peers' VTEPs.
+            args = ["--cluster", self.cluster_file, "--host", host, *self.agent_args, *self.owner_args()]
+        else:
+            args = ["--host", host, "--controller", self.controller_endpoint, "--vtep-base", self.vtep_base,
+                    *self.agent_args, *self.owner_args()]
         prefix = None
         if self.netns is not None:
             from testbed import vmns
 
-            ip = self.netns.ips.get(host)
-            if ip is None:
-                ip = self.netns.add_host(host, index)
-                self.write_vteps()  # the running agents re-read it when they meet the new host
-            args += ["--bind-ip", ip, "--vteps", str((self.state_dir / VTEPS_FILE).resolve()),
-                     "--vm-netns", vmns.vm_prefix(self.netns)]
+            if host not in self.netns.ips:
+                self.netns.add_host(host, index)
+                self.write_cluster_file()  # the running agents re-read it when they meet the new host
+            args += ["--vm-netns", vmns.vm_prefix(self.netns)]
             prefix = self.netns.exec_prefix(host)
         return procs.spawn(host, "agent", args, self.state_dir / "logs" / f"{host}.log", prefix=prefix)
 
-    def write_vteps(self) -> None:
-        path = self.state_dir / VTEPS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.netns.ips, indent=1))
-        tmp.replace(path)
+    def write_cluster_file(self) -> None:
+        """netns mode: every host's namespace address is both its control address and its VTEP."""
+        hosts = {h: clusterfile.HostAddrs(h, ip, ip) for h, ip in self.netns.ips.items()}
+        clusterfile.write(self.state_dir / CLUSTER_FILE, clusterfile.ClusterSpec(self.controller_endpoint, hosts))
 
     def start_controller(self, ready_timeout_s: float = 30.0) -> Proc:
         """(Re)start the controller on its old endpoint; it recovers from its journal and the
@@ -398,6 +428,11 @@ class Cluster:
             raise ClusterError(f"host {host} is already running (pid {self.agents[host].pid})")
         if agent_args is not None:
             self.agent_args = list(agent_args)
+        if self.cluster_file is not None and self.netns is None:
+            try:
+                clusterfile.load(self.cluster_file).host(host, self.cluster_file)
+            except ValueError as e:
+                raise ClusterError(f"{e}") from None
         if host not in self.agents:
             self.admit_host(host)  # the testbed adds a host on purpose: as the admin would
         index = int(host[1:]) if host[1:].isdigit() else len(self.agents) + 1
@@ -425,7 +460,7 @@ class Cluster:
             self.netns.destroy()
         with contextlib.suppress(OSError):
             self.state_file.unlink(missing_ok=True)
-            (self.state_dir / VTEPS_FILE).unlink(missing_ok=True)
+            (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)  # ours (netns mode); never a user's file
         self._unregister()
         return killed
 
@@ -483,6 +518,33 @@ def check_vtep_base(base: str, hosts: int, port: int = vxlan.VXLAN_PORT) -> None
         if err:
             raise ClusterError(f"VTEP {ip}:{port} of h{i} is in use (another cluster?); stop it with "
                                f"`dvs down` or pass another --vtep-base (or 'auto')")
+
+
+def _tcp_free(ip: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq binds: TIME_WAIT is no conflict
+        try:
+            s.bind((ip, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_cluster_spec(spec: clusterfile.ClusterSpec, path, port: int = vxlan.VXLAN_PORT) -> None:
+    """`dvs up --cluster FILE` runs every process here: each address must be this machine's and
+    each fixed port free, or a one-line ClusterError before anything starts."""
+    where = f"(cluster file {path})"
+    if not _tcp_free(spec.controller_ip, spec.controller_port):
+        raise ClusterError(f"controller.endpoint {spec.controller} {where} is in use or not an address of this "
+                           "machine; `dvs up --cluster` runs every host here, so use loopback addresses (127.x)")
+    for h, a in spec.hosts.items():
+        if not _udp_free(a.vtep, port):
+            raise ClusterError(f"hosts.{h}.vtep {a.vtep}:{port} {where} is in use or not an address of this "
+                               "machine; stop what holds it (`dvs down`?) or list another address")
+        for name, p in (("control", 0), ("pub_port", a.pub_port), ("rpc_port", a.rpc_port)):
+            if (name == "control" or p) and not _tcp_free(a.control, p):
+                raise ClusterError(f"hosts.{h}.{name} {a.control}:{p or 'any'} {where} is in use or not an address "
+                                   "of this machine; list a free one")
 
 
 def pick_vtep_base(hosts: int, port: int = vxlan.VXLAN_PORT) -> str:
