@@ -68,3 +68,20 @@ def test_evacuate_survives_a_controller_restart_then_activate_and_rebalance(make
     assert len({at["vm1"], at["vm2"], at["vm3"]}) == 3
     chk = run_dvs("check", state_dir=sd)
     assert chk.returncode == 0, chk.stdout + chk.stderr
+
+
+def test_simulated_evacuation_under_loss_a_crash_and_a_partition_empties_h1_deterministically():
+    from testbed.sim.engine import NetConfig, SimConfig, run_sim
+    from testbed.sim.spec import parse_crashes, parse_partitions
+
+    def run() -> dict:
+        return run_sim(SimConfig(hosts=8, vms=32, moves=0, seed=2, net=NetConfig(loss=0.1), concurrency=2,
+                                 partitions=parse_partitions(["300-1500:h1-h4/h5-h8"], 8),
+                                 crashes=parse_crashes(["h5@200-2500"], 8), workload="evacuate"))
+
+    r = run()
+    assert r["ok"] and r["checks"]["ok"], (r["error"], r["moves"]["failed"])
+    assert r["evacuate"]["answered"] and r["evacuate"]["vms_left"] == 0
+    assert r["moves"]["moves"] == r["moves"]["converged"] == 4  # h1 held vm1, vm9, vm17, vm25
+    assert "--workload evacuate" in r["replay"]
+    assert run() == r  # the same seed, the same run
