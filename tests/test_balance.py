@@ -7,8 +7,10 @@ import os
 import signal
 
 import psutil
+import pytest
 
 from tests.conftest import run_dvs
+from testbed.client import ClusterError
 from tests.test_cli import assert_one_line_error
 
 
@@ -85,3 +87,37 @@ def test_simulated_evacuation_under_loss_a_crash_and_a_partition_empties_h1_dete
     assert r["moves"]["moves"] == r["moves"]["converged"] == 4  # h1 held vm1, vm9, vm17, vm25
     assert "--workload evacuate" in r["replay"]
     assert run() == r  # the same seed, the same run
+
+
+def test_the_evacuate_scenario_plans_its_action_and_the_checker_judges_maintenance_and_rules():
+    from testbed.chaos.checker import History, check_maintenance, check_rules
+    from testbed.chaos.scenario import build_plan, load_scenario, parse_scenario
+
+    sc = load_scenario("scenarios/evacuate-under-faults.toml")
+    (ev,) = [a for a in build_plan(sc, 1).actions if a.kind == "evacuate"]
+    assert (ev.target, ev.settings, ev.label) == ("h2", {"max_concurrent": 2}, "evacuate h2")
+    with pytest.raises(ClusterError, match=r"faults\[0\].target"):
+        parse_scenario({"cluster": {"hosts": 2, "vms": 2}, "workload": {"duration_s": 1},
+                        "faults": [{"at_s": 0, "kind": "evacuate", "target": "h9"}]})
+
+    def history(moves: list[dict], vms: dict[str, str], rules: list[dict], maint: list[str]) -> History:
+        t = 10**9
+        ev = [{"ev": "evacuate", "phase": "start", "host": "h2", "t_ns": t},
+              {"ev": "controller_moves", "t_ns": 3 * t, "life": 0, "moves": moves},
+              {"ev": "evacuate", "phase": "done", "host": "h2", "t_ns": 3 * t, "elapsed_ms": 1000.0, "moves": []},
+              {"ev": "final_inventory", "t_ns": 4 * t, "status": {"maintenance": maint}, "rules": rules,
+               "vms": [{"vm": v, "host": h, "state": "active", "vlan": 100, "mac": "02:00:00:00:00:01"}
+                       for v, h in vms.items()]}]
+        return History(ev, [])
+
+    rule = [{"rule": "r", "kind": "anti", "vms": ["a", "b"]}]
+    ok = history([{"op": 1, "kind": "move", "vm": "a", "dst": "h2", "started_ns": 2 * 10**9 - 1}],
+                 {"a": "h1", "b": "h3"}, rule, ["h2"])
+    assert check_maintenance(ok).ok and check_rules(ok).ok  # (that move began before the controller had h2)
+    bad = history([{"op": 2, "kind": "restart", "vm": "a", "dst": "h2", "started_ns": 2 * 10**9 + 5}],
+                  {"a": "h1", "b": "h1", "c": "h2"}, rule, [])
+    m, r = check_maintenance(bad), check_rules(bad)
+    assert m.ok is False and r.ok is False
+    whats = " | ".join(v["what"] for v in m.violations)
+    assert "op 2 (restart of a) targeted h2" in whats and "not in maintenance" in whats and "still runs c" in whats
+    assert "a and b both run on h1" in r.violations[0]["what"]
