@@ -9,8 +9,8 @@ import signal
 import psutil
 import pytest
 
-from tests.conftest import run_dvs
 from testbed.client import ClusterError
+from tests.conftest import run_dvs
 from tests.test_cli import assert_one_line_error
 
 
