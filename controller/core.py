@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 from agent import wire
 from agent.wire import MsgType, WireError
+from controller import balance
 from controller.config import ControllerConfig
-from controller.inventory import Host, Inventory, Vm
+from controller.inventory import RULE_KINDS, Host, Inventory, Rule, Vm
 
 NS_PER_MS = 1_000_000
 # Repair hint frames sent per controller tick at most: a backlog of thousands of converging
@@ -48,6 +49,14 @@ RETRY_PREFIX = "retry: "
 STALE_RE = re.compile(r"^stale: table holds seq (\d+) on ")
 # A refusal's seq is taken over only below this: a seq near 2^64 would leave no room above it.
 SEQ_JUMP_MAX = 1 << 48
+# Evacuations waiting for their host to empty, at most (each holds a client envelope).
+EVAC_WAITERS_MAX = 64
+EVAC_TIMEOUT_MS_MAX = 3_600_000
+# Moves one evacuation or rebalance runs at once: default, and the most a client may ask for.
+MAX_CONCURRENT_DEFAULT = 4
+MAX_CONCURRENT_MAX = 64
+RULES_MAX = 10_000
+RULE_VMS_MAX = 64
 
 
 class ApiError(Exception):
@@ -187,6 +196,32 @@ class Batch:
 
 
 @dataclass
+class EvacWaiter:
+    """A `host_evacuate` request: answered once its host holds no VM and no move off it runs."""
+
+    envelope: list
+    req_id: int
+    host: str
+    started_ns: int
+    deadline_ns: int
+    ops: list = field(default_factory=list)  # moves and HA restarts off the host finished since
+
+
+@dataclass
+class Job:
+    """A rebalance being run: planned moves started at most `max_concurrent` at once."""
+
+    envelope: list
+    req_id: int
+    queue: deque
+    max_concurrent: int
+    result: dict
+    running: set[int] = field(default_factory=set)
+    ops: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+
+@dataclass
 class ReadyWaiter:
     envelope: list
     req_id: int
@@ -279,6 +314,17 @@ class ControllerCore:
         self._late_report_ns = -(1 << 62)  # when we last read an apply report late (see _hint_repairs)
         self._orphans_checked = False
         self._next_tick_ns = 0
+        # Maintenance and rebalance. A host in maintenance is drained by the controller itself
+        # (from on_timer, and whenever one of its moves ends), so a drain cut by our restart goes
+        # on from the journal; clients only wait for it.
+        self._evac_waiters: list[EvacWaiter] = []
+        self._drain_ops: dict[int, str] = {}  # op id -> the maintenance host it moves a VM off
+        self._drain_retry_ns: dict[str, int] = {}  # VM -> earliest next try after a failed move
+        self._drain_blocked: dict[str, str] = {}  # maintenance host -> why a VM cannot leave it
+        self._jobs: list[Job] = []
+        self._job_of: dict[int, Job] = {}  # op id -> the rebalance running it
+        self._kick = False  # a drain or rebalance op ended: start the next ones
+        self._unplaceable_noted: set[str] = set()  # VMs whose "cannot restart" event is out
 
     # ------------------------------------------------------------------ driver API
 
@@ -329,6 +375,8 @@ class ControllerCore:
             return
         try:
             self._dispatch(envelope, mt, body, now_ns)
+            if self._kick:
+                self._run_jobs(now_ns)
         except Exception as e:  # noqa: BLE001 - a bug of ours must not kill the controller
             self.handler_errors += 1
             self.last_error = f"{mt.name}: {type(e).__name__}: {e}"[:300]
@@ -400,6 +448,8 @@ class ControllerCore:
                     op.command_sent_ns = now_ns
                     op.command_retry_ns = min(2 * op.command_retry_ns, max_retry_ns)
                     self.outbox.append((self.inv.hosts[host].route, frame))
+        if self._kick or self.inv.maintenance or self._evac_waiters:
+            self._run_jobs(now_ns)
         self._check_ready(now_ns)
 
     # ------------------------------------------------------------------ agents
@@ -611,13 +661,21 @@ class ControllerCore:
                 load[host] = load.get(host, 0) + 1
         return load
 
-    def _place(self, load: dict[str, int] | None, prefer: str | None = None) -> str | None:
-        """The one placement scorer: `prefer` if it is alive, else the alive host with the fewest
-        VMs (ties: by host name, h2 before h10). Counts the choice in `load`, so the next
-        decision of the same round sees it. None: no host is alive."""
+    def _place(self, load: dict[str, int] | None, prefer: str | None = None, vm: str | None = None,
+               extra: dict[str, str] | None = None) -> str | None:
+        """The one placement scorer (create, HA restart, evacuate, rebalance): `prefer` if it may
+        take `vm`, else the host that may with the fewest VMs (ties: by host name, h2 before h10).
+        A host may take a VM when it is alive, not in maintenance, and the VM's placement rules
+        hold there (`extra`: VMs placed in this round but not in the inventory yet, name -> host).
+        Counts the choice in `load`, so the next decision of the same round sees it. None: no
+        host may take it (`_why_unplaceable` says why)."""
+        maint = self.inv.maintenance
+        rules = self.inv.rules_of(vm) if vm is not None else ()
         p = self.inv.hosts.get(prefer) if prefer is not None else None
-        if p is None or p.state != "alive":
-            alive = [h.name for h in self.inv.hosts.values() if h.state == "alive"]
+        if p is None or p.state != "alive" or prefer in maint or (rules and self._rule_conflict(vm, prefer, extra)):
+            alive = [h.name for h in self.inv.hosts.values() if h.state == "alive" and h.name not in maint]
+            if rules:
+                alive = [h for h in alive if not self._rule_conflict(vm, h, extra)]
             if not alive:
                 return None
             if load is None:
@@ -626,6 +684,45 @@ class ControllerCore:
         if load is not None:
             load[prefer] = load.get(prefer, 0) + 1
         return prefer
+
+    def _location(self, name: str, extra: dict[str, str] | None = None) -> str | None:
+        """Where VM `name` runs, or is going (an op taking it there); None: nowhere (deleted,
+        failed, not created yet) or on a host that does not count (dead, in maintenance:
+        its VMs are leaving it)."""
+        if extra and name in extra:
+            return extra[name]
+        vm = self.inv.vms.get(name)
+        if vm is None or vm.state not in ("active", "moving", "creating"):
+            return None
+        op = self.ops_by_key.get(vm.key)
+        host = op.target[0] if op is not None and op.kind != "delete" else vm.host
+        h = self.inv.hosts.get(host)
+        if host in self.inv.maintenance or (h is not None and h.state == "dead"):
+            return None
+        return host
+
+    def _rule_conflict(self, vm: str, host: str, extra: dict[str, str] | None = None) -> str:
+        """Why `vm` may not run on `host` under its rules ("" if it may)."""
+        for r in self.inv.rules_of(vm):
+            others = [(o, self._location(o, extra)) for o in r.vms if o != vm]
+            if r.kind == "anti":
+                near = [o for o, at in others if at == host]
+                if near:
+                    return f"anti-affinity rule {r.name}: {', '.join(near)} runs on {host}"
+            else:
+                away = [(o, at) for o, at in others if at is not None and at != host]
+                if away:
+                    o, at = away[0]
+                    return f"together rule {r.name}: {o} runs on {at}, not {host}"
+        return ""
+
+    def _why_unplaceable(self, vm: str, extra: dict[str, str] | None = None) -> str:
+        alive = [h.name for h in self.inv.hosts.values() if h.state == "alive"]
+        free = [h for h in alive if h not in self.inv.maintenance]
+        if not free:
+            return "no alive host outside maintenance" if alive else "no host is alive"
+        why = [f"{h}: {self._rule_conflict(vm, h, extra)}" for h in sorted(free, key=_host_order)]
+        return f"no host fits its placement rules ({'; '.join(why[:4])}{'; ...' if len(why) > 4 else ''})"
 
     def _restart_allowed(self, vm: Vm, now_ns: int) -> bool:
         """The restart budget: at most `restart_budget` restarts of one VM within
@@ -660,13 +757,18 @@ class ControllerCore:
         """Start `vm` on `prefer` if it is alive, else on the live host with the fewest VMs."""
         if not self._restart_allowed(vm, now_ns):
             return None
-        dst = self._place(load, prefer)
+        dst = self._place(load, prefer, vm.name)
         if dst is None:
+            if vm.name not in self._unplaceable_noted and self.inv.hosts:
+                self._unplaceable_noted.add(vm.name)
+                self._event(f"vm {vm.name}: cannot restart it yet: {self._why_unplaceable(vm.name)}; "
+                            "trying again")
             # Nowhere to go now (e.g. we were paused and every host looks suspect): try again.
             if vm.name in self._restart_times and self._restart_times[vm.name]:
                 self._restart_times[vm.name].pop()  # (no restart happened: it costs no budget)
             self._defer_restart(vm, now_ns)
             return None
+        self._unplaceable_noted.discard(vm.name)
         vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
         return self._start_op("restart", vm, vm.host, dst, (dst, vm.seq_issued, False), now_ns)
 
@@ -1079,6 +1181,8 @@ class ControllerCore:
                         self._restart(vm, now_ns, prefer=vm.host)
         if op.kind in ("move", "restart"):
             self.history.append(op)
+            if self._evac_waiters or self._drain_ops or self._job_of:
+                self._op_ended(op, vm, now_ns)
         if vm is not None and vm.state == "active" and vm.key not in self.ops_by_key:
             h = self.inv.hosts.get(vm.host)
             if h is not None and h.state == "dead":
@@ -1151,6 +1255,8 @@ class ControllerCore:
             "restart_budget_exhausted": self.restart_budget_exhausted,
             "ready_waiters": self._ready_n,
             "admitted": None if self.admitted is None else sorted(self.admitted, key=_host_order),
+            "maintenance": sorted(self.inv.maintenance, key=_host_order),
+            "rules": len(self.inv.rules),
         }
 
     def api_host_add(self, args, now_ns, envelope, req_id) -> dict:
@@ -1262,6 +1368,16 @@ class ControllerCore:
             raise ApiError(f"host {name!r} is dead; pick a live host")
         return h
 
+    def _check_placement(self, vm: str, host: str, now_ns: int, extra: dict[str, str] | None = None) -> None:
+        """An admin named `host` for `vm`: it must be live, not in maintenance, and fit the VM's rules."""
+        self._check_host(host, now_ns)
+        if host in self.inv.maintenance:
+            raise ApiError(f"host {host!r} is in maintenance; pick another host or `dvs host activate {host}`")
+        why = self._rule_conflict(vm, host, extra)
+        if why:
+            raise ApiError(f"{vm} may not run on {host}: {why}; pick another host or remove the rule "
+                           "(`dvs vm rule list`)")
+
     def _awaited(self, name: str, now_ns: int) -> bool:
         """A host we know from the journal and may still hear from: we started less than the dead
         timeout ago, and it was admitted or ran VMs before."""
@@ -1283,10 +1399,12 @@ class ControllerCore:
         specs = args.get("vms")
         single = specs is None
         if single:
-            specs = [[args["name"], args["host"], args.get("profile", "default")]]
+            specs = [[args["name"], args.get("host"), args.get("profile", "default")]]
         if not isinstance(specs, list) or not specs:
             raise ApiError("vm_create needs at least one VM")
         names = set()
+        placed: dict[str, str] = {}  # this request's VMs so far: their rules see them too
+        load = None
         for spec in specs:
             if not isinstance(spec, list) or len(spec) != 3:
                 raise ApiError("each VM is [name, host, profile]")
@@ -1296,9 +1414,19 @@ class ControllerCore:
             if name in names or (name in self.inv.vms and self.inv.vms[name].state not in ("deleted", "failed")):
                 raise ApiError(f"VM {name!r} already exists")
             names.add(name)
-            self._check_host(host, now_ns)
             if profile not in self.inv.profiles:
                 raise ApiError(f"unknown port profile {profile!r} (known: {', '.join(self.inv.profiles)})")
+            if host is None:
+                # No host named: the scorer picks one (as for an HA restart).
+                if load is None:
+                    load = self._placement_load()
+                host = self._place(load, None, name, placed)
+                if host is None:
+                    raise ApiError(f"cannot place {name}: {self._why_unplaceable(name, placed)}")
+                spec[1] = host
+            else:
+                self._check_placement(name, host, now_ns, placed)
+            placed[name] = host
         ops = []
         for name, host, profile in specs:
             vm = self.inv.new_vm(name, host, profile)
@@ -1314,7 +1442,7 @@ class ControllerCore:
         per_host = args.get("per_host", True)
         if type(per_host) is not bool:
             raise ApiError(f"per_host must be true or false, not {per_host!r}")
-        self._check_host(dst, now_ns)
+        self._check_placement(vm.name, dst, now_ns)
         if vm.host not in self.inv.hosts:
             if self._awaited(vm.host, now_ns):
                 raise ApiError(f"{RETRY_PREFIX}{vm.name}'s host {vm.host!r} has not registered again since the "
@@ -1337,6 +1465,326 @@ class ControllerCore:
         vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
         op = self._start_op("delete", vm, vm.host, vm.host, (vm.host, vm.seq_issued, True), now_ns)
         self._wait(envelope, req_id, [op], True)
+
+
+    # ------------------------------------------------------------------ maintenance, rebalance, rules
+
+    def _op_ended(self, op: Op, vm: Vm | None, now_ns: int) -> None:
+        """A move or restart finished: account it to its drain, evacuation waiters, rebalance."""
+        host = self._drain_ops.pop(op.op_id, None)
+        if host is not None:
+            self._kick = True
+            if not op.converged and vm is not None and vm.host == host:
+                # It did not leave (refused, timed out before the switchover): try it again later.
+                self._drain_retry_ns[vm.name] = now_ns + self.config.command_retry_max_ms * NS_PER_MS
+        for w in self._evac_waiters:
+            if op.src == w.host:
+                w.ops.append(op)
+        job = self._job_of.pop(op.op_id, None)
+        if job is not None:
+            job.running.discard(op.op_id)
+            job.ops.append(op)
+        if host is not None or job is not None or self._evac_waiters:
+            self._kick = True
+
+    def _run_jobs(self, now_ns: int) -> None:
+        self._kick = False
+        for host in list(self.inv.maintenance):
+            self._drain(host, now_ns)
+        for job in list(self._jobs):
+            self._job_step(job, now_ns)
+        if self._evac_waiters:
+            self._check_evac(now_ns)
+
+    def _drain(self, host: str, now_ns: int) -> None:
+        """Start moves off maintenance host `host`, up to its max concurrent, targets from the
+        scorer. A dead host is left to HA (which never places on a host in maintenance); one
+        that has not registered (again) is waited for."""
+        h = self.inv.hosts.get(host)
+        if h is None or h.state != "alive":
+            return
+        k = self.inv.maintenance[host]
+        running = sum(1 for x in self._drain_ops.values() if x == host)
+        if running >= k:
+            return
+        blocked = ""
+        load = None
+        for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
+            if running >= k:
+                break
+            if vm.host != host or vm.state != "active" or vm.key in self.ops_by_key:
+                continue
+            if self._drain_retry_ns.get(vm.name, 0) > now_ns:
+                continue
+            if load is None:
+                load = self._placement_load()
+            dst = self._place(load, None, vm.name)
+            if dst is None:
+                blocked = blocked or f"cannot move {vm.name} off {host}: {self._why_unplaceable(vm.name)}"
+                continue
+            self._drain_retry_ns.pop(vm.name, None)
+            vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
+            op = self._start_op("move", vm, host, dst, (dst, vm.seq_issued, False), now_ns)
+            self._drain_ops[op.op_id] = host
+            running += 1
+        if blocked:
+            if self._drain_blocked.get(host) != blocked:
+                self._event(f"host {host} (maintenance): {blocked}; trying again")
+            self._drain_blocked[host] = blocked
+        elif running or not any(vm.host == host and vm.state == "active" for vm in self.inv.vms.values()):
+            self._drain_blocked.pop(host, None)
+
+    def _host_busy(self, host: str) -> int:
+        """VMs on `host` plus ops moving one off it: 0 once it is empty and every move ended."""
+        n = sum(1 for vm in self.inv.vms.values() if vm.host == host and vm.state in ("active", "moving", "creating"))
+        return n + sum(1 for op in self.ops.values() if op.src == host and op.kind in ("move", "restart"))
+
+    def _check_evac(self, now_ns: int) -> None:
+        keep = []
+        for w in self._evac_waiters:
+            left = self._host_busy(w.host)
+            moved = [op.record(per_host=False) for op in w.ops]
+            if not left:
+                self._reply(w.envelope, w.req_id, True, {
+                    "host": w.host, "moves": moved, "elapsed_ms": (now_ns - w.started_ns) / NS_PER_MS})
+            elif w.host in self._drain_blocked and not any(x == w.host for x in self._drain_ops.values()):
+                self._reply(w.envelope, w.req_id, False,
+                            f"{self._drain_blocked[w.host]}; {w.host} stays in maintenance with {left} VM(s): "
+                            f"the controller moves them once a host fits (or `dvs host activate {w.host}`)")
+            elif now_ns >= w.deadline_ns:
+                self._reply(w.envelope, w.req_id, False,
+                            f"{w.host} still holds {left} VM(s) after {(now_ns - w.started_ns) // NS_PER_MS} ms "
+                            f"({len(moved)} moves done); it stays in maintenance and the controller "
+                            "goes on draining it: run `dvs host evacuate` again to wait")
+            else:
+                keep.append(w)
+        self._evac_waiters = keep
+
+    def _check_maint_host(self, name: str) -> None:
+        if name not in self.inv.hosts and not (self.admitted is not None and name in self.admitted) \
+                and name not in self.inv.incarnations:
+            known = ", ".join(sorted(self.inv.hosts, key=_host_order)) or "none"
+            raise ApiError(f"unknown host {name!r} (known: {known})")
+
+    @staticmethod
+    def _max_concurrent(args) -> int:
+        k = args.get("max_concurrent", MAX_CONCURRENT_DEFAULT)
+        if type(k) is not int or not 1 <= k <= MAX_CONCURRENT_MAX:
+            raise ApiError(f"max_concurrent must be 1..{MAX_CONCURRENT_MAX}, not {k!r}")
+        return k
+
+    def api_host_evacuate(self, args, now_ns, envelope, req_id) -> None:
+        """Maintenance mode: no placement targets the host from now on, and its VMs move off it.
+        Answered once it is empty and every move off it ended (each move's record)."""
+        name = args["name"]
+        self._check_maint_host(name)
+        k = self._max_concurrent(args)
+        timeout_ms = args.get("timeout_ms", 300_000)
+        if type(timeout_ms) is not int or not 0 <= timeout_ms <= EVAC_TIMEOUT_MS_MAX:
+            raise ApiError(f"timeout_ms must be 0..{EVAC_TIMEOUT_MS_MAX}, not {timeout_ms!r}")
+        if len(self._evac_waiters) >= EVAC_WAITERS_MAX:
+            raise ApiError(f"{RETRY_PREFIX}{EVAC_WAITERS_MAX} evacuations are being waited for already")
+        others = [h for h in self.inv.hosts.values()
+                  if h.name != name and h.state != "dead" and h.name not in self.inv.maintenance]
+        if not others and self._host_busy(name):
+            raise ApiError(f"no other live host outside maintenance to move {name}'s VMs to; "
+                           "add a host or activate one first")
+        if self.inv.maintenance.get(name) != k:
+            self.inv.maintenance[name] = k
+            self.journal_out.append({"maintenance": name, "max_concurrent": k})
+        self._drain_blocked.pop(name, None)
+        self._evac_waiters.append(EvacWaiter(envelope, req_id, name, now_ns, now_ns + timeout_ms * NS_PER_MS))
+        self._run_jobs(now_ns)
+
+    def api_host_activate(self, args, now_ns, envelope, req_id) -> dict:
+        """Return a host to service: placement may target it again."""
+        name = args["name"]
+        self._check_maint_host(name)
+        was = self.inv.maintenance.pop(name, None) is not None
+        if was:
+            self.journal_out.append({"maintenance": name, "max_concurrent": 0})
+        self._drain_blocked.pop(name, None)
+        keep = []
+        for w in self._evac_waiters:
+            if w.host == name:
+                self._reply(w.envelope, w.req_id, False, f"{name} was activated before it was empty")
+            else:
+                keep.append(w)
+        self._evac_waiters = keep
+        return {"host": name, "was_in_maintenance": was, "vms": self._host_busy(name)}
+
+    def api_maintenance(self, args, now_ns, envelope, req_id) -> dict:
+        return {"maintenance": [{"host": h, "max_concurrent": k, "vms": self._host_busy(h),
+                                 "blocked": self._drain_blocked.get(h, "")}
+                                for h, k in sorted(self.inv.maintenance.items(), key=lambda x: _host_order(x[0]))]}
+
+    # Rebalance
+
+    def _balance_state(self, metric: str, rates: dict) -> tuple[dict[str, float], list, dict[str, float]]:
+        """Per-host load (hosts that may take VMs), the movable units, and per-VM weights."""
+        hosts = [h.name for h in self.inv.hosts.values() if h.state == "alive" and h.name not in self.inv.maintenance]
+        load = dict.fromkeys(hosts, 0.0)
+        weight: dict[str, float] = {}
+        where: dict[str, str] = {}
+        busy = set()
+        for vm in self.inv.vms.values():
+            if vm.state not in ("active", "moving", "creating"):
+                continue
+            op = self.ops_by_key.get(vm.key)
+            host = op.target[0] if op is not None and op.kind != "delete" else vm.host
+            w = 1.0 if metric == "vms" else float(rates.get(vm.name, 0.0))
+            weight[vm.name] = w
+            if host in load:
+                load[host] += w
+            if op is not None or vm.state != "active":
+                busy.add(vm.name)
+            where[vm.name] = host
+        units = []
+        seen = set()
+        for vm in sorted(self.inv.vms.values(), key=lambda v: v.number):
+            if vm.name in seen or vm.name not in where or vm.name in busy:
+                continue
+            group = [vm.name]
+            for r in self.inv.rules_of(vm.name):
+                if r.kind == "together":
+                    group += [o for o in r.vms if o not in group and o in where]
+            seen.update(group)
+            if any(where[o] != where[vm.name] or o in busy for o in group):
+                continue  # a group split (in flight, or placed apart before the rule): left alone
+            units.append((where[vm.name], group, sum(weight[o] for o in group)))
+        return load, units, weight
+
+    def api_rebalance(self, args, now_ns, envelope, req_id) -> dict | None:
+        """Plan (and unless `dry_run`, run) the fewest moves that bring the per-host spread of
+        load (max - min) to `threshold`: VMs per host for metric vms (default 2), or a fraction
+        of the mean host's frame rate for metric traffic (default 0.25; `rates`: VM -> frames/s)."""
+        metric = args.get("metric", "vms")
+        if metric not in ("vms", "traffic"):
+            raise ApiError(f"metric must be vms or traffic, not {metric!r}")
+        threshold = args.get("threshold")
+        if threshold is None:
+            threshold = 2 if metric == "vms" else 0.25
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1e9:
+            raise ApiError(f"threshold must be a number >= 0, not {threshold!r}")
+        rates = args.get("rates") or {}
+        if not isinstance(rates, dict) or not all(isinstance(v, int | float) and v >= 0 for v in rates.values()):
+            raise ApiError("rates must map VM names to frame rates >= 0")
+        if metric == "traffic" and not rates:
+            raise ApiError("metric traffic needs the VMs' frame rates (`dvs rebalance` measures them)")
+        k = self._max_concurrent(args)
+        load, units, _ = self._balance_state(metric, rates)
+        if len(load) < 2:
+            raise ApiError("rebalance needs at least two live hosts outside maintenance")
+        before = dict(load)
+        mean = sum(load.values()) / len(load)
+        limit = float(threshold) if metric == "vms" else float(threshold) * mean
+
+        def allowed(vms: list[str], dst: str, planned: dict[str, str]) -> bool:
+            extra = {**planned, **dict.fromkeys(vms, dst)}
+            return not any(self._rule_conflict(v, dst, extra) for v in vms)
+
+        moves = balance.plan(load, units, limit, allowed, _host_order)
+        def rnd(x: float) -> float:
+            return round(x, 3)
+
+        result = {"metric": metric, "threshold": threshold, "limit": rnd(limit),
+                  "spread_before": rnd(balance.spread(before)), "spread_planned": rnd(balance.spread(load)),
+                  "load_before": {h: rnd(v) for h, v in before.items()},
+                  "load_planned": {h: rnd(v) for h, v in load.items()},
+                  "plan": [{"vm": v, "src": a, "dst": b} for v, a, b in moves]}
+        if args.get("dry_run", False) or not moves:
+            return {**result, "moves": [], "skipped": []}
+        job = Job(envelope, req_id, deque(moves), k, result)
+        self._jobs.append(job)
+        self._job_step(job, now_ns)
+        return None
+
+    def _job_step(self, job: Job, now_ns: int) -> None:
+        while job.queue and len(job.running) < job.max_concurrent:
+            name, src, dst = job.queue.popleft()
+            vm = self.inv.vms.get(name)
+            h = self.inv.hosts.get(dst)
+            why = ""
+            if vm is None or vm.state != "active" or vm.host != src or vm.key in self.ops_by_key:
+                why = f"{name} is no longer idle on {src}"
+            elif h is None or h.state != "alive" or dst in self.inv.maintenance:
+                why = f"{dst} no longer takes VMs"
+            else:
+                why = self._rule_conflict(name, dst)
+                # (a together group moves member by member: the members still on src are
+                # going to dst in this plan, so only a member elsewhere is a conflict)
+                if why.startswith("together") and all(
+                        (v, src, dst) in job.queue for r in self.inv.rules_of(name) if r.kind == "together"
+                        for v in r.vms if v != name and self._location(v) == src):
+                    why = ""
+            if why:
+                job.skipped.append({"vm": name, "src": src, "dst": dst, "why": why})
+                continue
+            vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
+            op = self._start_op("move", vm, src, dst, (dst, vm.seq_issued, False), now_ns)
+            job.running.add(op.op_id)
+            self._job_of[op.op_id] = job
+        if not job.queue and not job.running:
+            self._jobs.remove(job)
+            load, _, _ = self._balance_state(job.result["metric"], {})
+            self._reply(job.envelope, job.req_id, True, {
+                **job.result, "moves": [op.record(per_host=False) for op in job.ops], "skipped": job.skipped,
+                "vms_per_host_after": {h: int(v) for h, v in load.items()} if job.result["metric"] == "vms" else {}})
+
+    # Placement rules
+
+    def api_rule_add(self, args, now_ns, envelope, req_id) -> dict:
+        kind, vms = args["kind"], args["vms"]
+        if kind not in RULE_KINDS:
+            raise ApiError(f"rule kind must be anti or together, not {kind!r}")
+        if not isinstance(vms, list) or not 2 <= len(vms) <= RULE_VMS_MAX or len(set(vms)) != len(vms) \
+                or not all(isinstance(v, str) and NAME_RE.match(v) for v in vms):
+            raise ApiError(f"a rule names 2..{RULE_VMS_MAX} distinct VMs, e.g. web1,web2")
+        name = args.get("name") or next(f"rule{i}" for i in range(1, RULES_MAX + 2) if f"rule{i}" not in self.inv.rules)
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ApiError(f"bad rule name {name!r}: use letters, digits, '-', '_' or '.', at most 64")
+        if name in self.inv.rules:
+            raise ApiError(f"rule {name!r} exists already; remove it first or pick another name")
+        if len(self.inv.rules) >= RULES_MAX:
+            raise ApiError(f"{RULES_MAX} rules exist already")
+        for r in self.inv.rules.values():
+            if r.kind != kind and len(set(r.vms) & set(vms)) >= 2:
+                both = sorted(set(r.vms) & set(vms))
+                raise ApiError(f"{both[0]} and {both[1]} are in {r.kind} rule {r.name} already: "
+                               "no placement could satisfy both rules")
+        # The rule must hold now: never a rule the inventory already breaks.
+        at = {v: self._location(v) for v in vms}
+        placed = [(v, h) for v, h in at.items() if h is not None]
+        if kind == "anti":
+            seen: dict[str, str] = {}
+            for v, h in placed:
+                if h in seen:
+                    raise ApiError(f"{seen[h]} and {v} both run on {h}: move one first "
+                                   f"(`dvs vm move {v} --to HOST`), then add the rule")
+                seen[h] = v
+        elif len({h for _, h in placed}) > 1:
+            where = ", ".join(f"{v} on {h}" for v, h in placed)
+            raise ApiError(f"the VMs run on different hosts ({where}): move them onto one host first")
+        rule = Rule(name, kind, list(vms))
+        self.inv.set_rule(rule, name)
+        self.journal_out.append({"rule": name, "kind": kind, "vms": list(vms)})
+        return rule.describe()
+
+    def api_rule_list(self, args, now_ns, envelope, req_id) -> dict:
+        out = []
+        for r in self.inv.rules.values():
+            d = r.describe()
+            d["hosts"] = {v: self._location(v) for v in r.vms}
+            out.append(d)
+        return {"rules": out}
+
+    def api_rule_remove(self, args, now_ns, envelope, req_id) -> dict:
+        name = args["name"]
+        if name not in self.inv.rules:
+            raise ApiError(f"no rule {name!r}; `dvs vm rule list` shows the rules")
+        self.inv.set_rule(None, name)
+        self.journal_out.append({"rule": name, "kind": "", "vms": []})
+        return {"rule": name, "removed": True}
 
 
 def _host_order(name: str) -> tuple:

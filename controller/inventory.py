@@ -83,6 +83,22 @@ class Vm:
 
 
 @dataclass
+class Rule:
+    """A placement rule: `anti` (no two of `vms` on one host) or `together` (all of `vms` on one
+    host). Names of VMs, not VMs: a rule may name a VM created later, and outlives a deleted one."""
+
+    name: str
+    kind: str  # anti | together
+    vms: list[str]
+
+    def describe(self) -> dict:
+        return {"rule": self.name, "kind": self.kind, "vms": list(self.vms)}
+
+
+RULE_KINDS = ("anti", "together")
+
+
+@dataclass
 class Inventory:
     hosts: dict[str, Host] = field(default_factory=dict)
     vms: dict[str, Vm] = field(default_factory=dict)
@@ -95,6 +111,24 @@ class Inventory:
     incarnations: dict[str, int] = field(default_factory=dict)
     # Host names an admin admitted (journaled): only these may register.
     admitted: set[str] = field(default_factory=set)
+    # Hosts in maintenance (journaled): no placement targets them, and the controller moves
+    # their VMs off, at most this many at once (host -> max concurrent moves).
+    maintenance: dict[str, int] = field(default_factory=dict)
+    rules: dict[str, Rule] = field(default_factory=dict)  # by rule name (journaled)
+    _rules_of: dict[str, list[Rule]] = field(default_factory=dict)  # VM name -> the rules naming it
+
+    def rules_of(self, vm: str) -> list[Rule]:
+        return self._rules_of.get(vm, [])
+
+    def set_rule(self, rule: Rule | None, name: str) -> None:
+        """Add or replace rule `name` (None: remove it), keeping the per-VM index current."""
+        self.rules.pop(name, None)
+        if rule is not None:
+            self.rules[name] = rule
+        self._rules_of = {}
+        for r in self.rules.values():
+            for v in r.vms:
+                self._rules_of.setdefault(v, []).append(r)
 
     def by_key(self, key: tuple[int, int]) -> Vm | None:
         return self._by_key.get(key)
@@ -120,6 +154,15 @@ class Inventory:
         """Replay one journal record (the latest record of a VM, or of a host's incarnation, wins)."""
         if "admit" in r:
             self.admitted.add(r["admit"])
+            return
+        if "maintenance" in r:
+            if r["max_concurrent"]:
+                self.maintenance[r["maintenance"]] = r["max_concurrent"]
+            else:
+                self.maintenance.pop(r["maintenance"], None)
+            return
+        if "rule" in r:
+            self.set_rule(Rule(r["rule"], r["kind"], list(r["vms"])) if r["kind"] else None, r["rule"])
             return
         if "host_incarnation" in r:
             self.incarnations[r["host_incarnation"]] = r["incarnation"]

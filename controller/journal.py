@@ -52,6 +52,16 @@ def check_record(r) -> str:
         return f"a JSON {type(r).__name__}, not an object"
     if "admit" in r:
         return "" if set(r) == {"admit"} and _is_name(r["admit"]) else "a bad host admission"
+    if "maintenance" in r:
+        # max_concurrent 0: the host left maintenance
+        ok = set(r) == {"maintenance", "max_concurrent"} and _is_name(r["maintenance"]) \
+            and _is_int(r["max_concurrent"], 0, 1_000)
+        return "" if ok else "a bad maintenance record"
+    if "rule" in r:
+        # kind "": the rule was removed
+        ok = (set(r) == {"rule", "kind", "vms"} and _is_name(r["rule"]) and r["kind"] in ("", "anti", "together")
+              and isinstance(r["vms"], list) and len(r["vms"]) <= 64 and all(map(_is_name, r["vms"])))
+        return "" if ok else "a bad placement rule record"
     if "host_incarnation" in r:
         ok = set(r) == {"host_incarnation", "incarnation"} and _is_name(r["host_incarnation"]) \
             and _is_int(r["incarnation"])

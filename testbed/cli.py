@@ -436,6 +436,47 @@ def host_add(name, no_start, state_dir) -> None:
         click.echo(f"agent {name} started (pid {p.pid})")
 
 
+@host.command("evacuate")
+@click.argument("name")
+@click.option("--max-concurrent", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Moves off the host at once, at most.")
+@click.option("--timeout-s", type=click.FloatRange(1, 3_600), default=300, show_default=True,
+              help="Seconds to wait for the host to empty (it stays in maintenance either way).")
+@json_option
+@state_dir_option
+def host_evacuate(name, max_concurrent, timeout_s, as_json, state_dir) -> None:
+    """Maintenance mode: no placement targets host NAME from now on (create, HA restart,
+    rebalance), and its VMs move off it, targets chosen by the placement scorer. Returns once
+    it is empty and every move converged; prints each move's convergence latency."""
+    from testbed import balance
+
+    rep = balance.evacuate(Cluster.load(state_dir), name, max_concurrent, timeout_s)
+    sm = rep["summary"]
+    if as_json:
+        emit_json(rep)
+    else:
+        from testbed.demo import moves_table
+
+        if rep["moves"]:
+            console.print(moves_table(rep["moves"]))
+        drops = "" if rep["dataplane_drops"] is None else f"; data-plane drops meanwhile {rep['dataplane_drops']}"
+        click.echo(f"{name} is empty and in maintenance: {sm['moves']} moves, {sm['converged']} converged, "
+                   f"in {rep['elapsed_ms'] / 1000:.2f} s; latency ms p50 {_fmt(sm['latency_ms_p50'])} "
+                   f"p99 {_fmt(sm['latency_ms_p99'])} max {_fmt(sm['latency_ms_max'])}{drops}")
+    if sm["converged"] < sm["moves"]:
+        sys.exit(1)
+
+
+@host.command("activate")
+@click.argument("name")
+@state_dir_option
+def host_activate(name, state_dir) -> None:
+    """Take host NAME out of maintenance: placement may target it again."""
+    with Cluster.load(state_dir).controller_client() as ctl:
+        r = ctl.call("host_activate", {"name": name})
+    click.echo(f"host {name} is back in service" if r["was_in_maintenance"] else f"host {name} was in service already")
+
+
 @cli.group()
 def agent() -> None:
     """Agent processes."""
@@ -755,7 +796,7 @@ def vm_exec(name, argv, state_dir) -> None:
 
 @vm.command("create")
 @click.argument("name")
-@click.option("--host", required=True, help="Host to start it on, e.g. h1.")
+@click.option("--host", default=None, help="Host to start it on, e.g. h1 (default: the placement scorer picks).")
 @click.option("--profile", default="default", show_default=True, help="Port profile (default, web, app, db).")
 @json_option
 @state_dir_option
@@ -764,6 +805,7 @@ def vm_create(name, host, profile, as_json, state_dir) -> None:
     cluster = Cluster.load(state_dir)
     with cluster.controller_client(timeout_ms=30_000) as ctl:
         rec = ctl.call("vm_create", {"name": name, "host": host, "profile": profile})
+    host = rec["dst"]
     if cluster.netns is not None and rec.get("converged"):
         from testbed import vmns
 
@@ -850,6 +892,97 @@ def vm_delete(name, as_json, state_dir) -> None:
 
         vmns.delete(cluster.netns, name)
     _report_op(rec, as_json, f"deleted {name}")
+
+
+@vm.group("rule")
+def vm_rule() -> None:
+    """Placement rules: anti-affinity (never on one host) and together (always on one host)."""
+
+
+@vm_rule.command("add")
+@click.option("--anti", default=None, metavar="VM,VM,...", help="These VMs never share a host.")
+@click.option("--together", default=None, metavar="VM,VM,...", help="These VMs always share one host.")
+@click.option("--name", default=None, help="The rule's name (default: rule1, rule2, ...).")
+@state_dir_option
+def vm_rule_add(anti, together, name, state_dir) -> None:
+    """Add a rule every placement honours (create, move, HA restart, evacuate, rebalance). It
+    must hold already; a placement that cannot satisfy it is an error, never a violation."""
+    if (anti is None) == (together is None):
+        raise click.UsageError("give exactly one of --anti VM,VM,... or --together VM,VM,...")
+    kind, vms = ("anti", _csv(anti)) if anti is not None else ("together", _csv(together))
+    with Cluster.load(state_dir).controller_client() as ctl:
+        r = ctl.call("rule_add", {"kind": kind, "vms": vms, "name": name})
+    click.echo(f"rule {r['rule']}: {', '.join(r['vms'])} " + ("never share a host" if kind == "anti"
+                                                                 else "always share one host"))
+
+
+@vm_rule.command("list")
+@json_option
+@state_dir_option
+def vm_rule_list(as_json, state_dir) -> None:
+    """The placement rules, with where each of their VMs runs."""
+    with Cluster.load(state_dir).controller_client() as ctl:
+        rules = ctl.call("rule_list")["rules"]
+    if as_json:
+        emit_json(rules)
+        return
+    t = Table("rule", "kind", "vms (host)")
+    for r in rules:
+        t.add_row(r["rule"], r["kind"], ", ".join(f"{v} ({r['hosts'][v] or '-'})" for v in r["vms"]))
+    console.print(t)
+
+
+@vm_rule.command("remove")
+@click.argument("name")
+@state_dir_option
+def vm_rule_remove(name, state_dir) -> None:
+    """Remove placement rule NAME."""
+    with Cluster.load(state_dir).controller_client() as ctl:
+        ctl.call("rule_remove", {"name": name})
+    click.echo(f"rule {name} removed")
+
+
+@cli.command()
+@click.option("--metric", type=click.Choice(["vms", "traffic"]), default="vms", show_default=True,
+              help="Load per host: VM count, or the VMs' frame rate from the data-plane port counters.")
+@click.option("--threshold", type=click.FloatRange(0, 1e9), default=None,
+              help="Largest tolerated spread (most loaded host minus least loaded): in VMs for vms "
+                   "(default 2), as a fraction of the mean host's frame rate for traffic (default 0.25).")
+@click.option("--max-concurrent", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Moves at once, at most.")
+@click.option("--dry-run", is_flag=True, help="Print the plan, move nothing.")
+@click.option("--sample-s", type=click.FloatRange(0.1, 60), default=2, show_default=True,
+              help="Seconds over which --metric traffic measures frame rates.")
+@click.option("--timeout-s", type=click.FloatRange(1, 3_600), default=600, show_default=True,
+              help="Seconds to wait for the moves.")
+@json_option
+@state_dir_option
+def rebalance(metric, threshold, max_concurrent, dry_run, sample_s, timeout_s, as_json, state_dir) -> None:
+    """Even out load over the hosts outside maintenance (DRS-like): plan the fewest moves that
+    bring the spread below the threshold, honouring placement rules, and run them."""
+    from testbed import balance
+
+    rep = balance.rebalance(Cluster.load(state_dir), metric=metric, threshold=threshold,
+                            max_concurrent=max_concurrent, dry_run=dry_run, sample_s=sample_s, timeout_s=timeout_s)
+    if as_json:
+        emit_json(rep)
+    else:
+        unit = "VMs" if metric == "vms" else "frames/s"
+        t = Table("#", "vm", "from", "to", title=f"plan ({metric})")
+        for i, m in enumerate(rep["plan"], 1):
+            t.add_row(str(i), m["vm"], m["src"], m["dst"])
+        if rep["plan"]:
+            console.print(t)
+        click.echo(f"spread {rep['spread_before']:g} -> {rep['spread_planned']:g} {unit} (limit {rep['limit']:g}) "
+                   f"with {len(rep['plan'])} moves" + (" (dry run: nothing moved)" if dry_run else ""))
+        if rep["moves"]:
+            sm = rep["summary"]
+            click.echo(f"{sm['converged']}/{sm['moves']} moves converged; latency ms p50 {_fmt(sm['latency_ms_p50'])} "
+                       f"p99 {_fmt(sm['latency_ms_p99'])} max {_fmt(sm['latency_ms_max'])}")
+        for sk in rep["skipped"]:
+            click.echo(f"skipped {sk['vm']} {sk['src']} -> {sk['dst']}: {sk['why']}")
+    if rep["summary"]["converged"] < rep["summary"]["moves"] or rep["skipped"]:
+        sys.exit(1)
 
 
 MOVES_DEFAULT_LAST = 1_000

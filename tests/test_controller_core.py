@@ -1315,3 +1315,178 @@ def test_a_restarted_controller_asks_to_retry_moves_to_hosts_not_back_yet():
     c2.advance(c2.config.dead_after_ms + 100)
     ok, err = c2.call("vm_move", {"name": "vm1", "to": "h5"})
     assert not ok and err.startswith("unknown host 'h5'")
+
+
+# ------------------------------------------------------------------ maintenance, rebalance, placement rules
+
+
+def lab_with(hosts: int, placement: dict[str, str]) -> Lab:
+    """A Lab of real agents, meshed, with VMs created where `placement` says (name -> host)."""
+    lab = Lab([f"h{i}" for i in range(1, hosts + 1)])
+    lab.tick(500)
+    lab.tick(500)
+    lab.client_replies.clear()
+    ok, rec = lab.call("vm_create", {"vms": [[v, h, "default"] for v, h in placement.items()]})
+    assert ok and all(r["converged"] for r in rec["ops"]), rec
+    return lab
+
+
+def where(lab: Lab) -> dict[str, str]:
+    return {v["vm"]: v["host"] for v in lab.call("vm_list", {})[1]["vms"]}
+
+
+def test_evacuate_moves_every_vm_off_and_no_placement_targets_the_host_until_activated():
+    lab = lab_with(4, {f"vm{n}": f"h{n % 4 + 1}" for n in range(1, 13)})  # three VMs per host
+    ok, rep = lab.call("host_evacuate", {"name": "h2", "max_concurrent": 2})
+    assert ok, rep
+    assert rep["host"] == "h2" and len(rep["moves"]) == 3
+    assert all(m["converged"] and m["src"] == "h2" and m["dst"] != "h2" for m in rep["moves"]), rep
+    assert "h2" not in where(lab).values()
+    # The agents agree: no entry points at h2.
+    assert all(h != "h2" for a in lab.agents.values() for (h, _s, _t) in a.table.as_placement().values())
+    for n in range(20, 26):
+        ok, rec = lab.call("vm_create", {"name": f"vm{n}"})  # no host named: the scorer picks
+        assert ok and rec["dst"] != "h2", rec
+    ok, err = lab.call("vm_create", {"name": "x", "host": "h2"})
+    assert not ok and "maintenance" in err and "dvs host activate h2" in err
+    ok, err = lab.call("vm_move", {"name": "vm1", "to": "h2"})
+    assert not ok and "maintenance" in err
+    ok, rec = lab.call("host_activate", {"name": "h2"})
+    assert ok and rec == {"host": "h2", "was_in_maintenance": True, "vms": 0}
+    ok, rec = lab.call("vm_create", {"name": "y"})
+    assert ok and rec["dst"] == "h2"  # the emptiest host again
+
+
+def test_evacuate_runs_at_most_k_moves_at_once():
+    c = cluster(3)
+    for n in range(1, 6):
+        create(c, n, "h1")
+    req = c.request("host_evacuate", {"name": "h1", "max_concurrent": 2})
+    prepares = [b for h in ("h2", "h3") for m, b in c.to(h) if m is MsgType.PREPARE]
+    assert len(prepares) == 2 and len(c.core._drain_ops) == 2
+    assert c.reply(req) is None  # answered once the host is empty
+    done = 0
+    while c.core._drain_ops:
+        assert len(c.core._drain_ops) <= 2
+        op = c.core.ops[min(c.core._drain_ops)]
+        c.ack(op.dst, op.op_id)
+        c.ack(op.dst, op.op_id)
+        for h in ("h1", "h2", "h3"):
+            c.applied(h, int(op.vm[2:]), op.dst, op.target[1])
+        done += 1
+        assert done == 5 or len(c.core._drain_ops) == min(2, 5 - done)  # the next one started at once
+    ok, rep = c.reply(req)
+    assert ok and len(rep["moves"]) == 5 and all(m["converged"] for m in rep["moves"])
+    # The scorer spread them: h2 and h3 started empty.
+    assert sorted(m["dst"] for m in rep["moves"]) == ["h2", "h2", "h2", "h3", "h3"]
+    assert c.core.inv.maintenance == {"h1": 2}
+
+
+def test_ha_never_restarts_onto_a_host_in_maintenance():
+    c = cluster(3)
+    for n in range(1, 5):
+        create(c, n, "h1")
+    c.core.inv.maintenance["h3"] = 1  # empty, in maintenance: the emptiest host by far
+    c.core.inv.hosts["h1"].last_seen_ns = -(10**12)
+    for h in ("h2", "h3"):
+        c.core.inv.hosts[h].last_seen_ns = c.now
+    c.advance(c.config.tick_interval_ms)
+    targets = [op.target[0] for op in c.core.ops.values() if op.kind == "restart"]
+    assert targets == ["h2"] * 4, targets
+
+
+def test_maintenance_and_rules_survive_a_controller_restart():
+    lab = lab_with(3, {"web1": "h1", "web2": "h2", "db1": "h3", "app1": "h3"})
+    assert lab.call("rule_add", {"kind": "anti", "vms": ["web1", "web2"], "name": "web"})[0]
+    assert lab.call("rule_add", {"kind": "together", "vms": ["db1", "app1"]})[1]["rule"] == "rule1"
+    assert lab.call("host_activate", {"name": "h1"})[1]["was_in_maintenance"] is False
+    ok, _ = lab.call("host_evacuate", {"name": "h3"})
+    assert ok
+    assert lab.call("rule_remove", {"name": "web"})[0]
+    assert lab.call("rule_add", {"kind": "anti", "vms": ["db1", "later"], "name": "w2"})[0]
+    # (everything the core journaled, as the runtime writes it, checked by the journal reader)
+    from controller import journal
+
+    records = lab.ctl.core.take_journal()
+    assert all(journal.check_record(r) == "" for r in records)
+    again = ControllerCore(journal=records)
+    assert again.inv.maintenance == {"h3": 4}
+    assert {n: (r.kind, r.vms) for n, r in again.inv.rules.items()} == {
+        "rule1": ("together", ["db1", "app1"]), "w2": ("anti", ["db1", "later"])}
+    assert [r.name for r in again.inv.rules_of("db1")] == ["rule1", "w2"]
+
+
+def test_anti_affinity_holds_through_create_move_evacuate_and_ha():
+    lab = lab_with(3, {"web1": "h1", "web2": "h2", "other": "h3"})
+    assert lab.call("rule_add", {"kind": "anti", "vms": ["web1", "web2", "web3"]})[0]
+    ok, err = lab.call("vm_create", {"name": "web3", "host": "h1"})
+    assert not ok and "anti-affinity rule rule1: web1 runs on h1" in err
+    ok, rec = lab.call("vm_create", {"name": "web3"})
+    assert ok and rec["dst"] == "h3"
+    ok, err = lab.call("vm_move", {"name": "web1", "to": "h2"})
+    assert not ok and "web2 runs on h2" in err
+    # Evacuating h1: web1 fits nowhere (web2 on h2, web3 on h3): a clear error, no violation.
+    ok, err = lab.call("host_evacuate", {"name": "h1"})
+    assert not ok and "cannot move web1 off h1" in err and "stays in maintenance" in err, err
+    assert where(lab)["web1"] == "h1"
+    assert lab.call("host_activate", {"name": "h1"})[0]
+    # HA: h1 dies; web1 may go to neither h2 nor h3, so it waits (an event says why).
+    lab.agents.pop("h1")
+    for _ in range(8):
+        lab.tick(500)
+        lab.ctl.core.inv.hosts["h1"].last_seen_ns = 0
+    assert where(lab)["web1"] == "h1"
+    assert any("cannot restart it yet" in e and "web1" in e for e in lab.ctl.core.take_events())
+    assert lab.call("rule_remove", {"name": "rule1"})[0]
+    lab.tick(500)
+    lab.tick(500)
+    assert where(lab)["web1"] in ("h2", "h3")
+
+
+def test_a_together_group_moves_as_one_and_a_member_alone_may_not():
+    lab = lab_with(3, {"db1": "h1", "app1": "h1", "x1": "h2", "x2": "h2", "x3": "h3"})
+    assert lab.call("rule_add", {"kind": "together", "vms": ["db1", "app1"]})[0]
+    ok, err = lab.call("vm_move", {"name": "db1", "to": "h3"})
+    assert not ok and "together rule rule1: app1 runs on h1" in err
+    ok, err = lab.call("vm_create", {"name": "app2", "host": "h1"})
+    assert ok  # not in the rule
+    ok, rep = lab.call("host_evacuate", {"name": "h1", "max_concurrent": 1})
+    assert ok, rep
+    w = where(lab)
+    assert w["db1"] == w["app1"] != "h1", w
+    # A rule the inventory breaks already is refused.
+    ok, err = lab.call("rule_add", {"kind": "anti", "vms": ["x1", "x2"]})
+    assert not ok and "x1 and x2 both run on h2" in err
+    ok, err = lab.call("rule_add", {"kind": "anti", "vms": ["db1", "app1"]})
+    assert not ok and "no placement could satisfy both" in err
+
+
+def test_rebalance_plans_the_fewest_moves_and_runs_them():
+    lab = lab_with(4, {f"vm{n}": "h1" for n in range(1, 13)})
+    assert lab.call("rule_add", {"kind": "anti", "vms": ["vm1", "vm2"]})[0] is False  # both on h1: refused
+    ok, plan = lab.call("rebalance", {"dry_run": True})
+    assert ok and plan["spread_before"] == 12 and plan["spread_planned"] <= 2
+    # 12 VMs on h1 and three empty hosts: h1 may keep x with x - 2 <= every other host,
+    # so x + 3 (x - 2) <= 12: x = 4, and 8 moves is the least that does it.
+    assert len(plan["plan"]) == 8 and plan["moves"] == []
+    assert where(lab) == {f"vm{n}": "h1" for n in range(1, 13)}  # a dry run moves nothing
+    ok, rep = lab.call("rebalance", {"max_concurrent": 3})
+    assert ok and len(rep["moves"]) == 8 and all(m["converged"] for m in rep["moves"]), rep
+    counts = rep["vms_per_host_after"]
+    assert max(counts.values()) - min(counts.values()) <= 2, counts
+    ok, again = lab.call("rebalance", {"dry_run": True})
+    assert ok and again["plan"] == []  # balanced: nothing to do
+
+
+def test_rebalance_by_traffic_moves_the_heavy_vm_and_keeps_rules():
+    lab = lab_with(2, {"a": "h1", "b": "h1", "c": "h1", "d": "h2"})
+    assert lab.call("rule_add", {"kind": "anti", "vms": ["a", "d"]})[0]
+    rates = {"a": 900.0, "b": 500.0, "c": 100.0, "d": 100.0}
+    ok, plan = lab.call("rebalance", {"metric": "traffic", "rates": rates, "dry_run": True, "threshold": 0.5})
+    assert ok, plan
+    # a (900) may not join d; b (500) halves the gap best among the rest.
+    assert plan["plan"] == [{"vm": "b", "src": "h1", "dst": "h2"}], plan
+    ok, err = lab.call("rebalance", {"metric": "traffic"})
+    assert not ok and "frame rates" in err
+    ok, err = lab.call("rebalance", {"metric": "cpu"})
+    assert not ok and "metric must be vms or traffic" in err

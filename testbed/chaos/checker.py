@@ -1,11 +1,14 @@
 """Judge a chaos run from its history alone (history.jsonl), separately from the run.
 
-Five invariants (docs/scenarios.md states them precisely):
+Invariants (docs/scenarios.md states them precisely):
   tables-match-inventory  after heal, every live agent's table equals the controller's inventory
   moves-resolved          every acknowledged move converged or, if not, ended done (never undone)
   single-owner            no VM lost, none active on two hosts: one owner, a live one, per VM
   monotonic-applies       no agent ever went back to a lower (seq, host) for a MAC
   processes-up            the processes that should be up are up (and only those)
+Two more for maintenance mode and placement rules (vacuous in a run without them):
+  maintenance-respected   no op targeted a host after its evacuation began; it ends empty
+  rules-hold              the placement rules hold in the final inventory
 
 Verdict: valid (exit 0), invalid (exit 1: an invariant failed; its events are named), or
 unknown (exit 2: the history is incomplete or the run itself broke, and nothing failed).
@@ -28,6 +31,8 @@ INVARIANTS = {
     "single-owner": "(c) no VM lost or active on two hosts: exactly one owner per VM, a live host",
     "monotonic-applies": "(d) no agent ever applied a lower (seq, host) for a MAC than it held",
     "processes-up": "(e) the processes that should be up are up, answer, and the controller agrees",
+    "maintenance-respected": "(f) no op placed a VM on a host in maintenance; an evacuated host ends empty",
+    "rules-hold": "(g) at the end, anti-affinity VMs run on distinct hosts and together VMs on one",
 }
 EXIT = {"valid": 0, "invalid": 1, "unknown": 2}
 MAX_VIOLATIONS = 20
@@ -435,11 +440,69 @@ def check_processes(h: History) -> Result:
     return r
 
 
+def check_maintenance(h: History) -> Result:
+    r = Result("maintenance-respected", True)
+    starts = [e for e in h.events if e["ev"] == "evacuate" and e.get("phase") == "start"]
+    if not starts:
+        r.detail = "no evacuation in this run"
+        return r
+    # From when the controller had it in maintenance: its answer says how long it waited (a
+    # request sent at "start" may reach it later, while a move to the host is still allowed).
+    since = {e["host"]: e["t_ns"] for e in starts}
+    for e in h.events:
+        if e["ev"] == "evacuate" and e.get("phase") == "done":
+            since[e["host"]] = max(since[e["host"]], e["t_ns"] - int(e["elapsed_ms"] * 1e6))
+    for m in h.ctl_moves:
+        t = since.get(m["dst"])
+        if t is not None and m["started_ns"] > t and m["kind"] in ("move", "restart", "create"):
+            r.fail(f"op {m['op']} ({m['kind']} of {m['vm']}) targeted {m['dst']} {(m['started_ns'] - t) / 1e6:.1f} ms "
+                   "after its evacuation began", h.around(m["started_ns"], vm=m["vm"]), vm=m["vm"])
+    done = {e["host"] for e in h.events if e["ev"] == "evacuate" and e.get("phase") == "done"}
+    fi = h.final_inventory or {}
+    if "vms" not in fi:
+        r.ok, r.detail = None, "no final inventory in the history"
+        return r
+    for host in sorted(since):
+        if host not in done:
+            r.fail(f"the controller never answered that {host} is empty", h.around(None)[-8:], host=host)
+        if host not in fi["status"].get("maintenance", []):
+            r.fail(f"{host} is not in maintenance at the end", host=host)
+        left = [v["vm"] for v in fi["vms"] if v["host"] == host and v["state"] in ("active", "moving", "creating")]
+        if left:
+            r.fail(f"{host} still runs {', '.join(left[:5])} at the end", host=host)
+    moved = sum(len(e["moves"]) for e in h.events if e["ev"] == "evacuate" and e.get("phase") == "done")
+    r.detail = f"evacuated {', '.join(sorted(since))}: {moved} moves reported"
+    return r
+
+
+def check_rules(h: History) -> Result:
+    r = Result("rules-hold", True)
+    fi = h.final_inventory or {}
+    if "rules" not in fi:
+        r.detail = "no placement rules in this run" if "vms" in fi else "no final inventory in the history"
+        r.ok = True if "vms" in fi else None
+        return r
+    at = {v["vm"]: v["host"] for v in fi["vms"] if v["state"] in ("active", "moving", "creating")}
+    for rule in fi["rules"]:
+        hosts = [(v, at[v]) for v in rule["vms"] if v in at]
+        if rule["kind"] == "anti":
+            seen: dict[str, str] = {}
+            for v, host in hosts:
+                if host in seen:
+                    r.fail(f"anti-affinity rule {rule['rule']}: {seen[host]} and {v} both run on {host}", rule=rule["rule"])
+                seen[host] = v
+        elif len({host for _, host in hosts}) > 1:
+            r.fail(f"together rule {rule['rule']}: its VMs run apart ({hosts})", rule=rule["rule"])
+    r.detail = f"{len(fi['rules'])} rule(s) checked against the final inventory"
+    return r
+
+
 # ---------------------------------------------------------------------- verdict
 
 
 def judge(h: History) -> dict:
-    results = [check_tables(h), check_moves(h), check_owners(h), check_applies(h), check_processes(h)]
+    results = [check_tables(h), check_moves(h), check_owners(h), check_applies(h), check_processes(h),
+               check_maintenance(h), check_rules(h)]
     failed = [x.name for x in results if x.ok is False]
     undecided = [x.name for x in results if x.ok is None]
     problems = list(h.problems)

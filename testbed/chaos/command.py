@@ -36,7 +36,7 @@ the inventory and every apply the agents reported, and stop every process by pid
 The history is written to REPORT/history.jsonl as the run goes; the checker then judges it
 (separately: `dvs chaos --check-only REPORT` judges it again) and writes REPORT/summary.json
 and REPORT/timeline.png. Invariants: tables-match-inventory, moves-resolved, single-owner,
-monotonic-applies, processes-up (docs/scenarios.md).
+monotonic-applies, processes-up, maintenance-respected, rules-hold (docs/scenarios.md).
 
 \b
 With --netns (root) the cluster runs in network namespaces and network faults are kernel

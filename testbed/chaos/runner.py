@@ -143,6 +143,7 @@ class ChaosRun:
         self.counts = {"sent": 0, "acked": 0, "converged": 0, "refused": 0, "noreply": 0, "skipped": 0}
         self.active_faults: dict[int, str] = {}
         self.stop = threading.Event()
+        self.evacuations: list[threading.Thread] = []  # `evacuate` actions waiting for their host to empty
         self.nemesis_error: str | None = None
         self.t0_ns = 0
         self.request_timeout_ns = (sc.op_timeout_ms + 5_000) * 1_000_000
@@ -195,6 +196,7 @@ class ChaosRun:
             res = c.create_vms(sc.vms)
         self.placement = {op["vm"]: op["dst"] for op in res["ops"]}
         j.write("vms_created", vms=len(res["ops"]), placement=self.placement)
+        self._add_rules()
         self.mux = Mux(c.controller_endpoint)
         try:
             self.t0_ns = time.monotonic_ns()
@@ -212,6 +214,8 @@ class ChaosRun:
                 self._heal_all()
             with self.err.status(f"waiting for {len(self.outstanding)} outstanding move(s)"):
                 self._drain()
+                for t in self.evacuations:
+                    t.join(timeout=75)
             with self.err.status(f"settling (up to {sc.settle_s:g} s)"):
                 ok, elapsed, why = self._settle()
             j.write("settled", ok=ok, elapsed_s=round(elapsed, 3), why=why)
@@ -441,6 +445,10 @@ class ChaosRun:
                 self.active_faults.pop(f, None)
             j.write("fault", phase="heal", fault=a.fault, label=a.label, ends=ended, healed=sorted(healed),
                     late_ms=late_ms, **({"kernel_packets": kernel} if kernel else {}))
+        elif a.kind == "evacuate":
+            t = threading.Thread(target=self._evacuate, args=(a, late_ms), name=f"evacuate-{a.target}", daemon=True)
+            self.evacuations.append(t)
+            t.start()  # (it waits for the host to empty; the schedule's other faults go on meanwhile)
         else:
             self._process_action(a.kind, a.target, fault=a.fault, label=a.label, late_ms=late_ms)
             if a.kind in ("kill", "pause"):
@@ -451,6 +459,39 @@ class ChaosRun:
                 for f, label in list(self.active_faults.items()):
                     if label in (f"kill {a.target}", f"pause {a.target}"):
                         self.active_faults.pop(f, None)
+
+    def _add_rules(self) -> None:
+        """Placement rules the schedule's evacuations name, added before the workload starts."""
+        for f in self.sc.faults:
+            if f.kind == "evacuate" and "anti" in f.params:
+                try:
+                    with self.cluster.controller_client() as ctl:
+                        r = ctl.call("rule_add", {"kind": "anti", "vms": f.params["anti"]})
+                    self.journal.write("rule_added", fault=f.index, rule=r)
+                except ClusterError as e:
+                    self.journal.write("rule_refused", fault=f.index, vms=f.params["anti"], error=str(e))
+
+    def _evacuate(self, a: Action, late_ms: float) -> None:
+        """`dvs host evacuate`: retried while the controller is down or not answering (a
+        controller killed meanwhile keeps the host in maintenance from its journal)."""
+        j = self.journal
+        k = a.settings["max_concurrent"]
+        j.write("evacuate", phase="start", fault=a.fault, host=a.target, max_concurrent=k, late_ms=late_ms)
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                # Short waits, asked again: a controller killed meanwhile never answers this one.
+                with self.cluster.controller_client(timeout_ms=10_000) as ctl:
+                    rep = ctl.call("host_evacuate", {"name": a.target, "max_concurrent": k, "timeout_ms": 8_000})
+                j.write("evacuate", phase="done", fault=a.fault, host=a.target, moves=rep["moves"],
+                        elapsed_ms=rep["elapsed_ms"])
+                return
+            except ClusterError as e:
+                if time.monotonic() >= deadline or self.stop.is_set():
+                    j.write("evacuate", phase="failed", fault=a.fault, host=a.target, error=str(e))
+                    return
+                j.write("evacuate", phase="retry", fault=a.fault, host=a.target, error=str(e))
+                time.sleep(0.5)  # (the controller is down or restarting: polling with a deadline)
 
     def _configure(self, host: str, args: dict) -> dict:
         try:
@@ -662,7 +703,7 @@ class ChaosRun:
         try:
             with c.controller_client(timeout_ms=5_000) as ctl:
                 j.write("final_inventory", status=ctl.call("status"), vms=ctl.call("vm_list", {"all": True})["vms"],
-                        expected=ctl.call("expected_table"))
+                        expected=ctl.call("expected_table"), rules=ctl.call("rule_list")["rules"])
         except ClusterError as e:
             j.write("final_inventory", error=str(e))
         alive = {}

@@ -27,7 +27,7 @@ RANDOM = "random"
 NAMED_PARTITIONS = ("isolate", "halves", "majority", "bridge", "controller")
 NET_KINDS = ("loss", "delay", "dup", "reorder")
 PROC_KINDS = ("kill", "pause", "resume", "restart")
-KINDS = ("partition", "heal", *NET_KINDS, *PROC_KINDS, "rolling-restart")
+KINDS = ("partition", "heal", *NET_KINDS, *PROC_KINDS, "rolling-restart", "evacuate")
 FOR_S_KINDS = ("partition", *NET_KINDS, "kill", "pause")
 MAX_HOSTS = 32
 MAX_VMS = 4096
@@ -46,6 +46,9 @@ _PARAMS: dict[str, dict[str, bool]] = {
     "resume": {"target": True},
     "restart": {"target": True},
     "rolling-restart": {"interval_s": True, "targets": False},
+    # Maintenance mode for `target` (`dvs host evacuate`); `anti`: VMs under an anti-affinity
+    # rule added when the workload starts (they must be on distinct hosts then).
+    "evacuate": {"target": True, "max_concurrent": False, "anti": False},
 }
 _EXPECT = {
     "p": "a probability in [0, 1]",
@@ -142,7 +145,7 @@ class PlannedMove:
 
 @dataclass(frozen=True)
 class Action:
-    """One thing the nemesis does at `t_s`. kind: net | heal | kill | pause | resume | restart."""
+    """One thing the nemesis does at `t_s`. kind: net | heal | kill | pause | resume | restart | evacuate."""
 
     t_s: float
     kind: str
@@ -400,6 +403,14 @@ def _fault(v: _V, f, i: int, duration_s: float, hosts: list[str]) -> Fault:
         if kind == "resume" and params["target"] == RANDOM:
             v.fail(w + ".target", "a named process (resume \"random\" is ambiguous; use for_s on the pause)",
                    RANDOM)
+    elif kind == "evacuate":
+        params["target"] = v.str_(f["target"], w + ".target", tuple(hosts))
+        params["max_concurrent"] = v.int_(f.get("max_concurrent", 4), w + ".max_concurrent", 1, 64)
+        if "anti" in f:
+            anti = f["anti"]
+            if not isinstance(anti, list) or len(anti) < 2 or not all(isinstance(x, str) for x in anti):
+                v.fail(w + ".anti", "a list of at least 2 VM names", anti)
+            params["anti"] = list(anti)
     elif kind == "rolling-restart":
         params["interval_s"] = v.num(f["interval_s"], w + ".interval_s", 0, duration_s, lo_open=True)
         params["targets"] = v.str_list(f.get("targets", list(hosts)), w + ".targets", [*hosts, CONTROLLER])
@@ -444,6 +455,8 @@ def _expand(sc: Scenario) -> list[_Raw]:
             i = add(_Raw(f.at_s, 0, f.kind, f, target=p["target"]))
             if f.for_s is not None:
                 add(_Raw(f.at_s + f.for_s, 0, "restart" if f.kind == "kill" else "resume", f, parent=i))
+        elif f.kind == "evacuate":
+            add(_Raw(f.at_s, 0, "evacuate", f, target=p["target"]))
         elif f.kind == "rolling-restart":
             for j, t in enumerate(p["targets"]):
                 add(_Raw(f.at_s + j * p["interval_s"], 0, "restart", f, target=t))
@@ -499,6 +512,9 @@ def _walk(sc: Scenario, rng: random.Random, v: _V | None = None) -> list[Action]
                 settings[h]["seed"] = rng.getrandbits(31)
             actions.append(Action(r.t_s, "net", f.index, label, settings=settings))
             opened[r.order] = f.index
+        elif r.kind == "evacuate":
+            actions.append(Action(r.t_s, "evacuate", f.index, f"evacuate {r.target}", target=r.target,
+                                  settings={"max_concurrent": f.params["max_concurrent"]}))
         elif r.kind == "heal":
             label = "heal" if r.parent is None else f"heal ({actions_label(actions, f.index)})"
             actions.append(Action(r.t_s, "heal", f.index, label, ends=None if r.parent is None else f.index))

@@ -98,15 +98,21 @@ def _probability(ctx, param, value):
 @click.option("--jitter-us", type=click.IntRange(0, 10**9), default=NetConfig.jitter_mean_us, show_default=True,
               help="Mean of the exponential jitter, µs.")
 @click.option("--ctl-faults", is_flag=True, help="Apply --loss/--dup/--reorder to agent<->controller messages too.")
+@click.option("--workload", type=click.Choice(["moves", "evacuate"]), default="moves", show_default=True,
+              help="moves: --moves random moves; evacuate: put h1 in maintenance and wait until the controller "
+                   "moved every VM off it (--concurrency at once), the faults running meanwhile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no wall-clock time in it).")
 @click.option("--progress", is_flag=True, help="Print a progress line to stderr every 10 s of wall-clock time.")
 def sim(hosts, vms, n_moves, loss, dup, reorder, partitions, crashes, seed, move_rate, concurrency, fault_ms,
-        gossip_interval_ms, latency_us, jitter_us, ctl_faults, as_json, progress) -> None:
+        gossip_interval_ms, latency_us, jitter_us, ctl_faults, workload, as_json, progress) -> None:
     try:
         parts = parse_partitions(partitions, hosts)
         crash_list = parse_crashes(crashes, hosts)
     except SpecError as e:
         raise click.UsageError(str(e)) from None
+    if workload == "evacuate" and (n_moves or move_rate is not None or hosts < 2 or vms == 0):
+        raise click.UsageError("--workload evacuate moves h1's VMs itself: give --vms M and --hosts N >= 2, "
+                               "and no --moves or --move-rate")
     if n_moves and vms == 0:
         raise click.UsageError("--moves needs VMs to move; add --vms M (M >= 1)")
     if n_moves and hosts < 2:
@@ -125,7 +131,7 @@ def sim(hosts, vms, n_moves, loss, dup, reorder, partitions, crashes, seed, move
         net=NetConfig(base_latency_us=latency_us, jitter_mean_us=jitter_us, loss=loss, dup=dup, reorder=reorder,
                       ctl_faults=ctl_faults),
         partitions=parts, crashes=crash_list, move_rate=move_rate, concurrency=concurrency, fault_ms=fault_ms,
-        gossip_interval_ms=gossip_interval_ms,
+        gossip_interval_ms=gossip_interval_ms, workload=workload,
     )
     started = time.perf_counter()
     phases: list[tuple[str, float]] = []

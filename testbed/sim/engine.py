@@ -146,6 +146,9 @@ class SimConfig:
     start_spread_us: int = 1_000
     # The client's wait_ready timeout, virtual ms.
     ready_timeout_ms: int = 60_000
+    # "moves": `moves` random moves; "evacuate": maintenance mode for h1 (`dvs host evacuate h1`,
+    # at most `concurrency` moves at once), the faults running meanwhile.
+    workload: str = "moves"
 
 
 def concurrency_for(cfg: SimConfig) -> int:
@@ -1076,9 +1079,14 @@ class Simulator:
         msgs_moves = self.traffic_at_done[0] - self.traffic_at_f0[0]
         bytes_moves = self.traffic_at_done[1] - self.traffic_at_f0[1]
         after = None if self.agree_ns is None or self.f1_ns is None else _ms(self.agree_ns - self.f1_ns)
-        moves_ok = (summary["converged"] + client.interrupted == summary["moves"] == cfg.moves
+        expected = len(client.records) if cfg.workload == "evacuate" else cfg.moves
+        moves_ok = (summary["converged"] + client.interrupted == summary["moves"] == expected
                     and client.error is None)
-        return {
+        if cfg.workload == "evacuate":
+            # The host must end empty, in maintenance.
+            moves_ok = moves_ok and client.evacuated and not any(
+                vm.host == "h1" and vm.state == "active" for vm in self.controller.inv.vms.values())
+        out = {
             "config": {
                 "hosts": cfg.hosts, "vms": cfg.vms, "moves": cfg.moves, "seed": cfg.seed,
                 "loss": cfg.net.loss, "dup": cfg.net.dup, "reorder": cfg.net.reorder,
@@ -1132,6 +1140,13 @@ class Simulator:
             "events": self.events,
             "ok": bool(moves_ok and checks["ok"]),
         }
+        if cfg.workload != "moves":  # (only then: every other run's output stays as it was)
+            out["config"]["workload"] = cfg.workload
+            out["evacuate"] = {"host": "h1", "answered": client.evacuated, "max_concurrent": concurrency_for(cfg),
+                               "elapsed_ms": client.evac_elapsed_ms,
+                               "vms_left": sum(1 for vm in self.controller.inv.vms.values()
+                                               if vm.host == "h1" and vm.state == "active")}
+        return out
 
 
 class Client:
@@ -1155,6 +1170,9 @@ class Client:
         self.deferred = 0  # moves to start once it is
         self.interrupted = 0  # moves in flight when the controller crashed
         self._reready_deadline = 0  # after a controller restart: resume moves by then at the latest
+        self.evacuated = False  # --workload evacuate: the controller answered that h1 is empty
+        self.evac_elapsed_ms: float | None = None
+        self._evac_again = False  # the controller crashed while we waited: ask the new one
 
     def controller_crashed(self) -> None:
         """Requests in flight die with the controller: a move's outcome (done or rolled back)
@@ -1168,6 +1186,8 @@ class Client:
                 self.sim.at(self.sim.now, self._record, {
                     "vm": name, "src": src, "dst": dst, "seq": None, "converged": False, "latency_ms": None,
                     "interrupted": True, "error": "the controller crashed with the move in flight"})
+            elif kind == "evacuate":
+                self._evac_again = True
         self.pending.clear()
 
     def controller_restarted(self) -> None:
@@ -1189,6 +1209,9 @@ class Client:
             sim.at(sim.now + NS_PER_MS, self._poll_reready)
             return
         self.paused = False
+        if self._evac_again:
+            self._evac_again = False
+            self._evacuate()
         n, self.deferred = self.deferred, 0
         for _ in range(n):
             self._next_move()
@@ -1234,6 +1257,8 @@ class Client:
                 self._on_create(ok, result)
             elif kind == "move":
                 self._on_move(ctx, ok, result)
+            elif kind == "evacuate":
+                self._on_evacuate(ok, result)
 
     def fail(self, msg: str) -> None:
         self.error = msg
@@ -1271,7 +1296,9 @@ class Client:
         sim.on_phase("created", sim.now)
         sim.open_fault_window()
         cfg = sim.cfg
-        if cfg.moves == 0:
+        if cfg.workload == "evacuate":
+            self._evacuate()
+        elif cfg.moves == 0:
             sim.moves_finished()
         elif cfg.move_rate is None:
             for _ in range(min(cfg.moves, concurrency_for(cfg))):
@@ -1318,6 +1345,24 @@ class Client:
         # Nothing movable right now (every candidate busy or down): counted as a failed move.
         sim.at(sim.now, self._record, {"vm": "-", "src": "-", "dst": "-", "seq": None, "converged": False,
                                        "latency_ms": None, "error": "no movable VM (all busy or on down hosts)"})
+
+    def _evacuate(self) -> None:
+        # The controller drains h1 itself; its answer lists every move (and HA restart) off it.
+        self.call("host_evacuate", {"name": "h1", "max_concurrent": concurrency_for(self.sim.cfg),
+                                    "timeout_ms": 600_000}, "evacuate", timeout_ms=610_000)
+
+    def _on_evacuate(self, ok: bool, result) -> None:
+        if not ok:
+            self.fail(f"host_evacuate failed: {result}")
+            return
+        self.evacuated = True
+        self.evac_elapsed_ms = round(result["elapsed_ms"], 3)
+        for m in result["moves"]:
+            rec = {k: m[k] for k in ("vm", "src", "dst", "seq", "converged", "latency_ms")}
+            if m.get("error"):
+                rec["error"] = m["error"]
+            self.records.append(rec)
+        self.sim.moves_finished()
 
     def _on_move(self, ctx, ok: bool, result) -> None:
         name, src, dst = ctx
@@ -1379,6 +1424,8 @@ def replay_command(cfg: SimConfig) -> str:
         parts.append(f"--jitter-us {net.jitter_mean_us}")
     if net.ctl_faults:
         parts.append("--ctl-faults")
+    if cfg.workload != "moves":
+        parts.append(f"--workload {cfg.workload}")
     parts.append(f"--seed {cfg.seed}")
     return " ".join(parts)
 
