@@ -26,7 +26,6 @@ The parsing and per-move functions are pure (text in, numbers out) and unit-test
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import statistics
@@ -38,7 +37,7 @@ from pathlib import Path
 
 from testbed import vmns
 from testbed.client import ClusterError
-from testbed.traffic import MOVE_WINDOW_AFTER_MS, MOVE_WINDOW_BEFORE_MS, choose_pairs
+from testbed.traffic import MOVE_WINDOW_AFTER_MS, MOVE_WINDOW_BEFORE_MS, choose_pairs, move_during
 
 NS_PER_S = 1_000_000_000
 TOOLS = ("ping", "iperf3")
@@ -275,22 +274,9 @@ def run_tool_traffic(cluster, *, tool: str, pairs: int, rate: float, duration_s:
                                           stderr=subprocess.STDOUT, start_new_session=True)
         t0 = time.monotonic_ns()
         if moves:
-            rng = random.Random(seed)
             placement = {v["vm"]: v["host"] for r in runs for v in (r.a, r.b)}
-            gap_ns = int(duration_s * NS_PER_S / (moves + 1))
-            with cluster.controller_client(timeout_ms=30_000) as ctl:
-                for j in range(moves):
-                    delay = (t0 + (j + 1) * gap_ns - time.monotonic_ns()) / NS_PER_S
-                    if delay > 0:
-                        time.sleep(delay)
-                    name = rng.choice(sorted(placement))
-                    dst = rng.choice([h for h in hosts if h != placement[name]])
-                    rec = ctl.call("vm_move", {"name": name, "to": dst})
-                    if rec.get("converged"):
-                        placement[name] = dst
-                    records.append(rec)
-                    if on_move:
-                        on_move(rec)
+            move_during(cluster, placement, hosts, moves=moves, t0_ns=t0, duration_s=duration_s, seed=seed,
+                        records=records, on_move=on_move)
         deadline = time.monotonic() + duration_s + TOOL_GRACE_S
         for r in runs:
             try:

@@ -446,6 +446,27 @@ class TrafficRun:
         }
 
 
+def move_during(cluster: Cluster, placement: dict[str, str], hosts: list[str], *, moves: int, t0_ns: int,
+                duration_s: float, seed: int, records: list[dict], on_move=None) -> None:
+    """Move `moves` random VMs of `placement` (VM -> host, kept current) to random other hosts,
+    evenly spread over `duration_s` from `t0_ns`, one after another; each reply goes to `records`."""
+    rng = random.Random(seed)
+    gap_ns = int(duration_s * NS_PER_S / (moves + 1))
+    with cluster.controller_client(timeout_ms=30_000) as ctl:
+        for j in range(moves):
+            delay = (t0_ns + (j + 1) * gap_ns - time.monotonic_ns()) / NS_PER_S
+            if delay > 0:
+                time.sleep(delay)
+            name = rng.choice(sorted(placement))
+            dst = rng.choice([h for h in hosts if h != placement[name]])
+            rec = ctl.call("vm_move", {"name": name, "to": dst})
+            if rec.get("converged"):
+                placement[name] = dst
+            records.append(rec)
+            if on_move:
+                on_move(rec)
+
+
 def run_traffic(cluster: Cluster, *, pairs: int, rate: float, duration_s: float, moves: int = 0,
                 seed: int = 1, on_move=None) -> dict:
     """Run traffic for `duration_s`, moving `moves` random paired VMs one after another during it."""
@@ -456,23 +477,9 @@ def run_traffic(cluster: Cluster, *, pairs: int, rate: float, duration_s: float,
         run.start()
         run.stop_sending_at(run.t0_ns + int(duration_s * NS_PER_S))
         if moves:
-            rng = random.Random(seed)
             placement = {n.name: n.host for n in run.by_name.values()}
-            gap_ns = int(duration_s * NS_PER_S / (moves + 1))
-            with cluster.controller_client(timeout_ms=30_000) as ctl:
-                for j in range(moves):
-                    at = run.t0_ns + (j + 1) * gap_ns
-                    delay = (at - time.monotonic_ns()) / NS_PER_S
-                    if delay > 0:
-                        time.sleep(delay)
-                    name = rng.choice(sorted(placement))
-                    dst = rng.choice([h for h in run.hosts if h != placement[name]])
-                    rec = ctl.call("vm_move", {"name": name, "to": dst})
-                    if rec.get("converged"):
-                        placement[name] = dst
-                    records.append(rec)
-                    if on_move:
-                        on_move(rec)
+            move_during(cluster, placement, run.hosts, moves=moves, t0_ns=run.t0_ns, duration_s=duration_s,
+                        seed=seed, records=records, on_move=on_move)
         remaining = (run.end_ns - time.monotonic_ns()) / NS_PER_S
         if remaining > 0:
             time.sleep(remaining)
