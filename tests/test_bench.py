@@ -90,7 +90,7 @@ def test_quick_bench_measures_every_phase_and_cleans_up(tmp_path):
     assert (cold["hosts"], cold["ports"], cold["converged"], cold["agents_holding_all"]) == (4, 400, 400, 4)
     assert cold["agent_peak_rss_mb_max"] > 0
 
-    assert {g["goal"] for g in doc["goals"]} and len(doc["goals"]) == 5
+    assert {g["goal"] for g in doc["goals"]} and len(doc["goals"]) == 6
     assert all(set(g) == {"goal", "value", "met", "note"} for g in doc["goals"])
     assert set(doc["headline"]) >= {"p99_vs_floor", "max_rate_p99_under_50ms", "cold_start_ms", "ha_total_ms"}
 
