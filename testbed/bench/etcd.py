@@ -214,6 +214,7 @@ def run_etcd(hosts: int, msgs: int, rate: float, log_dir: Path, *, track: Callab
     out = summarize_etcd(hosts, msgs, rate, frame_bytes, send_ns, results)
     out["etcd_version"] = etcd_version()
     out["data_dir_on_tmpfs"] = on_tmpfs
+    out["data_dir"] = str(data)  # removed by now: kept so a caller can check that
     return out
 
 
