@@ -6,6 +6,7 @@ Timings are never asserted: they depend on the machine and whatever else runs on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -90,7 +91,7 @@ def test_quick_bench_measures_every_phase_and_cleans_up(tmp_path):
     assert (cold["hosts"], cold["ports"], cold["converged"], cold["agents_holding_all"]) == (4, 400, 400, 4)
     assert cold["agent_peak_rss_mb_max"] > 0
 
-    assert {g["goal"] for g in doc["goals"]} and len(doc["goals"]) == 5
+    assert {g["goal"] for g in doc["goals"]} and len(doc["goals"]) == 6
     assert all(set(g) == {"goal", "value", "met", "note"} for g in doc["goals"])
     assert set(doc["headline"]) >= {"p99_vs_floor", "max_rate_p99_under_50ms", "cold_start_ms", "ha_total_ms"}
 
@@ -142,3 +143,48 @@ def test_floor_runs_on_its_own():
     floor = json.loads(proc.stdout)
     assert (floor["subscribers"], floor["msgs"], floor["lost"]) == (2, 20, 0)
     assert floor["latency_ms"]["count"] == 20
+
+
+def etcd_missing() -> str | None:
+    from testbed.bench.etcd import skip_reason
+
+    return skip_reason()
+
+
+@pytest.mark.skipif(etcd_missing() is not None, reason=etcd_missing() or "")
+def test_etcd_baseline_runs_real_processes_and_cleans_up(tmp_path):
+    out = tmp_path / "out"
+    proc = run_bench("--hosts", "3", "--phases", "etcd", "--floor-msgs", "30", "--json", "--no-docs",
+                     "--out", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    [e] = doc["results"]["per_hosts"]
+    et = e["etcd"]
+    # One watcher per host (the writer is the controller's role), every put seen by every watcher.
+    assert (et["hosts"], et["watchers"], et["msgs"], et["lost"]) == (3, 3, 30, 0)
+    assert et["latency_ms"]["count"] == 30 and len(et["latencies_ms"]) == 30
+    assert et["latency_ms"]["p50"] > 0 and et["cpu_us_per_msg_per_watcher"]["mean"] > 0
+    assert et["frame_bytes"] > 0 and et["data_dir_on_tmpfs"] in (True, False)
+    assert "etcd_skipped" not in doc["results"]
+    # etcd itself + 3 watchers, all stopped; etcd's data dir is gone.
+    assert len(doc["pids"]) == 4
+    assert still_running(doc["pids"]) == []
+    assert et["data_dir"] and not os.path.exists(et["data_dir"])
+
+
+def test_etcd_phase_skips_with_one_line_note_where_etcd_is_absent(tmp_path):
+    out = tmp_path / "out"
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "testbed.bench", "--hosts", "2", "--phases", "floor,etcd",
+                           "--floor-msgs", "10", "--json", "--no-docs", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": str(empty)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    note = doc["results"]["etcd_skipped"]
+    assert "etcd not installed" in note and "\n" not in note
+    assert note in proc.stderr
+    [e] = doc["results"]["per_hosts"]
+    assert e["etcd"] is None and e["floor"]["lost"] == 0
+    assert any("etcd" in g["goal"] and g["met"] is None and g["note"] == note for g in doc["goals"])
+    assert note in (out / "benchmarks.md").read_text()

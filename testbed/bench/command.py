@@ -171,9 +171,9 @@ def command_line() -> str:
 @click.option("--step-s", type=click.FloatRange(0.1, 600), default=3.0, show_default=True,
               help="Seconds of offered load per rate (at least 50 moves).")
 @click.option("--floor-msgs", type=click.IntRange(10, 1_000_000), default=1000, show_default=True,
-              help="Messages the floor sends per N.")
+              help="Messages the floor (and puts the etcd baseline) sends per N.")
 @click.option("--floor-rate", type=click.FloatRange(1, 100_000), default=200, show_default=True,
-              help="Messages per second the floor sends.")
+              help="Messages per second the floor (and the etcd baseline) sends.")
 @click.option("--cold-ports", type=click.IntRange(1, 1_000_000), default=8000, show_default=True,
               help="Ports created in one batch for the cold start.")
 @click.option("--cold-hosts", type=click.IntRange(2, 256), default=None,
@@ -190,9 +190,11 @@ def command_line() -> str:
               help="Measure nothing: show and re-render (plots, Markdown) an earlier bench.json.")
 def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msgs, floor_rate, cold_ports,
           cold_hosts, ha_vms, phases, docs_path, no_docs, keep_state, from_json) -> None:
-    """Measure move convergence of real local clusters against the raw ZeroMQ floor.
+    """Measure move convergence of real local clusters against the raw ZeroMQ floor and etcd.
 
-    For each N: the floor (one PUB → N-1 subscriber processes, blocking recv), then N agents
+    For each N: the floor (one PUB → N-1 subscriber processes, blocking recv), the etcd
+    baseline (one etcd on tmpfs, N watcher processes; skipped with a note where etcd is
+    absent, and under --quick unless --phases names it), then N agents
     with --vms VMs and --moves moves one after another. At the largest N: an open-loop load
     curve and HA after SIGKILL of one host. Then a cold start of --cold-ports ports.
     """
@@ -206,6 +208,9 @@ def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msg
                   cold_ports=cold_ports, ha_vms=ha_vms)
     if quick:
         values |= {k: v for k, v in QUICK.items() if k not in given}
+        if "phases" not in given:
+            # The smoke test must not depend on an etcd install, nor spend its time on one.
+            phases = tuple(p for p in phases if p != "etcd")
     hosts = values["hosts"]
     if cold_hosts is None:
         cold_hosts = max(hosts)
@@ -334,6 +339,9 @@ def problems(results: dict) -> list[str]:
         f = e.get("floor")
         if f and f["lost"]:
             out.append(f"the floor lost {f['lost']} messages at N={e['hosts']}")
+        et = e.get("etcd")
+        if et and et["lost"]:
+            out.append(f"the etcd baseline lost {et['lost']} notifications at N={e['hosts']}")
     cold = results.get("cold_start")
     if cold and (cold["converged"] != cold["ports"] or cold["agents_holding_all"] != cold["hosts"]):
         out.append(f"cold start: {cold['converged']} of {cold['ports']} ports converged, "

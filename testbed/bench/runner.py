@@ -1,7 +1,8 @@
 """The measured phases of `dvs bench`, on real local clusters.
 
 For each N in --hosts: the floor (raw pyzmq fan-out to N-1 subscriber processes, with no
-cluster running), then a cluster of N agents with --vms VMs and --moves moves one after
+cluster running), the etcd baseline (one etcd, N watcher processes; skipped with a note where
+etcd or its client is absent), then a cluster of N agents with --vms VMs and --moves moves one after
 another. At the largest N, on the same cluster: an open-loop load curve over --rates, then
 HA (SIGKILL of a host holding --ha-vms VMs). Last, a fresh cluster for the cold start
 (--cold-ports ports created in one batch).
@@ -36,13 +37,14 @@ from agent.mactable import parse_mac
 from agent.wire import MsgType
 from controller.config import ControllerConfig
 from testbed import procs
+from testbed.bench import etcd
 from testbed.bench.floor import run_floor
 from testbed.bench.stats import dist, mean, ratio, ratios
 from testbed.check import check_once
 from testbed.client import ClusterError
 from testbed.cluster import Cluster
 
-PHASES = ("floor", "moves", "load", "ha", "cold")
+PHASES = ("floor", "etcd", "moves", "load", "ha", "cold")
 LOAD_P99_GOAL_MS = 50.0
 NS = 1_000_000_000
 MB = 1024 * 1024
@@ -222,15 +224,24 @@ class Bench:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         res: dict = {"per_hosts": [], "load": None, "ha": None, "cold_start": None}
         largest = max(p.hosts)
+        etcd_skip = etcd.skip_reason() if "etcd" in p.phases else None
+        if etcd_skip:
+            res["etcd_skipped"] = etcd_skip
+            self.console.print(f"[yellow]{etcd_skip}[/yellow]")
         with self.progress:
             for n in p.hosts:
-                entry: dict = {"hosts": n, "floor": None, "moves": None}
+                entry: dict = {"hosts": n, "floor": None, "etcd": None, "moves": None}
                 res["per_hosts"].append(entry)
                 if "floor" in p.phases:
                     with self.step(f"N={n}: floor, {p.floor_msgs} msgs to {n - 1} subscribers",
                                    p.floor_msgs) as adv:
                         entry["floor"] = run_floor(n, p.floor_msgs, p.floor_rate, self.log_dir, track=self.track,
                                                    advance=adv)
+                if "etcd" in p.phases and not etcd_skip:
+                    with self.step(f"N={n}: etcd, {p.floor_msgs} puts watched by {n} processes",
+                                   p.floor_msgs) as adv:
+                        entry["etcd"] = etcd.run_etcd(n, p.floor_msgs, p.floor_rate, self.log_dir, track=self.track,
+                                                      advance=adv)
                 wants = {"moves"} | ({"load", "ha"} if n == largest else set())
                 if not wants & set(p.phases):
                     continue
@@ -239,9 +250,9 @@ class Bench:
                     with self.step(f"N={n}: creating {vms} VMs"):
                         c.create_vms(vms, timeout_ms=300_000)
                     if "moves" in p.phases:
-                        entry["moves"] = self.phase_moves(c, n, entry["floor"])
+                        entry["moves"] = self.phase_moves(c, n, entry["floor"], entry["etcd"])
                     if n == largest and "load" in p.phases:
-                        res["load"] = self.phase_load(c, n, entry["floor"])
+                        res["load"] = self.phase_load(c, n, entry["floor"], entry["etcd"])
                     if n == largest and "ha" in p.phases:
                         res["ha"] = self.phase_ha(c, n)
             if "cold" in p.phases:
@@ -250,7 +261,7 @@ class Bench:
 
     # ------------------------------------------------------------------ 1. moves one after another
 
-    def phase_moves(self, c: Cluster, n: int, floor: dict | None) -> dict:
+    def phase_moves(self, c: Cluster, n: int, floor: dict | None, etcd_: dict | None = None) -> dict:
         p = self.p
         vms = self.vm_list(c)
         placement = {v["vm"]: v["host"] for v in vms}
@@ -282,6 +293,8 @@ class Bench:
         }
         if floor:
             out["latency_vs_floor"] = ratios(out["latency_ms"], floor["latency_ms"])
+        if etcd_:
+            out["latency_vs_etcd"] = ratios(out["latency_ms"], etcd_["latency_ms"])
         return out
 
     def frame_sizes(self, n: int, records: list[dict], info: dict, s: dict) -> dict:
@@ -391,7 +404,7 @@ class Bench:
 
     # ------------------------------------------------------------------ 3. load curve (open loop)
 
-    def phase_load(self, c: Cluster, n: int, floor: dict | None) -> dict:
+    def phase_load(self, c: Cluster, n: int, floor: dict | None, etcd_: dict | None = None) -> dict:
         steps = []
         with self.step(f"N={n}: load curve at {', '.join(f'{r:g}' for r in self.p.rates)} moves/s",
                        len(self.p.rates)) as adv:
@@ -399,6 +412,8 @@ class Bench:
                 step = self.load_step(c, rate)
                 if floor:
                     step["p99_vs_floor"] = ratio(step["latency_ms"]["p99"], floor["latency_ms"]["p99"])
+                if etcd_:
+                    step["p99_vs_etcd"] = ratio(step["latency_ms"]["p99"], etcd_["latency_ms"]["p99"])
                 steps.append(step)
                 adv()
         ok = [s["rate_per_s"] for s in steps if s["pass"]]
