@@ -188,3 +188,14 @@ def test_etcd_phase_skips_with_one_line_note_where_etcd_is_absent(tmp_path):
     assert e["etcd"] is None and e["floor"]["lost"] == 0
     assert any("etcd" in g["goal"] and g["met"] is None and g["note"] == note for g in doc["goals"])
     assert note in (out / "benchmarks.md").read_text()
+
+
+def test_an_etcd_figure_whose_clients_could_not_keep_the_rate_is_marked_unfair():
+    from testbed.bench.report import etcd_starved_notes
+
+    def per(n, achieved):
+        return {"hosts": n, "etcd": {"rate_per_s": 200.0, "achieved_puts_per_s": achieved,
+                                     "cpu_us_per_msg_per_watcher": {"mean": 365.0}}}
+
+    notes = etcd_starved_notes({"per_hosts": [per(8, 199.5), per(32, 123.2), {"hosts": 64}]})
+    assert len(notes) == 1 and "32 hosts" in notes[0] and "123 of 200 puts/s" in notes[0]

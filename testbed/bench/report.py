@@ -506,6 +506,27 @@ DEFINITIONS = """### What is measured, exactly
 """
 
 
+# Below this share of its offered put rate, etcd's figure is taken as bound by its watcher clients.
+ETCD_FAIR_RATE_SHARE = 0.9
+
+
+def etcd_starved_notes(results: dict) -> list[str]:
+    """A line for every N at which etcd could not keep its offered put rate: its watchers (Python
+    gRPC clients, one process per host) then share the machine's cores with it, and the figure
+    measures starved clients more than etcd, so that N's dvswitch/etcd ratio is not a fair one."""
+    notes = []
+    for e in results.get("per_hosts", []):
+        et = e.get("etcd") or {}
+        got, offered = et.get("achieved_puts_per_s"), et.get("rate_per_s")
+        if got and offered and got < ETCD_FAIR_RATE_SHARE * offered:
+            notes.append(f"- **Not a fair comparison at {e['hosts']} hosts**: etcd achieved {got:.0f} of "
+                         f"{offered:g} puts/s, its {e['hosts']} watcher processes (Python, aetcd) starved "
+                         f"for CPU on this machine (client CPU per message and watcher "
+                         f"{fmt((et.get('cpu_us_per_msg_per_watcher') or {}).get('mean'), 0)} µs), so its p99 there measures "
+                         "the clients more than etcd; trust the ratio only where etcd kept its rate.")
+    return notes
+
+
 def markdown(doc: dict, plot_files: dict[str, str]) -> str:
     r, env, h = doc["results"], doc["environment"], doc["headline"]
     lines = [
@@ -540,6 +561,7 @@ def markdown(doc: dict, plot_files: dict[str, str]) -> str:
                      + " (below 1× = dvswitch converges faster than etcd notifies its watchers).")
     elif r.get("etcd_skipped"):
         lines.append(f"- etcd baseline: {r['etcd_skipped']}.")
+    lines += etcd_starved_notes(r)
     if "max_rate_p99_under_50ms" in h:
         v = h["max_rate_p99_under_50ms"]
         lines.append(f"- Highest offered move rate with convergence p99 < 50 ms: **{fmt(v, 0) if v else 'none'}"
