@@ -199,3 +199,23 @@ def test_an_etcd_figure_whose_clients_could_not_keep_the_rate_is_marked_unfair()
 
     notes = etcd_starved_notes({"per_hosts": [per(8, 199.5), per(32, 123.2), {"hosts": 64}]})
     assert len(notes) == 1 and "32 hosts" in notes[0] and "123 of 200 puts/s" in notes[0]
+
+
+def test_balance_phase_evacuates_and_rebalances_at_4_hosts(tmp_path):
+    """Phase balance alone (not in the default list): 8 VMs evacuated off h1, then piled on 2
+    hosts and rebalanced; figures in bench.json and a section in the Markdown."""
+    out = tmp_path / "out"
+    proc = run_bench("--hosts", "4", "--phases", "balance", "--balance-vms", "8", "--json", "--no-docs",
+                     "--out", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] and doc["params"]["phases"] == ["balance"]
+    b = doc["results"]["balance"]
+    e, r = b["evacuate"], b["rebalance"]
+    assert (e["host"], e["vms_on_host"], e["moves"], e["converged"], e["vms_left_on_host"]) == ("h1", 8, 8, 8, 0)
+    assert e["latency_ms"]["count"] == 8 and e["until_empty_ms"] > 0
+    assert (r["skewed_hosts"], r["vms"], r["spread_before"]) == (2, 8, 4)
+    assert r["moves"] == r["converged"] == r["planned"] >= 1
+    assert r["spread_after"] <= r["threshold"] and b["tables_agree"]
+    assert "Evacuate and rebalance" in (out / "benchmarks.md").read_text()
+    assert len(doc["pids"]) == 5 and still_running(doc["pids"]) == []

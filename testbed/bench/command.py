@@ -28,7 +28,7 @@ from click.core import ParameterSource
 from rich.console import Console
 
 from testbed.bench import report
-from testbed.bench.runner import PHASES, Bench, Params
+from testbed.bench.runner import ALL_PHASES, PHASES, Bench, Params
 from testbed.client import ClusterError
 from testbed.cluster import owned_by_this_process
 from testbed.console import EXIT_INVALID, make_console
@@ -44,6 +44,7 @@ QUICK = {
     "floor_msgs": 100,
     "cold_ports": 400,
     "ha_vms": 8,
+    "balance_vms": 8,
 }
 
 
@@ -103,9 +104,9 @@ class PhaseList(click.ParamType):
         if isinstance(value, tuple):
             return value
         out = tuple(p.strip() for p in str(value).split(",") if p.strip())
-        bad = [p for p in out if p not in PHASES]
+        bad = [p for p in out if p not in ALL_PHASES]
         if bad or not out:
-            self.fail(f"unknown phase {bad[0] if bad else value!r}; choose from {', '.join(PHASES)}", param, ctx)
+            self.fail(f"unknown phase {bad[0] if bad else value!r}; choose from {', '.join(ALL_PHASES)}", param, ctx)
         return out
 
 
@@ -180,8 +181,10 @@ def command_line() -> str:
               help="Hosts of the cold-start cluster (default: the largest of --hosts).")
 @click.option("--ha-vms", type=click.IntRange(1, 1_000_000), default=40, show_default=True,
               help="VMs on the host that HA kills.")
+@click.option("--balance-vms", type=click.IntRange(1, 100_000), default=40, show_default=True,
+              help="Phase balance: VMs on the evacuated host, then piled on 4 hosts for the rebalance.")
 @click.option("--phases", type=PhaseList(), default=",".join(PHASES), show_default=True,
-              help="Which phases to run.")
+              help="Which phases to run (balance, evacuate and rebalance, only when named).")
 @click.option("--docs", "docs_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Rewrite this Markdown file with the figures (default: docs/benchmarks.md after a full run).")
 @click.option("--no-docs", is_flag=True, help="Do not rewrite docs/benchmarks.md.")
@@ -189,14 +192,16 @@ def command_line() -> str:
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Measure nothing: show and re-render (plots, Markdown) an earlier bench.json.")
 def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msgs, floor_rate, cold_ports,
-          cold_hosts, ha_vms, phases, docs_path, no_docs, keep_state, from_json) -> None:
+          cold_hosts, ha_vms, balance_vms, phases, docs_path, no_docs, keep_state, from_json) -> None:
     """Measure move convergence of real local clusters against the raw ZeroMQ floor and etcd.
 
     For each N: the floor (one PUB → N-1 subscriber processes, blocking recv), the etcd
     baseline (one etcd on tmpfs, N watcher processes; skipped with a note where etcd is
     absent, and under --quick unless --phases names it), then N agents
     with --vms VMs and --moves moves one after another. At the largest N: an open-loop load
-    curve and HA after SIGKILL of one host. Then a cold start of --cold-ports ports.
+    curve and HA after SIGKILL of one host. Then a cold start of --cold-ports ports. Phase
+    balance (only when --phases names it): a fresh cluster of the largest N, --balance-vms VMs
+    evacuated off one host, then a rebalance from all of them on 4 hosts.
     """
     ctx = click.get_current_context()
     if from_json is not None:
@@ -205,7 +210,7 @@ def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msg
     given = {name for name in ctx.params
              if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     values = dict(hosts=hosts, vms=vms, moves=moves, rates=rates, step_s=step_s, floor_msgs=floor_msgs,
-                  cold_ports=cold_ports, ha_vms=ha_vms)
+                  cold_ports=cold_ports, ha_vms=ha_vms, balance_vms=balance_vms)
     if quick:
         values |= {k: v for k, v in QUICK.items() if k not in given}
         if "phases" not in given:
@@ -221,8 +226,8 @@ def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msg
     params = Params(hosts=hosts, vms=values["vms"], moves=values["moves"], rates=values["rates"], quick=quick,
                     seed=seed, step_s=values["step_s"], floor_msgs=values["floor_msgs"], floor_rate=floor_rate,
                     cold_hosts=cold_hosts, cold_ports=values["cold_ports"], ha_vms=values["ha_vms"],
-                    idle_s=0.5 if quick else 2.0, load_min_moves=20 if quick else 50,
-                    phases=tuple(p for p in PHASES if p in phases), out=out, keep_state=keep_state)
+                    balance_vms=values["balance_vms"], idle_s=0.5 if quick else 2.0, load_min_moves=20 if quick else 50,
+                    phases=tuple(p for p in ALL_PHASES if p in phases), out=out, keep_state=keep_state)
     run(params, as_json=as_json, docs_path=docs_path, no_docs=no_docs)
 
 

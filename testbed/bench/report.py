@@ -24,6 +24,25 @@ def fmt(v, digits: int = 2, unit: str = "") -> str:
     return f"{v:,}{unit}"
 
 
+def balance_rows(b: dict) -> list[tuple[str, str, str]]:
+    """(event, figure, value) rows of the balance phase: one source for the table and the Markdown."""
+    e, r = b["evacuate"], b["rebalance"]
+    ev = f"evacuate {e['host']} ({e['vms_on_host']} VMs, {e['max_concurrent']} at once), {b['hosts']} hosts"
+    rb = f"rebalance from all VMs on {r['skewed_hosts']} hosts ({r['max_concurrent']} at once)"
+    return [
+        (ev, "request → host empty, every move ended", fmt(e["until_empty_ms"], 0, " ms")),
+        ("", "move convergence p50 / p99", f"{fmt(e['latency_ms']['p50'])} / {fmt(e['latency_ms']['p99'])} ms"),
+        ("", "moves converged / VMs left on host", f"{e['converged']} of {e['moves']} / {e['vms_left_on_host']}"),
+        ("", "data-plane drops meanwhile (no traffic: a proxy)", fmt(e["dataplane_drops"])),
+        (rb, "moves planned / run / converged", f"{r['planned']} / {r['moves']} / {r['converged']}"),
+        ("", "request → every move ended", fmt(r["total_ms"], 0, " ms")),
+        ("", "move convergence p50 / p99", f"{fmt(r['latency_ms']['p50'])} / {fmt(r['latency_ms']['p99'])} ms"),
+        ("", f"VM spread max-min before → after (threshold {r['threshold']})",
+         f"{fmt(r['spread_before'], 0)} → {fmt(r['spread_after'])}"),
+        ("", "tables agree with the inventory", "yes" if b["tables_agree"] else "NO"),
+    ]
+
+
 def with_ratio(v: float | None, r: float | None) -> str:
     return fmt(v) + (f" ({r:.1f}×)" if r is not None else "")
 
@@ -245,6 +264,11 @@ def tables(doc: dict) -> list[Table]:
             t.add_row("", "total: kill → all running elsewhere, known everywhere", fmt(ha["total_ms"], 0, " ms"))
             t.add_row("", "restarted / running elsewhere / tables agree",
                       f"{ha['restarts_converged']} / {ha['running_elsewhere']} / {'yes' if ha['tables_agree'] else 'NO'}")
+        out.append(t)
+    if r.get("balance"):
+        t = Table("event", "figure", "value", title="Evacuate and rebalance")
+        for row in balance_rows(r["balance"]):
+            t.add_row(*row)
         out.append(t)
     t = Table("goal", "measured", "met", title="Goals (measured, never asserted)")
     for g in doc["goals"]:
@@ -682,6 +706,9 @@ def markdown(doc: dict, plot_files: dict[str, str]) -> str:
                       f"{fmt(ha['total_ms'], 0)} ms |",
                       f"| | restarted and converged / running elsewhere / tables agree | {ha['restarts_converged']} / "
                       f"{ha['running_elsewhere']} / {'yes' if ha['tables_agree'] else 'NO'} |"]
+    if r.get("balance"):
+        lines += ["", "### Evacuate and rebalance", "", "| event | figure | value |", "|---|---|---|"]
+        lines += [f"| {a} | {b_} | {c} |" for a, b_, c in balance_rows(r["balance"])]
     pngs = [Path(p).name for p in plot_files.values() if str(p).endswith(".png")]
     if pngs:
         lines += ["", "Plots written next to `bench.json` in the output directory: "

@@ -6,6 +6,8 @@ etcd or its client is absent), then a cluster of N agents with --vms VMs and --m
 another. At the largest N, on the same cluster: an open-loop load curve over --rates, then
 HA (SIGKILL of a host holding --ha-vms VMs). Last, a fresh cluster for the cold start
 (--cold-ports ports created in one batch).
+Only when --phases names it: balance, a fresh cluster of the largest N where --balance-vms VMs
+are evacuated off h1, then piled on 4 hosts by moves and rebalanced.
 
 Every cluster lives in a temp state dir under --out and is stopped in a `finally` by pid
 (Cluster.down); every pid started is recorded in `pids` so a caller can prove none is left.
@@ -45,6 +47,9 @@ from testbed.client import ClusterError
 from testbed.cluster import Cluster
 
 PHASES = ("floor", "etcd", "moves", "load", "ha", "cold")
+# Phases run only when --phases names them (they add a cluster start and mass moves to a run).
+EXTRA_PHASES = ("balance",)
+ALL_PHASES = PHASES + EXTRA_PHASES
 LOAD_P99_GOAL_MS = 50.0
 NS = 1_000_000_000
 MB = 1024 * 1024
@@ -66,6 +71,9 @@ class Params:
     cold_hosts: int = 32
     cold_ports: int = 8000
     ha_vms: int = 40
+    balance_vms: int = 40  # VMs on the evacuated host, then piled on `balance_skew_hosts` hosts
+    balance_skew_hosts: int = 4  # hosts holding every VM before the rebalance
+    balance_max_concurrent: int = 4  # moves at once, for both evacuate and rebalance
     idle_s: float = 2.0
     phases: tuple[str, ...] = PHASES
     out: Path = field(default_factory=lambda: Path("bench-results"))
@@ -257,6 +265,8 @@ class Bench:
                         res["ha"] = self.phase_ha(c, n)
             if "cold" in p.phases:
                 res["cold_start"] = self.phase_cold(p.cold_hosts)
+            if "balance" in p.phases:
+                res["balance"] = self.phase_balance(largest)
         return res
 
     # ------------------------------------------------------------------ 1. moves one after another
@@ -617,6 +627,79 @@ class Bench:
             "restarted_seen_polled_ms": ms(t_restarted_seen, t_kill),
             "tables_agree_polled_ms": ms(t_agree, t_kill),
         }
+
+    # ------------------------------------------------------------------ 4c. evacuate and rebalance
+
+    def phase_balance(self, n: int) -> dict:
+        """A fresh cluster of n hosts: --balance-vms VMs created on h1, `host_evacuate h1`; then every
+        VM moved onto h1..h<skew> and a `rebalance` (metric vms) from that skew."""
+        from testbed import balance as client
+
+        p = self.p
+        k = p.balance_max_concurrent
+        skew = min(p.balance_skew_hosts, max(1, n // 2))  # at 4 hosts: 2, so the rebalance has work
+        with self.cluster(n, f"balance N={n}") as c:
+            hosts = list(c.agents)
+            victim = hosts[0]
+            with self.step(f"balance N={n}: creating {p.balance_vms} VMs on {victim}"), \
+                    c.controller_client(timeout_ms=300_000) as ctl:
+                specs = [[f"vm{i}", victim, "default"] for i in range(1, p.balance_vms + 1)]
+                made = ctl.call("vm_create", {"vms": specs})
+                if any(not o["converged"] for o in made["ops"]):
+                    raise ClusterError(f"balance: creating {p.balance_vms} VMs on {victim} did not converge")
+            with self.step(f"balance N={n}: evacuate {victim} ({p.balance_vms} VMs, {k} at once)"):
+                ev = client.evacuate(c, victim, k, timeout_s=300)
+                left = sum(1 for v in self.vm_list(c) if v["host"] == victim)
+            with c.controller_client(timeout_ms=30_000) as ctl:
+                ctl.call("host_activate", {"name": victim})
+            evac_moves = ev["moves"]
+            lat = [m["latency_ms"] for m in evac_moves if m["converged"] and m["latency_ms"] is not None]
+            evacuate = {
+                "host": victim, "vms_on_host": p.balance_vms, "max_concurrent": k,
+                "moves": len(evac_moves), "converged": sum(1 for m in evac_moves if m["converged"]),
+                "vms_left_on_host": left,
+                # Request sent -> the controller answered: host empty and every move off it ended.
+                "until_empty_ms": ev["wall_s"] * 1000,
+                "latency_ms": dist(lat),
+                # Frames the data planes dropped meanwhile (None: the agents run without one; no
+                # traffic runs in this phase, so this is a proxy for frames lost, not a measure).
+                "dataplane_drops": ev["dataplane_drops"],
+            }
+            skewed = hosts[1:skew + 1]
+            with self.step(f"balance N={n}: piling every VM on {skewed[0]}..{skewed[-1]} by moves"), \
+                    c.controller_client(timeout_ms=60_000) as ctl:
+                vms = sorted(self.vm_list(c), key=lambda v: int(v["vm"][2:]) if v["vm"][2:].isdigit() else 0)
+                for i, v in enumerate(vms):
+                    dst = skewed[i % len(skewed)]
+                    if v["host"] != dst:
+                        self.move(ctl, v["vm"], dst)
+            with self.step(f"balance N={n}: rebalance from the skew ({k} at once)"):
+                t0 = time.monotonic_ns()
+                rb = client.rebalance(c, metric="vms", threshold=None, max_concurrent=k, dry_run=False,
+                                      sample_s=0, timeout_s=300)
+                t1 = time.monotonic_ns()
+                after: Counter = Counter({h: 0 for h in hosts})
+                after.update(v["host"] for v in self.vm_list(c))
+            with self.step(f"balance N={n}: checking every live table against the inventory"):
+                verdict = check_once(c)
+                t_end = time.monotonic() + 20
+                while not verdict["ok"] and time.monotonic() < t_end:
+                    time.sleep(0.2)
+                    verdict = check_once(c)
+            rb_moves = rb["moves"]
+            rlat = [m["latency_ms"] for m in rb_moves if m["converged"] and m["latency_ms"] is not None]
+            rebalance = {
+                "skewed_hosts": skew, "vms": len(vms), "max_concurrent": k, "threshold": rb["threshold"],
+                "planned": len(rb["plan"]), "moves": len(rb_moves),
+                "converged": sum(1 for m in rb_moves if m["converged"]),
+                "spread_before": rb["spread_before"], "spread_planned": rb["spread_planned"],
+                "spread_after": max(after.values()) - min(after.values()),
+                "max_vms_before": max(rb["load_before"].values()), "max_vms_after": max(after.values()),
+                # Request sent -> the controller answered: every planned move ended.
+                "total_ms": ms(t1, t0),
+                "latency_ms": dist(rlat),
+            }
+            return {"hosts": n, "evacuate": evacuate, "rebalance": rebalance, "tables_agree": verdict["ok"]}
 
     # ------------------------------------------------------------------ 4b. cold start: one batch of ports
 
