@@ -42,6 +42,7 @@ from testbed import procs
 from testbed.bench import etcd
 from testbed.bench.floor import run_floor
 from testbed.bench.stats import dist, mean, ratio, ratios
+from testbed.check import check as settled_check
 from testbed.check import check_once
 from testbed.client import ClusterError
 from testbed.cluster import Cluster
@@ -681,11 +682,7 @@ class Bench:
                 after: Counter = Counter({h: 0 for h in hosts})
                 after.update(v["host"] for v in self.vm_list(c))
             with self.step(f"balance N={n}: checking every live table against the inventory"):
-                verdict = check_once(c)
-                t_end = time.monotonic() + 20
-                while not verdict["ok"] and time.monotonic() < t_end:
-                    time.sleep(0.2)
-                    verdict = check_once(c)
+                verdict = settled_check(c, settle_s=20)
             rb_moves = rb["moves"]
             rlat = [m["latency_ms"] for m in rb_moves if m["converged"] and m["latency_ms"] is not None]
             rebalance = {
