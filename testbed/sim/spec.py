@@ -87,7 +87,8 @@ def _group(text: str, n_hosts: int, what: str) -> tuple[str, ...]:
         else:
             _host_number(item, n_hosts, what)
             out.append(item)
-    return tuple(out)
+    # Canonical order (hosts by number, then ctl): a group is a set, and its spec() prints it so.
+    return tuple(sorted(out, key=lambda h: (h == CTL, 0 if h == CTL else int(h[1:]))))
 
 
 def _pieces(specs: tuple[str, ...] | list[str], seps: str) -> list[str]:
