@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields, replace
 
+import click
+
 from agent.config import AgentConfig
 from controller.config import ControllerConfig
 from testbed.sim.spec import Crash, Partition, parse_crashes, parse_partitions
@@ -128,8 +130,6 @@ def _command():
 def replay_command(cfg: SimConfig) -> str:
     """The `dvs sim` command line that replays this run: every field with an option that is not
     at its default (and the seed), in the command's option order."""
-    import click
-
     by_flag = _optioned(SimConfig)
     parts = ["dvs sim"]
     for p in _command().params:
@@ -157,8 +157,6 @@ def replay_command(cfg: SimConfig) -> str:
 def config_from_params(params: dict) -> SimConfig:
     """The SimConfig of parsed `dvs sim` options (click's `ctx.params`); a spec option that does
     not parse or fit the cluster raises spec.SpecError."""
-    import click
-
     by_flag = _optioned(SimConfig)
     hosts = params["hosts"]
     values: dict[tuple[str, ...], object] = {}

@@ -42,6 +42,11 @@ __all__ = [
 
 
 class Simulator(Scheduler, Network, Cluster, Checks):
+    """One run. Its parts are classes of one object rather than objects that call each other:
+    the loop, the network and the routing run millions of times per virtual second and read
+    each other's state (subscriptions, partition groups, counters) as plain attributes; each
+    part's state is set up by its own `_init_*`, in its module."""
+
     table_class = MonitoredTable
 
     def __init__(self, cfg: SimConfig, on_phase=None) -> None:
