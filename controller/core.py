@@ -25,6 +25,7 @@ from agent.wire import MsgType, WireError
 from controller import balance
 from controller.config import ControllerConfig
 from controller.inventory import RULE_KINDS, Host, Inventory, Rule, Vm
+from dvswitch.naming import host_order as _host_order
 
 NS_PER_MS = 1_000_000
 # Repair hint frames sent per controller tick at most: a backlog of thousands of converging
@@ -1786,8 +1787,3 @@ class ControllerCore:
         self.journal_out.append({"rule": name, "kind": "", "vms": []})
         return {"rule": name, "removed": True}
 
-
-def _host_order(name: str) -> tuple:
-    """h2 before h10: sort by the number in the name when there is one."""
-    m = re.match(r"^([A-Za-z_-]*)(\d+)$", name)
-    return (m.group(1), int(m.group(2)), "") if m else (name, -1, name)

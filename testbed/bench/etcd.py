@@ -43,6 +43,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
+from dvswitch.errors import error_line
 from testbed.bench.floor import DATA, END, PROBE, sample_body
 
 PREFIX = b"/dvs-bench/"
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --hosts >= 1, --msgs >= 1 and --rate > 0")
     reason = skip_reason()
     if reason:
-        print(f"dvs: error: {reason}", file=sys.stderr)
+        print(error_line("dvs", reason), file=sys.stderr)
         return 1
     from testbed.client import ClusterError
 
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_etcd(args.hosts, args.msgs, args.rate, Path(d))
         except ClusterError as e:
-            print(f"dvs: error: {e}", file=sys.stderr)
+            print(error_line("dvs", str(e)), file=sys.stderr)
             return 1
     result.pop("latencies_ms")
     print(json.dumps(result, indent=1))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from agent.mactable import MacTable, entry_hash
 from agent.wire import MsgType
+from dvswitch.stats import summarize_moves
 from testbed.sim.config import concurrency_for, gossip_interval_ms, liveness_bound_ms, replay_command
 from testbed.sim.scheduler import NS_PER_MS, ms
 
@@ -145,13 +146,11 @@ class Checks:
         }
 
     def result(self) -> dict:
-        from testbed.demo import summarize
-
         cfg = self.cfg
         client = self.client
         checks = self.final_checks()
         bound = liveness_bound_ms(self.agent_config, len(self.hosts), self.ctl_config)
-        summary = summarize(client.records)
+        summary = summarize_moves(client.records)
         k = max(1, len(client.records))
         msgs_moves = self.traffic_at_done[0] - self.traffic_at_f0[0]
         bytes_moves = self.traffic_at_done[1] - self.traffic_at_f0[1]

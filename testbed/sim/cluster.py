@@ -29,6 +29,7 @@ from agent.core import AgentCore
 from agent.mactable import MacTable
 from agent.wire import WireError
 from controller.core import ControllerCore
+from dvswitch.naming import host_names
 from testbed.sim.scheduler import (
     CLIENT,
     CLIENT_ENVELOPE,
@@ -126,7 +127,7 @@ class Cluster:
     """Starting, crashing and driving the agents and the controller (a part of Simulator)."""
 
     def _init_cluster(self, n_hosts: int) -> None:
-        self.hosts = [f"h{i}" for i in range(1, n_hosts + 1)]
+        self.hosts = host_names(n_hosts)
         self.hidx = {h: i for i, h in enumerate(self.hosts)}
         # Who is running and how to reach them.
         self.agents: dict[int, Agent] = {}  # iid -> running agent

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from agent import wire
 from agent.wire import MsgType, WireError
+from dvswitch.naming import vm_names
+from dvswitch.stats import summarize_moves
 from testbed.sim.config import concurrency_for
 from testbed.sim.scheduler import NS_PER_MS
 
@@ -27,8 +29,8 @@ class Client:
         self.error: str | None = None
         self.warnings: list[str] = []
         cfg = sim.cfg
-        self.names = [f"vm{i}" for i in range(1, cfg.vms + 1)]
-        self.placement = {f"vm{i}": sim.hosts[(i - 1) % cfg.hosts] for i in range(1, cfg.vms + 1)}
+        self.names = vm_names(cfg.vms)
+        self.placement = {name: sim.hosts[i % cfg.hosts] for i, name in enumerate(self.names)}
         self.inflight: set[str] = set()
         self.sent_moves = 0
         self.paused = False  # the controller crashed: moves wait until it is back and ready
@@ -144,13 +146,11 @@ class Client:
             self._start_moves()
 
     def _on_create(self, ok: bool, result) -> None:
-        from testbed.demo import summarize
-
         if not ok:
             self.fail(f"vm_create failed: {result}")
             return
         ops = result["ops"]
-        s = summarize(ops)
+        s = summarize_moves(ops)
         self.create_summary = {"vms": s["moves"], "converged": s["converged"],
                                "latency_ms_p50": s["latency_ms_p50"], "latency_ms_p99": s["latency_ms_p99"],
                                "latency_ms_max": s["latency_ms_max"]}
