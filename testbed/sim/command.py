@@ -213,8 +213,11 @@ def _scenario_params(params: dict) -> dict:
     it (a replay command does) but not contradict it."""
     from testbed.chaos.scenario import build_plan, load_scenario
 
-    sc = load_scenario(params["faults"])  # (a ClusterError is one `dvs: error:` line)
-    n_moves = len(build_plan(sc, params["seed"]).moves)
+    try:
+        sc = load_scenario(params["faults"])
+        n_moves = len(build_plan(sc, params["seed"]).moves)
+    except ClusterError as e:
+        raise click.UsageError(f"--faults: {e}") from None  # a bad input file: nothing ran
     for key, flag, want, default in (("hosts", "--hosts", sc.hosts, None), ("vms", "--vms", sc.vms, 0),
                                      ("n_moves", "--moves", n_moves, 0)):
         if params[key] not in (default, want):
