@@ -19,6 +19,8 @@ import random
 from dataclasses import replace
 
 from controller.config import ControllerConfig
+from testbed import schedule
+from testbed.chaos.history import Journal
 from testbed.sim.checks import Checks
 from testbed.sim.cluster import Agent, Cluster, MonitoredTable
 from testbed.sim.config import (
@@ -31,11 +33,9 @@ from testbed.sim.config import (
     liveness_bound_ms,
     replay_command,
 )
+from testbed.sim.faults import Faults, ScenarioClient
 from testbed.sim.network import Network
 from testbed.sim.scheduler import NS_PER_MS, NS_PER_US, Scheduler
-from testbed import schedule
-from testbed.chaos.history import Journal
-from testbed.sim.faults import Faults, ScenarioClient
 from testbed.sim.spec import faults_end_ms
 from testbed.sim.workload import Client
 
