@@ -65,7 +65,8 @@ def from_plan(sc, plan) -> tuple[TimedFault, ...]:
         f = faults[a.fault]
         if a.kind == "net":
             if f.kind == "partition":
-                params = {"blocked": {h: sorted(s["blocked"]) for h, s in sorted(a.settings.items())}}
+                params = {"blocked": {h: sorted(s["blocked"]) for h, s in sorted(a.settings.items())},
+                          "seeds": {h: s["seed"] for h, s in sorted(a.settings.items())}}
                 groups = _groups_of(sc.host_names, params["blocked"])
                 if groups is not None:
                     params["groups"] = groups
@@ -77,8 +78,7 @@ def from_plan(sc, plan) -> tuple[TimedFault, ...]:
                     params = {"delay_ms": p["ms"], "jitter_ms": p["jitter_ms"],
                               **{k: p[k] for k in ("from", "types") if p.get(k) is not None}}
                 params["seeds"] = {h: s["seed"] for h, s in sorted(a.settings.items())}
-                out.append(TimedFault(_ms(a.t_s), f.kind, tuple(sorted(a.settings, key=_order)), params,
-                                      a.fault, None, a.label))
+                out.append(TimedFault(_ms(a.t_s), f.kind, tuple(a.settings), params, a.fault, None, a.label))
         elif a.kind == "heal":
             out.append(TimedFault(_ms(a.t_s), "heal", (), {}, a.fault, a.ends, a.label))
         elif a.kind == "evacuate":
@@ -89,6 +89,23 @@ def from_plan(sc, plan) -> tuple[TimedFault, ...]:
         else:
             out.append(TimedFault(_ms(a.t_s), a.kind, (a.target,), {}, a.fault, a.ends, a.label))
     return tuple(out)
+
+
+def agent_settings(tf: TimedFault) -> dict[str, dict]:
+    """What the real nemesis sends each agent for a network fault (its `faults` call: host ->
+    arguments), the seed of that agent's fault RNG included."""
+    p = tf.params
+    seeds = p.get("seeds", {})
+    if tf.kind == "partition":
+        return {h: {"blocked": list(cut), "seed": seeds.get(h, 0)} for h, cut in p["blocked"].items() if cut}
+    rule: dict = {"id": f"faults[{tf.fault}]", "kind": tf.kind}
+    if tf.kind == "delay":
+        rule["delay_ms"], rule["jitter_ms"] = p["delay_ms"], p["jitter_ms"]
+    else:
+        rule["p"] = p["p"]
+    rule["from"] = p.get("from")
+    rule["types"] = p.get("types")
+    return {h: {"add": [dict(rule)], "seed": seeds.get(h, 0)} for h in tf.targets}
 
 
 def _order(h: str) -> tuple[int, int]:

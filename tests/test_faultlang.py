@@ -73,6 +73,8 @@ def test_every_shipped_scenario_runs_in_the_simulator_and_the_chaos_checker_find
     assert len(sched) == len(plan.actions)
     for a, f in zip(plan.actions, sched, strict=True):
         assert f.at_ms == round(a.t_s * 1000) and (f.targets == (a.target,) or a.target is None)
+        if a.kind == "net":  # the real nemesis sends each agent what the plan says
+            assert schedule.agent_settings(f) == a.settings
     r = run_sim(SimConfig(hosts=sc.hosts, vms=0, moves=0, seed=1, faults=str(path)))
     c = r["chaos"]
     assert c["verdict"] == "valid", (c["failed"], c["undecided"], c["problems"])

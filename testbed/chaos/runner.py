@@ -32,11 +32,12 @@ from agent import wire
 from agent.faults import CONTROLLER, Rule, parse_rule
 from agent.mactable import parse_mac
 from agent.wire import MsgType, WireError
-from testbed import procs
+from testbed import procs, schedule
 from testbed.chaos.history import HISTORY_FILE, Journal
-from testbed.chaos.scenario import Action, Plan, Scenario
+from testbed.chaos.scenario import Plan, Scenario
 from testbed.client import ClusterError
 from testbed.cluster import JOURNAL_FILE, Cluster
+from testbed.schedule import TimedFault
 
 NS = 1_000_000_000
 APPLIED_PAGE = 20_000
@@ -117,6 +118,8 @@ class ChaosRun:
         self.sc = sc
         self.netns = netns
         self.plan = plan
+        # The nemesis's schedule: the one fault type (testbed/schedule.py) the simulator runs too.
+        self.schedule = schedule.from_plan(sc, plan)
         self.dir = report_dir
         self.err = err_console or Console(stderr=True)
         self.state_dir = report_dir / "state"
@@ -163,6 +166,7 @@ class ChaosRun:
         j = self.journal = Journal(path)
         started = time.monotonic()
         j.write("run_start", scenario=self.sc.to_json(), seed=self.plan.seed, plan=self.plan.to_json(),
+                schedule=schedule.to_json(self.schedule),
                 argv=sys.argv, python=platform.python_version(), pid=os.getpid(), state_dir=str(self.state_dir))
         try:
             self._run()
@@ -396,8 +400,8 @@ class ChaosRun:
 
     def _nemesis(self) -> None:
         try:
-            for a in self.plan.actions:
-                due = self.t0_ns + int(a.t_s * NS)
+            for a in self.schedule:
+                due = self.t0_ns + a.at_ms * 1_000_000
                 while not self.stop.is_set():
                     left = (due - time.monotonic_ns()) / NS
                     if left <= 0:
@@ -411,16 +415,17 @@ class ChaosRun:
             self.journal.write("nemesis_error", error=self.nemesis_error)
             self.stop.set()  # the run is broken: end the workload now (verdict: unknown)
 
-    def _act(self, a: Action) -> None:
+    def _act(self, a: TimedFault) -> None:
         j = self.journal
-        late_ms = round((time.monotonic_ns() - self.t0_ns) / 1e6 - a.t_s * 1000, 1)
-        if a.kind == "net":
+        late_ms = round((time.monotonic_ns() - self.t0_ns) / 1e6 - a.at_ms, 1)
+        if a.kind in ("partition", *schedule.NET_KINDS):
             applied, skipped = {}, []
+            settings = schedule.agent_settings(a)
             with self.procs.lock:
                 if self.netns and self.boundaries().get(a.fault) is None:
-                    applied = self._kernel_inject(a.settings)
+                    applied = self._kernel_inject(settings)
                 else:
-                    for host, args in a.settings.items():
+                    for host, args in settings.items():
                         held = self.net.setdefault(host, {"blocked": [], "rules": {}})
                         if "blocked" in args:
                             held["blocked"] = args["blocked"]
@@ -431,7 +436,7 @@ class ChaosRun:
                             continue
                         applied[host] = self._configure(host, args)
             self.active_faults[a.fault] = a.label
-            j.write("fault", phase="inject", fault=a.fault, label=a.label, settings=a.settings, applied=applied,
+            j.write("fault", phase="inject", fault=a.fault, label=a.label, settings=settings, applied=applied,
                     skipped=skipped, late_ms=late_ms)
         elif a.kind == "heal":
             with self.procs.lock:
@@ -446,18 +451,19 @@ class ChaosRun:
             j.write("fault", phase="heal", fault=a.fault, label=a.label, ends=ended, healed=sorted(healed),
                     late_ms=late_ms, **({"kernel_packets": kernel} if kernel else {}))
         elif a.kind == "evacuate":
-            t = threading.Thread(target=self._evacuate, args=(a, late_ms), name=f"evacuate-{a.target}", daemon=True)
+            t = threading.Thread(target=self._evacuate, args=(a, late_ms), name=f"evacuate-{a.targets[0]}", daemon=True)
             self.evacuations.append(t)
             t.start()  # (it waits for the host to empty; the schedule's other faults go on meanwhile)
         else:
-            self._process_action(a.kind, a.target, fault=a.fault, label=a.label, late_ms=late_ms)
+            (target,) = a.targets
+            self._process_action(a.kind, target, fault=a.fault, label=a.label, late_ms=late_ms)
             if a.kind in ("kill", "pause"):
                 self.active_faults[a.fault] = a.label
             elif a.ends is not None:
                 self.active_faults.pop(a.ends, None)
             else:
                 for f, label in list(self.active_faults.items()):
-                    if label in (f"kill {a.target}", f"pause {a.target}"):
+                    if label in (f"kill {target}", f"pause {target}"):
                         self.active_faults.pop(f, None)
 
     def _add_rules(self) -> None:
@@ -471,26 +477,27 @@ class ChaosRun:
                 except ClusterError as e:
                     self.journal.write("rule_refused", fault=f.index, vms=f.params["anti"], error=str(e))
 
-    def _evacuate(self, a: Action, late_ms: float) -> None:
+    def _evacuate(self, a: TimedFault, late_ms: float) -> None:
         """`dvs host evacuate`: retried while the controller is down or not answering (a
         controller killed meanwhile keeps the host in maintenance from its journal)."""
         j = self.journal
-        k = a.settings["max_concurrent"]
-        j.write("evacuate", phase="start", fault=a.fault, host=a.target, max_concurrent=k, late_ms=late_ms)
+        k = a.params["max_concurrent"]
+        host = a.targets[0]
+        j.write("evacuate", phase="start", fault=a.fault, host=host, max_concurrent=k, late_ms=late_ms)
         deadline = time.monotonic() + 60.0
         while True:
             try:
                 # Short waits, asked again: a controller killed meanwhile never answers this one.
                 with self.cluster.controller_client(timeout_ms=10_000) as ctl:
-                    rep = ctl.call("host_evacuate", {"name": a.target, "max_concurrent": k, "timeout_ms": 8_000})
-                j.write("evacuate", phase="done", fault=a.fault, host=a.target, moves=rep["moves"],
+                    rep = ctl.call("host_evacuate", {"name": host, "max_concurrent": k, "timeout_ms": 8_000})
+                j.write("evacuate", phase="done", fault=a.fault, host=host, moves=rep["moves"],
                         elapsed_ms=rep["elapsed_ms"])
                 return
             except ClusterError as e:
                 if time.monotonic() >= deadline or self.stop.is_set():
-                    j.write("evacuate", phase="failed", fault=a.fault, host=a.target, error=str(e))
+                    j.write("evacuate", phase="failed", fault=a.fault, host=host, error=str(e))
                     return
-                j.write("evacuate", phase="retry", fault=a.fault, host=a.target, error=str(e))
+                j.write("evacuate", phase="retry", fault=a.fault, host=host, error=str(e))
                 time.sleep(0.5)  # (the controller is down or restarting: polling with a deadline)
 
     def _configure(self, host: str, args: dict) -> dict:
@@ -571,8 +578,8 @@ class ChaosRun:
                 if f.kind == "partition":
                     self.kernel_why[f.index] = None
                 elif f.kind in ("loss", "delay", "dup", "reorder"):
-                    a = next(a for a in self.plan.actions if a.fault == f.index and a.kind == "net")
-                    rule = parse_rule(next(iter(a.settings.values()))["add"][0])
+                    a = next(a for a in self.schedule if a.fault == f.index and a.kind == f.kind)
+                    rule = parse_rule(next(iter(schedule.agent_settings(a).values()))["add"][0])
                     self.kernel_why[f.index] = unsupported(rule, netem_missing() if f.kind == "delay" else None)
         return self.kernel_why
 
