@@ -531,11 +531,11 @@ _NUMERIC = {"ignore_unknown_options": True}
 
 
 def _add_fault(state_dir: str, kind: str, params: dict, only, from_, types, in_agent: bool) -> None:
-    from testbed import nemesis
+    from testbed import nemesis, schedule
 
     cluster = Cluster.load(state_dir)
-    rec = nemesis.add_fault(cluster, kind, params, hosts=_csv(only), from_=_csv(from_), types=_csv(types),
-                            in_agent=in_agent)
+    tf = schedule.from_verb(kind, _csv(only) or (), **params, **{"from": _csv(from_), "types": _csv(types)})
+    rec = nemesis.apply(cluster, tf, in_agent=in_agent)
     r = rec["rule"]
     where = {"kernel": "kernel rules", "agent": "agent wrapper"}[rec["boundary"]]
     if rec["why_agent"]:
@@ -572,9 +572,10 @@ def fault_partition(groups, rest, state_dir) -> None:
         if not rest.isdigit():
             raise click.BadParameter("expected group, isolated or a group number", param_hint="--rest")
         rest = int(rest)
-    blocked = nemesis.groups_to_blocked(list(cluster.agents), [_csv(g) for g in groups], rest)
+    from testbed import schedule
+
     label = " | ".join(groups) + (f" (rest: {rest})" if rest is not None else "")
-    nemesis.partition(cluster, blocked, label)
+    nemesis.apply(cluster, schedule.from_verb("partition", label=label, groups=[_csv(g) for g in groups], rest=rest))
     click.echo(f"partitioned: {label}")
 
 
@@ -588,8 +589,11 @@ def fault_isolate(kind, host, state_dir) -> None:
     from testbed import nemesis
 
     cluster = Cluster.load(state_dir)
+    from testbed import schedule
+
     blocked = nemesis.named_partition("isolate" if kind == "host" else kind, list(cluster.agents), host)
-    nemesis.partition(cluster, blocked, f"isolate {kind}{' ' + host if host else ''}")
+    nemesis.apply(cluster, schedule.from_verb("partition", label=f"isolate {kind}{' ' + host if host else ''}",
+                                              blocked={h: sorted(b) for h, b in blocked.items()}))
     cut = {h: sorted(b) for h, b in blocked.items() if b}
     click.echo(f"partition {kind}{' ' + host if host else ''}: {len(cut)} host(s) cut off from some peers")
 
@@ -600,10 +604,10 @@ def fault_isolate(kind, host, state_dir) -> None:
 def fault_heal(ids, state_dir) -> None:
     """Remove every network fault (kernel rules, partitions, agent wrapper faults), or only the
     faults IDS (e.g. `dvs fault heal f2`)."""
-    from testbed import nemesis
+    from testbed import nemesis, schedule
 
     cluster = Cluster.load(state_dir)
-    nemesis.heal(cluster, list(ids))
+    nemesis.apply(cluster, schedule.from_verb("heal", ids=list(ids)))
     click.echo(f"healed {', '.join(ids)}" if ids else f"healed every network fault on {len(cluster.agents)} host(s)")
 
 
@@ -658,20 +662,12 @@ def fault_reorder(probability, types, only, from_, in_agent, state_dir) -> None:
 
 
 def _process_fault(name: str, action: str, state_dir: str) -> None:
-    import signal as sig
-
-    from testbed import nemesis
+    from testbed import nemesis, schedule
 
     cluster = Cluster.load(state_dir)
-    if action == "kill":
-        p = nemesis.kill(cluster, name)
-    elif action == "pause":
-        p = nemesis.signal_process(cluster, name, sig.SIGSTOP)
-    elif action == "resume":
-        p = nemesis.signal_process(cluster, name, sig.SIGCONT)
-    else:
-        p = nemesis.restart(cluster, name)
-    click.echo(f"{action}: {name} (pid {p.pid})")
+    tf = schedule.from_verb(action, [name])  # (the one fault type: `ctl` is the controller too)
+    p = nemesis.apply(cluster, tf)
+    click.echo(f"{action}: {tf.targets[0]} (pid {p.pid})")
 
 
 for _action, _doc in (("kill", "SIGKILL a host's agent, or the controller."),

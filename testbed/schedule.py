@@ -156,9 +156,10 @@ def from_sim_flags(partitions, crashes) -> tuple[TimedFault, ...]:
     return tuple(out)
 
 
-def from_verb(kind: str, targets: list[str] | tuple[str, ...] = (), **params) -> TimedFault:
-    """What one `dvs fault` verb does, now (at_ms 0): e.g. from_verb("kill", ["h3"])."""
+def from_verb(kind: str, targets: list[str] | tuple[str, ...] = (), label: str | None = None, **params) -> TimedFault:
+    """What one `dvs fault` verb does, now (at_ms 0): e.g. from_verb("kill", ["h3"]); the
+    nemesis (testbed/nemesis.py apply) does it."""
     if kind not in KINDS:
         raise ValueError(f"unknown fault kind {kind!r} (one of {', '.join(KINDS)})")
     ts = tuple(name(t) for t in targets)
-    return TimedFault(0, kind, ts, dict(params), None, None, " ".join([kind, *ts]))
+    return TimedFault(0, kind, ts, dict(params), None, None, label or " ".join([kind, *ts]))
