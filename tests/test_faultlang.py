@@ -123,3 +123,37 @@ def test_bad_faults_options_are_one_line(tmp_path):
     assert proc.returncode == 2 and "missing --hosts" in proc.stderr
     proc = _dvs("chaos", "--replay-sim", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "no such report directory" in proc.stderr
+
+
+@pytest.mark.parametrize("kw", [
+    {"partitions": "1000-4000:h1-h4/h5-h8", "crashes": "h3@1000-2500,ctl@4500-6000", "loss": 0.1},
+    {"crashes": "h2@100", "dup": 0.1, "reorder": True},
+], ids=["partition-crashes-loss", "crash-for-good-dup-reorder"])
+def test_a_plain_run_with_a_history_is_judged_by_the_checker_and_otherwise_unchanged(kw):
+    from dataclasses import replace
+
+    from testbed.sim.config import NetConfig
+    from testbed.sim.engine import Simulator
+
+    cfg = SimConfig(hosts=8, vms=32, moves=40, seed=2,
+                    net=replace(NetConfig(), loss=kw.get("loss", 0.0), dup=kw.get("dup", 0.0),
+                                reorder=kw.get("reorder", False)),
+                    partitions=parse_partitions([kw["partitions"]], 8) if "partitions" in kw else (),
+                    crashes=parse_crashes([kw["crashes"]], 8))
+    plain = run_sim(cfg)
+    judged = Simulator(cfg, history=True).run()
+    c = judged.pop("chaos")
+    assert json.dumps(judged, sort_keys=True) == json.dumps(plain, sort_keys=True)
+    assert plain["ok"] and c["verdict"] == "valid", (c["failed"], c["undecided"], c["problems"])
+    assert c["stats"]["moves_requested"] == 40 and c["stats"]["process_actions"] >= 1
+
+
+def test_the_checker_and_the_simulators_own_checks_both_catch_a_backwards_merge():
+    from agent.config import AgentConfig
+    from testbed.sim.engine import Simulator
+
+    cfg = SimConfig(hosts=4, vms=12, moves=10, seed=1, crashes=parse_crashes(["h2@100-600"], 4),
+                    agent_config=AgentConfig(defect_reverse_merge=True))
+    r = Simulator(cfg, history=True).run()
+    assert not r["ok"] and r["checks"]["safety_violations"] > 0
+    assert r["chaos"]["verdict"] == "invalid" and "monotonic-applies" in r["chaos"]["failed"]

@@ -126,7 +126,8 @@ def _probability(ctx, param, value):
 @click.option("--faults", "faults", default=None, metavar="SCENARIO.toml",
               help="Run a `dvs chaos` scenario file: its cluster, moves and fault schedule (see above).")
 @click.option("--history", "history_dir", default=None, metavar="DIR",
-              help="With --faults: write the chaos history (history.jsonl, summary.json) to DIR.")
+              help="Write the run's chaos history (history.jsonl, judged in summary.json) to DIR; with it (and "
+                   "always with --faults) the chaos checker judges the run and decides the exit status.")
 @click.option("--seed", type=int, default=1, show_default=True, help="The run's seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no wall-clock time in it).")
 @click.option("--progress", is_flag=True, help="Print a progress line to stderr every 10 s of wall-clock time.")
@@ -167,7 +168,7 @@ def sim(as_json, progress, history_dir, **params) -> None:
         if progress:
             click.echo(f"dvs sim: {name} at virtual {t_ns / 1e9:.3f} s, wall {phases[-1][1]:.1f} s", err=True)
 
-    simulator = Simulator(cfg, on_phase)
+    simulator = Simulator(cfg, on_phase, history=history_dir is not None)
     if progress:
         last = [started]
 

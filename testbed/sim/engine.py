@@ -48,7 +48,7 @@ __all__ = [
 class Simulator(Faults, Scheduler, Network, Cluster, Checks):
     table_class = MonitoredTable
 
-    def __init__(self, cfg: SimConfig, on_phase=None) -> None:
+    def __init__(self, cfg: SimConfig, on_phase=None, *, history: bool = False) -> None:
         if cfg.hosts < 1:
             raise ValueError("a simulation needs at least one host")
         # `dvs sim --faults SCENARIO.toml`: the chaos scenario's cluster, settings, plan and
@@ -68,7 +68,10 @@ class Simulator(Faults, Scheduler, Network, Cluster, Checks):
         # The apply log is for the chaos checker, the move history for `dvs moves`: the simulator
         # watches every merge itself and takes each move's record from the client's reply (a
         # history of 2,000 moves at 1,000 hosts holds 2 million apply stamps).
-        self.ctl_config = cfg.controller_config or ControllerConfig(applied_log_max=0, history_max=0)
+        # (`history`: a chaos history of a plain run, `dvs sim --history`: the controller then
+        # keeps its move history, which the checker reads.)
+        self.ctl_config = cfg.controller_config or ControllerConfig(applied_log_max=0,
+                                                                    history_max=100_000 if history else 0)
         self.work_rng = random.Random(f"{cfg.seed}/workload")
         self.start_rng = random.Random(f"{cfg.seed}/start")
         self._init_scheduler()
@@ -85,6 +88,13 @@ class Simulator(Faults, Scheduler, Network, Cluster, Checks):
         self.crash_log: list[dict] = []
         if self.scenario is None:
             self.client = Client(self)
+            if history:
+                self.history = Journal(None, clock=lambda: self.now)
+                self.applies = []
+                self.history.write("run_start", scenario={"name": "dvs sim", "path": None, "hosts": cfg.hosts,
+                                                          "vms": cfg.vms},
+                                   seed=cfg.seed, schedule=schedule.to_json(self.schedule), simulated=True,
+                                   replay=replay_command(cfg))
         else:
             self.history = Journal(None, clock=lambda: self.now)
             self.applies = []
@@ -108,7 +118,7 @@ class Simulator(Faults, Scheduler, Network, Cluster, Checks):
             self._loop()
             self.on_phase("end", self.now)
             result = self.result()
-            if self.scenario is not None:
+            if self.history is not None:
                 result["chaos"] = self._chaos_verdict()
             return result
         finally:
@@ -126,6 +136,8 @@ class Simulator(Faults, Scheduler, Network, Cluster, Checks):
             self.p2p_faulty = True
             self.ctl_faulty = net.ctl_faults
         # The one schedule type: --partitions and --crashes are shorthands for it.
+        if self.history is not None and self.scenario is None:
+            self.history.write("workload_start", t0_ns=t, duration_s=None)
         self.lay_out(self.schedule, t)
         if self.scenario is not None:
             self._scheduled_end = t  # (the workload's end closes the window: ScenarioClient)
@@ -167,7 +179,7 @@ class Simulator(Faults, Scheduler, Network, Cluster, Checks):
         since = self.f1_ns if self.f1_ns is not None else self.now
         h.write("settled", ok=settled, elapsed_s=round(((self.agree_ns or self.now) - since) / 1e9, 3),
                 why="" if settled else "no agreement before the settle deadline")
-        self.client.observe()
+        self.observe()
         h.write("run_end", wall_s=None)
         return judge(History(h.records, []))
 

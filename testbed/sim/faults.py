@@ -53,6 +53,7 @@ class Faults:
         self.blocked: list[set[int]] | None = None  # host index -> host indexes it cannot reach
         self.ctl_blocked: set[int] = set()  # host indexes cut from the controller (a `blocked` partition)
         self.history = None  # a Journal when the run writes a chaos history
+        self.lives_read: set[int] = set()  # controller lives whose move history is in it
         self.proc_state: dict[str, str] = {}  # process -> up | paused | down
         self.ctl_life = 1
 
@@ -171,7 +172,7 @@ class Faults:
         if st != "down":
             if who == CONTROLLER:
                 if self.history is not None:
-                    self.client.controller_moves(final=False)  # its move history dies with it
+                    self.controller_moves(final=False)  # its move history dies with it
                 self.crash_controller()
             else:
                 self.crash_agent(self.hidx[who])
@@ -227,10 +228,62 @@ class Faults:
         if self.proc_state.get(CONTROLLER) == "down":
             self._process("restart", CONTROLLER, None)
         for h in self.hosts:
-            if self.proc_state.get(h) == "down" and h not in sc.keep_down:
+            if self.proc_state.get(h) == "down" and h not in self.keep_down():
                 self._process("restart", h, None)
         self._note("heal_all", healed=[h for h in self.hosts if self.proc_state.get(h) == "up"],
                    keep_down=list(sc.keep_down))
+
+
+    # ---- what the chaos runner reads at the end (a part of Simulator)
+
+    def controller_moves(self, *, final: bool) -> None:
+        sim = self
+        if not sim.ctl_up or sim.ctl_life in self.lives_read:
+            return
+        self.lives_read.add(sim.ctl_life)
+        ctl = sim.controller
+        moves = ctl.api_moves({"last": 1_000_000}, sim.now, None, None)["moves"]
+        self.history.write("controller_moves", life=sim.ctl_life, final=final, moves=moves)
+
+    def observe(self) -> None:
+        sim, h = self, self.history
+        if sim.applies:
+            h.write("applies", life=sim.ctl_life, since=0, start=0, next=len(sim.applies), lost=0, rows=sim.applies)
+        self.controller_moves(final=True)
+        if sim.ctl_up and CONTROLLER not in {w for w, st in sim.proc_state.items() if st == "paused"}:
+            ctl, now = sim.controller, sim.now
+            h.write("final_inventory", status=ctl.api_status({}, now, None, None),
+                    vms=ctl.api_vm_list({"all": True}, now, None, None)["vms"],
+                    expected=ctl.api_expected_table({}, now, None, None),
+                    rules=ctl.api_rule_list({}, now, None, None)["rules"])
+        else:
+            h.write("final_inventory", error="the controller is not running")
+        procs = {}
+        for name in [*sim.hosts, CONTROLLER]:
+            st = sim.proc_state.get(name, "up")
+            procs[name] = {"pid": sim._pid(name), "alive": st != "down",
+                           "should_be_up": name == CONTROLLER or name not in self.keep_down(), "believed": st}
+        for host in sim.hosts:
+            a = sim.current[sim.hidx[host]]
+            if a is None:
+                continue
+            if sim.proc_state.get(host) == "paused":
+                h.write("final_table", host=host, error="stopped (SIGSTOP): it does not answer")
+                procs[host]["answers"] = False
+                continue
+            table = a.core.mac_table()
+            st = a.core.status(sim.now)
+            h.write("final_table", host=host, digest=table["digest"], entries=table["entries"], ports=table["ports"],
+                    incarnation=st["incarnation"], stats=st["stats"], last_error=st.get("last_error", ""))
+            procs[host]["answers"] = True
+        h.write("final_procs", procs=procs)
+
+    def keep_down(self) -> tuple[str, ...]:
+        """Agents meant to stay down at the end: the scenario's end.keep_down, or the agents a
+        --crashes spec never restarts."""
+        if self.scenario is not None:
+            return self.scenario.keep_down
+        return tuple(c.host for c in self.cfg.crashes if c.restart_ms is None and c.host != CTL)
 
 
 class ScenarioClient(Client):
@@ -250,7 +303,6 @@ class ScenarioClient(Client):
         self.evac_started_ns = 0
         self.workload_over = False
         self.t0_ns: int | None = None
-        self.lives_read: set[int] = set()
 
     @property
     def h(self):
@@ -413,47 +465,3 @@ class ScenarioClient(Client):
         else:
             self.h.write("evacuate", phase="failed", fault=tf.fault, host=tf.targets[0], error=str(result))
         self._maybe_done()
-
-    # ---- what the runner reads at the end
-
-    def controller_moves(self, *, final: bool) -> None:
-        sim = self.sim
-        if not sim.ctl_up or sim.ctl_life in self.lives_read:
-            return
-        self.lives_read.add(sim.ctl_life)
-        ctl = sim.controller
-        moves = ctl.api_moves({"last": 1_000_000}, sim.now, None, None)["moves"]
-        self.h.write("controller_moves", life=sim.ctl_life, final=final, moves=moves)
-
-    def observe(self) -> None:
-        sim, h = self.sim, self.h
-        if sim.applies:
-            h.write("applies", life=sim.ctl_life, since=0, start=0, next=len(sim.applies), lost=0, rows=sim.applies)
-        self.controller_moves(final=True)
-        if sim.ctl_up and CONTROLLER not in {w for w, st in sim.proc_state.items() if st == "paused"}:
-            ctl, now = sim.controller, sim.now
-            h.write("final_inventory", status=ctl.api_status({}, now, None, None),
-                    vms=ctl.api_vm_list({"all": True}, now, None, None)["vms"],
-                    expected=ctl.api_expected_table({}, now, None, None),
-                    rules=ctl.api_rule_list({}, now, None, None)["rules"])
-        else:
-            h.write("final_inventory", error="the controller is not running")
-        procs = {}
-        for name in [*sim.hosts, CONTROLLER]:
-            st = sim.proc_state.get(name, "up")
-            procs[name] = {"pid": sim._pid(name), "alive": st != "down",
-                           "should_be_up": name == CONTROLLER or name not in self.sc.keep_down, "believed": st}
-        for host in sim.hosts:
-            a = sim.current[sim.hidx[host]]
-            if a is None:
-                continue
-            if sim.proc_state.get(host) == "paused":
-                h.write("final_table", host=host, error="stopped (SIGSTOP): it does not answer")
-                procs[host]["answers"] = False
-                continue
-            table = a.core.mac_table()
-            st = a.core.status(sim.now)
-            h.write("final_table", host=host, digest=table["digest"], entries=table["entries"], ports=table["ports"],
-                    incarnation=st["incarnation"], stats=st["stats"], last_error=st.get("last_error", ""))
-            procs[host]["answers"] = True
-        h.write("final_procs", procs=procs)
