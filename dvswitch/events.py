@@ -13,7 +13,8 @@ than asking a controller that may be gone). A file that reaches `max_bytes` beco
 
 Noisy kinds (a hostile peer sending garbage) go through `limited()`: per (kind, peer) at most
 one line per `limit_interval_ms`; the next line that passes says how many were held back
-(`suppressed`), and close() writes what is still held back.
+(`suppressed`), and close() writes what is still held back (a line with `summary: true`
+that stands for those only).
 """
 
 from __future__ import annotations
@@ -185,8 +186,8 @@ class EventLog:
     def close(self) -> None:
         """Write what the rate limiter still holds back, then close."""
         for (kind, peer), (_, held, fields) in list(self._limits.items()):
-            if held:
-                self.emit(kind, peer=peer, **(fields or {}), suppressed=held)
+            if held:  # (a line for the held-back ones only: `summary`)
+                self.emit(kind, peer=peer, **(fields or {}), suppressed=held, summary=True)
         self._limits.clear()
         if self._fd >= 0:
             os.close(self._fd)
