@@ -130,17 +130,19 @@ class ControllerRuntime:
             self.journal_file.write(b"".join(map(journal.encode, records)))
             self.journal_file.flush()
             os.fsync(self.journal_file.fileno())
-        for envelope, payload in self.core.take_outbox():
-            try:
-                send_parts(self.sock, [*envelope, payload])
-            except zmq.ZMQError as e:
-                log.debug("send failed: %s", e)
+        # Events before replies too: whoever hears that a move converged (and then kills us)
+        # finds it, and every apply report it waited for, in our events file.
         events = self.core.take_events()
         for event in events:
             log.warning("%s", event.get("message", event) if isinstance(event, dict) else event)
         if self.events_path:
             self.events.emit_many(events)
             self._seen.derive(self.events, self.events_applies)
+        for envelope, payload in self.core.take_outbox():
+            try:
+                send_parts(self.sock, [*envelope, payload])
+            except zmq.ZMQError as e:
+                log.debug("send failed: %s", e)
         self.timer.set(self.core.next_deadline_ns())
         self.reader.check()
 

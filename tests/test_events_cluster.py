@@ -16,6 +16,9 @@ import psutil
 import pytest
 import zmq
 
+from agent.mactable import parse_mac
+from testbed import events as evlog
+from testbed import procs
 from tests.conftest import run_dvs
 
 pytestmark = pytest.mark.cluster
@@ -121,3 +124,23 @@ def test_events_after_kill_show_death_restarts_and_convergence_in_order(tmp_path
     finally:
         assert run_dvs("down", state_dir=sd).returncode == 0
     assert os.listdir(sd / "events")
+
+
+def test_a_killed_controller_has_written_every_apply_and_move_it_answered(make_cluster):
+    """What a controller answered is in its events file though it is SIGKILLed at once (the chaos
+    runner's history depends on it): the move's move.converged and every host's apply row."""
+    c = make_cluster(3, controller_args=["--events-applies"], vtep_base="off")
+    c.create_vms(3)
+    with c.controller_client() as ctl:
+        rec = ctl.call("vm_move", {"name": "vm1", "to": "h2"})
+        vm1 = next(v for v in ctl.call("vm_list")["vms"] if v["vm"] == "vm1")
+    os.kill(c.controller.pid, signal.SIGKILL)
+    procs.wait_gone(c.controller, timeout_s=5)
+    assert rec["converged"]
+    evs, bad = evlog.read_all(c.state_dir, procs=["controller"])
+    assert bad == 0
+    [conv] = [e for e in evs if e["kind"] == "move.converged" and e["vm"] == "vm1"]
+    assert (conv["op"], conv["dst"], conv["seq"], conv["switch_ns"]) == (rec["op"], "h2", 1, rec["switch_ns"])
+    rows = [r for e in evs if e["kind"] == "apply.rows" for r in e["rows"]]
+    key = (vm1["vlan"], parse_mac(vm1["mac"]), "h2", 1)
+    assert {r[1] for r in rows if tuple(r[2:6]) == key} == {"h1", "h2", "h3"}
