@@ -167,6 +167,7 @@ class _Seen:
         self.last_done = core.history[-1] if core.history else None
         self.applied = core._applied_total()
         self.tick = 0
+        self.moving: dict[int, object] = {}  # moves and restarts started, not switched over yet
 
     def derive(self, ev: EventLog, applies: bool) -> None:
         core = self.core
@@ -188,7 +189,16 @@ class _Seen:
                 else:
                     ev.emit("move.started", op=n, vm=op.vm, op_kind=op.kind, src=op.src, dst=op.dst,
                             seq=op.target[1], message=f"move of {op.vm} {op.src} -> {op.dst} started")
+                self.moving[n] = op
             self.next_op = core._next_op
+        if self.moving:
+            for n, op in list(self.moving.items()):
+                if op.switched:
+                    del self.moving[n]
+                    ev.emit("move.switched", op=n, vm=op.vm, host=op.dst, op_kind=op.kind, switch_ns=op.switch_ns,
+                            message=f"{op.vm} switched over to {op.dst}")
+                elif n not in core.ops:
+                    del self.moving[n]  # ended before it switched: its move.failed follows
         hist = core.history
         if hist and hist[-1] is not self.last_done:
             new = []

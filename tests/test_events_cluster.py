@@ -62,8 +62,8 @@ def test_events_after_kill_show_death_restarts_and_convergence_in_order(tmp_path
                 if select.select([fol.stdout], [], [], 0.5)[0]:
                     out += os.read(fol.stdout.fileno(), 65536)  # (unbuffered: select sees what is left)
             followed = [json.loads(x) for x in out.decode().splitlines() if x.strip()]
-            assert [e["vm"] for e in followed if e["kind"] == "move.converged"] == ["vm1"]
-            assert {e["kind"] for e in followed} <= {"move.started", "move.converged"}
+            assert [e["kind"] for e in followed if e["vm"] == "vm1"] == ["move.started", "move.switched",
+                                                                         "move.converged"]
         finally:
             fol.send_signal(signal.SIGTERM)
             _, err = fol.communicate(timeout=10)
