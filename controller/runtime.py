@@ -96,10 +96,18 @@ class ControllerRuntime:
         return 0
 
     def _on_frames(self, frames: list[bytes]) -> None:
+        core = self.core
         if len(frames) < 2:
-            self.core.dropped_malformed += 1
+            core.dropped_malformed += 1
             return
-        self.core.on_frame(frames[:-1], frames[-1], time.monotonic_ns())
+        seen = core.dropped_malformed
+        core.on_frame(frames[:-1], frames[-1], time.monotonic_ns())
+        if core.dropped_malformed != seen:
+            # Whose it was: an agent's control socket is named agent:HOST:INCARNATION.
+            who = frames[0].decode(errors="replace")
+            peer = who.split(":")[1] if who.startswith("agent:") and who.count(":") >= 2 else "client"
+            self.events.limited("frame.dropped", peer, reason="dropped_malformed", total=core.dropped_malformed,
+                                message=f"dropped a frame from {peer}: malformed ({core.dropped_malformed} so far)")
 
     def _on_timer(self) -> None:
         self.core.on_timer(time.monotonic_ns())

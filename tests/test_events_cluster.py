@@ -74,12 +74,13 @@ def test_events_after_kill_show_death_restarts_and_convergence_in_order(tmp_path
         assert run_dvs("fault", "heal", state_dir=sd).returncode == 0
 
         # Garbage on h1's API socket: dropped, counted, and told once a second, not once a frame.
-        rpc = json.loads((sd / "cluster.json").read_text())["agents"][0]["rpc"]
-        with zmq.Context.instance().socket(zmq.DEALER) as s:
-            s.setsockopt(zmq.LINGER, 1000)
-            s.connect(rpc)
-            for _ in range(20):
-                s.send(b"\xc1 not msgpack")
+        state = json.loads((sd / "cluster.json").read_text())
+        for endpoint in (state["agents"][0]["rpc"], state["controller"]["controller"]):
+            with zmq.Context.instance().socket(zmq.DEALER) as s:
+                s.setsockopt(zmq.LINGER, 1000)
+                s.connect(endpoint)
+                for _ in range(20):
+                    s.send(b"\xc1 not msgpack")
 
         kill = run_dvs("fault", "kill", "h3", state_dir=sd)
         assert kill.returncode == 0, kill.stderr
@@ -109,10 +110,11 @@ def test_events_after_kill_show_death_restarts_and_convergence_in_order(tmp_path
     assert ("h2", "fault.applied") in kinds and ("h2", "fault.cleared") in kinds
     assert ("controller", "move.started") in kinds and ("controller", "membership.epoch") in kinds
     assert ("h1", "membership.epoch") in kinds
-    drops = [e for e in evs if e["kind"] == "frame.dropped" and e["proc"] == "h1"]
-    assert drops and all(e["reason"] == "dropped_malformed" and e["peer"] == "client" for e in drops)
-    assert sum((0 if e.get("summary") else 1) + e.get("suppressed", 0) for e in drops) == 20
-    assert len(drops) < 20
+    for proc in ("h1", "controller"):
+        drops = [e for e in evs if e["kind"] == "frame.dropped" and e["proc"] == proc]
+        assert drops and all(e["reason"] == "dropped_malformed" and e["peer"] == "client" for e in drops)
+        assert sum((0 if e.get("summary") else 1) + e.get("suppressed", 0) for e in drops) == 20
+        assert len(drops) < 20
     # Every process that was not killed says it stopped, and why; h3 was SIGKILLed: it could not.
     down_by = {e["proc"]: e["reason"] for e in evs if e["kind"] == "process.down"}
     assert down_by == {"h1": "SIGTERM", "h2": "SIGTERM", "h4": "SIGTERM", "controller": "SIGTERM"}
