@@ -123,6 +123,7 @@ class AgentRuntime:
             self.events = EventLog(self.events_path, self.host)
         self._drops_seen = 0
         self._epoch_seen = 0
+        self._repairs_seen = 0
         self.timer = Timer(loop, self._on_timer)
         self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after)
         self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after)
@@ -262,6 +263,26 @@ class AgentRuntime:
                                     message=f"dropped a frame from {peer} on {channel}: {reason} "
                                             f"({now[reason]} so far)")
 
+    def _repair_events(self, outbox: list) -> None:
+        """repair.pull / repair.snapshot for the repair requests about to go out (rate-limited per
+        peer: under heavy loss an agent pulls many times a second)."""
+        s = self.core.stats
+        self._repairs_seen = s.pulls_sent + s.snapshots_requested
+        for dest, payload in outbox:
+            if dest[0] != "peer":
+                continue
+            try:
+                mt, body = wire.decode(payload)
+            except wire.WireError:
+                continue
+            if mt is wire.MsgType.PULL_REQ:
+                lo, hi = body[2], body[3]
+                upto = "on" if hi >= wire.MAX_U64 else f"to {hi}"
+                self.events.limited("repair.pull", dest[1], lo=lo, hi=None if hi >= wire.MAX_U64 else hi,
+                                    message=f"asked {dest[1]} for its updates from {lo} {upto}")
+            elif mt is wire.MsgType.SNAPSHOT_REQ:
+                self.events.limited("repair.snapshot", dest[1], message=f"asked {dest[1]} for its whole table")
+
     def _configure_faults(self, args: dict) -> dict:
         """The `faults` API call (agent/faults.py), and an event per rule it adds or removes."""
         f = self.faults
@@ -294,7 +315,10 @@ class AgentRuntime:
             self.dp.after_core(now)
         core.flush(now)
         sent_ctl = sent_pull = sent_rpc = False
-        for dest, payload in core.take_outbox():
+        outbox = core.take_outbox()
+        if core.stats.pulls_sent + core.stats.snapshots_requested != self._repairs_seen:
+            self._repair_events(outbox)
+        for dest, payload in outbox:
             try:
                 if dest == "pub":
                     self.pub.send(payload, NOBLOCK)

@@ -110,6 +110,8 @@ def test_events_after_kill_show_death_restarts_and_convergence_in_order(tmp_path
     assert ("h2", "fault.applied") in kinds and ("h2", "fault.cleared") in kinds
     assert ("controller", "move.started") in kinds and ("controller", "membership.epoch") in kinds
     assert ("h1", "membership.epoch") in kinds
+    # A joining agent asks a peer for its whole table.
+    assert {p for p, k in kinds if k == "repair.snapshot"} == {"h1", "h2", "h3", "h4"}
     for proc in ("h1", "controller"):
         drops = [e for e in evs if e["kind"] == "frame.dropped" and e["proc"] == proc]
         assert drops and all(e["reason"] == "dropped_malformed" and e["peer"] == "client" for e in drops)
