@@ -147,7 +147,7 @@ class ControllerRuntime:
             self.events.emit_many(events)
             if self._seen is not None:
                 try:
-                    self._seen.derive(self.events, self.events_applies)
+                    self._seen.derive(self.events, self.events_applies, events)
                 except (AttributeError, KeyError, TypeError) as e:
                     # The core changed under the runtime (a refactor): its events stop, it goes on.
                     log.error("no more derived events: %s: %s", type(e).__name__, e)
@@ -176,35 +176,45 @@ class _Seen:
         self.applied = core._applied_total()
         self.tick = 0
         self.moving: dict[int, object] = {}  # moves and restarts started, not switched over yet
+        self.core_kinds: set[str] = set()
 
-    def derive(self, ev: EventLog, applies: bool) -> None:
+    def _emit(self, ev: EventLog, kind: str, **fields) -> None:
+        if kind not in self.core_kinds:
+            ev.emit(kind, **fields)
+
+    def derive(self, ev: EventLog, applies: bool, core_events: list) -> None:
+        """`core_events`: what the core emitted itself this time; a kind it emits is never derived
+        again (so a core that learns to emit move.converged replaces the derivation, no doubles)."""
+        for e in core_events:
+            if isinstance(e, dict) and e.get("kind") not in (None, "log"):
+                self.core_kinds.add(e["kind"])
         core = self.core
         if core.peers_epoch != self.epoch or self.tick != core._next_tick_ns:
             self.tick = core._next_tick_ns
             self._hosts(ev)
             if core.peers_epoch != self.epoch:
                 self.epoch = core.peers_epoch
-                ev.emit("membership.epoch", epoch=core.peers_epoch, hosts=core._live_count(),
-                        message=f"membership epoch {core.peers_epoch}: {core._live_count()} live hosts")
+                self._emit(ev, "membership.epoch", epoch=core.peers_epoch, hosts=core._live_count(),
+                           message=f"membership epoch {core.peers_epoch}: {core._live_count()} live hosts")
         if core._next_op != self.next_op:
             for n in range(self.next_op, core._next_op):
                 op = core.ops.get(n)
                 if op is None or op.kind not in ("move", "restart"):
                     continue  # (finished already: its move.converged/failed follows; creates are many)
                 if op.kind == "restart":
-                    ev.emit("ha.restart", op=n, vm=op.vm, src=op.src, dst=op.dst, seq=op.target[1],
-                            message=f"HA: {op.vm} restarts on {op.dst} ({op.src} is gone)")
+                    self._emit(ev, "ha.restart", op=n, vm=op.vm, src=op.src, dst=op.dst, seq=op.target[1],
+                               message=f"HA: {op.vm} restarts on {op.dst} ({op.src} is gone)")
                 else:
-                    ev.emit("move.started", op=n, vm=op.vm, op_kind=op.kind, src=op.src, dst=op.dst,
-                            seq=op.target[1], message=f"move of {op.vm} {op.src} -> {op.dst} started")
+                    self._emit(ev, "move.started", op=n, vm=op.vm, op_kind=op.kind, src=op.src, dst=op.dst,
+                               seq=op.target[1], message=f"move of {op.vm} {op.src} -> {op.dst} started")
                 self.moving[n] = op
             self.next_op = core._next_op
         if self.moving:
             for n, op in list(self.moving.items()):
                 if op.switched:
                     del self.moving[n]
-                    ev.emit("move.switched", op=n, vm=op.vm, host=op.dst, op_kind=op.kind, switch_ns=op.switch_ns,
-                            message=f"{op.vm} switched over to {op.dst}")
+                    self._emit(ev, "move.switched", op=n, vm=op.vm, host=op.dst, op_kind=op.kind,
+                               switch_ns=op.switch_ns, message=f"{op.vm} switched over to {op.dst}")
                 elif n not in core.ops:
                     del self.moving[n]  # ended before it switched: its move.failed follows
         hist = core.history
@@ -217,7 +227,7 @@ class _Seen:
             self.last_done = hist[-1]
             for op in reversed(new):
                 kind, fields = _finished(op)
-                ev.emit(kind, **fields)
+                self._emit(ev, kind, **fields)
         if applies and core._applied_total() != self.applied:
             total = core._applied_total()
             n = total - self.applied
@@ -225,7 +235,7 @@ class _Seen:
             rows.reverse()
             self.applied = total
             # (t_ns, reporter, vlan, mac, host, seq, tombstone), as the applied_log API gives them
-            ev.emit("apply.rows", rows=rows, **({"lost": n - len(rows)} if n > len(rows) else {}))
+            self._emit(ev, "apply.rows", rows=rows, **({"lost": n - len(rows)} if n > len(rows) else {}))
 
     def _hosts(self, ev: EventLog) -> None:
         for h in self.core.inv.hosts.values():
@@ -234,15 +244,15 @@ class _Seen:
                 continue
             self.hosts[h.name] = h.state
             if h.state == "dead":
-                ev.emit("host.dead", host=h.name, message=f"host {h.name} is dead: silent too long")
+                self._emit(ev, "host.dead", host=h.name, message=f"host {h.name} is dead: silent too long")
             elif h.state == "suspect":
-                ev.emit("host.suspect", host=h.name, message=f"host {h.name} is suspect: silent")
+                self._emit(ev, "host.suspect", host=h.name, message=f"host {h.name} is suspect: silent")
             elif was is None:
-                ev.emit("host.registered", host=h.name, message=f"host {h.name} registered")
+                self._emit(ev, "host.registered", host=h.name, message=f"host {h.name} registered")
             elif was == "dead":
-                ev.emit("host.readmitted", host=h.name, message=f"host {h.name} is back")
+                self._emit(ev, "host.readmitted", host=h.name, message=f"host {h.name} is back")
             else:
-                ev.emit("host.alive", host=h.name, was=was, message=f"host {h.name} heard again (was {was})")
+                self._emit(ev, "host.alive", host=h.name, was=was, message=f"host {h.name} heard again (was {was})")
 
 
 def _finished(op) -> tuple:
