@@ -173,7 +173,7 @@ class _Seen:
         self.hosts = {h.name: h.state for h in core.inv.hosts.values()}
         self.next_op = core._next_op  # (ops are numbered 1, 2, 3 ...: the ones above it are new)
         self.last_done = core.history[-1] if core.history else None
-        self.applied = core._applied_total()
+        self.applied = _applied_total(core)
         self.tick = 0
         self.moving: dict[int, object] = {}  # moves and restarts started, not switched over yet
         self.core_kinds: set[str] = set()
@@ -194,8 +194,9 @@ class _Seen:
             self._hosts(ev)
             if core.peers_epoch != self.epoch:
                 self.epoch = core.peers_epoch
-                self._emit(ev, "membership.epoch", epoch=core.peers_epoch, hosts=core._live_count(),
-                           message=f"membership epoch {core.peers_epoch}: {core._live_count()} live hosts")
+                live = len(core.inv.live_hosts())
+                self._emit(ev, "membership.epoch", epoch=core.peers_epoch, hosts=live,
+                           message=f"membership epoch {core.peers_epoch}: {live} live hosts")
         if core._next_op != self.next_op:
             for n in range(self.next_op, core._next_op):
                 op = core.ops.get(n)
@@ -228,8 +229,8 @@ class _Seen:
             for op in reversed(new):
                 kind, fields = _finished(op)
                 self._emit(ev, kind, **fields)
-        if applies and core._applied_total() != self.applied:
-            total = core._applied_total()
+        if applies and _applied_total(core) != self.applied:
+            total = _applied_total(core)
             n = total - self.applied
             rows = list(itertools.islice(reversed(core.applied_log), n))
             rows.reverse()
@@ -253,6 +254,12 @@ class _Seen:
                 self._emit(ev, "host.readmitted", host=h.name, message=f"host {h.name} is back")
             else:
                 self._emit(ev, "host.alive", host=h.name, was=was, message=f"host {h.name} heard again (was {was})")
+
+
+def _applied_total(core: ControllerCore) -> int:
+    """Apply rows the core has logged so far (also those its bounded applied_log dropped)."""
+    tracker = getattr(core, "applies", None)  # (the core split into components keeps them there)
+    return tracker.applied_count if tracker is not None else core._applied_total()
 
 
 def _finished(op) -> tuple:
