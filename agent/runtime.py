@@ -121,7 +121,8 @@ class AgentRuntime:
         self.core.extra_methods["faults"] = self._configure_faults
         if self.events_path:
             self.events = EventLog(self.events_path, self.host)
-        self._drops_seen = 0
+        self._drops_seen = 0  # the sum of the core's DROP_COUNTERS when last told
+        self._drop_counts = dict.fromkeys(DROP_COUNTERS, 0)
         self._epoch_seen = 0
         self._repairs_seen = 0
         self.timer = Timer(loop, self._on_timer)
@@ -247,7 +248,7 @@ class AgentRuntime:
         most once a second per (reason, peer) (dvswitch/events.py)."""
         s = self.core.stats
         now = {n: getattr(s, n) for n in DROP_COUNTERS}
-        before = getattr(self, "_drop_counts", dict.fromkeys(DROP_COUNTERS, 0))
+        before = self._drop_counts
         self._drop_counts, self._drops_seen = now, drops
         if channel == "ctl":
             peer = CONTROLLER
@@ -260,8 +261,8 @@ class AgentRuntime:
             if now[reason] != before[reason]:
                 self.events.limited("frame.dropped", peer, reason=reason, channel=channel,
                                     count=now[reason] - before[reason], total=now[reason],
-                                    message=f"dropped a frame from {peer} on {channel}: {reason} "
-                                            f"({now[reason]} so far)")
+                                    message=f"dropped from {peer} on {channel}: {reason} "
+                                            f"(+{now[reason] - before[reason]}, {now[reason]} so far)")
 
     def _repair_events(self, outbox: list) -> None:
         """repair.pull / repair.snapshot for the repair requests about to go out (rate-limited per

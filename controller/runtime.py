@@ -21,6 +21,10 @@ from dvswitch.events import EventLog, NoEventLog, stop_reasons
 
 log = logging.getLogger("controller")
 
+# Core events that also go to the log as warnings (someone should look); the others only to
+# the events file (and the log at debug level).
+WARN_KINDS = {"log", "host.refused", "ha.blocked", "maintenance.blocked"}
+
 
 class ControllerRuntime:
     def __init__(self, config: ControllerConfig, *, bind: str | None = None, bind_ip: str = "127.0.0.1",
@@ -59,7 +63,7 @@ class ControllerRuntime:
         if self.events_path:
             self.events = EventLog(self.events_path, "controller")
         self.core = ControllerCore(self.config, journal=self._read_journal(), hosts=self.hosts)
-        self._seen: _Seen | None = _Seen(self.core)
+        self._seen: _Seen | None = _Seen(self.core) if self.events_path else None
         if self.journal_path is not None:
             self.journal_file = open(self.journal_path, "ab")  # noqa: SIM115
         self.timer = Timer(loop, self._on_timer)
@@ -142,7 +146,11 @@ class ControllerRuntime:
         # finds it, and every apply report it waited for, in our events file.
         events = self.core.take_events()
         for event in events:
-            log.warning("%s", event.get("message", event) if isinstance(event, dict) else event)
+            if not isinstance(event, dict):
+                log.warning("%s", event)
+            else:  # what needs the operator stays a warning; the rest is in the events file
+                log.log(logging.WARNING if event.get("kind") in WARN_KINDS else logging.DEBUG, "%s",
+                        event.get("message") or event)
         if self.events_path:
             self.events.emit_many(events)
             if self._seen is not None:
