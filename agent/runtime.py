@@ -269,9 +269,10 @@ class AgentRuntime:
         peer: under heavy loss an agent pulls many times a second)."""
         s = self.core.stats
         self._repairs_seen = s.pulls_sent + s.snapshots_requested
-        for dest, payload in outbox:
-            if dest[0] != "peer":
-                continue
+        for item in outbox:
+            if not isinstance(item, tuple) or item[0][0] != "peer":
+                continue  # (a core whose outbox holds effects emits repair events itself)
+            dest, payload = item
             try:
                 mt, body = wire.decode(payload)
             except wire.WireError:
