@@ -1012,6 +1012,64 @@ def moves(last, show_all, as_json, state_dir) -> None:
     console.print(moves_table(recs, first=kept - len(recs) + 1))
 
 
+# ---------------------------------------------------------------------- events
+
+
+@cli.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they are written, until Ctrl-C.")
+@click.option("--host", "hosts", multiple=True, metavar="H",
+              help="Only process H's events and others' events about H (host, src, dst or peer H); repeatable. "
+                   "`controller` is the controller's.")
+@click.option("--kind", "kinds", multiple=True, metavar="K",
+              help="Only kind K or the kinds under it (`move` = move.started, move.converged, ...); repeatable.")
+@click.option("--since", default=None, metavar="WHEN",
+              help="Only events since WHEN: a duration back from now (30s, 5m, 2h, 1d) or a time "
+                   "(2026-12-03T17:05:00Z).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (as written), not a table.")
+@state_dir_option
+def events(follow, hosts, kinds, since, as_json, state_dir) -> None:
+    """What every process did, merged in time order: moves started, switched, converged or
+    failed; hosts suspect, dead, readmitted; HA restarts and where they went; membership epochs;
+    repairs; faults; frames dropped. From STATE_DIR/events/*.jsonl (one file per process; kept
+    after `dvs down`, cleared by the next `dvs up`)."""
+    from testbed import events as evlog
+
+    try:
+        since_ns = evlog.parse_since(since) if since is not None else None
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    keep = evlog.Filter(hosts=[h for arg in hosts for h in arg.split(",") if h],
+                        kinds=[k for arg in kinds for k in arg.split(",") if k], since_ns=since_ns)
+    def show(evs: list[dict], table: bool) -> None:
+        evs = [e for e in evs if keep(e)]
+        if as_json:
+            for e in evs:
+                click.echo(json.dumps(e, separators=(",", ":")))
+            sys.stdout.flush()
+            return
+        if table:
+            t = Table("time", "proc", "kind", "details", box=None, pad_edge=False)
+            for e in evs:
+                t.add_row(evlog.clock_of(e), str(e.get("proc", "?")), e["kind"], evlog.details(e))
+            console.print(t, highlight=False)
+            return
+        for e in evs:
+            console.print(f"{evlog.clock_of(e)}  {e.get('proc', '?'):<10} {e['kind']:<18} {evlog.details(e)}",
+                          highlight=False, markup=False, soft_wrap=True)
+
+    if follow:
+        evlog.follow(state_dir, lambda evs: show(evs, table=False))  # until Ctrl-C / SIGTERM
+        return
+    if not evlog.files(state_dir):
+        raise ClusterError(f"no events in {evlog.events_dir(state_dir)}; start a cluster with `dvs up` "
+                           "(or give its --state-dir)")
+    evs, bad = evlog.read_all(state_dir)
+    show(evs, table=True)
+    if bad:
+        err_console.print(f"{bad} line(s) were not events (a torn last line of a killed process?); skipped",
+                          highlight=False)
+
+
 # ---------------------------------------------------------------------- data plane traffic
 
 
