@@ -415,3 +415,18 @@ for_s = 2.5
     assert proc.returncode == 1 and s["verdict"] == "invalid", proc.stdout + proc.stderr
     assert "tables-match-inventory" in s["failed"], s["failed"]
     assert "differ from the inventory" in s["invariants"]["tables-match-inventory"]["violations"][0]["what"]
+
+
+@pytest.mark.cluster
+def test_a_shipped_scenario_runs_both_ways_and_the_one_checker_finds_both_valid(tmp_path):
+    # The cheapest shipped scenario on real processes (4 hosts, 6 s: a kill for good and a
+    # controller pause); every shipped scenario runs in the simulator in tests/test_faultlang.py.
+    report = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "testbed.chaos", str(REPO / "scenarios" / "ha-after-controller-pause.toml"),
+                           "--seed", "1", "--report", str(report)], capture_output=True, text=True, cwd=REPO,
+                          timeout=150)
+    s = json.loads((report / "summary.json").read_text())
+    assert proc.returncode == 0 and s["verdict"] == "valid", proc.stdout + proc.stderr
+    assert "replay in the simulator: dvs sim --faults" in proc.stdout
+    rep = replay_sim(report)
+    assert rep["reproduced"] and rep["exactly"] and rep["sim"]["verdict"] == "valid", rep

@@ -56,9 +56,10 @@ VMs are restarted elsewhere (HA); moves in flight to or from it may fail.
 --faults SCENARIO.toml   the cluster, settings, planned moves and fault schedule of a `dvs chaos`
   scenario (the same file, drawn with the same --seed): each at_s of the file is at_s x 1000
   virtual ms after the first move, as on real processes (docs/scenarios.md). The run writes a
-  chaos history (--history DIR: history.jsonl and summary.json there) and the chaos checker
-  judges it; the exit status is then `dvs chaos`'s: 0 valid, 1 invalid, 3 unknown.
-  --partitions and --crashes are shorthands for the same schedule type (testbed/schedule.py).
+  chaos history and the chaos checker judges it; the exit status is then `dvs chaos`'s: 0 valid,
+  1 invalid, 3 unknown. --partitions and --crashes are shorthands for the same schedule type
+  (testbed/schedule.py). --history DIR writes the history (history.jsonl, judged in
+  summary.json: `dvs chaos --check-only DIR` judges it again), for a plain run too.
 
 Exit status 0 only when every move converged (a move a controller crash interrupted counts if
 it ended done or rolled back) and the final checks passed: every running agent's table equals
