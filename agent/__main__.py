@@ -34,6 +34,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault-injection RNG (default 0)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--events", default=None, metavar="FILE",
+                   help="append what the agent does to FILE, one JSON object per line (`dvs events` reads it); "
+                        "default: none")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus metrics on --bind-ip:PORT (default 0: an ephemeral port; -1: none)")
     p.add_argument("--parent-pid", type=int, default=None,
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     rt = AgentRuntime(args.host, args.controller, config, bind_ip=args.bind_ip, ready_fd=args.ready_fd,
                       fault_seed=args.fault_seed, vtep_base=vtep_base, vtep_port=args.vtep_port,
                       dp_config=dp_config, vteps=vteps, vm_netns=args.vm_netns, pub_port=pub_port,
-                      rpc_port=rpc_port, metrics_port=args.metrics_port, parent_pid=args.parent_pid)
+                      rpc_port=rpc_port, metrics_port=args.metrics_port, parent_pid=args.parent_pid,
+                      events_path=args.events)
     try:
         return asyncio.run(rt.run())
     except zmq.ZMQError as e:

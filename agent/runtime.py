@@ -47,6 +47,7 @@ from agent.zmqloop import (
     tune_gc,
     write_ready,
 )
+from dvswitch.events import EventLog, NoEventLog, stop_reasons
 
 log = logging.getLogger("agent")
 
@@ -59,8 +60,10 @@ class AgentRuntime:
                  vtep_base: str | None = None, vtep_port: int = vxlan.VXLAN_PORT,
                  dp_config: DataplaneConfig | None = None, vteps: VtepMap | None = None,
                  vm_netns: str | None = None, pub_port: int = 0, rpc_port: int = 0, metrics_port: int = -1,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, events_path: str | None = None) -> None:
         self.host = host
+        self.events_path = events_path  # our events file (dvswitch/events.py); None: none
+        self.events: EventLog = NoEventLog(host)
         self.metrics_port = metrics_port  # -1: no metrics server (see agent/metrics.py)
         self.parent_pid = parent_pid  # stop when this process exits (see agent/lifeline.py)
         self.controller = controller
@@ -115,7 +118,13 @@ class AgentRuntime:
 
         self.core = AgentCore(self.host, self.incarnation, self.config, pub_endpoint=pub_ep, rpc_endpoint=rpc_ep,
                               pid=os.getpid())
-        self.core.extra_methods["faults"] = self.faults.configure
+        self.core.extra_methods["faults"] = self._configure_faults
+        if self.events_path:
+            self.events = EventLog(self.events_path, self.host)
+        self._drops_seen = 0  # the sum of the core's DROP_COUNTERS when last told
+        self._drop_counts = dict.fromkeys(DROP_COUNTERS, 0)
+        self._epoch_seen = 0
+        self._repairs_seen = 0
         self.timer = Timer(loop, self._on_timer)
         self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after)
         self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after)
@@ -139,8 +148,9 @@ class AgentRuntime:
                 ready.update(vtep=f"{ip}:{self.vtep_port}", vnic=f"{ip}:{dp.vnic_port}")
         stop = asyncio.Event()
         on_stop_signals(loop, stop)
+        self.stop_reason = stop_reasons(loop, stop)
         if self.parent_pid:
-            watch_owner(loop, self.parent_pid, stop.set)
+            watch_owner(loop, self.parent_pid, lambda: (self.stop_reason.append("owner gone"), stop.set()))
         if self.metrics_port >= 0:
             url = metrics.serve(loop, lambda: metrics.agent_metrics(self.core, self.dp, time.monotonic_ns()),
                                 self.bind_ip, self.metrics_port)
@@ -151,9 +161,14 @@ class AgentRuntime:
         self._after()
         write_ready(self.ready_fd, ready)
         log.info("agent %s up: pub %s rpc %s controller %s", self.host, pub_ep, rpc_ep, self.controller)
+        self.events.emit("process.up", incarnation=self.incarnation, pub=pub_ep, rpc=rpc_ep, controller=self.controller,
+                         message=f"agent {self.host} up")
         await stop.wait()
         log.info("agent %s stopping", self.host)
+        reason = self.stop_reason[0] if self.stop_reason else "stopped"
         self.close()
+        self.events.emit("process.down", reason=reason, message=f"agent {self.host} stopped ({reason})")
+        self.events.close()
         return 0
 
     def close(self) -> None:
@@ -178,7 +193,7 @@ class AgentRuntime:
         if self.faults.active:
             self._faulty("sub", host, frame, host)
         else:
-            self.core.on_frame("sub", frame, time.monotonic_ns(), envelope=host)
+            self._on_frame("sub", frame, time.monotonic_ns(), envelope=host)
 
     def _on_rpc(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -188,7 +203,7 @@ class AgentRuntime:
         if self.faults.active:
             self._faulty("rpc", host_of_identity(envelope[0]), frames[-1], envelope)
         else:
-            self.core.on_frame("rpc", frames[-1], time.monotonic_ns(), envelope=envelope)
+            self._on_frame("rpc", frames[-1], time.monotonic_ns(), envelope=envelope)
 
     def _on_pull(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
@@ -200,24 +215,94 @@ class AgentRuntime:
         if self.faults.active:
             self._faulty("pull", sender or "?", frames[1], sender)
         else:
-            self.core.on_frame("pull", frames[1], time.monotonic_ns(), envelope=sender)
+            self._on_frame("pull", frames[1], time.monotonic_ns(), envelope=sender)
 
     def _on_ctl(self, frames: list[bytes]) -> None:
         if self.faults.active:
             self._faulty("ctl", CONTROLLER, frames[-1], None)
         else:
-            self.core.on_frame("ctl", frames[-1], time.monotonic_ns())
+            self._on_frame("ctl", frames[-1], time.monotonic_ns())
 
     def _faulty(self, channel: str, peer: str | None, frame: bytes, envelope) -> None:
         for delay_s in self.faults.plan(peer, frame):
             if delay_s <= 0:
-                self.core.on_frame(channel, frame, time.monotonic_ns(), envelope=envelope)
+                self._on_frame(channel, frame, time.monotonic_ns(), envelope=envelope)
             else:
                 self.loop.call_later(delay_s, self._deliver_late, channel, frame, envelope)
 
     def _deliver_late(self, channel: str, frame: bytes, envelope) -> None:
-        self.core.on_frame(channel, frame, time.monotonic_ns(), envelope=envelope)
+        self._on_frame(channel, frame, time.monotonic_ns(), envelope=envelope)
         self._after()
+
+    def _on_frame(self, channel: str, frame: bytes, now_ns: int, envelope=None) -> None:
+        core = self.core
+        core.on_frame(channel, frame, now_ns, envelope)
+        s = core.stats
+        drops = (s.dropped_malformed + s.dropped_unexpected + s.forged_claims + s.non_member_claims
+                 + s.non_member_messages)
+        if drops != self._drops_seen:
+            self._dropped(channel, envelope, drops)
+
+    def _dropped(self, channel: str, envelope, drops: int) -> None:
+        """The core dropped (part of) a frame: say which counter grew and whose frame it was, at
+        most once a second per (reason, peer) (dvswitch/events.py)."""
+        s = self.core.stats
+        now = {n: getattr(s, n) for n in DROP_COUNTERS}
+        before = self._drop_counts
+        self._drop_counts, self._drops_seen = now, drops
+        if channel == "ctl":
+            peer = CONTROLLER
+        elif channel == "rpc":
+            peer = host_of_identity(envelope[0]) if envelope else None
+            peer = peer or "client"
+        else:
+            peer = envelope if isinstance(envelope, str) else "?"
+        for reason in DROP_COUNTERS:
+            if now[reason] != before[reason]:
+                self.events.limited("frame.dropped", peer, reason=reason, channel=channel,
+                                    count=now[reason] - before[reason], total=now[reason],
+                                    message=f"dropped from {peer} on {channel}: {reason} "
+                                            f"(+{now[reason] - before[reason]}, {now[reason]} so far)")
+
+    def _repair_events(self, outbox: list) -> None:
+        """repair.pull / repair.snapshot for the repair requests about to go out (rate-limited per
+        peer: under heavy loss an agent pulls many times a second)."""
+        s = self.core.stats
+        self._repairs_seen = s.pulls_sent + s.snapshots_requested
+        for item in outbox:
+            if not isinstance(item, tuple) or item[0][0] != "peer":
+                continue  # (a core whose outbox holds effects emits repair events itself)
+            dest, payload = item
+            try:
+                mt, body = wire.decode(payload)
+            except wire.WireError:
+                continue
+            if mt is wire.MsgType.PULL_REQ:
+                lo, hi = body[2], body[3]
+                upto = "on" if hi >= wire.MAX_U64 else f"to {hi}"
+                self.events.limited("repair.pull", dest[1], lo=lo, hi=None if hi >= wire.MAX_U64 else hi,
+                                    message=f"asked {dest[1]} for its updates from {lo} {upto}")
+            elif mt is wire.MsgType.SNAPSHOT_REQ:
+                self.events.limited("repair.snapshot", dest[1], message=f"asked {dest[1]} for its whole table")
+
+    def _configure_faults(self, args: dict) -> dict:
+        """The `faults` API call (agent/faults.py), and an event per rule it adds or removes."""
+        f = self.faults
+        rules, blocked = dict(f.rules), set(f.blocked)
+        out = f.configure(args)
+        for rid, r in f.rules.items():
+            if rules.get(rid) != r:
+                self.events.emit("fault.applied", rule=r.to_json(), replaced=rid in rules,
+                                 message=f"fault {rid} on what {self.host} receives: {_rule_text(r)}")
+        for rid in rules.keys() - f.rules.keys():
+            self.events.emit("fault.cleared", rule=rid, message=f"fault {rid} healed")
+        if f.blocked != blocked:
+            if f.blocked:
+                self.events.emit("fault.applied", rule={"kind": "partition", "blocked": sorted(f.blocked)},
+                                 message=f"partition: {self.host} hears nothing from {', '.join(sorted(f.blocked))}")
+            else:
+                self.events.emit("fault.cleared", rule="partition", message="partition healed")
+        return out
 
     def _on_timer(self) -> None:
         self.core.on_timer(time.monotonic_ns())
@@ -232,7 +317,10 @@ class AgentRuntime:
             self.dp.after_core(now)
         core.flush(now)
         sent_ctl = sent_pull = sent_rpc = False
-        for dest, payload in core.take_outbox():
+        outbox = core.take_outbox()
+        if core.stats.pulls_sent + core.stats.snapshots_requested != self._repairs_seen:
+            self._repair_events(outbox)
+        for dest, payload in outbox:
             try:
                 if dest == "pub":
                     self.pub.send(payload, NOBLOCK)
@@ -261,6 +349,13 @@ class AgentRuntime:
             for (vlan, mac), moves in core.flapping.items():
                 log.warning("MAC flap: vlan %d mac %s moved %d times within %d ms", vlan, format_mac(mac), moves,
                             self.config.flap_window_ms)
+                self.events.emit("mac.flap", vlan=vlan, mac=format_mac(mac), moves=moves,
+                                 window_ms=self.config.flap_window_ms,
+                                 message=f"MAC flap: vlan {vlan} mac {format_mac(mac)} moved {moves} times")
+        if core.peers_epoch != self._epoch_seen:
+            self._epoch_seen = core.peers_epoch
+            self.events.emit("membership.epoch", epoch=core.peers_epoch, hosts=len(core.peers) + 1,
+                             message=f"membership epoch {core.peers_epoch}: {len(core.peers) + 1} hosts")
         self.timer.set(core.next_deadline_ns())
         # A send can swallow the edge that announced new input on the same socket; check
         # only the sockets we sent on (each check costs a syscall inside libzmq).
@@ -305,6 +400,17 @@ class AgentRuntime:
         if sub is not None:
             sub[1].close()
             sub[0].close(linger=0)
+
+
+def _rule_text(r) -> str:
+    what = f"delay {r.delay_ms:g} ms + up to {r.jitter_ms:g} ms" if r.kind == "delay" else f"{r.kind} p={r.p:g}"
+    return what + (f" from {','.join(sorted(r.peers))}" if r.peers else "") + \
+        (f" types {','.join(map(str, sorted(r.types)))}" if r.types else "")
+
+
+# The core's counters of frames (or parts of frames) it dropped: frame.dropped's `reason`.
+DROP_COUNTERS = ("dropped_malformed", "dropped_unexpected", "forged_claims", "non_member_claims",
+                 "non_member_messages")
 
 
 # ---------------------------------------------------------------------- data plane glue

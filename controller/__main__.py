@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="hosts to admit: a count N (h1..hN) or comma-separated names (default: none; the "
                         "journal keeps every host admitted before, `dvs host add` admits more)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--events", default=None, metavar="FILE",
+                   help="append what the controller does to FILE, one JSON object per line (`dvs events` "
+                        "reads it); default: none")
+    p.add_argument("--events-applies", action="store_true",
+                   help="with --events: also every apply report row (apply.rows; the chaos runner's history)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus metrics on --bind-ip:PORT (default 0: an ephemeral port; -1: none)")
     p.add_argument("--parent-pid", type=int, default=None,
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(ControllerRuntime(config, bind=args.bind, bind_ip=args.bind_ip, ready_fd=args.ready_fd,
                                              journal=args.journal, hosts=hosts, metrics_port=args.metrics_port,
-                                             parent_pid=args.parent_pid).run())
+                                             parent_pid=args.parent_pid, events_path=args.events,
+                                             events_applies=args.events_applies).run())
     except zmq.ZMQError as e:
         # (a bind that is no endpoint, or one in use: the launcher shows this line)
         return errors.fail("controller", f"cannot bind {args.bind or args.bind_ip!r}: {e}; give an endpoint such as "

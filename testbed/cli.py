@@ -531,11 +531,11 @@ _NUMERIC = {"ignore_unknown_options": True}
 
 
 def _add_fault(state_dir: str, kind: str, params: dict, only, from_, types, in_agent: bool) -> None:
-    from testbed import nemesis
+    from testbed import nemesis, schedule
 
     cluster = Cluster.load(state_dir)
-    rec = nemesis.add_fault(cluster, kind, params, hosts=_csv(only), from_=_csv(from_), types=_csv(types),
-                            in_agent=in_agent)
+    tf = schedule.from_verb(kind, _csv(only) or (), **params, **{"from": _csv(from_), "types": _csv(types)})
+    rec = nemesis.apply(cluster, tf, in_agent=in_agent)
     r = rec["rule"]
     where = {"kernel": "kernel rules", "agent": "agent wrapper"}[rec["boundary"]]
     if rec["why_agent"]:
@@ -572,9 +572,10 @@ def fault_partition(groups, rest, state_dir) -> None:
         if not rest.isdigit():
             raise click.BadParameter("expected group, isolated or a group number", param_hint="--rest")
         rest = int(rest)
-    blocked = nemesis.groups_to_blocked(list(cluster.agents), [_csv(g) for g in groups], rest)
+    from testbed import schedule
+
     label = " | ".join(groups) + (f" (rest: {rest})" if rest is not None else "")
-    nemesis.partition(cluster, blocked, label)
+    nemesis.apply(cluster, schedule.from_verb("partition", label=label, groups=[_csv(g) for g in groups], rest=rest))
     click.echo(f"partitioned: {label}")
 
 
@@ -588,8 +589,11 @@ def fault_isolate(kind, host, state_dir) -> None:
     from testbed import nemesis
 
     cluster = Cluster.load(state_dir)
+    from testbed import schedule
+
     blocked = nemesis.named_partition("isolate" if kind == "host" else kind, list(cluster.agents), host)
-    nemesis.partition(cluster, blocked, f"isolate {kind}{' ' + host if host else ''}")
+    nemesis.apply(cluster, schedule.from_verb("partition", label=f"isolate {kind}{' ' + host if host else ''}",
+                                              blocked={h: sorted(b) for h, b in blocked.items()}))
     cut = {h: sorted(b) for h, b in blocked.items() if b}
     click.echo(f"partition {kind}{' ' + host if host else ''}: {len(cut)} host(s) cut off from some peers")
 
@@ -600,10 +604,10 @@ def fault_isolate(kind, host, state_dir) -> None:
 def fault_heal(ids, state_dir) -> None:
     """Remove every network fault (kernel rules, partitions, agent wrapper faults), or only the
     faults IDS (e.g. `dvs fault heal f2`)."""
-    from testbed import nemesis
+    from testbed import nemesis, schedule
 
     cluster = Cluster.load(state_dir)
-    nemesis.heal(cluster, list(ids))
+    nemesis.apply(cluster, schedule.from_verb("heal", ids=list(ids)))
     click.echo(f"healed {', '.join(ids)}" if ids else f"healed every network fault on {len(cluster.agents)} host(s)")
 
 
@@ -658,20 +662,12 @@ def fault_reorder(probability, types, only, from_, in_agent, state_dir) -> None:
 
 
 def _process_fault(name: str, action: str, state_dir: str) -> None:
-    import signal as sig
-
-    from testbed import nemesis
+    from testbed import nemesis, schedule
 
     cluster = Cluster.load(state_dir)
-    if action == "kill":
-        p = nemesis.kill(cluster, name)
-    elif action == "pause":
-        p = nemesis.signal_process(cluster, name, sig.SIGSTOP)
-    elif action == "resume":
-        p = nemesis.signal_process(cluster, name, sig.SIGCONT)
-    else:
-        p = nemesis.restart(cluster, name)
-    click.echo(f"{action}: {name} (pid {p.pid})")
+    tf = schedule.from_verb(action, [name])  # (the one fault type: `ctl` is the controller too)
+    p = nemesis.apply(cluster, tf)
+    click.echo(f"{action}: {tf.targets[0]} (pid {p.pid})")
 
 
 for _action, _doc in (("kill", "SIGKILL a host's agent, or the controller."),
@@ -1014,6 +1010,64 @@ def moves(last, show_all, as_json, state_dir) -> None:
     from testbed.demo import moves_table
 
     console.print(moves_table(recs, first=kept - len(recs) + 1))
+
+
+# ---------------------------------------------------------------------- events
+
+
+@cli.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they are written, until Ctrl-C.")
+@click.option("--host", "hosts", multiple=True, metavar="H",
+              help="Only process H's events and others' events about H (host, src, dst or peer H); repeatable. "
+                   "`controller` is the controller's.")
+@click.option("--kind", "kinds", multiple=True, metavar="K",
+              help="Only kind K or the kinds under it (`move` = move.started, move.converged, ...); repeatable.")
+@click.option("--since", default=None, metavar="WHEN",
+              help="Only events since WHEN: a duration back from now (30s, 5m, 2h, 1d) or a time "
+                   "(2026-12-03T17:05:00Z).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (as written), not a table.")
+@state_dir_option
+def events(follow, hosts, kinds, since, as_json, state_dir) -> None:
+    """What every process did, merged in time order: moves started, switched, converged or
+    failed; hosts suspect, dead, readmitted; HA restarts and where they went; membership epochs;
+    repairs; faults; frames dropped. From STATE_DIR/events/*.jsonl (one file per process; kept
+    after `dvs down`, cleared by the next `dvs up`)."""
+    from testbed import events as evlog
+
+    try:
+        since_ns = evlog.parse_since(since) if since is not None else None
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    keep = evlog.Filter(hosts=[h for arg in hosts for h in arg.split(",") if h],
+                        kinds=[k for arg in kinds for k in arg.split(",") if k], since_ns=since_ns)
+    def show(evs: list[dict], table: bool) -> None:
+        evs = [e for e in evs if keep(e)]
+        if as_json:
+            for e in evs:
+                click.echo(json.dumps(e, separators=(",", ":")))
+            sys.stdout.flush()
+            return
+        if table:
+            t = Table("time", "proc", "kind", "details", box=None, pad_edge=False)
+            for e in evs:
+                t.add_row(evlog.clock_of(e), str(e.get("proc", "?")), e["kind"], evlog.details(e))
+            console.print(t, highlight=False)
+            return
+        for e in evs:
+            console.print(f"{evlog.clock_of(e)}  {e.get('proc', '?'):<10} {e['kind']:<18} {evlog.details(e)}",
+                          highlight=False, markup=False, soft_wrap=True)
+
+    if follow:
+        evlog.follow(state_dir, lambda evs: show(evs, table=False))  # until Ctrl-C / SIGTERM
+        return
+    if not evlog.files(state_dir):
+        raise ClusterError(f"no events in {evlog.events_dir(state_dir)}; start a cluster with `dvs up` "
+                           "(or give its --state-dir)")
+    evs, bad = evlog.read_all(state_dir)
+    show(evs, table=True)
+    if bad:
+        err_console.print(f"{bad} line(s) were not events (a torn last line of a killed process?); skipped",
+                          highlight=False)
 
 
 # ---------------------------------------------------------------------- data plane traffic

@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 
 from agent import clusterfile, vxlan
+from dvswitch.events import events_dir, events_path
 from testbed import procs
 from testbed.client import Client, ClusterError
 from testbed.netns import NetnsLab
@@ -333,6 +334,8 @@ class Cluster:
             probe.unlink()
             if journal.exists():
                 journal.unlink()  # a new cluster starts with an empty inventory
+            for old in events_dir(state_dir).glob("*.jsonl*"):
+                old.unlink()  # ...and a story of its own (`dvs events`)
         bind = ["--hosts", str(hosts)]
         if spec is not None:
             bind = ["--cluster", str(cluster_file)]  # its endpoint, its hosts
@@ -344,7 +347,8 @@ class Cluster:
         try:
             [c.controller] = procs.wait_ready(
                 [procs.spawn("controller", "controller",
-                             ["--journal", str(journal), *bind, *c.controller_args, *c.owner_args()],
+                             ["--journal", str(journal), *bind, *c.controller_args, *c.owner_args(),
+                              *c.events_args("controller")],
                              logs / "controller.log")],
                 ready_timeout_s,
             )
@@ -383,6 +387,10 @@ class Cluster:
                 return []
         return ["--parent-pid", str(self.owner_pid)]
 
+    def events_args(self, proc: str) -> list[str]:
+        """Where process `proc` writes its events (`dvs events` reads them there)."""
+        return ["--events", str(events_path(self.state_dir, proc))]
+
     def _spawn_agent(self, host: str, index: int) -> procs.Pending:
         if self.cluster_file is not None:
             # Every address from the file: the controller's endpoint, this host's, its peers' VTEPs.
@@ -390,6 +398,7 @@ class Cluster:
         else:
             args = ["--host", host, "--controller", self.controller_endpoint, "--vtep-base", self.vtep_base,
                     *self.agent_args, *self.owner_args()]
+        args += self.events_args(host)
         prefix = None
         if self.netns is not None:
             from testbed import vmns
@@ -415,7 +424,7 @@ class Cluster:
         [p] = procs.wait_ready(
             [procs.spawn("controller", "controller",
                          ["--bind", endpoint, "--journal", str(self.state_dir / JOURNAL_FILE),
-                          *self.controller_args, *self.owner_args()],
+                          *self.controller_args, *self.owner_args(), *self.events_args("controller")],
                          self.state_dir / "logs" / "controller.log")],
             ready_timeout_s,
         )

@@ -22,6 +22,7 @@ from testbed import procs
 from testbed.client import ClusterError
 from testbed.cluster import Cluster
 from testbed.procs import Proc
+from testbed.schedule import TimedFault
 
 FAULTS_FILE = "faults.json"
 KERNEL, AGENT = "kernel", "agent"
@@ -403,3 +404,31 @@ def rekernel(cluster: Cluster, host: str) -> None:
     rules = _rules_on(load_registry(cluster), host, KERNEL)
     if rules:
         _kernel(cluster).apply_host(host, rules)
+
+
+# ---------------------------------------------------------------------- the one schedule type
+
+
+def apply(cluster: Cluster, tf: TimedFault, *, in_agent: bool = False):
+    """Do one timed fault (testbed/schedule.py) to a running cluster, now: what every `dvs fault`
+    verb does. Returns what the underlying call returns (the rule record, the per-host answers,
+    or the process)."""
+    k, p = tf.kind, tf.params
+    if k == "partition":
+        blocked = {h: set(cut) for h, cut in p["blocked"].items()} if "blocked" in p else \
+            groups_to_blocked(list(cluster.agents), p["groups"], p["rest"] if "rest" in p else "group")
+        return partition(cluster, blocked, tf.label)
+    if k == "heal":
+        return heal(cluster, list(p.get("ids", [])))
+    if k in ("loss", "dup", "reorder", "delay"):
+        params = {"delay_ms": p["delay_ms"], "jitter_ms": p.get("jitter_ms", 0.0)} if k == "delay" else {"p": p["p"]}
+        return add_fault(cluster, k, params, hosts=list(tf.targets) or None, from_=p.get("from"),
+                         types=p.get("types"), in_agent=in_agent)
+    if k in ("kill", "restart", "pause", "resume"):
+        (name,) = tf.targets
+        if k == "kill":
+            return kill(cluster, name)
+        if k == "restart":
+            return restart(cluster, name)
+        return signal_process(cluster, name, signal.SIGSTOP if k == "pause" else signal.SIGCONT)
+    raise ClusterError(f"`dvs fault` cannot do {k!r} (a scenario's evacuate is `dvs host evacuate`)")

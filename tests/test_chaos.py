@@ -359,6 +359,10 @@ for_s = 1.0
     assert [e["action"] for e in events if e["ev"] == "proc"] == ["kill", "restart"]
     assert s["stats"]["moves_requested"] >= 10 and s["stats"]["applies_checked"] > 0
     assert (tmp_path / "report-short-valid" / "timeline.png").exists()
+    # The report's replay_sim: the same scenario, schedule and seed in the simulator, VALID too.
+    assert s["replay_sim"] == f"dvs sim --faults {tmp_path / 'short-valid.toml'} --seed 1"
+    rep = replay_sim(tmp_path / "report-short-valid")
+    assert rep["reproduced"] and rep["sim"]["verdict"] == "valid", rep
 
 
 @pytest.mark.cluster
@@ -379,6 +383,20 @@ for_s = 0.5
     v = s["invariants"]["monotonic-applies"]["violations"][0]
     assert v["reporter"] == "h2" and "went back" in v["what"]
     assert any("restart h2" in line for line in v["around"]), v["around"]
+    # Found on real processes, reproduced in the simulator by the report's replay_sim.
+    rep = replay_sim(tmp_path / "report-reverse-merge")
+    assert rep["reproduced"] and rep["sim"]["verdict"] == "invalid", rep
+    assert "monotonic-applies" in rep["sim"]["failed"] and "monotonic-applies" in rep["failed_in_both"], rep
+
+
+def replay_sim(report: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "testbed.chaos", "--replay-sim", str(report), "--json"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr
+    rep = json.loads(proc.stdout)
+    assert proc.returncode == (0 if rep["reproduced"] else 1)
+    assert (report / "replay-sim" / "history.jsonl").exists()
+    return rep
 
 
 @pytest.mark.cluster
@@ -397,3 +415,18 @@ for_s = 2.5
     assert proc.returncode == 1 and s["verdict"] == "invalid", proc.stdout + proc.stderr
     assert "tables-match-inventory" in s["failed"], s["failed"]
     assert "differ from the inventory" in s["invariants"]["tables-match-inventory"]["violations"][0]["what"]
+
+
+@pytest.mark.cluster
+def test_a_shipped_scenario_runs_both_ways_and_the_one_checker_finds_both_valid(tmp_path):
+    # The cheapest shipped scenario on real processes (4 hosts, 6 s: a kill for good and a
+    # controller pause); every shipped scenario runs in the simulator in tests/test_faultlang.py.
+    report = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "testbed.chaos", str(REPO / "scenarios" / "ha-after-controller-pause.toml"),
+                           "--seed", "1", "--report", str(report)], capture_output=True, text=True, cwd=REPO,
+                          timeout=150)
+    s = json.loads((report / "summary.json").read_text())
+    assert proc.returncode == 0 and s["verdict"] == "valid", proc.stdout + proc.stderr
+    assert "replay in the simulator: dvs sim --faults" in proc.stdout
+    rep = replay_sim(report)
+    assert rep["reproduced"] and rep["exactly"] and rep["sim"]["verdict"] == "valid", rep

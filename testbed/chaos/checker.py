@@ -528,9 +528,25 @@ def judge(h: History) -> dict:
         "scenario": scenario.get("name"),
         "scenario_path": scenario.get("path"),
         "seed": (h.start or {}).get("seed"),
+        "simulated": bool((h.start or {}).get("simulated")),
+        "replay_sim": replay_sim(h),
         "invariants": {x.name: x.to_json() for x in results},
         "stats": stats(h),
     }
+
+
+def replay_sim(h: History) -> str | None:
+    """The `dvs sim` command with this run's workload, schedule and seed: the scenario file
+    and seed (the simulator draws the same plan from them); a simulated run's own command."""
+    import shlex
+
+    start = h.start or {}
+    if start.get("replay"):
+        return start["replay"]
+    path, seed = start.get("scenario", {}).get("path"), start.get("seed")
+    if path is None or seed is None:
+        return None
+    return f"dvs sim --faults {shlex.quote(str(path))} --seed {seed}"
 
 
 def stats(h: History) -> dict:

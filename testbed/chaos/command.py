@@ -8,7 +8,10 @@ Until then: `python -m testbed.chaos SCENARIO.toml --seed S --report DIR`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,14 +68,21 @@ VERDICT_EXIT = {"valid": EXIT_OK, "invalid": EXIT_INVALID, "unknown": EXIT_UNKNO
               help="Where the history, summary, timeline and the cluster's state/logs go [default: a new temp dir].")
 @click.option("--check-only", "check_only", default=None, metavar="DIR",
               help="Do not run anything: judge the history already in DIR.")
+@click.option("--replay-sim", "replay_dir", default=None, metavar="DIR",
+              help="Do not run anything real: run the report's replay_sim (the same scenario, schedule "
+                   "and seed in the simulator) and say whether it reproduces the report's verdict.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--netns", is_flag=True,
               help="Run the cluster in network namespaces; network faults become kernel rules (root only).")
-def chaos(scenario, seed, report, check_only, as_json, netns) -> None:
+def chaos(scenario, seed, report, check_only, replay_dir, as_json, netns) -> None:
     from testbed.chaos.checker import check_history
 
     out = make_console()
     err = make_console(stderr=True)
+    if replay_dir is not None:
+        if scenario is not None or check_only is not None:
+            raise click.UsageError("--replay-sim DIR takes no SCENARIO.toml and no --check-only")
+        sys.exit(replay(Path(replay_dir), out, err, as_json))
     if check_only is not None:
         if scenario is not None:
             raise click.UsageError("give either SCENARIO.toml or --check-only DIR, not both")
@@ -94,6 +104,8 @@ def chaos(scenario, seed, report, check_only, as_json, netns) -> None:
         plan = build_plan(sc, seed)
     except ClusterError as e:
         _die(str(e))
+    # (absolute: the report's replay_sim command must work from anywhere)
+    sc = dataclasses.replace(sc, path=str(Path(sc.path).resolve()))
     if netns:
         from testbed.netns import unavailable_reason
 
@@ -120,6 +132,53 @@ def chaos(scenario, seed, report, check_only, as_json, netns) -> None:
     summary["exit_code"] = VERDICT_EXIT.get(summary["verdict"], EXIT_UNKNOWN)  # (summary.json: the checker's)
     _print(summary, out, as_json)
     sys.exit(summary["exit_code"])
+
+
+def replay(report_dir: Path, out: Console, err: Console, as_json: bool) -> int:
+    """`--replay-sim DIR`: the report's replay_sim, run (as a `dvs sim` process, its history in
+    DIR/replay-sim), and its verdict set beside the report's. Exit 0 when the simulation
+    reproduces the verdict (an invalid one: with an invariant failing in both), 1 when not."""
+    from testbed.chaos.checker import check_history
+
+    if not report_dir.is_dir():
+        _die(f"{report_dir}: no such report directory")
+    real = check_history(report_dir, write_outputs=False)
+    cmd = real.get("replay_sim")
+    if not cmd:
+        _die(f"{report_dir}: its history names no scenario and seed to replay (no run_start?); "
+             f"run `dvs chaos SCENARIO.toml` for a new report")
+    argv = shlex.split(cmd)
+    if argv[:2] != ["dvs", "sim"]:
+        _die(f"{report_dir}: replay_sim {cmd!r} is not a dvs sim command")
+    sim_dir = report_dir / "replay-sim"
+    err.print(f"replaying {report_dir} in the simulator: {cmd}", highlight=False)
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", *argv[1:], "--history", str(sim_dir), "--json"],
+                          capture_output=True, text=True, check=False)
+    try:
+        simulated = json.loads(proc.stdout)["chaos"]
+    except (ValueError, KeyError, TypeError):
+        _die(f"the replay did not run: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    # Reproduced: the same verdict and, for an invalid one, an invariant both runs found failing
+    # (timing differs between the worlds: one may find one more consequence of the same defect).
+    both = sorted(set(simulated["failed"]) & set(real["failed"]))
+    same = simulated["verdict"] == real["verdict"] and (bool(both) or not real["failed"])
+    res = {"reproduced": same, "failed_in_both": both,
+           "exactly": same and sorted(simulated["failed"]) == sorted(real["failed"]),
+           "replay_sim": cmd, "replay_history": str(sim_dir / "history.jsonl"),
+           "real": {k: real.get(k) for k in ("verdict", "failed", "undecided", "scenario", "seed")},
+           "sim": {k: simulated.get(k) for k in ("verdict", "failed", "undecided", "scenario", "seed")}}
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+    else:
+        def show(s: dict) -> str:
+            return s["verdict"].upper() + (f" ({', '.join(s['failed'])})" if s["failed"] else "")
+
+        out.print(f"report:     {show(res['real'])}", highlight=False)
+        out.print(f"simulation: {show(res['sim'])}  history {res['replay_history']}", highlight=False)
+        out.print(("the simulation reproduces the verdict" + (f" ({', '.join(both)} in both)" if both else ""))
+                  if same else
+                  "[red]the simulation does NOT reproduce the verdict[/red]", highlight=False)
+    return EXIT_OK if same else EXIT_INVALID
 
 
 def _die(msg: str) -> None:
@@ -154,6 +213,9 @@ def _print(summary: dict, console: Console, as_json: bool) -> None:
                       f"p99 {_ms(s.get('latency_ms_p99'))}, client wait ms p99 {_ms(s.get('reply_wait_ms_p99'))}; "
                       f"HA restarts {s.get('ha_restarts')}; "
                       f"settled {s.get('settled')} in {s.get('settle_s')} s; wall {wall} s", highlight=False)
+    if summary.get("replay_sim") and not summary.get("simulated"):
+        console.print(f"replay in the simulator: {summary['replay_sim']}  (or: dvs chaos --replay-sim DIR)",
+                      highlight=False)
     color = {"valid": "green", "invalid": "red"}.get(summary["verdict"], "yellow")
     failed = f" ({', '.join(summary['failed'])})" if summary.get("failed") else ""
     console.print(f"verdict: [{color}]{summary['verdict'].upper()}[/{color}]{failed}  "

@@ -15,13 +15,22 @@ HISTORY_FILE = "history.jsonl"
 
 
 class Journal:
-    def __init__(self, path: Path) -> None:
+    """Writes a history. `clock`: where `t_ns` comes from (CLOCK_MONOTONIC on real processes,
+    the virtual clock in the simulator). `path` None: kept in `records` only."""
+
+    def __init__(self, path: Path | None, clock=time.monotonic_ns) -> None:
         self.path = path
-        self._f = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.clock = clock
+        self.records: list[dict] | None = None if path is not None else []
+        self._f = open(path, "w", encoding="utf-8") if path is not None else None  # noqa: SIM115 - closed by close()
         self._lock = threading.Lock()
 
     def write(self, ev: str, **fields) -> dict:
-        rec = {"t_ns": time.monotonic_ns(), "ev": ev, **fields}
+        rec = {"t_ns": self.clock(), "ev": ev, **fields}
+        if self._f is None:
+            # As read back from a file: JSON types only (tuples as lists, sets sorted).
+            self.records.append(json.loads(json.dumps(rec, default=_default)))
+            return rec
         line = json.dumps(rec, separators=(",", ":"), default=_default)
         with self._lock:
             if not self._f.closed:
@@ -31,7 +40,8 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
-            self._f.close()
+            if self._f is not None:
+                self._f.close()
 
 
 def _default(o):

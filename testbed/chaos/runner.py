@@ -9,8 +9,11 @@ Three actors share one monotonic clock (t0 = the start of the workload):
   nftables loss, duplication and partitions, and the wrapper for what the kernel cannot do;
   processes by pid with real signals);
 - at the end: heal everything, wait for the outstanding moves, settle, observe the final
-  state (tables, inventory, every apply from the controller's applied_log) and stop every
-  process by pid (Cluster.down, always).
+  state (tables, inventory) and stop every process by pid (Cluster.down, always); then take
+  every apply report row and every finished move and HA restart of every controller life from
+  the controller's events file (STATE_DIR/events/controller.jsonl, dvswitch/events.py), which a
+  controller writes as it goes: a kill loses none of it (asking its applied_log every 0.5 s
+  lost the last half second of each life that ended in a kill).
 """
 
 from __future__ import annotations
@@ -32,15 +35,19 @@ from agent import wire
 from agent.faults import CONTROLLER, Rule, parse_rule
 from agent.mactable import parse_mac
 from agent.wire import MsgType, WireError
-from testbed import procs
+from testbed import events as evlog
+from testbed import procs, schedule
 from testbed.chaos.history import HISTORY_FILE, Journal
-from testbed.chaos.scenario import Action, Plan, Scenario
+from testbed.chaos.scenario import Plan, Scenario
 from testbed.client import ClusterError
 from testbed.cluster import JOURNAL_FILE, Cluster
+from testbed.schedule import TimedFault
 
 NS = 1_000_000_000
-APPLIED_PAGE = 20_000
-LOG_EVERY_S = 0.5
+APPLIED_PAGE = 20_000  # apply rows per `applies` history record
+WATCH_EVERY_S = 0.5  # how often the main thread looks for processes that died by themselves
+# The controller also logs every apply report row (apply.rows): the history reads them there.
+EVENTS_APPLIES = ["--events-applies"]
 
 
 # ---------------------------------------------------------------------- a multiplexing client
@@ -117,6 +124,8 @@ class ChaosRun:
         self.sc = sc
         self.netns = netns
         self.plan = plan
+        # The nemesis's schedule: the one fault type (testbed/schedule.py) the simulator runs too.
+        self.schedule = schedule.from_plan(sc, plan)
         self.dir = report_dir
         self.err = err_console or Console(stderr=True)
         self.state_dir = report_dir / "state"
@@ -128,13 +137,8 @@ class ChaosRun:
         self.net: dict[str, dict] = {}
         self.kernel_rules: dict[str, dict[str, Rule]] = {}  # host -> kernel rules in force (netns)
         self.kernel_why: dict[int, str | None] = {}  # fault index -> why the kernel cannot (None: it can)
-        # Controller lives: its applied_log starts again at 0 after a restart. The main thread
-        # reads the log every LOG_EVERY_S (one request at a time); a kill bumps the life, resets
-        # the cursor, and makes any answer still on its way count for nothing.
+        # Controller lives: a kill (or a death we find) bumps it.
         self.life = 0
-        self.applied_cursor = 0
-        self.log_lock = threading.Lock()
-        self.log_reqs: dict[int, tuple[str, int, float]] = {}  # rid -> (method, life, sent at)
         self.ctl_gone_ns = 0  # when the controller was last killed (or found dead)
         self.placement: dict[str, str] = {}
         self.busy: dict[str, int] = {}  # vm -> id of our move request in flight
@@ -163,6 +167,7 @@ class ChaosRun:
         j = self.journal = Journal(path)
         started = time.monotonic()
         j.write("run_start", scenario=self.sc.to_json(), seed=self.plan.seed, plan=self.plan.to_json(),
+                schedule=schedule.to_json(self.schedule),
                 argv=sys.argv, python=platform.python_version(), pid=os.getpid(), state_dir=str(self.state_dir))
         try:
             self._run()
@@ -177,6 +182,7 @@ class ChaosRun:
             if self.cluster is not None:
                 killed = self.cluster.down()
                 j.write("cluster_down", sigkill_needed=killed)
+                self._history_from_events()
             j.write("run_end", wall_s=round(time.monotonic() - started, 3))
             j.close()
         return path
@@ -185,7 +191,7 @@ class ChaosRun:
         sc, j = self.sc, self.journal
         with self.err.status(f"starting the controller and {sc.hosts} agents"):
             self.cluster = Cluster.up(self.state_dir, sc.hosts, agent_args=sc.agent_args(),
-                                      controller_args=sc.controller_args(), netns=self.netns)
+                                      controller_args=sc.controller_args() + EVENTS_APPLIES, netns=self.netns)
         c = self.cluster
         j.write("cluster_up", controller={"pid": c.controller.pid, "endpoint": c.controller_endpoint},
                 agents={h: p.pid for h, p in c.agents.items()}, agent_args=sc.agent_args(),
@@ -219,7 +225,7 @@ class ChaosRun:
             with self.err.status(f"settling (up to {sc.settle_s:g} s)"):
                 ok, elapsed, why = self._settle()
             j.write("settled", ok=ok, elapsed_s=round(elapsed, 3), why=why)
-            with self.err.status("reading final tables, inventory and the applied log"):
+            with self.err.status("reading final tables and inventory"):
                 self._observe()
         finally:
             self.mux.close()
@@ -251,8 +257,7 @@ class ChaosRun:
                     next_list_ns = now + 2 * NS
                 if now >= next_watch_ns:
                     self._watch_processes()
-                    self._request_logs()
-                    next_watch_ns = now + int(LOG_EVERY_S * NS)
+                    next_watch_ns = now + int(WATCH_EVERY_S * NS)
                 nxt = min(end_ns, next_list_ns, next_watch_ns,
                           self.t0_ns + int(moves[i].t_s * NS) if i < len(moves) else end_ns)
                 self._poll(max(1, min(100, (nxt - time.monotonic_ns()) // 1_000_000)))
@@ -289,49 +294,14 @@ class ChaosRun:
         j.write("move_req", id=rid, vm=pm.vm, src_known=cur, dst=dst, planned_dst=hosts[pm.dst_index],
                 storm=pm.storm, plan_index=index)
 
-    def _request_logs(self) -> None:
-        """Ask for the applied_log since our cursor and the latest finished ops (async)."""
-        with self.log_lock:
-            now = time.monotonic()
-            for rid, (_, _, sent) in list(self.log_reqs.items()):
-                if now - sent > 3.0:
-                    del self.log_reqs[rid]  # the controller is down or paused: ask again later
-            if self.log_reqs or self.procs.get(CONTROLLER) != "up":
-                return
-            rid = self.mux.send("applied_log", {"since": self.applied_cursor, "limit": APPLIED_PAGE})
-            self.log_reqs[rid] = ("applied_log", self.life, now)
-            rid = self.mux.send("moves", {"last": 500})
-            self.log_reqs[rid] = ("moves", self.life, now)
-
-    def _on_log_reply(self, rid: int, ok: bool, result) -> None:
-        with self.log_lock:
-            req = self.log_reqs.pop(rid, None)
-            if req is None:
-                return
-            method, life, _ = req
-            if not ok or life != self.life:
-                return  # from a controller life that is over: its rows may be partial
-            if method == "applied_log":
-                self.journal.write("applies", life=life, since=self.applied_cursor, start=result["from"],
-                                   next=result["next"], lost=result["lost"], rows=result["applies"])
-                self.applied_cursor = result["next"]
-            else:
-                self.journal.write("controller_moves", life=life, final=False, moves=result["moves"])
-
     def _controller_gone(self) -> None:
-        with self.log_lock:
-            self.life += 1
-            self.applied_cursor = 0
-            self.log_reqs.clear()
+        self.life += 1
         # Requests it had received die with it: the main thread gives up on them at once.
         self.ctl_gone_ns = time.monotonic_ns()
 
     def _poll(self, timeout_ms: int) -> None:
         j = self.journal
         for rid, ok, result in self.mux.poll(timeout_ms):
-            if rid in self.log_reqs:
-                self._on_log_reply(rid, ok, result)
-                continue
             if rid == self.list_req:
                 self.list_req = None
                 if ok:
@@ -396,8 +366,8 @@ class ChaosRun:
 
     def _nemesis(self) -> None:
         try:
-            for a in self.plan.actions:
-                due = self.t0_ns + int(a.t_s * NS)
+            for a in self.schedule:
+                due = self.t0_ns + a.at_ms * 1_000_000
                 while not self.stop.is_set():
                     left = (due - time.monotonic_ns()) / NS
                     if left <= 0:
@@ -411,16 +381,17 @@ class ChaosRun:
             self.journal.write("nemesis_error", error=self.nemesis_error)
             self.stop.set()  # the run is broken: end the workload now (verdict: unknown)
 
-    def _act(self, a: Action) -> None:
+    def _act(self, a: TimedFault) -> None:
         j = self.journal
-        late_ms = round((time.monotonic_ns() - self.t0_ns) / 1e6 - a.t_s * 1000, 1)
-        if a.kind == "net":
+        late_ms = round((time.monotonic_ns() - self.t0_ns) / 1e6 - a.at_ms, 1)
+        if a.kind in ("partition", *schedule.NET_KINDS):
             applied, skipped = {}, []
+            settings = schedule.agent_settings(a)
             with self.procs.lock:
                 if self.netns and self.boundaries().get(a.fault) is None:
-                    applied = self._kernel_inject(a.settings)
+                    applied = self._kernel_inject(settings)
                 else:
-                    for host, args in a.settings.items():
+                    for host, args in settings.items():
                         held = self.net.setdefault(host, {"blocked": [], "rules": {}})
                         if "blocked" in args:
                             held["blocked"] = args["blocked"]
@@ -431,7 +402,7 @@ class ChaosRun:
                             continue
                         applied[host] = self._configure(host, args)
             self.active_faults[a.fault] = a.label
-            j.write("fault", phase="inject", fault=a.fault, label=a.label, settings=a.settings, applied=applied,
+            j.write("fault", phase="inject", fault=a.fault, label=a.label, settings=settings, applied=applied,
                     skipped=skipped, late_ms=late_ms)
         elif a.kind == "heal":
             with self.procs.lock:
@@ -446,18 +417,19 @@ class ChaosRun:
             j.write("fault", phase="heal", fault=a.fault, label=a.label, ends=ended, healed=sorted(healed),
                     late_ms=late_ms, **({"kernel_packets": kernel} if kernel else {}))
         elif a.kind == "evacuate":
-            t = threading.Thread(target=self._evacuate, args=(a, late_ms), name=f"evacuate-{a.target}", daemon=True)
+            t = threading.Thread(target=self._evacuate, args=(a, late_ms), name=f"evacuate-{a.targets[0]}", daemon=True)
             self.evacuations.append(t)
             t.start()  # (it waits for the host to empty; the schedule's other faults go on meanwhile)
         else:
-            self._process_action(a.kind, a.target, fault=a.fault, label=a.label, late_ms=late_ms)
+            (target,) = a.targets
+            self._process_action(a.kind, target, fault=a.fault, label=a.label, late_ms=late_ms)
             if a.kind in ("kill", "pause"):
                 self.active_faults[a.fault] = a.label
             elif a.ends is not None:
                 self.active_faults.pop(a.ends, None)
             else:
                 for f, label in list(self.active_faults.items()):
-                    if label in (f"kill {a.target}", f"pause {a.target}"):
+                    if label in (f"kill {target}", f"pause {target}"):
                         self.active_faults.pop(f, None)
 
     def _add_rules(self) -> None:
@@ -471,26 +443,27 @@ class ChaosRun:
                 except ClusterError as e:
                     self.journal.write("rule_refused", fault=f.index, vms=f.params["anti"], error=str(e))
 
-    def _evacuate(self, a: Action, late_ms: float) -> None:
+    def _evacuate(self, a: TimedFault, late_ms: float) -> None:
         """`dvs host evacuate`: retried while the controller is down or not answering (a
         controller killed meanwhile keeps the host in maintenance from its journal)."""
         j = self.journal
-        k = a.settings["max_concurrent"]
-        j.write("evacuate", phase="start", fault=a.fault, host=a.target, max_concurrent=k, late_ms=late_ms)
+        k = a.params["max_concurrent"]
+        host = a.targets[0]
+        j.write("evacuate", phase="start", fault=a.fault, host=host, max_concurrent=k, late_ms=late_ms)
         deadline = time.monotonic() + 60.0
         while True:
             try:
                 # Short waits, asked again: a controller killed meanwhile never answers this one.
                 with self.cluster.controller_client(timeout_ms=10_000) as ctl:
-                    rep = ctl.call("host_evacuate", {"name": a.target, "max_concurrent": k, "timeout_ms": 8_000})
-                j.write("evacuate", phase="done", fault=a.fault, host=a.target, moves=rep["moves"],
+                    rep = ctl.call("host_evacuate", {"name": host, "max_concurrent": k, "timeout_ms": 8_000})
+                j.write("evacuate", phase="done", fault=a.fault, host=host, moves=rep["moves"],
                         elapsed_ms=rep["elapsed_ms"])
                 return
             except ClusterError as e:
                 if time.monotonic() >= deadline or self.stop.is_set():
-                    j.write("evacuate", phase="failed", fault=a.fault, host=a.target, error=str(e))
+                    j.write("evacuate", phase="failed", fault=a.fault, host=host, error=str(e))
                     return
-                j.write("evacuate", phase="retry", fault=a.fault, host=a.target, error=str(e))
+                j.write("evacuate", phase="retry", fault=a.fault, host=host, error=str(e))
                 time.sleep(0.5)  # (the controller is down or restarting: polling with a deadline)
 
     def _configure(self, host: str, args: dict) -> dict:
@@ -530,14 +503,14 @@ class ChaosRun:
             procs.wait_gone(p, timeout_s=5)
         self.journal.write("proc", action="kill", name=name, pid=p.pid, was=st, **info)
         if name == CONTROLLER:
-            self._controller_gone()  # its applied_log dies with it (we read it every LOG_EVERY_S)
+            self._controller_gone()
 
     def _start(self, name: str, info: dict) -> None:
         c = self.cluster
         spawn_ns = time.monotonic_ns()
         old = self._proc(name)
         if name == CONTROLLER:
-            p = start_controller(c, self.sc.controller_args())
+            p = start_controller(c, self.sc.controller_args() + EVENTS_APPLIES)
         else:
             p = c.add_agent(name, agent_args=self.sc.agent_args())
         self.procs.state[name] = "up"
@@ -571,8 +544,8 @@ class ChaosRun:
                 if f.kind == "partition":
                     self.kernel_why[f.index] = None
                 elif f.kind in ("loss", "delay", "dup", "reorder"):
-                    a = next(a for a in self.plan.actions if a.fault == f.index and a.kind == "net")
-                    rule = parse_rule(next(iter(a.settings.values()))["add"][0])
+                    a = next(a for a in self.schedule if a.fault == f.index and a.kind == f.kind)
+                    rule = parse_rule(next(iter(schedule.agent_settings(a).values()))["add"][0])
                     self.kernel_why[f.index] = unsupported(rule, netem_missing() if f.kind == "delay" else None)
         return self.kernel_why
 
@@ -678,28 +651,34 @@ class ChaosRun:
                 return False, f"{host}'s table differs from the inventory"
         return True, ""
 
-    def _fetch_controller_logs(self, *, final: bool) -> None:
-        """Page through the controller's applied_log from our cursor, and take its move history."""
+    def _history_from_events(self) -> None:
+        """Every apply row and every finished move and HA restart, of every controller life, from
+        the controller's events file, as `applies` and `controller_moves` history records."""
         j = self.journal
-        self.log_reqs.clear()
-        try:
-            with self.cluster.controller_client(timeout_ms=3_000) as ctl:
-                while True:
-                    page = ctl.call("applied_log", {"since": self.applied_cursor, "limit": APPLIED_PAGE})
-                    rows = page["applies"]
-                    j.write("applies", life=self.life, since=self.applied_cursor, start=page["from"],
-                            next=page["next"], lost=page["lost"], rows=rows)
-                    self.applied_cursor = page["next"]
-                    if not rows:
-                        break
-                moves = ctl.call("moves", {"last": 1_000_000})["moves"]
-                j.write("controller_moves", life=self.life, final=final, moves=moves)
-        except ClusterError as e:
-            j.write("applies_unavailable", life=self.life, final=final, error=str(e))
+        evs, bad = evlog.read_all(self.state_dir, procs=[CONTROLLER])
+        lives: dict[int, int] = {}  # controller pid -> its life (in the order they wrote)
+        rows: dict[int, list] = {}
+        moves: dict[int, list] = {}
+        for e in evs:
+            life = lives.setdefault(e["pid"], len(lives))
+            if e["kind"] == "apply.rows":
+                rows.setdefault(life, []).extend(e["rows"])
+            elif e["kind"] in ("move.converged", "move.failed"):
+                moves.setdefault(life, []).append(_move_record(e))
+        if not lives:
+            j.write("applies_unavailable", life=0, final=True,
+                    error=f"no controller events in {evlog.events_dir(self.state_dir)}")
+            return
+        for life in lives.values():
+            got = rows.get(life, [])
+            for i in range(0, max(1, len(got)), APPLIED_PAGE):
+                page = got[i : i + APPLIED_PAGE]
+                j.write("applies", life=life, since=i, start=i, next=i + len(page), lost=0, rows=page,
+                        source="events", **({"bad_lines": bad} if bad and i == 0 else {}))
+            j.write("controller_moves", life=life, final=life == len(lives) - 1, moves=moves.get(life, []))
 
     def _observe(self) -> None:
         j, c = self.journal, self.cluster
-        self._fetch_controller_logs(final=True)
         try:
             with c.controller_client(timeout_ms=5_000) as ctl:
                 j.write("final_inventory", status=ctl.call("status"), vms=ctl.call("vm_list", {"all": True})["vms"],
@@ -735,10 +714,20 @@ def start_controller(cluster: Cluster, controller_args: list[str], ready_timeout
     [p] = procs.wait_ready(
         [procs.spawn("controller", "controller",
                      ["--bind", endpoint, "--journal", str(cluster.state_dir / JOURNAL_FILE), *controller_args,
-                      *cluster.owner_args()],
+                      *cluster.owner_args(), *cluster.events_args(CONTROLLER)],
                      cluster.state_dir / "logs" / "controller.log")],
         ready_timeout_s,
     )
     cluster.controller = p
     cluster.save()
     return p
+
+
+def _move_record(e: dict) -> dict:
+    """A move.converged / move.failed event as the record `dvs moves` gives (what the checker reads)."""
+    rec = {k: v for k, v in e.items() if k not in ("t_ns", "ts", "proc", "pid", "kind", "message", "op_kind",
+                                                   "convergence_ms", "hosts", "outcome")}
+    rec["kind"] = e["op_kind"]
+    rec["latency_ms"] = e.get("convergence_ms")
+    rec.setdefault("converged", e["kind"] == "move.converged")
+    return rec

@@ -87,6 +87,13 @@ class MonitoredTable(MacTable):
         for key, old, new in applied:
             if old is not None and (new.seq, new.host) <= (old.seq, old.host):
                 sim.safety_violation(self._host, key, old, new)
+        rows = sim.applies
+        if rows is not None:
+            # The history's apply rows (testbed/chaos/history.py): what the chaos runner reads
+            # from the controller's applied_log, here taken at the merge itself.
+            now, host = sim.now, self._host
+            for (vlan, mac), _old, new in applied:
+                rows.append([now, host, vlan, mac, new.host, new.seq, new.tombstone])
 
 
 class Agent:

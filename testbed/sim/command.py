@@ -52,6 +52,15 @@ makes it lossy too).
 An agent silent to the controller for its dead_after_ms (3,000 ms) is declared dead and its
 VMs are restarted elsewhere (HA); moves in flight to or from it may fail.
 
+\b
+--faults SCENARIO.toml   the cluster, settings, planned moves and fault schedule of a `dvs chaos`
+  scenario (the same file, drawn with the same --seed): each at_s of the file is at_s x 1000
+  virtual ms after the first move, as on real processes (docs/scenarios.md). The run writes a
+  chaos history and the chaos checker judges it; the exit status is then `dvs chaos`'s: 0 valid,
+  1 invalid, 3 unknown. --partitions and --crashes are shorthands for the same schedule type
+  (testbed/schedule.py). --history DIR writes the history (history.jsonl, judged in
+  summary.json: `dvs chaos --check-only DIR` judges it again), for a plain run too.
+
 Exit status 0 only when every move converged (a move a controller crash interrupted counts if
 it ended done or rolled back) and the final checks passed: every running agent's table equals
 the inventory, every VM is active on exactly the host it names, no agent ever replaced an entry
@@ -71,7 +80,8 @@ def _probability(ctx, param, value):
 
 
 @click.command("sim", help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--hosts", type=click.IntRange(1, 100_000), required=True, help="Agents h1..hN.")
+@click.option("--hosts", type=click.IntRange(1, 100_000), default=None,
+              help="Agents h1..hN (required unless --faults gives them).")
 @click.option("--vms", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
               help="VMs vm1..vmM, placed round-robin.")
 @click.option("--moves", "n_moves", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
@@ -114,10 +124,19 @@ def _probability(ctx, param, value):
               show_default=True, help="Agents start at seeded times within this much virtual time, µs.")
 @click.option("--ready-timeout-ms", type=click.IntRange(1, 10**9), default=SimConfig.ready_timeout_ms,
               show_default=True, help="How long the client waits for the cluster to be ready, virtual ms.")
+@click.option("--faults", "faults", default=None, metavar="SCENARIO.toml",
+              help="Run a `dvs chaos` scenario file: its cluster, moves and fault schedule (see above).")
+@click.option("--history", "history_dir", default=None, metavar="DIR",
+              help="Write the run's chaos history (history.jsonl, judged in summary.json) to DIR; with it (and "
+                   "always with --faults) the chaos checker judges the run and decides the exit status.")
 @click.option("--seed", type=int, default=1, show_default=True, help="The run's seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no wall-clock time in it).")
 @click.option("--progress", is_flag=True, help="Print a progress line to stderr every 10 s of wall-clock time.")
-def sim(as_json, progress, **params) -> None:
+def sim(as_json, progress, history_dir, **params) -> None:
+    if params["faults"] is not None:
+        params = _scenario_params(params)
+    elif params["hosts"] is None:
+        raise click.UsageError("missing --hosts N (or --faults SCENARIO.toml, which gives them)")
     hosts, vms, n_moves, workload = params["hosts"], params["vms"], params["n_moves"], params["workload"]
     try:
         cfg = config_from_params(params)
@@ -150,7 +169,7 @@ def sim(as_json, progress, **params) -> None:
         if progress:
             click.echo(f"dvs sim: {name} at virtual {t_ns / 1e9:.3f} s, wall {phases[-1][1]:.1f} s", err=True)
 
-    simulator = Simulator(cfg, on_phase)
+    simulator = Simulator(cfg, on_phase, history=history_dir is not None)
     if progress:
         last = [started]
 
@@ -167,10 +186,14 @@ def sim(as_json, progress, **params) -> None:
     try:
         result = simulator.run()
         wall_s = time.perf_counter() - started
+        if history_dir is not None and simulator.history is not None:
+            result["chaos"]["history"] = write_history(simulator, history_dir)
         if as_json:
             click.echo(json.dumps(result, indent=1))
         else:
             print_human(result, wall_s, phases)
+            if "chaos" in result:
+                _print_chaos(result["chaos"])
         # Millions of objects: tracing them all once more (a collection when gc comes back on)
         # just before the process exits takes seconds to minutes. Park them where the
         # collector never looks; freeing them at exit is reference counting alone.
@@ -180,7 +203,57 @@ def sim(as_json, progress, **params) -> None:
             gc.enable()
     global finished_exit_code
     finished_exit_code = 0 if result["ok"] else 1
+    if "chaos" in result:
+        from testbed.chaos.command import VERDICT_EXIT
+
+        finished_exit_code = VERDICT_EXIT[result["chaos"]["verdict"]]
     sys.exit(finished_exit_code)
+
+
+def _scenario_params(params: dict) -> dict:
+    """--faults: the cluster comes from the scenario file; --hosts, --vms and --moves may repeat
+    it (a replay command does) but not contradict it."""
+    from testbed.chaos.scenario import build_plan, load_scenario
+
+    try:
+        sc = load_scenario(params["faults"])
+        n_moves = len(build_plan(sc, params["seed"]).moves)
+    except ClusterError as e:
+        raise click.UsageError(f"--faults: {e}") from None  # a bad input file: nothing ran
+    for key, flag, want, default in (("hosts", "--hosts", sc.hosts, None), ("vms", "--vms", sc.vms, 0),
+                                     ("n_moves", "--moves", n_moves, 0)):
+        if params[key] not in (default, want):
+            raise click.UsageError(f"{flag} {params[key]} contradicts --faults {params['faults']} ({want}); "
+                                   f"leave {flag} out")
+    if params["partitions"] or params["crashes"] or params["workload"] != "moves":
+        raise click.UsageError("--faults brings its own schedule and workload; leave out --partitions, "
+                               "--crashes and --workload (or put them in the scenario file)")
+    return {**params, "hosts": sc.hosts, "vms": sc.vms, "n_moves": n_moves}
+
+
+def write_history(simulator, history_dir) -> str:
+    """The simulated run's chaos history to DIR/history.jsonl, judged there (summary.json)."""
+    from pathlib import Path
+
+    from testbed.chaos.checker import check_history
+    from testbed.chaos.history import HISTORY_FILE, Journal
+
+    d = Path(history_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    records = simulator.history.records
+    j = Journal(d / HISTORY_FILE, clock=iter([r["t_ns"] for r in records]).__next__)
+    for r in records:
+        j.write(r["ev"], **{k: v for k, v in r.items() if k not in ("t_ns", "ev")})
+    j.close()
+    check_history(d, write_outputs=True)
+    return str(d / HISTORY_FILE)
+
+
+def _print_chaos(summary: dict) -> None:
+    from testbed.chaos.command import _print
+    from testbed.console import make_console
+
+    _print(summary, make_console(), False)
 
 
 def estimate_memory_bytes(hosts: int, vms: int) -> int:

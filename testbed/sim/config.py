@@ -89,6 +89,9 @@ class SimConfig:
     # "moves": `moves` random moves; "evacuate": maintenance mode for h1 (`dvs host evacuate h1`,
     # at most `concurrency` moves at once), the faults running meanwhile.
     workload: str = field(default="moves", metadata=_option("--workload"))
+    # A chaos scenario (TOML, as `dvs chaos` takes): its cluster, [agent]/[controller] settings,
+    # planned moves and fault schedule for this seed replace the options' (testbed/sim/faults.py).
+    faults: str | None = field(default=None, metadata=_option("--faults"))
 
 
 def _optioned(cls) -> dict[str, tuple[tuple[str, ...], object]]:
@@ -110,6 +113,8 @@ def _unreplayable(cfg: SimConfig) -> list[str]:
     for f in fields(cfg):
         if f.metadata.get("nested") or "option" in f.metadata:
             continue
+        if cfg.faults is not None and f.name in ("agent_config", "controller_config"):
+            continue  # (the scenario file sets them)
         if getattr(cfg, f.name) != f.default:
             out.append(f.name)
     return out

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import gc
 import random
+from dataclasses import replace
 
 from controller.config import ControllerConfig
+from testbed import schedule
+from testbed.chaos.history import Journal
 from testbed.sim.checks import Checks
 from testbed.sim.cluster import Agent, Cluster, MonitoredTable
 from testbed.sim.config import (
@@ -30,9 +33,10 @@ from testbed.sim.config import (
     liveness_bound_ms,
     replay_command,
 )
+from testbed.sim.faults import Faults, ScenarioClient
 from testbed.sim.network import Network
 from testbed.sim.scheduler import NS_PER_MS, NS_PER_US, Scheduler
-from testbed.sim.spec import CTL, faults_end_ms
+from testbed.sim.spec import faults_end_ms
 from testbed.sim.workload import Client
 
 __all__ = [
@@ -41,7 +45,7 @@ __all__ = [
 ]
 
 
-class Simulator(Scheduler, Network, Cluster, Checks):
+class Simulator(Faults, Scheduler, Network, Cluster, Checks):
     """One run. Its parts are classes of one object rather than objects that call each other:
     the loop, the network and the routing run millions of times per virtual second and read
     each other's state (subscriptions, partition groups, counters) as plain attributes; each
@@ -49,10 +53,17 @@ class Simulator(Scheduler, Network, Cluster, Checks):
 
     table_class = MonitoredTable
 
-    def __init__(self, cfg: SimConfig, on_phase=None) -> None:
+    def __init__(self, cfg: SimConfig, on_phase=None, *, history: bool = False) -> None:
         if cfg.hosts < 1:
             raise ValueError("a simulation needs at least one host")
+        # `dvs sim --faults SCENARIO.toml`: the chaos scenario's cluster, settings, plan and
+        # schedule (testbed/sim/faults.py); None: the workload and faults of the options.
+        self.scenario = self.plan = None
+        self.schedule = schedule.from_sim_flags(cfg.partitions, cfg.crashes)
+        if cfg.faults is not None:
+            cfg, self.scenario, self.plan, self.schedule = scenario_config(cfg)
         self.cfg = cfg
+        self.applies: list | None = None  # apply rows for a chaos history
         # on_phase(name, virtual_ns): called as the run passes "ready", "created", "moved",
         # "faults_stopped" and "end" (the command uses it to time the phases in wall-clock).
         self.on_phase = on_phase or (lambda name, t: None)
@@ -62,21 +73,39 @@ class Simulator(Scheduler, Network, Cluster, Checks):
         # The apply log is for the chaos checker, the move history for `dvs moves`: the simulator
         # watches every merge itself and takes each move's record from the client's reply (a
         # history of 2,000 moves at 1,000 hosts holds 2 million apply stamps).
-        self.ctl_config = cfg.controller_config or ControllerConfig(applied_log_max=0, history_max=0)
+        # (`history`: a chaos history of a plain run, `dvs sim --history`: the controller then
+        # keeps its move history, which the checker reads.)
+        self.ctl_config = cfg.controller_config or ControllerConfig(applied_log_max=0,
+                                                                    history_max=100_000 if history else 0)
         self.work_rng = random.Random(f"{cfg.seed}/workload")
         self.start_rng = random.Random(f"{cfg.seed}/start")
         self._init_scheduler()
         self._init_cluster(cfg.hosts)
         self._init_network(cfg.net, cfg.seed, cfg.hosts)
         self._init_checks()
+        self._init_faults()
         # Fault window and workload.
         self.f0_ns: int | None = None
         self.f1_ns: int | None = None
         self.moves_done_ns: int | None = None
         self.traffic_at_f0 = (0, 0)
         self.traffic_at_done = (0, 0)
-        self.client = Client(self)
         self.crash_log: list[dict] = []
+        if self.scenario is None:
+            self.client = Client(self)
+            if history:
+                self.history = Journal(None, clock=lambda: self.now)
+                self.applies = []
+                self.history.write("run_start", scenario={"name": "dvs sim", "path": None, "hosts": cfg.hosts,
+                                                          "vms": cfg.vms},
+                                   seed=cfg.seed, schedule=schedule.to_json(self.schedule), simulated=True,
+                                   replay=replay_command(cfg))
+        else:
+            self.history = Journal(None, clock=lambda: self.now)
+            self.applies = []
+            self.client = ScenarioClient(self, self.scenario, self.plan, self.schedule)
+            self.history.write("run_start", scenario=self.scenario.to_json(), seed=cfg.seed, plan=self.plan.to_json(),
+                               schedule=schedule.to_json(self.schedule), simulated=True, replay=replay_command(cfg))
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -93,7 +122,10 @@ class Simulator(Scheduler, Network, Cluster, Checks):
         try:
             self._loop()
             self.on_phase("end", self.now)
-            return self.result()
+            result = self.result()
+            if self.history is not None:
+                result["chaos"] = self._chaos_verdict()
+            return result
         finally:
             if gc_was_on:
                 gc.enable()
@@ -108,18 +140,13 @@ class Simulator(Scheduler, Network, Cluster, Checks):
             self.loss, self.dup, self.reorder = net.loss, net.dup, net.reorder
             self.p2p_faulty = True
             self.ctl_faulty = net.ctl_faults
-        for p in self.cfg.partitions:
-            self.at(t + p.start_ms * NS_PER_MS, self.start_partition, p)
-            self.at(t + p.end_ms * NS_PER_MS, self.heal_partition, p)
-        for c in self.cfg.crashes:
-            if c.host == CTL:
-                self.at(t + c.at_ms * NS_PER_MS, self.crash_controller)
-                self.at(t + c.restart_ms * NS_PER_MS, self.restart_controller)
-                continue
-            hidx = self.hidx[c.host]
-            self.at(t + c.at_ms * NS_PER_MS, self.crash_agent, hidx)
-            if c.restart_ms is not None:
-                self.at(t + c.restart_ms * NS_PER_MS, self.start_agent, hidx)
+        # The one schedule type: --partitions and --crashes are shorthands for it.
+        if self.history is not None and self.scenario is None:
+            self.history.write("workload_start", t0_ns=t, duration_s=None)
+        self.lay_out(self.schedule, t)
+        if self.scenario is not None:
+            self._scheduled_end = t  # (the workload's end closes the window: ScenarioClient)
+            return
         scheduled_end = t + faults_end_ms(self.cfg.partitions, self.cfg.crashes) * NS_PER_MS
         if self.cfg.fault_ms is not None:
             self.at(max(t + self.cfg.fault_ms * NS_PER_MS, scheduled_end), self.close_fault_window)
@@ -144,6 +171,36 @@ class Simulator(Scheduler, Network, Cluster, Checks):
         self.reorder = False
         if self.moves_done_ns is not None:
             self._start_settling()
+
+
+    def _chaos_verdict(self) -> dict:
+        """The run's history, as the chaos runner would have written it, judged by the one checker."""
+        from testbed.chaos.checker import History, judge
+
+        h = self.history
+        if self.client.error:
+            h.write("run_error", error=self.client.error)
+        settled = self.agree_ns is not None
+        since = self.f1_ns if self.f1_ns is not None else self.now
+        h.write("settled", ok=settled, elapsed_s=round(((self.agree_ns or self.now) - since) / 1e9, 3),
+                why="" if settled else "no agreement before the settle deadline")
+        self.observe()
+        h.write("run_end", wall_s=None)
+        return judge(History(h.records, []))
+
+
+def scenario_config(cfg: SimConfig):
+    """A SimConfig for `--faults SCENARIO.toml`: the scenario's cluster and settings, its plan
+    and schedule for cfg.seed (a bad file raises ClusterError, one line)."""
+    from agent.config import AgentConfig
+    from testbed.chaos.scenario import build_plan, load_scenario
+
+    sc = load_scenario(cfg.faults)
+    plan = build_plan(sc, cfg.seed)
+    ctl = ControllerConfig(**{**sc.controller, "applied_log_max": 0})
+    cfg = replace(cfg, hosts=sc.hosts, vms=sc.vms, moves=len(plan.moves), agent_config=AgentConfig(**sc.agent),
+                  controller_config=ctl, settle_ms=round(sc.settle_s * 1000) if cfg.settle_ms is None else cfg.settle_ms)
+    return cfg, sc, plan, schedule.from_plan(sc, plan)
 
 
 def run_sim(cfg: SimConfig, on_phase=None) -> dict:

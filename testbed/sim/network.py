@@ -19,7 +19,10 @@ All per message, decided by the seeded network RNG:
 - partitions drop every message between two groups while they last; the controller reaches
   every group (a separate management network) unless the partition names it (`ctl`), and then
   its control connections to the other groups are cut too.
-- loss, dup and reorder act only inside the fault window; partitions and crashes happen at their
+- a partition that is no set of groups (a bridge host reaching both sides) is kept host by
+  host (`blocked`, testbed/sim/faults.py), the controller cut from the hosts it names;
+- loss, dup and reorder act only inside the fault window (or while a timed fault of the
+  schedule, testbed/schedule.py, is in force); partitions and crashes happen at their
   scheduled times, which lie inside it.
 """
 
@@ -139,8 +142,9 @@ class Network:
         hold_ns = self.net.reorder_max_us * NS_PER_US
         heap = self.heap
         seq = self.seq
+        blk = self.blocked[a.hidx] if partitioned and self.blocked is not None else None
         for iid, hidx in subs.items():
-            if partitioned and gid[hidx] != my_gid:
+            if partitioned and (gid[hidx] != my_gid or (blk is not None and hidx in blk)):
                 self.cut += 1
                 continue
             if loss and rnd() < loss:
@@ -180,7 +184,8 @@ class Network:
 
     def _p2p_send(self, src: Agent, dst: Agent, channel: str, frame: bytes, envelope, t: int) -> None:
         self._count(frame, 1)
-        if self.partitioned and self.gid[src.hidx] != self.gid[dst.hidx]:
+        if self.partitioned and (self.gid[src.hidx] != self.gid[dst.hidx] or (
+                self.blocked is not None and dst.hidx in self.blocked[src.hidx])):
             self.cut += 1
             return
         faulty = self.p2p_faulty
@@ -229,7 +234,8 @@ class Network:
         """Arrival time of a train on a control link, or None if it is lost."""
         for f in frames:
             self._count(f, 1)
-        if self.partitioned and hidx is not None and self.ctl_gid != ANY_GROUP and self.gid[hidx] != self.ctl_gid:
+        if self.partitioned and hidx is not None and (
+                (self.ctl_gid != ANY_GROUP and self.gid[hidx] != self.ctl_gid) or hidx in self.ctl_blocked):
             self.cut += len(frames)
             return None
         arr = t + self._latency()

@@ -90,6 +90,7 @@ class Scheduler:
         i = n = 0
         events = self.events
         progress_at = events + PROGRESS_EVERY
+        paused = self.paused  # destination -> events held while it is stopped (SIGSTOP)
         while not self.stopped:
             if i < n:
                 ev = cur[i]
@@ -135,6 +136,11 @@ class Scheduler:
                 progress_at = events + PROGRESS_EVERY
                 self.events = events
                 self.on_progress(self)
+            if paused and dst in paused:
+                paused[dst].append(ev)
+                if more is not None:
+                    paused[dst].extend(more)
+                continue
             if dst >= FIRST_AGENT:
                 a = agents.get(dst)
                 if a is None:

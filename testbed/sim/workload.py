@@ -32,6 +32,7 @@ class Client:
         self.names = vm_names(cfg.vms)
         self.placement = {name: sim.hosts[i % cfg.hosts] for i, name in enumerate(self.names)}
         self.inflight: set[str] = set()
+        self.sent_ns: dict[int, int] = {}  # with a history: when each move request went out
         self.sent_moves = 0
         self.paused = False  # the controller crashed: moves wait until it is back and ready
         self.deferred = 0  # moves to start once it is
@@ -45,9 +46,13 @@ class Client:
         """Requests in flight die with the controller: a move's outcome (done or rolled back)
         is judged by the final checks, not by a reply."""
         self.paused = True
-        for _req_id, (kind, ctx) in sorted(self.pending.items()):
+        h = self.sim.history
+        for req_id, (kind, ctx) in sorted(self.pending.items()):
             if kind == "move":
                 name, src, dst = ctx
+                if h is not None:
+                    sent = self.sent_ns.pop(req_id, self.sim.now)
+                    h.write("move_noreply", id=req_id, vm=name, waited_s=round((self.sim.now - sent) / 1e9, 3))
                 self.inflight.discard(name)
                 self.interrupted += 1
                 self.sim.at(self.sim.now, self._record, {
@@ -123,6 +128,13 @@ class Client:
             elif kind == "create":
                 self._on_create(ok, result)
             elif kind == "move":
+                h = self.sim.history
+                if h is not None:
+                    self.sent_ns.pop(req_id, None)
+                    if ok:
+                        h.write("move_ack", id=req_id, vm=ctx[0], rec=result, late=False)
+                    else:
+                        h.write("move_refused", id=req_id, vm=ctx[0], error=str(result), late=False)
                 self._on_move(ctx, ok, result)
             elif kind == "evacuate":
                 self._on_evacuate(ok, result)
@@ -206,6 +218,9 @@ class Client:
             self.inflight.add(name)
             # (per-host apply times: not needed here, 1,000 of them per reply at 1,000 hosts)
             self.call("vm_move", {"name": name, "to": dst, "per_host": False}, "move", (name, src, dst))
+            if sim.history is not None:
+                self.sent_ns[self.req_ids] = sim.now
+                sim.history.write("move_req", id=self.req_ids, vm=name, src_known=src, dst=dst)
             return
         # Nothing movable right now (every candidate busy or down): counted as a failed move.
         sim.at(sim.now, self._record, {"vm": "-", "src": "-", "dst": "-", "seq": None, "converged": False,
@@ -213,6 +228,9 @@ class Client:
 
     def _evacuate(self) -> None:
         # The controller drains h1 itself; its answer lists every move (and HA restart) off it.
+        if self.sim.history is not None:
+            self.sim.history.write("evacuate", phase="start", fault=None, host="h1",
+                                   max_concurrent=concurrency_for(self.sim.cfg), late_ms=0.0)
         self.call("host_evacuate", {"name": "h1", "max_concurrent": concurrency_for(self.sim.cfg),
                                     "timeout_ms": 600_000}, "evacuate", timeout_ms=610_000)
 
@@ -222,6 +240,9 @@ class Client:
             return
         self.evacuated = True
         self.evac_elapsed_ms = round(result["elapsed_ms"], 3)
+        if self.sim.history is not None:
+            self.sim.history.write("evacuate", phase="done", fault=None, host="h1", moves=result["moves"],
+                                   elapsed_ms=result["elapsed_ms"])
         for m in result["moves"]:
             rec = {k: m[k] for k in ("vm", "src", "dst", "seq", "converged", "latency_ms")}
             if m.get("error"):
