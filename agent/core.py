@@ -1,15 +1,9 @@
 """The agent's protocol core: no I/O, no clock, no randomness.
 
 Drivers (the asyncio/ZeroMQ runtime, the simulator) feed it frames and timer ticks
-with the current monotonic time in ns, then take its outbox: a list of
-`(destination, payload)` pairs where destination is one of
-
-- `"pub"`                 publish to every subscriber (gossip);
-- `("peer", host)`        send to that peer's rpc socket (repair requests);
-- `("reply", envelope)`   answer a request on our rpc socket, back along `envelope`;
-- `"ctl"`                 send to the controller;
-- `("connect", PeerState)` / `("disconnect", host)`   membership changed: (un)subscribe.
-"""
+with the current monotonic time in ns, then take its outbox: a list of effects
+(agent/effects.py: Publish, ToPeer, Reply, ToController, Subscribe, Unsubscribe, Emit), each
+routed by the driver's one exhaustive route function."""
 
 from __future__ import annotations
 
@@ -19,6 +13,7 @@ from collections.abc import Callable
 
 from agent import wire
 from agent.config import AgentConfig
+from agent.effects import Effect, Publish, Reply, Subscribe, ToController, ToPeer, Unsubscribe
 from agent.mactable import Entry, MacTable, format_mac, prepare_rows
 from agent.peers import PeerState
 from agent.switch import LocalSwitch
@@ -157,7 +152,7 @@ class AgentCore:
         self.peers: dict[str, PeerState] = {}
         self.stats = Stats()
         self.registered = False
-        self.outbox: list[tuple[object, object]] = []
+        self.outbox: list[Effect] = []
         # Own numbered updates, kept for peers that pull a range: _log[i] has n = _log_base + i + 1.
         self.n = 0
         self._log: deque[list] = deque()
@@ -220,13 +215,13 @@ class AgentCore:
         self._send_register()
         self._next_heartbeat_ns = self._next_status_ns = now_ns
 
-    def take_outbox(self) -> list[tuple[object, object]]:
+    def take_outbox(self) -> list[Effect]:
         out = self.outbox
         if out:  # (an empty outbox is handed out as is: drivers call this after every event)
             self.outbox = []
         return out
 
-    def end_batch(self, now_ns: int) -> tuple[list[tuple[object, object]], int]:
+    def end_batch(self, now_ns: int) -> tuple[list[Effect], int]:
         """flush(), take_outbox() and next_deadline_ns() in one call: what a driver does after
         every batch of events (the simulator, millions of times)."""
         if self._pending_pub or self._applied or self._ranges:
@@ -307,7 +302,7 @@ class AgentCore:
         if now_ns >= self._next_heartbeat_ns:
             self._next_heartbeat_ns = now_ns + self._hb_ns
             self.outbox.append(
-                ("pub", wire.encode(MsgType.HEARTBEAT,
+                Publish(wire.encode(MsgType.HEARTBEAT,
                                     [self.host, self.incarnation, self.n, self.table.digest, len(self.table)]))
             )
         if now_ns >= self._next_status_ns:
@@ -333,8 +328,7 @@ class AgentCore:
         if not self.registered:
             self._send_register()
         self.outbox.append(
-            (
-                "ctl",
+            ToController(
                 wire.encode(
                     MsgType.AGENT_STATUS,
                     [
@@ -360,7 +354,7 @@ class AgentCore:
             self._next_heartbeat_ns = now_ns + self._hb_ns
             for i in range(0, len(pending), PUB_BATCH_MAX):
                 batch = pending[i : i + PUB_BATCH_MAX]
-                self.outbox.append(("pub", wire.encode(MsgType.UPDATES, [self.host, self.incarnation, batch])))
+                self.outbox.append(Publish(wire.encode(MsgType.UPDATES, [self.host, self.incarnation, batch])))
             self._pending_pub = []
         applied = self._applied
         ranges = self._ranges
@@ -382,7 +376,7 @@ class AgentCore:
         self._applied_first_ns = -1
         self._next_applied_ns = now_ns + self._applied_interval_ns
         for i in range(0, max(len(applied), len(ranges)), PUB_BATCH_MAX):
-            self.outbox.append(("ctl", wire.encode(MsgType.APPLY_REPORT, [
+            self.outbox.append(ToController(wire.encode(MsgType.APPLY_REPORT, [
                 self.host, applied[i : i + PUB_BATCH_MAX], ranges[i : i + PUB_BATCH_MAX]])))
         self._applied = []
         self._ranges = []
@@ -472,7 +466,7 @@ class AgentCore:
             else:
                 self._on_heartbeat(*body, now_ns=now_ns)
         elif mt is MsgType.REQUEST:  # (third: repair hints come by the hundred thousand at 1,000 hosts)
-            self._on_request(body, now_ns, "ctl" if envelope is None else ("reply", envelope))
+            self._on_request(body, now_ns, envelope)
         elif mt is MsgType.PULL_REQ:
             self._on_pull_req(body, envelope)
         elif mt is MsgType.PULL_REPLY:
@@ -481,7 +475,7 @@ class AgentCore:
             self._on_pull_reply(body, now_ns, envelope if type(envelope) is str else None)
         elif mt is MsgType.SNAPSHOT_REQ:
             self.stats.snapshots_served += 1
-            self.outbox.append((("reply", envelope), self._snapshot_frame()))
+            self.outbox.append(Reply(envelope, self._snapshot_frame()))
         elif mt is MsgType.SNAPSHOT:
             self._on_snapshot(body, now_ns, envelope if type(envelope) is str else None)
         elif mt is MsgType.PEERS:
@@ -616,9 +610,7 @@ class AgentCore:
         hi = min(hi, lo + self.config.pull_batch_max - 1)
         self.stats.pulls_sent += 1
         self._set_pending(peer, now_ns)
-        self.outbox.append(
-            (("peer", peer.host), wire.encode(MsgType.PULL_REQ, [peer.host, peer.incarnation, lo, hi]))
-        )
+        self.outbox.append(ToPeer(peer.host, wire.encode(MsgType.PULL_REQ, [peer.host, peer.incarnation, lo, hi])))
 
     def _on_repair_hint(self, args: dict, now_ns: int) -> None:
         """The controller waits for our apply report of an update from `origin`: PUB/SUB lost
@@ -668,7 +660,7 @@ class AgentCore:
     def _request_snapshot(self, peer: PeerState, now_ns: int) -> None:
         self.stats.snapshots_requested += 1
         self._set_pending(peer, now_ns)
-        self.outbox.append((("peer", peer.host), wire.encode(MsgType.SNAPSHOT_REQ, [self.host])))
+        self.outbox.append(ToPeer(peer.host, wire.encode(MsgType.SNAPSHOT_REQ, [self.host])))
 
     def _set_pending(self, peer: PeerState, now_ns: int) -> None:
         if not peer.pull_pending:
@@ -699,14 +691,12 @@ class AgentCore:
         first_held = self._log_base + 1
         if origin != self.host or incarnation != self.incarnation or lo < first_held or lo > hi:
             # Not ours, an older life of ours, or a range we no longer keep: the whole table.
-            self.outbox.append((("reply", envelope), self._snapshot_frame()))
+            self.outbox.append(Reply(envelope, self._snapshot_frame()))
             return
         hi = min(hi, self.n, lo + self.config.pull_batch_max - 1)
         start = lo - first_held
         updates = [self._log[i] for i in range(start, start + max(0, hi - lo + 1))]
-        self.outbox.append(
-            (("reply", envelope), wire.encode(MsgType.PULL_REPLY, [self.host, self.incarnation, updates]))
-        )
+        self.outbox.append(Reply(envelope, wire.encode(MsgType.PULL_REPLY, [self.host, self.incarnation, updates])))
 
     def _on_pull_reply(self, body: list, now_ns: int, sender: str | None) -> None:
         origin, incarnation, updates = body
@@ -848,16 +838,13 @@ class AgentCore:
 
     def _send_register(self) -> None:
         self.outbox.append(
-            (
-                "ctl",
-                wire.encode(
-                    MsgType.REGISTER, [self.host, self.incarnation, self.pub_endpoint, self.rpc_endpoint, self.pid]
-                ),
+            ToController(
+                wire.encode(MsgType.REGISTER, [self.host, self.incarnation, self.pub_endpoint, self.rpc_endpoint, self.pid])
             )
         )
 
     def _ack(self, op: int, ok: bool, detail: str, now_ns: int) -> None:
-        self.outbox.append(("ctl", wire.encode(MsgType.ACK, [op, ok, detail, now_ns])))
+        self.outbox.append(ToController(wire.encode(MsgType.ACK, [op, ok, detail, now_ns])))
 
     def _on_peers(self, members: list, now_ns: int) -> None:
         if not self.registered:
@@ -866,7 +853,7 @@ class AgentCore:
             self.registered = True
             snap = self.table.snapshot()
             for i in range(0, len(snap), PUB_BATCH_MAX):
-                self.outbox.append(("ctl", wire.encode(MsgType.TABLE_REPORT, [self.host, snap[i : i + PUB_BATCH_MAX]])))
+                self.outbox.append(ToController(wire.encode(MsgType.TABLE_REPORT, [self.host, snap[i : i + PUB_BATCH_MAX]])))
         seen = set()
         for host, incarnation, pub, rpc in members:
             if host == self.host:
@@ -879,7 +866,7 @@ class AgentCore:
             # a repair hint; its endpoints are gone, so we stay with what we have)
             if peer is not None and (pub, rpc) != (peer.pub_endpoint, peer.rpc_endpoint):
                 peer.pub_endpoint, peer.rpc_endpoint = pub, rpc
-                self.outbox.append((("connect", peer), None))
+                self.outbox.append(Subscribe(host, pub, rpc))
         leaving = self._leaving
         if leaving:
             for host in seen.intersection(leaving):
@@ -919,7 +906,7 @@ class AgentCore:
                 self._heard -= 1
             if peer.pull_pending:
                 self._pulls_pending -= 1
-            self.outbox.append((("disconnect", host), None))
+            self.outbox.append(Unsubscribe(host))
             left = True
         if left:
             self._rescale()
@@ -961,9 +948,10 @@ class AgentCore:
         self._claim(vlan, mac, Entry(self.host, port, seq), now_ns)
         return {"host": self.host, "seq": seq, "t_ns": now_ns}
 
-    def _on_request(self, body: list, now_ns: int, dest: object) -> None:
+    def _on_request(self, body: list, now_ns: int, envelope: object) -> None:
+        """A request from the controller (`envelope` None) or from a client on our rpc socket."""
         req_id, method, args = body
-        if dest == "ctl" and method in ("register", "repair"):
+        if envelope is None and method in ("register", "repair"):
             if method == "register":
                 # The controller does not know us (it restarted): introduce ourselves again.
                 self.registered = False
@@ -991,6 +979,7 @@ class AgentCore:
             else:
                 raise ValueError(f"unknown method {method!r}")
         except (ValueError, TypeError, KeyError) as e:
-            self.outbox.append((dest, wire.encode(MsgType.REPLY, [req_id, False, str(e)])))
-            return
-        self.outbox.append((dest, wire.encode(MsgType.REPLY, [req_id, True, result])))
+            frame = wire.encode(MsgType.REPLY, [req_id, False, str(e)])
+        else:
+            frame = wire.encode(MsgType.REPLY, [req_id, True, result])
+        self.outbox.append(ToController(frame) if envelope is None else Reply(envelope, frame))

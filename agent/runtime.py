@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import assert_never
 
 import zmq
 
@@ -34,6 +35,7 @@ from agent import metrics, tap, vxlan, wire
 from agent.config import AgentConfig
 from agent.core import FRAME_LIMIT, AgentCore
 from agent.dataplane import Dataplane, DataplaneConfig
+from agent.effects import Emit, Publish, Reply, Subscribe, ToController, ToPeer, Unsubscribe
 from agent.faults import CONTROLLER, NetFaults, host_of_identity
 from agent.lifeline import watch_owner
 from agent.mactable import format_mac
@@ -232,30 +234,37 @@ class AgentRuntime:
             self.dp.after_core(now)
         core.flush(now)
         sent_ctl = sent_pull = sent_rpc = False
-        for dest, payload in core.take_outbox():
+        # The one route of the core's effects here: exhaustive (assert_never), so an effect
+        # this runtime does not know fails loudly instead of vanishing.
+        for effect in core.take_outbox():
             try:
-                if dest == "pub":
-                    self.pub.send(payload, NOBLOCK)
-                elif dest == "ctl":
-                    if self.faults.blocked and not self.faults.may_send(CONTROLLER):
-                        continue
-                    sent_ctl = True
-                    self.ctl.send(payload, NOBLOCK)
-                elif dest[0] == "peer":
-                    sent_pull = True
-                    alias = self._alias.get(dest[1])
-                    if alias is not None and self.faults.may_send(dest[1]):
-                        send_parts(self.pull, [alias, payload])
-                elif dest[0] == "reply":
-                    sent_rpc = True
-                    send_parts(self.rpc, [*dest[1], payload])
-                elif dest[0] == "connect":
-                    self._connect(dest[1])
-                elif dest[0] == "disconnect":
-                    self._disconnect(dest[1])
+                match effect:
+                    case Publish(frame):
+                        self.pub.send(frame, NOBLOCK)
+                    case ToController(frame):
+                        if self.faults.blocked and not self.faults.may_send(CONTROLLER):
+                            continue
+                        sent_ctl = True
+                        self.ctl.send(frame, NOBLOCK)
+                    case ToPeer(host, frame):
+                        sent_pull = True
+                        alias = self._alias.get(host)
+                        if alias is not None and self.faults.may_send(host):
+                            send_parts(self.pull, [alias, frame])
+                    case Reply(envelope, frame):
+                        sent_rpc = True
+                        send_parts(self.rpc, [*envelope, frame])
+                    case Subscribe():
+                        self._connect(effect)  # (host, pub_endpoint, rpc_endpoint: what _connect reads)
+                    case Unsubscribe(host):
+                        self._disconnect(host)
+                    case Emit(event):
+                        log.debug("event %s", event)  # (until the runtime's event writer takes them)
+                    case _:
+                        assert_never(effect)
             except zmq.ZMQError as e:
                 # Queue full or peer gone: the repair path recovers whatever this loses.
-                log.debug("send to %s failed: %s", dest, e)
+                log.debug("send %s failed: %s", type(effect).__name__, e)
         if core.stats.flap_reports != self._flaps_logged:
             self._flaps_logged = core.stats.flap_reports
             for (vlan, mac), moves in core.flapping.items():
