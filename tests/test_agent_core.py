@@ -593,12 +593,12 @@ def test_pending_pull_counter_matches_after_peer_restart():
     c.drop_rpc = lambda src, dst, f: True
     c.heartbeat_round()  # h2 pulls from h1; the request is lost
     h2 = c.cores["h2"]
-    assert h2.peers["h1"].pull_pending and h2._pulls_pending == 1
+    assert h2.peers["h1"].pull_pending and h2.repair.pending == 1
     c.drop_rpc = None
     c._add("h1", incarnation=INC + 1)  # h1 restarts before answering
     c.send_peers()
     assert not h2.peers["h1"].pull_pending
-    assert h2._pulls_pending == sum(p.pull_pending for p in h2.peers.values())
+    assert h2.repair.pending == sum(p.pull_pending for p in h2.peers.values())
 
 
 def test_no_repair_defect_with_drops_does_not_converge():
@@ -900,7 +900,7 @@ def test_peers_heard_count_matches_a_full_scan(events):
         core.on_frame("sub", wire.encode(MsgType.HEARTBEAT, hb), c.now)
         if check:
             scan = sum(1 for p in core.peers.values()
-                       if p.last_heard_ns >= 0 and c.now - p.last_heard_ns <= core._suspect_ns)
+                       if p.last_heard_ns >= 0 and c.now - p.last_heard_ns <= core.liveness.suspect_ns)
             assert core.peers_heard(c.now) == scan
 
 

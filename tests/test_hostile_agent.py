@@ -243,7 +243,7 @@ def test_a_host_the_membership_dropped_leaves_after_the_grace_even_while_it_keep
     c = three()
     h1 = c.cores["h1"]
     h1.on_frame("ctl", _peers_without(c, "h3", 2), c.now)
-    grace_ms = MEMBERSHIP_GRACE_SUSPECTS * h1._suspect_ns // 1_000_000
+    grace_ms = MEMBERSHIP_GRACE_SUSPECTS * h1.liveness.suspect_ns // 1_000_000
     c.heartbeat_round()
     assert "h3" in h1.peers  # still talking: maybe a controller that restarted and has not heard of it yet
     while c.now - 1_000 * 1_000_000 < grace_ms * 1_000_000:
@@ -262,6 +262,6 @@ def test_a_restarted_controllers_partial_membership_keeps_a_talking_peer():
     h1.on_frame("ctl", wire.encode(MsgType.PEERS, [c.members(), 2]), c.now)  # ...and now it is
     for _ in range(10):
         c.heartbeat_round()
-    assert "h3" in h1.peers and h1._leaving == {}
+    assert "h3" in h1.peers and h1.membership.leaving == {}
     c.attach("h3", 9)
     assert key(9) in h1.table
