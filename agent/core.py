@@ -29,10 +29,10 @@ from agent import api, wire
 from agent.applyreport import ApplyReporter
 from agent.commands import PortCommands
 from agent.config import AgentConfig
-from agent.effects import Effect, Publish, Reply, ToController
+from agent.effects import Effect, Emit, Publish, Reply, ToController
 from agent.flapguard import FlapGuard
 from agent.liveness import Liveness
-from agent.mactable import Entry, MacTable
+from agent.mactable import Entry, MacTable, format_mac
 from agent.membership import MEMBERSHIP_GRACE_SUSPECTS, Membership
 from agent.originlog import OriginLog
 from agent.peers import PeerState
@@ -447,9 +447,19 @@ class AgentCore:
                 if applied_at is not None:
                     applied_at[key] = now_ns
                 if old.host != new.host and not new.tombstone and self.flap.moved(key, now_ns):
-                    self.stats.flap_reports += 1
+                    self._flapping(key, new.host)
             if key in local and new.host != self.host:
                 self._release_local(key)
+
+    def _flapping(self, key: tuple[int, int], host: str) -> None:
+        """`key` just moved too often: reported (counted, an event), never acted on."""
+        self.stats.flap_reports += 1
+        moves, window_ms = self.flapping[key], self.config.flap_window_ms
+        mac = format_mac(key[1])
+        self.outbox.append(Emit({"kind": "flap.suppressed", "vlan": key[0], "mac": mac, "host": host, "moves": moves,
+                                 "window_ms": window_ms,
+                                 "message": f"MAC flap: vlan {key[0]} mac {mac} moved {moves} times within "
+                                            f"{window_ms} ms (now on {host})"}))
 
     def _release_local(self, key: tuple[int, int]) -> None:
         # The VM lives elsewhere now: a local port for it must not stay active.

@@ -67,8 +67,11 @@ class Unsubscribe:
 @dataclass(frozen=True, slots=True)
 class Emit:
     """A structured event `{"kind": "<dotted.kind>", ...fields}` (no timestamps: the driver
-    stamps them). Kinds from the agent core: `repair.pull {peer, lo, hi}`,
-    `repair.snapshot {peer, entries}`, `flap.suppressed {mac}`."""
+    stamps them; an optional "message" is the human log line). Kinds from the agent core:
+    `repair.pull {peer, lo, hi}` (a pull asked of `peer`), `repair.snapshot {peer, entries,
+    applied}` (a snapshot taken from `peer`: its size, how many entries it changed here),
+    `flap.suppressed {vlan, mac, host, moves, window_ms}` (a MAC moved more than flap_moves
+    times within the window: reported, not acted on)."""
 
     event: dict
 

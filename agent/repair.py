@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from agent import wire
 from agent.config import AgentConfig
-from agent.effects import Effect, Reply, ToPeer
+from agent.effects import Effect, Emit, Reply, ToPeer
 from agent.mactable import Entry, MacTable
 from agent.originlog import OriginLog
 from agent.peers import PeerState
@@ -83,6 +83,7 @@ class Repair:
         self._stats.pulls_sent += 1
         self._set_pending(peer, now_ns)
         self._send(ToPeer(peer.host, wire.encode(MsgType.PULL_REQ, [peer.host, peer.incarnation, lo, hi])))
+        self._send(Emit({"kind": "repair.pull", "peer": peer.host, "lo": lo, "hi": hi}))
 
     def request_snapshot(self, peer: PeerState, now_ns: int) -> None:
         self._stats.snapshots_requested += 1
@@ -174,6 +175,7 @@ class Repair:
         self.clear(sender_peer)
         me = self._host
         merge = self._merge
+        repaired = stats.repaired_updates
         for vlan, mac, host, port, seq, tomb in entries:
             # A member relays what its table holds: entries of members (and ours: an earlier
             # life of ours claimed them), each one as its host numbered it. A live claim for a
@@ -192,6 +194,9 @@ class Repair:
             peer = peers.get(origin)
             if peer is not None and peer.incarnation == incarnation:
                 peer.advance_to(n)
+        applied = stats.repaired_updates - repaired
+        self._send(Emit({"kind": "repair.snapshot", "peer": sender, "entries": len(entries), "applied": applied,
+                         "message": f"snapshot from {sender}: {len(entries)} entries, {applied} applied"}))
 
     def on_hint(self, args: dict, now_ns: int) -> None:
         """The controller waits for our apply report of an update from `origin`: PUB/SUB lost
