@@ -28,9 +28,9 @@ from agent import wire
 from agent.core import AgentCore
 from agent.mactable import MacTable
 from agent.wire import WireError
-from testbed.sim.routing import route_agent
 from controller.core import ControllerCore
 from dvswitch.naming import host_names
+from testbed.sim.routing import route_agent
 from testbed.sim.scheduler import (
     CLIENT,
     CLIENT_ENVELOPE,
