@@ -25,6 +25,7 @@ from agent.wire import MsgType, WireError
 from controller import balance
 from controller.config import ControllerConfig
 from controller.inventory import RULE_KINDS, Host, Inventory, Rule, Vm
+from controller.ops import CLAIM_MAY_BE_OUT, FIRST_PHASE, Op, Outcome, Phase, is_commanding, next_phase
 
 NS_PER_MS = 1_000_000
 # Repair hint frames sent per controller tick at most: a backlog of thousands of converging
@@ -61,64 +62,6 @@ RULE_VMS_MAX = 64
 
 class ApiError(Exception):
     """A client asked for something impossible: the message says what and what to do."""
-
-
-@dataclass
-class Op:
-    op_id: int
-    kind: str  # create | move | delete | restart (HA: VM of a dead host started elsewhere)
-    vm: str
-    src: str
-    dst: str
-    target: tuple[str, int, bool]  # (host, seq, tombstone) every agent must reach
-    key: tuple[int, int]
-    started_ns: int
-    deadline_ns: int
-    phase: str = "start"  # prepare | switchover | converging | done
-    switch_ns: int = 0
-    switched: bool = False  # the target host acked the step that claims the MAC
-    # The command of the current step, sent again until its ack arrives (commands are idempotent).
-    command: tuple[str, bytes] | None = None
-    command_sent_ns: int = 0
-    command_retry_ns: int = 0  # doubles after every resend: a busy agent is not flooded
-    applied: dict[str, int] = field(default_factory=dict)
-    waiters: list = field(default_factory=list)  # Batch objects waiting on this op
-    converged: bool = False
-    error: str = ""
-    latency_ms: float | None = None
-    missing: list[str] = field(default_factory=list)
-    done_ns: int = 0  # when the controller finished it (its clock): the client's wait ends here
-    src_lost: bool = False  # the source's agent restarted meanwhile: the VM no longer runs there
-    converging_ns: int = 0  # when it started converging (our clock)
-    next_hint_ns: int = 0  # converging: when to tell laggards where to pull from (0: never)
-    hint_every_ns: int = 0
-    # (host, incarnation, n) of the updates that settle this op, once their origins reported
-    # their numbers: the target's claim (or a later claim of the same MAC)
-    updates: list[tuple[str, int, int]] = field(default_factory=list)
-    claim: tuple[int, int] | None = None  # (incarnation, n) of the target's claim itself
-    # The ops claimed together with this one whose reports so far were the same: they share
-    # one `applied` dict (see ClaimGroup); None once anything set them apart.
-    group: ClaimGroup | None = None
-
-    def record(self, per_host: bool = True) -> dict:
-        return {
-            "op": self.op_id,
-            "kind": self.kind,
-            "vm": self.vm,
-            "src": self.src,
-            "dst": self.dst,
-            "seq": self.target[1],
-            "converged": self.converged,
-            "latency_ms": self.latency_ms,
-            "error": self.error,
-            "missing": self.missing,
-            "switch_ns": self.switch_ns,
-            "started_ns": self.started_ns,
-            "done_ns": self.done_ns,
-            # Per host, ms from switchover until that agent applied it: who lagged.
-            "applied_ms": {h: round((t - self.switch_ns) / NS_PER_MS, 3) for h, t in self.applied.items()}
-            if self.switched and per_host else {},
-        }
 
 
 @dataclass
@@ -510,7 +453,7 @@ class ControllerCore:
                         op.src_lost = True
                         continue
                     # It had just taken the VM over; the claim died with the old process.
-                    op.error = f"{name} restarted while taking over {vm.name}"
+                    op.end(Outcome.TARGET_RESTARTED, f"{name} restarted while taking over {vm.name}")
                     self._finish(op, now_ns)
                 if vm.key not in self.ops_by_key:
                     self._restart(vm, now_ns, prefer=name)
@@ -582,8 +525,8 @@ class ControllerCore:
         self._recount_live()
         self._membership_changed(now_ns)
         for op in list(self.ops.values()):
-            if op.phase not in ("converging", "done") and op.target[0] in died:
-                op.error = f"{op.target[0]} died before it took over {op.vm}"
+            if is_commanding(op.phase) and op.target[0] in died:
+                op.end(Outcome.TARGET_DIED, f"{op.target[0]} died before it took over {op.vm}")
                 self._finish(op, now_ns)
             else:
                 self._check_converged(op, now_ns)
@@ -793,7 +736,7 @@ class ControllerCore:
                         done = op.applied
                     done[host] = t_ns
                     # (_check_converged's own cheap exit, inlined: this runs for every row)
-                    if len(done) >= live_n and op.phase == "converging":
+                    if len(done) >= live_n and op.phase is Phase.CONVERGING:
                         self._check_converged(op, now_ns)
 
     def _report_arrived(self, host: str, oldest_ns: int, now_ns: int) -> None:
@@ -926,7 +869,7 @@ class ControllerCore:
                         last = self._last_apply_ns(done)
                         if last is not None:
                             for op in list(g.ops):
-                                if op.phase == "converging":
+                                if op.phase is Phase.CONVERGING:
                                     self._converged(op, op.switch_ns if last < 0 else last, now_ns)
             else:
                 if lo == top:  # (a move: one number)
@@ -946,7 +889,7 @@ class ControllerCore:
                             op.group.dissolve()  # this range covers part of its group
                             done = op.applied
                         done[reporter] = t_ns
-                        if len(done) >= live_n and op.phase == "converging":
+                        if len(done) >= live_n and op.phase is Phase.CONVERGING:
                             self._check_converged(op, now_ns)
         if self.config.applied_log_max and o.rows:
             rows = o.rows
@@ -998,7 +941,7 @@ class ControllerCore:
         current_ns = self._hint_ns // 2
         hosts = self.inv.hosts
         for op in self.ops.values():
-            if op.phase != "converging" or not op.next_hint_ns or now_ns < op.next_hint_ns:
+            if op.phase is not Phase.CONVERGING or not op.next_hint_ns or now_ns < op.next_hint_ns:
                 continue
             if budget <= 0:
                 break  # the rest wait for the next tick
@@ -1031,22 +974,17 @@ class ControllerCore:
                     budget -= 1
                     self.outbox.append((hosts[name].route, frame))
 
-    # Which ack detail completes which phase: a duplicated "prepared" must not pass for "switched".
-    _ACK_FOR_PHASE = {
-        "prepare": ("prepared",),
-        "switchover": ("switched",),
-        "attach": ("attached",),
-        "tombstone": ("detached", "no such port"),
-    }
-
     def _on_ack(self, host: str, body: list, now_ns: int) -> None:
         op_id, ok, detail, t_ns = body
         op = self.ops.get(op_id)
         if op is None:
             return  # the ack of a detach, or of an op already finished
-        if host != op.target[0] or detail not in self._ACK_FOR_PHASE.get(op.phase, ()):
-            if not ok and host == op.target[0] and op.phase not in ("converging", "done"):
-                op.error = f"{host} refused: {detail}"
+        # (Only the target's ack moves an op, and only one its transition table names: a
+        # duplicated "prepared" must not pass for "switched".)
+        nxt = next_phase(op.kind, op.phase, detail) if host == op.target[0] else None
+        if nxt is None:
+            if not ok and host == op.target[0] and is_commanding(op.phase):
+                op.end(Outcome.REFUSED, f"{host} refused: {detail}")
                 m = STALE_RE.match(detail)
                 vm = self.inv.vms.get(op.vm)
                 if m and vm is not None and int(m.group(1)) < SEQ_JUMP_MAX:
@@ -1056,8 +994,8 @@ class ControllerCore:
                 self._finish(op, now_ns)
             return  # a duplicate, or an ack for a step we are past
         vm = self.inv.vms[op.vm]
-        if op.phase == "prepare":
-            op.phase = "switchover"
+        op.phase = nxt
+        if nxt is Phase.SWITCHOVER:
             self._command(op, op.dst, MsgType.SWITCHOVER, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, op.target[1]],
                           now_ns)
             return
@@ -1065,7 +1003,6 @@ class ControllerCore:
         self._unacked.pop(op.op_id, None)
         op.switch_ns = t_ns
         op.switched = True
-        op.phase = "converging"
         if ok and detail != "no such port" and host not in op.applied:
             # The target acks once its table holds the target entry: it applied it then. (Its
             # own apply report says the same; on a lossy control link it may never arrive.)
@@ -1107,20 +1044,18 @@ class ControllerCore:
                 now_ns + self.config.op_timeout_ms * NS_PER_MS)
         self.ops[op.op_id] = op
         self.ops_by_key[vm.key] = op
-        if kind in ("create", "restart"):
-            op.phase = "attach"
+        op.phase = FIRST_PHASE[kind]
+        if op.phase is Phase.ATTACH:
             self._command(op, dst, MsgType.ATTACH, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, target[1]], now_ns)
-        elif kind == "move":
-            op.phase = "prepare"
+        elif op.phase is Phase.PREPARE:
             vm.state = "moving"
             self._command(op, dst, MsgType.PREPARE, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port], now_ns)
-        elif kind == "delete":
-            op.phase = "tombstone"
+        elif op.phase is Phase.TOMBSTONE:
             self._command(op, src, MsgType.DETACH, [op.op_id, vm.name, vm.vlan, vm.mac, target[1]], now_ns)
         return op
 
     def _check_converged(self, op: Op, now_ns: int) -> None:
-        if op.phase != "converging" or len(op.applied) < self._live_count():
+        if op.phase is not Phase.CONVERGING or len(op.applied) < self._live_count():
             return  # cheap exit: called for every apply report
         last = self._last_apply_ns(op.applied)
         if last is not None:
@@ -1136,6 +1071,7 @@ class ControllerCore:
     def _converged(self, op: Op, last_ns: int, now_ns: int) -> None:
         """Every live host applied it; the last of them at `last_ns` (its own clock)."""
         op.converged = True
+        op.outcome = Outcome.CONVERGED
         op.latency_ms = max(0, last_ns - op.switch_ns) / NS_PER_MS
         self._finish(op, now_ns)
 
@@ -1155,13 +1091,14 @@ class ControllerCore:
             live = self.inv.live_hosts()
             op.missing = sorted(h for h in live if h not in op.applied)
             if not op.error:
+                op.outcome = Outcome.TIMED_OUT
                 op.error = (f"not converged within {self.config.op_timeout_ms} ms "
                             f"(phase {op.phase}; {len(op.missing)} hosts have not applied it)")
-        sent_claim = op.phase == "switchover" or (op.phase == "attach" and op.kind == "restart")
+        sent_claim = (op.kind, op.phase) in CLAIM_MAY_BE_OUT
         was = op.phase
-        op.phase = "done"
+        op.phase = Phase.DONE
         op.done_ns = now_ns
-        if vm is not None and was != "converging":
+        if vm is not None and was is not Phase.CONVERGING:
             # Aborted before the target owned the MAC (the inventory already follows a target
             # that did, even if some agent lags).
             if op.kind == "create":
@@ -1174,7 +1111,7 @@ class ControllerCore:
                     # The target may have claimed seq+1 after all, or the VM's host is gone:
                     # a fresh claim with a higher seq leaves exactly one owner. Not at once
                     # after a refusal: an agent that keeps refusing must not make us spin.
-                    if op.error.startswith(f"{op.target[0]} refused"):
+                    if op.outcome is Outcome.REFUSED:
                         self._needs_claim[vm.name] = True
                         self._defer_restart(vm, now_ns)
                     else:
@@ -1232,7 +1169,7 @@ class ControllerCore:
             self._reply(envelope, req_id, True, result)
 
     def _wait(self, envelope: list, req_id: int, ops: list[Op], single: bool, per_host: bool = True) -> None:
-        batch = Batch(envelope, req_id, {op.op_id for op in ops if op.phase != "done"}, ops, single,
+        batch = Batch(envelope, req_id, {op.op_id for op in ops if op.phase is not Phase.DONE}, ops, single,
                       single and per_host)
         if not batch.pending:
             self._reply_batch(batch)
