@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from agent import wire
 from agent.wire import MsgType, WireError
 from controller import balance
+from controller.applytrack import ApplyTracker
 from controller.config import ControllerConfig
 from controller.inventory import RULE_KINDS, Host, Inventory, Rule, Vm
 from controller.ops import CLAIM_MAY_BE_OUT, FIRST_PHASE, Op, Outcome, Phase, is_commanding, next_phase
@@ -62,68 +63,6 @@ RULE_VMS_MAX = 64
 
 class ApiError(Exception):
     """A client asked for something impossible: the message says what and what to do."""
-
-
-@dataclass
-class Origin:
-    """One incarnation of an agent as the origin of numbered updates, as apply reports see it.
-
-    Other agents report the updates they took by the origin's numbers (ranges); the origin
-    itself reports each update it made, with its number, so we learn which number is which
-    entry. A range may come first (its reporter was quicker): the part above what the origin
-    has told us waits in `early`."""
-
-    incarnation: int
-    told_n: int = 0  # the highest number the origin reported as its own
-    awaiting: dict[int, Op] = field(default_factory=dict)  # number -> op converging on it
-    early: list[tuple[str, int, int, int]] = field(default_factory=list)  # (reporter, lo, hi, t_ns)
-    # number -> (vlan, mac, host, seq, tombstone): only while applied_log is kept
-    rows: dict[int, tuple] = field(default_factory=dict)
-    groups: dict[int, ClaimGroup] = field(default_factory=dict)  # first number -> its group
-
-
-class ClaimGroup:
-    """Ops whose claims an origin numbered lo..hi in one run (a batch create: a host claims
-    its new VMs' MACs together, and every agent takes them in one message and reports them
-    as one range). While every report covers all of them alike, they share one `applied`
-    dict and a range is marked once, not once per op: at 1,000 hosts, creating 8,000 VMs is 8
-    million (op, host) marks otherwise. Any report that sets one apart (a row, a part of the
-    range, another number of the same op) dissolves the group first: each op gets its own
-    copy, and from then on is marked alone. A finished op just leaves the group."""
-
-    __slots__ = ("lo", "hi", "ops", "applied", "owner")
-
-    def __init__(self, lo: int, hi: int, ops: list[Op], applied: dict[str, int], owner: dict) -> None:
-        self.lo = lo
-        self.hi = hi
-        self.ops = ops
-        self.applied = applied
-        self.owner = owner  # the origin's `groups` (number lo -> this group)
-
-    def leave(self, op: Op) -> None:
-        """A finished op leaves; it keeps the shared dict (later reports of the others may add
-        hosts to it: they did apply its update too, later)."""
-        self.ops.remove(op)
-        op.group = None
-        if not self.ops and self.owner.get(self.lo) is self:
-            del self.owner[self.lo]
-
-    def dissolve(self) -> None:
-        if self.owner.get(self.lo) is self:
-            del self.owner[self.lo]
-        for op in self.ops:
-            op.applied = dict(self.applied)
-            op.group = None
-        self.ops = []
-
-
-# Range reports kept per origin while it has not told us the numbers yet, at most (they
-# come first only by a few ms, unless we restarted and agents repair older updates: then the
-# numbers may never be told, and the oldest go).
-EARLY_MAX = 10_000
-# An origin's numbered entries kept to write range reports into applied_log, at most (as
-# many as an agent keeps in its own log by default).
-ORIGIN_ROWS_MAX = 100_000
 
 
 @dataclass
@@ -220,9 +159,9 @@ class ControllerCore:
                 vm.state = "active"
                 self._needs_claim[vm.name] = True
                 self._pending_restarts[vm.name] = 0
-        # Every apply every agent reported: (t_ns, reporter, vlan, mac, host, seq, tombstone),
-        # for checkers (e.g. "no agent ever went back to a lower (seq, host)"). Bounded.
-        self.applied_log: deque[tuple] = deque(maxlen=self.config.applied_log_max)
+        # Who applied what (and the log of every apply, for checkers).
+        self.applies = ApplyTracker(self.inv.hosts, self.config.applied_log_max)
+        self.applied_log = self.applies.applied_log
         self._routes: dict[bytes, str] = {}  # first envelope frame -> host
         self._next_op = 1
         # Pending wait_ready requests, indexed twice (heaps with lazy deletion): by the host count
@@ -236,10 +175,8 @@ class ControllerCore:
         self.last_error = ""
         self._tick_ns = self.config.tick_interval_ms * NS_PER_MS
         self._started_ns: int | None = None
-        self._applied_count = 0
-        self._origins: dict[str, Origin] = {}  # host -> its current incarnation as an origin
         self._live_n = 0  # hosts not dead, kept current by _recount_live()
-        self._live: frozenset[str] = frozenset()  # their names (a convergence check per apply batch)
+        self._live: frozenset[str] = frozenset()  # their names
         self._rank: dict[str, int] = {}  # host name -> its place in registration order
         # Membership epoch: bumped on every change; PEERS carries it and agents report it back.
         self.peers_epoch = 0
@@ -250,10 +187,6 @@ class ControllerCore:
         self._hint_ns = self.config.repair_hint_after_ms * NS_PER_MS
         self.repair_hints = 0
         self._last_applied_ns: dict[str, int] = {}  # host -> when its last apply report arrived
-        # host -> its latest apply of a converging op's target from gossip (a range report),
-        # minus that op's switchover (ns): how far behind the stream the host runs (see
-        # _hint_repairs). Rows do not count: a repair hint is late by design.
-        self._lag_ns: dict[str, int] = {}
         self._late_report_ns = -(1 << 62)  # when we last read an apply report late (see _hint_repairs)
         self._orphans_checked = False
         self._next_tick_ns = 0
@@ -543,6 +476,7 @@ class ControllerCore:
     def _recount_live(self) -> None:
         self._live = frozenset(h.name for h in self.inv.hosts.values() if h.state != "dead")
         self._live_n = len(self._live)
+        self.applies.set_live(self._live)
         self._rank = {name: i for i, name in enumerate(self.inv.hosts)}  # registration order
 
     def _defer_restart(self, vm: Vm, now_ns: int) -> None:
@@ -716,28 +650,17 @@ class ControllerCore:
         return self._start_op("restart", vm, vm.host, dst, (dst, vm.seq_issued, False), now_ns)
 
     def _on_applied(self, host: str, applied: list, now_ns: int) -> None:
-        self._applied_count += len(applied)
-        if self.config.applied_log_max:
-            self.applied_log.extend([(r[5], host, r[0], r[1], r[2], r[3], r[4]) for r in applied])
+        track = self.applies
+        track.log_rows(host, applied)
         ops_by_key = self.ops_by_key
-        live_n = self._live_n
         for vlan, mac, ehost, seq, tomb, t_ns, *_n in applied:
             op = ops_by_key.get((vlan, mac))
             if op is None:
                 self._adopt((vlan, mac), ehost, seq, tomb, now_ns)
                 continue
-            target = op.target
-            if seq > target[1] or (ehost == target[0] and seq == target[1] and tomb == target[2]):
-                # A later seq for the same MAC also means this agent moved past the target.
-                done = op.applied
-                if host not in done:
-                    if op.group is not None:
-                        op.group.dissolve()  # a row marks this op alone
-                        done = op.applied
-                    done[host] = t_ns
-                    # (_check_converged's own cheap exit, inlined: this runs for every row)
-                    if len(done) >= live_n and op.phase is Phase.CONVERGING:
-                        self._check_converged(op, now_ns)
+            last = track.row(op, host, ehost, seq, tomb, t_ns)
+            if last is not None:
+                self._converged(op, last, now_ns)
 
     def _report_arrived(self, host: str, oldest_ns: int, now_ns: int) -> None:
         """An apply report from `host` whose oldest apply is stamped `oldest_ns`."""
@@ -753,149 +676,10 @@ class ControllerCore:
                              now_ns)
         if rows:
             self._on_applied(host, rows, now_ns)
-            self._on_own_updates(host, rows, now_ns)
-        origins = self._origins
-        keep_log = self.config.applied_log_max
-        for origin, incarnation, lo, hi, t_ns in ranges:
-            o = origins.get(origin)
-            if (o is not None and not o.awaiting and o.incarnation == incarnation and hi <= o.told_n
-                    and not keep_log):
-                continue  # (the common case, inlined: known numbers, no op waits on that origin)
-            self._on_range(host, origin, incarnation, lo, hi, t_ns, now_ns)
-
-    def _origin(self, host: str, incarnation: int) -> Origin | None:
-        """The origin state of `host` in `incarnation`; None for an older life of it."""
-        o = self._origins.get(host)
-        if o is None or incarnation > o.incarnation:
-            o = self._origins[host] = Origin(incarnation)
-        elif incarnation < o.incarnation:
-            return None
-        return o
-
-    def _on_own_updates(self, host: str, rows: list, now_ns: int) -> None:
-        """Rows the reporter originated carry its number for them: which op waits on which number."""
-        o = None
-        fresh = None  # (n, op) of ops told their first number here: grouped if they run together
-        keep_rows = bool(self.config.applied_log_max)
-        for vlan, mac, ehost, seq, tomb, _t_ns, n in rows:
-            if not n:
-                continue
-            if o is None:
-                o = self._origin(host, self.inv.hosts[host].incarnation)
-                if o is None:  # pragma: no cover - inv holds the latest incarnation
-                    return
-            if n > o.told_n:
-                o.told_n = n
-            if keep_rows:
-                o.rows[n] = (vlan, mac, ehost, seq, tomb)
-                if len(o.rows) > ORIGIN_ROWS_MAX:
-                    del o.rows[next(iter(o.rows))]
-            op = self.ops_by_key.get((vlan, mac))
-            if op is None or ehost != host:
-                continue
-            exact = op.target == (ehost, seq, tomb)
-            if exact or seq > op.target[1]:
-                # (a greater seq settles it too: that agent has moved past the target)
-                prev = o.awaiting.get(n)
-                if prev is not None or op.updates:
-                    # A number told twice, or an op waiting on more than one: never grouped.
-                    for other in (prev, op):
-                        if other is not None and other.group is not None:
-                            other.group.dissolve()
-                elif fresh is None:
-                    fresh = [(n, op)]
-                else:
-                    fresh.append((n, op))
-                o.awaiting[n] = op
-                op.updates.append((host, o.incarnation, n))
-                if exact:
-                    op.claim = (o.incarnation, n)
-        if fresh is not None and len(fresh) > 1:
-            self._group_claims(o, fresh)
-        if o is not None and o.early:
-            early, o.early = o.early, []
-            for reporter, lo, hi, t_ns in early:
-                self._on_range(reporter, host, o.incarnation, lo, hi, t_ns, now_ns)
-
-    @staticmethod
-    def _group_claims(o: Origin, fresh: list[tuple[int, Op]]) -> None:
-        """Group the runs of consecutive numbers whose ops were reported alike so far."""
-        start = 0
-        for i in range(1, len(fresh) + 1):
-            if (i < len(fresh) and fresh[i][0] == fresh[i - 1][0] + 1 and fresh[i][1] is not fresh[i - 1][1]
-                    and fresh[i][1].applied == fresh[start][1].applied):
-                continue
-            if i - start > 1:
-                ops = [op for _, op in fresh[start:i]]
-                g = ClaimGroup(fresh[start][0], fresh[i - 1][0], ops, dict(ops[0].applied), o.groups)
-                for op in ops:
-                    op.applied = g.applied
-                    op.group = g
-                o.groups[g.lo] = g
-            start = i
-
-    def _on_range(self, reporter: str, origin: str, incarnation: int, lo: int, hi: int, t_ns: int,
-                  now_ns: int) -> None:
-        """`reporter`'s table dominates `origin`'s updates lo..hi since t_ns: the ops waiting
-        on any of them are applied there."""
-        o = self._origins.get(origin)
-        if o is None or o.incarnation != incarnation:
-            h = self.inv.hosts.get(origin)
-            if h is None or h.incarnation != incarnation:
-                return  # another life of that host: no op of ours waits on its numbers
-            o = self._origin(origin, incarnation)
-            if o is None:  # pragma: no cover - inv holds the latest incarnation
-                return
-        top = min(hi, o.told_n)
-        if hi > top:
-            if len(o.early) >= EARLY_MAX:
-                del o.early[: EARLY_MAX // 2]  # an origin that never reports (it died): forget the oldest
-            o.early.append((reporter, max(lo, top + 1), hi, t_ns))
-        if lo > top:
-            return
-        aw = o.awaiting
-        if aw:
-            g = o.groups.get(lo) if o.groups else None
-            if g is not None and g.hi == top:
-                # The whole group, as it was claimed: one mark for all its ops.
-                last = g.ops[-1]
-                if last.switched:
-                    self._lag_ns[reporter] = t_ns - last.switch_ns
-                done = g.applied
-                if reporter not in done:
-                    done[reporter] = t_ns
-                    if len(done) >= self._live_n:
-                        # (_check_converged for each op, the shared part done once)
-                        last = self._last_apply_ns(done)
-                        if last is not None:
-                            for op in list(g.ops):
-                                if op.phase is Phase.CONVERGING:
-                                    self._converged(op, op.switch_ns if last < 0 else last, now_ns)
-            else:
-                if lo == top:  # (a move: one number)
-                    op = aw.get(lo)
-                    hits = () if op is None else (op,)
-                elif top - lo < len(aw):
-                    hits = [aw[n] for n in range(lo, top + 1) if n in aw]
-                else:
-                    hits = [op for n, op in aw.items() if lo <= n <= top]
-                if hits and hits[-1].switched:
-                    self._lag_ns[reporter] = t_ns - hits[-1].switch_ns
-                live_n = self._live_n
-                for op in hits:
-                    done = op.applied
-                    if reporter not in done:
-                        if op.group is not None:
-                            op.group.dissolve()  # this range covers part of its group
-                            done = op.applied
-                        done[reporter] = t_ns
-                        if len(done) >= live_n and op.phase is Phase.CONVERGING:
-                            self._check_converged(op, now_ns)
-        if self.config.applied_log_max and o.rows:
-            rows = o.rows
-            log = [(t_ns, reporter, *rows[n]) for n in range(lo, top + 1) if n in rows]
-            self._applied_count += len(log)
-            self.applied_log.extend(log)
+            for op, last in self.applies.own_updates(host, rows, self.ops_by_key):
+                self._converged(op, last, now_ns)
+        for op, last in self.applies.ranges(host, ranges):
+            self._converged(op, last, now_ns)
 
     def _adopt(self, key: tuple[int, int], host: str, seq: int, tomb: bool, now_ns: int) -> None:
         """An agent holds a newer placement than our inventory (a headless move, or one that
@@ -937,7 +721,7 @@ class ControllerCore:
         quiet_since = now_ns - self._hint_ns
         grace_ns = BUSY_GRACE * self._hint_ns
         last_report = self._last_applied_ns
-        lag = self._lag_ns
+        lag = self.applies.lag_ns
         current_ns = self._hint_ns // 2
         hosts = self.inv.hosts
         for op in self.ops.values():
@@ -967,7 +751,7 @@ class ControllerCore:
             patient = now_ns - op.converging_ns < grace_ns
             # The live hosts that have not applied it, in registration order (a set difference,
             # not a pass over every host per op: at 1,000 hosts some 200 of them lack it).
-            for name in sorted(self._live.difference(op.applied), key=self._rank.__getitem__):
+            for name in sorted(self.applies.lacking(op), key=self._rank.__getitem__):
                 if (name != host and (not patient or last_report.get(name, quiet_since) <= quiet_since
                                       or lag.get(name, current_ns + 1) <= current_ns)):
                     self.repair_hints += 1
@@ -1003,12 +787,10 @@ class ControllerCore:
         self._unacked.pop(op.op_id, None)
         op.switch_ns = t_ns
         op.switched = True
-        if ok and detail != "no such port" and host not in op.applied:
+        if ok and detail != "no such port":
             # The target acks once its table holds the target entry: it applied it then. (Its
             # own apply report says the same; on a lossy control link it may never arrive.)
-            if op.group is not None:
-                op.group.dissolve()
-            op.applied[host] = t_ns
+            self.applies.mark(op, host, t_ns)
         if self._hint_ns:
             op.converging_ns = now_ns
             op.next_hint_ns = now_ns + self._hint_ns
@@ -1055,18 +837,9 @@ class ControllerCore:
         return op
 
     def _check_converged(self, op: Op, now_ns: int) -> None:
-        if op.phase is not Phase.CONVERGING or len(op.applied) < self._live_count():
-            return  # cheap exit: called for every apply report
-        last = self._last_apply_ns(op.applied)
+        last = self.applies.converged_at(op)
         if last is not None:
-            self._converged(op, op.switch_ns if last < 0 else last, now_ns)
-
-    def _last_apply_ns(self, applied: dict[str, int]) -> int | None:
-        """When the last live host applied it (-1: there are none); None while some have not."""
-        live = self._live
-        if not applied.keys() >= live:
-            return None
-        return max(map(applied.__getitem__, live), default=-1)
+            self._converged(op, last, now_ns)
 
     def _converged(self, op: Op, last_ns: int, now_ns: int) -> None:
         """Every live host applied it; the last of them at `last_ns` (its own clock)."""
@@ -1077,12 +850,7 @@ class ControllerCore:
 
     def _finish(self, op: Op, now_ns: int, timed_out: bool = False) -> None:
         self.ops.pop(op.op_id, None)
-        if op.group is not None:
-            op.group.leave(op)
-        for host, incarnation, n in op.updates:
-            o = self._origins.get(host)
-            if o is not None and o.incarnation == incarnation:
-                o.awaiting.pop(n, None)
+        self.applies.forget(op)
         self._unacked.pop(op.op_id, None)
         if self.ops_by_key.get(op.key) is op:
             del self.ops_by_key[op.key]
@@ -1223,7 +991,7 @@ class ControllerCore:
         return {"from": start, "next": start + len(rows), "lost": max(0, first - since), "applies": rows}
 
     def _applied_total(self) -> int:
-        return self._applied_count
+        return self.applies.applied_count
 
     def api_moves(self, args, now_ns, envelope, req_id) -> dict:
         last = int(args.get("last", 1000))

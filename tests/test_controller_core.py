@@ -979,7 +979,7 @@ def test_a_move_converges_on_range_reports_of_the_destinations_numbers():
     ranges(c, "h4", ("h3", 1, 7, 7, t_sw + 5 * NS_PER_MS))
     ok, rec = c.reply(req)
     assert ok and rec["converged"] and rec["latency_ms"] == 5.0
-    assert c.core._origins["h3"].awaiting == {}  # nothing kept for a finished op
+    assert c.core.applies.origins["h3"].awaiting == {}  # nothing kept for a finished op
 
 
 def test_ranges_that_arrive_before_the_origin_names_its_numbers_wait_for_it():
@@ -1026,13 +1026,13 @@ def test_a_hint_names_the_origins_number_once_the_origin_reported_it():
 def test_ranges_whose_numbers_are_never_told_are_bounded():
     # (After a restart of ours, agents repair updates numbered before it: no own report of
     # their origin will ever name them.)
-    from controller.core import EARLY_MAX
+    from controller.applytrack import EARLY_MAX
 
     c = cluster(2)
     batch = [["h2", 1, n, n, c.now] for n in range(1, 2_001)]
     for _ in range(EARLY_MAX // len(batch) + 2):
         c.feed(route("h1"), MsgType.APPLY_REPORT, ["h1", [], batch])
-    assert 0 < len(c.core._origins["h2"].early) <= EARLY_MAX
+    assert 0 < len(c.core.applies.origins["h2"].early) <= EARLY_MAX
 
 
 def batch_on(c: Ctl, host: str, vms: range) -> tuple[int, list[int]]:
