@@ -892,7 +892,7 @@ def test_a_busy_host_is_spared_hints_for_a_while_but_never_starved():
     # h3 runs behind the gossip stream (it applied vm2's create 80 ms late) and keeps reporting
     # applies of other VMs (busy, not left behind) while the move of vm1 waits for it: no hint
     # at first; once the op waited BUSY_GRACE hint delays, it gets one.
-    from controller.core import BUSY_GRACE
+    from controller.hints import BUSY_GRACE
 
     c, cfg = busy_h3(lag_ms=80)
     switched_move(c, 1, "h2", applied_by=("h1", "h2"))
@@ -1176,7 +1176,7 @@ def test_abandoned_wait_ready_requests_are_bounded_expire_and_cost_a_status_noth
     for i in range(20_000):
         c.feed([f"client{i}".encode()], MsgType.REQUEST, [1, "wait_ready", {"hosts": 50, "timeout_ms": 5_000}])
         answers += len(c.take(mt=MsgType.REPLY))
-    assert c.core._ready_n == core_mod.READY_WAITERS_MAX
+    assert c.core.members._ready_n == core_mod.READY_WAITERS_MAX
     assert answers == 20_000 - core_mod.READY_WAITERS_MAX  # refused at once, with a retry hint
 
     class CountingDict(dict):
@@ -1194,7 +1194,7 @@ def test_abandoned_wait_ready_requests_are_bounded_expire_and_cost_a_status_noth
     c.advance(5_001)
     expired = c.take(mt=MsgType.REPLY)
     assert len(expired) == core_mod.READY_WAITERS_MAX and all(not ok for _, ok, _ in expired)
-    assert c.core._ready_n == 0 and not c.core._ready_by_hosts and not c.core._ready_by_deadline
+    assert c.core.members._ready_n == 0 and not c.core.members._ready_by_hosts and not c.core.members._ready_by_deadline
     c.status("h1", 1)
     c.status("h2", 1)
     assert c.call("wait_ready", {"hosts": 2})[0] is True
@@ -1363,18 +1363,18 @@ def test_evacuate_runs_at_most_k_moves_at_once():
         create(c, n, "h1")
     req = c.request("host_evacuate", {"name": "h1", "max_concurrent": 2})
     prepares = [b for h in ("h2", "h3") for m, b in c.to(h) if m is MsgType.PREPARE]
-    assert len(prepares) == 2 and len(c.core._drain_ops) == 2
+    assert len(prepares) == 2 and len(c.core.maint._drain_ops) == 2
     assert c.reply(req) is None  # answered once the host is empty
     done = 0
-    while c.core._drain_ops:
-        assert len(c.core._drain_ops) <= 2
-        op = c.core.ops[min(c.core._drain_ops)]
+    while c.core.maint._drain_ops:
+        assert len(c.core.maint._drain_ops) <= 2
+        op = c.core.ops[min(c.core.maint._drain_ops)]
         c.ack(op.dst, op.op_id)
         c.ack(op.dst, op.op_id)
         for h in ("h1", "h2", "h3"):
             c.applied(h, int(op.vm[2:]), op.dst, op.target[1])
         done += 1
-        assert done == 5 or len(c.core._drain_ops) == min(2, 5 - done)  # the next one started at once
+        assert done == 5 or len(c.core.maint._drain_ops) == min(2, 5 - done)  # the next one started at once
     ok, rep = c.reply(req)
     assert ok and len(rep["moves"]) == 5 and all(m["converged"] for m in rep["moves"])
     # The scorer spread them: h2 and h3 started empty.
