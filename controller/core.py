@@ -1,4 +1,16 @@
-"""The controller's protocol core: inventory, VM create/move/delete, convergence tracking.
+"""The controller's protocol core: the coordinator of its components, and the one place that acts.
+
+The components answer questions and keep their own state; this class decides what to do
+with what they say (the h11 shape: no mixins, no component calls another's actions):
+- ops.py: an op's phases, its transition table and outcomes;
+- applytrack.py: who applied what, and the converged check;
+- membership.py: registration, admission, liveness, PEERS, wait_ready;
+- placement.py: the one placement scorer and the VM rules;
+- ha.py: which VMs wait for an HA restart, the restart budget;
+- hints.py: repair hints for agents that lack a converging op's update;
+- api.py / maintenance.py: client request handlers, drain/evacuate/rebalance.
+What stays here is each op's life (start, ack, finish, with the restarts an abort needs) and
+the glue of agent messages; it stays whole (~530 lines) because those steps act on each other.
 
 No I/O and no clock: drivers feed `on_frame(envelope, frame, now_ns)` and `on_timer(now_ns)`
 and take `outbox`, a list of `(envelope, payload)` to send on the controller's ROUTER socket.
@@ -17,15 +29,15 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass
 
 from agent import wire
 from agent.wire import MsgType, WireError
 from controller.api import NAME_RE, RETRY_PREFIX, ApiError, ClientApi
 from controller.applytrack import ApplyTracker
 from controller.config import ControllerConfig
+from controller.ha import Restarts
 from controller.hints import RepairHints
-from controller.inventory import Host, Inventory, Vm
+from controller.inventory import Inventory, Vm
 from controller.maintenance import Maintenance
 from controller.membership import READY_WAITERS_MAX, Membership
 from controller.ops import CLAIM_MAY_BE_OUT, FIRST_PHASE, Op, Outcome, Phase, is_commanding, next_phase
@@ -36,60 +48,32 @@ __all__ = ["NAME_RE", "READY_WAITERS_MAX", "RETRY_PREFIX", "ApiError", "Controll
 _host_order = host_order
 
 NS_PER_MS = 1_000_000
-# Refused REGISTER envelopes remembered (not asked to register again), at most.
-REFUSED_MAX = 1_024
 # Events (one line each, for the runtime's log) held until the driver takes them, at most.
 EVENTS_MAX = 1_000
-# Restarts waiting for registrations to pause wait this many placement_settle_ms at most.
-SETTLE_WINDOWS_MAX = 5
 # An agent's refusal of a claim: "stale: table holds seq S on H".
 STALE_RE = re.compile(r"^stale: table holds seq (\d+) on ")
 # A refusal's seq is taken over only below this: a seq near 2^64 would leave no room above it.
 SEQ_JUMP_MAX = 1 << 48
 
 
-@dataclass
-class Batch:
-    """A client request waiting for one or more ops to finish."""
-
-    envelope: list
-    req_id: int
-    pending: set[int]
-    ops: list[Op]
-    single: bool
-    per_host: bool  # records carry each host's apply time (only for a single op: MBs otherwise)
-
-
 class ControllerCore:
     def __init__(self, config: ControllerConfig | None = None, journal: list[dict] | None = None,
                  hosts: list[str] | None = None) -> None:
-        """`hosts`: the host names admitted besides those the journal admitted. None admits any
-        name that registers (the simulator and unit tests, whose every host is their own); a
-        list (the controller process, even an empty one) admits only those, the journal's and
-        those `host_add` admits later."""
+        """`journal`: records to recover from. `hosts`: the host names admitted besides those
+        the journal admitted; None admits any name that registers (see Membership)."""
         self.config = config or ControllerConfig()
         self.inv = Inventory()
         self.journal_out: list[dict] = []
         for record in journal or []:
             self.inv.apply_record(record)
-        self.admitted: set[str] | None = None
-        if hosts is not None:
-            self.admitted = set(self.inv.admitted)
-            if not self.admitted:
-                # A journal of the version before admission: the hosts it names were members.
-                self.admitted = set(self.inv.incarnations) | {vm.host for vm in self.inv.vms.values()}
-            for name in [*sorted(self.admitted - self.inv.admitted, key=host_order), *hosts]:
-                self._admit(name)
-        self.refused_registrations = 0
-        self._refused: dict[bytes, None] = {}  # envelopes refused lately (bounded, oldest first)
         self.events: list[str] = []
         self.events_dropped = 0
-        self.restart_budget_exhausted = 0
-        self._restart_times: dict[str, deque[int]] = {}  # VM -> its recent restart times (ns)
-        self._parked: set[str] = set()  # VMs whose restart budget ran out (their event is out)
-        self._last_register_ns = -(1 << 62)
-        self._burst_start_ns = -(1 << 62)
         self.outbox: list[tuple[list, bytes]] = []
+        # Who applied what (and the log of every apply, for checkers).
+        self.applies = ApplyTracker(self.inv.hosts, self.config.applied_log_max)
+        self.applied_log = self.applies.applied_log
+        self.members = Membership(self.inv, self.config, self.outbox, self.applies, self.journal_out, hosts,
+                                  self._event)
         self.ops: dict[int, Op] = {}  # in flight, by op id
         self.ops_by_key: dict[tuple[int, int], Op] = {}
         self._unacked: dict[int, Op] = {}  # ops whose current command awaits its ack, by op id
@@ -97,27 +81,13 @@ class ControllerCore:
         # (Ops, made into records when asked for: a record of a move at 1,000 hosts holds 1,000
         # apply times, and most are never read.)
         self.history: deque[Op] = deque(maxlen=self.config.history_max)
-        # VMs that need a restart we could not do yet (no live host, or the target refused),
-        # by name -> earliest retry time (ns). Retried from on_timer.
-        self._pending_restarts: dict[str, int] = {}
-        self._needs_claim: dict[str, bool] = {}  # deferred restarts that must re-claim even on a live host
-        for vm in self.inv.vms.values():
-            if vm.state == "lost":
-                # Journaled when its host restarted under it; we crashed before it ran again.
-                vm.state = "active"
-                self._needs_claim[vm.name] = True
-                self._pending_restarts[vm.name] = 0
-        # Who applied what (and the log of every apply, for checkers).
-        self.applies = ApplyTracker(self.inv.hosts, self.config.applied_log_max)
-        self.applied_log = self.applies.applied_log
-        self._routes: dict[bytes, str] = {}  # first envelope frame -> host
+        self.restarts = Restarts(self.config, self.inv)
         self._next_op = 1
         self.dropped_malformed = 0
         self.handler_errors = 0
         self.last_error = ""
         self._tick_ns = self.config.tick_interval_ms * NS_PER_MS
         self._started_ns: int | None = None
-        self.members = Membership(self.inv, self.config, self.outbox, self.applies)
         self.placement = Placement(self.inv, self.ops_by_key)
         self.hints = RepairHints(self.config.repair_hint_after_ms)
         self._hint_ns = self.config.repair_hint_after_ms * NS_PER_MS
@@ -125,7 +95,6 @@ class ControllerCore:
         self.maint = Maintenance(self)
         self._orphans_checked = False
         self._next_tick_ns = 0
-        self._unplaceable_noted: set[str] = set()  # VMs whose "cannot restart" event is out
 
     @property
     def peers_epoch(self) -> int:
@@ -148,7 +117,8 @@ class ControllerCore:
         return out
 
     def take_journal(self) -> list[dict]:
-        out, self.journal_out = self.journal_out, []
+        out = self.journal_out[:]  # (the same list stays: the components append to it)
+        self.journal_out.clear()
         return out
 
     def take_events(self) -> list[str]:
@@ -162,17 +132,16 @@ class ControllerCore:
             return
         self.events.append(text)
 
-    def _admit(self, name: str) -> bool:
-        """Admit `name` (durably); False if it already was."""
-        if self.admitted is None or (name in self.admitted and name in self.inv.admitted):
-            return False
-        self.admitted.add(name)
-        self.inv.admitted.add(name)
-        self.journal_out.append({"admit": name})
-        return True
+    @property
+    def admitted(self) -> set[str] | None:
+        return self.members.admitted
+
+    @property
+    def refused_registrations(self) -> int:
+        return self.members.refused_registrations
 
     def is_admitted(self, name: str) -> bool:
-        return self.admitted is None or name in self.admitted
+        return self.members.is_admitted(name)
 
     def _persist(self, vm: Vm) -> None:
         self.journal_out.append(self.inv.to_record(vm))
@@ -195,7 +164,7 @@ class ControllerCore:
             self.last_error = f"{mt.name}: {type(e).__name__}: {e}"[:300]
 
     def _dispatch(self, envelope: list, mt: MsgType, body: list, now_ns: int) -> None:
-        host = self._routes.get(envelope[0]) if envelope else None
+        host = self.members.routes.get(envelope[0]) if envelope else None
         if mt is MsgType.REQUEST:
             self.api.handle(envelope, body, now_ns)
         elif mt is MsgType.REGISTER:
@@ -203,7 +172,7 @@ class ControllerCore:
         elif mt is MsgType.APPLY_REPORT and host is not None and host in self.inv.hosts:
             self._on_apply_report(host, body[1], body[2], now_ns)  # (first: most of what agents send)
         elif host is None or host not in self.inv.hosts:
-            if envelope and envelope[0] in self._refused:
+            if envelope and envelope[0] in self.members.refused:
                 self.dropped_malformed += 1  # a host we refused: no invitation to register again
             elif mt in (MsgType.AGENT_STATUS, MsgType.APPLIED, MsgType.APPLY_REPORT, MsgType.ACK,
                         MsgType.TABLE_REPORT):
@@ -238,7 +207,7 @@ class ControllerCore:
             self._started_ns = now_ns
         self._next_tick_ns = now_ns + self._tick_ns
         self._check_liveness(now_ns)
-        if self._pending_restarts:
+        if self.restarts.pending:
             self._retry_restarts(now_ns)
         if self._hint_ns:
             self.outbox.extend(self.hints.due(now_ns, self.ops, self.inv, self.applies, self.members._rank))
@@ -269,39 +238,13 @@ class ControllerCore:
     # ------------------------------------------------------------------ agents
 
     def _on_register(self, envelope: list, body: list, now_ns: int) -> None:
-        name, incarnation, pub, rpc, pid = body
-        if not self.is_admitted(name):
-            # Registration is no way in: an admin admits a host (`dvs host add`, `--hosts` at
-            # start). Refused, counted, told why; its later messages are dropped, not invited.
-            self.refused_registrations += 1
-            if envelope:
-                if len(self._refused) >= REFUSED_MAX:
-                    del self._refused[next(iter(self._refused))]
-                self._refused[envelope[0]] = None
-                if self.refused_registrations <= 10 or self.refused_registrations % 1000 == 0:
-                    self._event(f"refused REGISTER from {name!r}: not an admitted host "
-                                f"({self.refused_registrations} refused so far)")
-            self.outbox.append((envelope, wire.encode(MsgType.REPLY, [0, False, (
-                f"host {name!r} is not admitted; an admin adds it with `dvs host add {name}`")[:200]])))
-            return
-        self._refused.pop(envelope[0] if envelope else b"", None)
-        if now_ns - self._last_register_ns >= self._settle_ns():
-            self._burst_start_ns = now_ns  # the first of a run of registrations
-        self._last_register_ns = now_ns
-        old = self.inv.hosts.get(name)
-        prev = old.incarnation if old is not None else self.inv.incarnations.get(name)
+        got = self.members.register(envelope, body, now_ns)
+        if got is None:
+            return  # refused
+        self.restarts.registered(now_ns)
+        name, prev, incarnation = got
         if prev is not None and incarnation < prev:
             return  # a stale message from an earlier life of that host
-        if prev != incarnation:
-            self.inv.incarnations[name] = incarnation
-            self.journal_out.append({"host_incarnation": name, "incarnation": incarnation})
-        if old is not None:
-            self._routes.pop(old.route[0], None)
-        self.inv.hosts[name] = Host(name, incarnation, pub, rpc, pid, envelope, last_seen_ns=now_ns,
-                                    registered_ns=now_ns)
-        self._routes[envelope[0]] = name
-        self.members.recount()
-        self.members.changed(now_ns)
         if prev is not None and incarnation > prev:
             # The host's agent restarted (maybe while we were down: the journal knows its last
             # incarnation): the VMs it ran died with it. Start them again there
@@ -347,35 +290,12 @@ class ControllerCore:
             if vm.host in died and vm.state == "active" and vm.key not in self.ops_by_key:
                 self._restart(vm, now_ns, load=load)
 
-    def _defer_restart(self, vm: Vm, now_ns: int) -> None:
-        self._pending_restarts[vm.name] = now_ns + self.config.command_retry_ms * NS_PER_MS
-
     def _retry_restarts(self, now_ns: int) -> None:
-        due = [n for n, t in self._pending_restarts.items() if now_ns >= t]
-        if not due:
-            return
-        # Hosts still registering (every agent restarting after a full outage): a VM whose host
-        # is not up may yet see it come back and go home. Place the others once registrations
-        # have been quiet for a while, so they spread over every host that came back.
-        # (For SETTLE_WINDOWS_MAX windows at most: hosts that keep registering must not starve them.)
-        settling = (now_ns - self._last_register_ns < self._settle_ns()
-                    and now_ns - self._burst_start_ns < SETTLE_WINDOWS_MAX * self._settle_ns())
         load = None
-        for name in sorted(due, key=lambda n: self.inv.vms[n].number if n in self.inv.vms else 0):
-            vm = self.inv.vms.get(name)
-            h = self.inv.hosts.get(vm.host) if vm is not None else None
-            if vm is not None and settling and (h is None or h.state == "dead") and self.is_admitted(vm.host):
-                continue  # stays pending: retried at a later tick
-            del self._pending_restarts[name]
-            if vm is None or vm.state != "active" or vm.key in self.ops_by_key:
-                continue
-            if h is None or h.state != "alive" or self._needs_claim.pop(name, False):
-                if load is None:
-                    load = self.placement.load()
-                self._restart(vm, now_ns, prefer=vm.host, load=load)
-
-    def _settle_ns(self) -> int:
-        return self.config.placement_settle_ms * NS_PER_MS
+        for vm in self.restarts.due(now_ns, self.inv, self.ops_by_key, self.is_admitted):
+            if load is None:
+                load = self.placement.load()
+            self._restart(vm, now_ns, prefer=vm.host, load=load)
 
     def _restart_orphans(self, now_ns: int) -> None:
         """After a restart of ours: VMs on hosts that never registered again within the dead
@@ -395,51 +315,27 @@ class ControllerCore:
             if vm.state == "active" and vm.host not in self.inv.hosts:
                 self._restart(vm, now_ns, load=load)
 
-    def _restart_allowed(self, vm: Vm, now_ns: int) -> bool:
-        """The restart budget: at most `restart_budget` restarts of one VM within
-        `restart_budget_window_ms`. Past it the VM is parked (one event, a counter): no restart
-        until the oldest leaves the window, and meanwhile what agents report of it is adopted."""
-        budget = self.config.restart_budget
-        if budget <= 0:
-            return True
-        window_ns = self.config.restart_budget_window_ms * NS_PER_MS
-        times = self._restart_times.get(vm.name)
-        if times is None:
-            times = self._restart_times[vm.name] = deque()
-        while times and now_ns - times[0] >= window_ns:
-            times.popleft()
-        if len(times) < budget:
-            times.append(now_ns)
-            self._parked.discard(vm.name)
-            return True
-        if vm.name not in self._parked:
-            self._parked.add(vm.name)
-            self.restart_budget_exhausted += 1
-            self._event(f"vm {vm.name}: restart budget exhausted ({budget} restarts within "
-                        f"{self.config.restart_budget_window_ms} ms; last target {vm.host}, seq {vm.seq}); "
-                        f"reconciling from agent reports, next try in "
-                        f"{(times[0] + window_ns - now_ns) // NS_PER_MS} ms")
-        self._needs_claim[vm.name] = True
-        self._pending_restarts[vm.name] = times[0] + window_ns
-        return False
-
     def _restart(self, vm: Vm, now_ns: int, prefer: str | None = None, load: dict[str, int] | None = None
                  ) -> Op | None:
         """Start `vm` on `prefer` if it is alive, else on the live host with the fewest VMs."""
-        if not self._restart_allowed(vm, now_ns):
+        allowed, next_try_ms = self.restarts.allow(vm, now_ns)
+        if next_try_ms is not None:
+            self._event(f"vm {vm.name}: restart budget exhausted ({self.config.restart_budget} restarts within "
+                        f"{self.config.restart_budget_window_ms} ms; last target {vm.host}, seq {vm.seq}); "
+                        f"reconciling from agent reports, next try in {next_try_ms} ms")
+        if not allowed:
             return None
         dst = self.placement.place(load, prefer, vm.name)
         if dst is None:
-            if vm.name not in self._unplaceable_noted and self.inv.hosts:
-                self._unplaceable_noted.add(vm.name)
+            if vm.name not in self.restarts.unplaceable_noted and self.inv.hosts:
+                self.restarts.unplaceable_noted.add(vm.name)
                 self._event(f"vm {vm.name}: cannot restart it yet: {self.placement.why_unplaceable(vm.name)}; "
                             "trying again")
             # Nowhere to go now (e.g. we were paused and every host looks suspect): try again.
-            if vm.name in self._restart_times and self._restart_times[vm.name]:
-                self._restart_times[vm.name].pop()  # (no restart happened: it costs no budget)
-            self._defer_restart(vm, now_ns)
+            self.restarts.refund(vm)
+            self.restarts.defer(vm, now_ns)
             return None
-        self._unplaceable_noted.discard(vm.name)
+        self.restarts.unplaceable_noted.discard(vm.name)
         vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
         return self._start_op("restart", vm, vm.host, dst, (dst, vm.seq_issued, False), now_ns)
 
@@ -610,8 +506,8 @@ class ControllerCore:
                     # a fresh claim with a higher seq leaves exactly one owner. Not at once
                     # after a refusal: an agent that keeps refusing must not make us spin.
                     if op.outcome is Outcome.REFUSED:
-                        self._needs_claim[vm.name] = True
-                        self._defer_restart(vm, now_ns)
+                        self.restarts.needs_claim[vm.name] = True
+                        self.restarts.defer(vm, now_ns)
                     else:
                         self._restart(vm, now_ns, prefer=vm.host)
         if op.kind in ("move", "restart"):
@@ -626,37 +522,12 @@ class ControllerCore:
         for batch in op.waiters:
             batch.pending.discard(op.op_id)
             if not batch.pending:
-                self._reply_batch(batch)
-
-    def _reply_batch(self, batch: Batch) -> None:
-        # Per-host apply times only for a single op: a batch of 8,000 would make a reply of MBs.
-        records = [op.record(per_host=batch.per_host) for op in batch.ops]
-        if batch.single:
-            op = batch.ops[0]
-            if op.error and not op.converged and not op.switched:
-                self._reply(batch.envelope, batch.req_id, False, op.error)
-            else:
-                self._reply(batch.envelope, batch.req_id, True, records[0])
-        else:
-            self._reply(batch.envelope, batch.req_id, True, {"ops": records})
-        # Each op names its batch and the batch its ops: break the cycle, so a finished create
-        # of 8,000 VMs (each op with an apply time per host) is freed now, not at the next full
-        # collection (never, in the simulator, which runs with the collector off).
-        batch.ops = []
+                self.api.reply_batch(batch)
 
     # ------------------------------------------------------------------ client API
 
     def _reply(self, envelope: list, req_id: int, ok: bool, result) -> None:
         self.outbox.append((envelope, wire.encode(MsgType.REPLY, [req_id, ok, result])))
-
-    def _wait(self, envelope: list, req_id: int, ops: list[Op], single: bool, per_host: bool = True) -> None:
-        batch = Batch(envelope, req_id, {op.op_id for op in ops if op.phase is not Phase.DONE}, ops, single,
-                      single and per_host)
-        if not batch.pending:
-            self._reply_batch(batch)
-            return
-        for op in ops:
-            op.waiters.append(batch)
 
     # ------------------------------------------------------------------ maintenance, rebalance, rules
 

@@ -9,6 +9,7 @@ itself (PEERS to agents, wait_ready replies) goes into the coordinator's outbox.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent import wire
@@ -17,12 +18,15 @@ from controller.api import RETRY_PREFIX, ApiError
 from controller.applytrack import ApplyTracker
 from controller.config import ControllerConfig
 from controller.inventory import Host, Inventory
+from controller.placement import host_order
 
 NS_PER_MS = 1_000_000
 # wait_ready requests pending at once, at most: each holds a client envelope until its deadline,
 # and 20,000 abandoned ones must cost neither memory nor a scan per status message.
 READY_WAITERS_MAX = 1_024
 READY_TIMEOUT_MS_MAX = 600_000
+# Refused REGISTER envelopes remembered (not asked to register again), at most.
+REFUSED_MAX = 1_024
 
 
 @dataclass
@@ -35,11 +39,30 @@ class ReadyWaiter:
 
 
 class Membership:
-    def __init__(self, inv: Inventory, config: ControllerConfig, outbox: list, applies: ApplyTracker) -> None:
+    def __init__(self, inv: Inventory, config: ControllerConfig, outbox: list, applies: ApplyTracker,
+                 journal: list, hosts: list[str] | None, event: Callable[[str], None]) -> None:
+        """`hosts`: the host names admitted besides those the journal admitted. None admits any
+        name that registers (the simulator and unit tests, whose every host is their own); a
+        list (the controller process, even an empty one) admits only those, the journal's and
+        those `admit` admits later. `outbox`, `journal`: the coordinator's (the same lists, never
+        replaced); `event`: the coordinator's operator log."""
         self.inv = inv
         self.config = config
-        self.outbox = outbox  # the coordinator's (the same list, never replaced)
+        self.outbox = outbox
         self.applies = applies
+        self.journal = journal
+        self._event = event
+        self.routes: dict[bytes, str] = {}  # first envelope frame -> host
+        self.refused_registrations = 0
+        self.refused: dict[bytes, None] = {}  # envelopes refused lately (bounded, oldest first)
+        self.admitted: set[str] | None = None
+        if hosts is not None:
+            self.admitted = set(inv.admitted)
+            if not self.admitted:
+                # A journal of the version before admission: the hosts it names were members.
+                self.admitted = set(inv.incarnations) | {vm.host for vm in inv.vms.values()}
+            for name in [*sorted(self.admitted - inv.admitted, key=host_order), *hosts]:
+                self.admit(name)
         self._live_n = 0  # hosts not dead, kept current by recount()
         self._live: frozenset[str] = frozenset()  # their names
         self._rank: dict[str, int] = {}  # host name -> its place in registration order
@@ -55,6 +78,53 @@ class Membership:
         self._ready_by_deadline: list[tuple[int, int, ReadyWaiter]] = []
         self._ready_n = 0  # pending (not done) waiters
         self._ready_seq = 0
+
+    def admit(self, name: str) -> bool:
+        """Admit `name` (durably); False if it already was."""
+        if self.admitted is None or (name in self.admitted and name in self.inv.admitted):
+            return False
+        self.admitted.add(name)
+        self.inv.admitted.add(name)
+        self.journal.append({"admit": name})
+        return True
+
+    def is_admitted(self, name: str) -> bool:
+        return self.admitted is None or name in self.admitted
+
+    def register(self, envelope: list, body: list, now_ns: int) -> tuple[str, int | None, int] | None:
+        """A REGISTER: (name, its previous incarnation or None, its incarnation now); None if
+        refused. A stale one (an incarnation below the previous) changes nothing here."""
+        name, incarnation, pub, rpc, pid = body
+        if not self.is_admitted(name):
+            # Registration is no way in: an admin admits a host (`dvs host add`, `--hosts` at
+            # start). Refused, counted, told why; its later messages are dropped, not invited.
+            self.refused_registrations += 1
+            if envelope:
+                if len(self.refused) >= REFUSED_MAX:
+                    del self.refused[next(iter(self.refused))]
+                self.refused[envelope[0]] = None
+                if self.refused_registrations <= 10 or self.refused_registrations % 1000 == 0:
+                    self._event(f"refused REGISTER from {name!r}: not an admitted host "
+                                f"({self.refused_registrations} refused so far)")
+            self.outbox.append((envelope, wire.encode(MsgType.REPLY, [0, False, (
+                f"host {name!r} is not admitted; an admin adds it with `dvs host add {name}`")[:200]])))
+            return None
+        self.refused.pop(envelope[0] if envelope else b"", None)
+        old = self.inv.hosts.get(name)
+        prev = old.incarnation if old is not None else self.inv.incarnations.get(name)
+        if prev is not None and incarnation < prev:
+            return name, prev, incarnation
+        if prev != incarnation:
+            self.inv.incarnations[name] = incarnation
+            self.journal.append({"host_incarnation": name, "incarnation": incarnation})
+        if old is not None:
+            self.routes.pop(old.route[0], None)
+        self.inv.hosts[name] = Host(name, incarnation, pub, rpc, pid, envelope, last_seen_ns=now_ns,
+                                    registered_ns=now_ns)
+        self.routes[envelope[0]] = name
+        self.recount()
+        self.changed(now_ns)
+        return name, prev, incarnation
 
     def _reply(self, envelope: list, req_id: int, ok: bool, result) -> None:
         self.outbox.append((envelope, wire.encode(MsgType.REPLY, [req_id, ok, result])))

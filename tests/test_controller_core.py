@@ -46,7 +46,7 @@ class Ctl:
         for envelope, frame in self.core.take_outbox():
             mt, body = wire.decode(frame)
             if mt is MsgType.REQUEST and body[1] == "repair":
-                self.hints.append((self.core._routes.get(envelope[0], "?"), body[2]))
+                self.hints.append((self.core.members.routes.get(envelope[0], "?"), body[2]))
                 continue
             if mt is MsgType.PEERS:
                 # These tests look at the members; the epoch has tests of its own.
@@ -1215,7 +1215,7 @@ def test_a_restart_refused_over_and_over_stops_at_the_budget():
             attaches += 1
             c.ack("h1", op, ok=False, detail="stale: table holds seq 7 on h3")
     assert attaches == 3, attaches
-    assert c.core.restart_budget_exhausted == 1
+    assert c.core.restarts.budget_exhausted == 1
     (event,) = [e for e in c.core.take_events() if "restart budget" in e]
     assert "vm1" in event
     assert c.core.inv.vms["vm1"].seq_issued >= 7  # the next claim goes above what agents hold
