@@ -48,7 +48,7 @@ __all__ = ["NAME_RE", "READY_WAITERS_MAX", "RETRY_PREFIX", "ApiError", "Controll
 _host_order = host_order
 
 NS_PER_MS = 1_000_000
-# Events (one line each, for the runtime's log) held until the driver takes them, at most.
+# Events held until the driver takes them, at most (log lines: twice as many).
 EVENTS_MAX = 1_000
 # An agent's refusal of a claim: "stale: table holds seq S on H".
 STALE_RE = re.compile(r"^stale: table holds seq (\d+) on ")
@@ -66,7 +66,7 @@ class ControllerCore:
         self.journal_out: list[dict] = []
         for record in journal or []:
             self.inv.apply_record(record)
-        self.events: list[str] = []
+        self.events: list[dict] = []
         self.events_dropped = 0
         self.outbox: list[tuple[list, bytes]] = []
         # Who applied what (and the log of every apply, for checkers).
@@ -89,7 +89,7 @@ class ControllerCore:
         self._tick_ns = self.config.tick_interval_ms * NS_PER_MS
         self._started_ns: int | None = None
         self.placement = Placement(self.inv, self.ops_by_key)
-        self.hints = RepairHints(self.config.repair_hint_after_ms)
+        self.hints = RepairHints(self.config.repair_hint_after_ms, self._event)
         self._hint_ns = self.config.repair_hint_after_ms * NS_PER_MS
         self.api = ClientApi(self)
         self.maint = Maintenance(self)
@@ -121,16 +121,24 @@ class ControllerCore:
         self.journal_out.clear()
         return out
 
-    def take_events(self) -> list[str]:
-        """Lines for the operator's log (a refused host, a VM out of restart budget)."""
-        out, self.events = self.events, []
+    def take_events(self) -> list[dict]:
+        """Structured events, oldest first: {"kind": "<dotted.kind>", ...facts} (no time: the
+        runtime stamps them). Those with a "message" are lines for the operator's log (a
+        refused host, a VM out of restart budget, a drain that cannot go on)."""
+        out = self.events[:]
+        self.events.clear()
         return out
 
-    def _event(self, text: str) -> None:
-        if len(self.events) >= EVENTS_MAX:
+    def _event(self, kind: str, message: str = "", /, **facts) -> None:
+        n = len(self.events)
+        # (A create of 8,000 VMs is 24,000 op events at once: they may go, the log lines stay.)
+        if n >= EVENTS_MAX and (not message or n >= 2 * EVENTS_MAX):
             self.events_dropped += 1
             return
-        self.events.append(text)
+        ev = {"kind": kind, **facts}
+        if message:
+            ev["message"] = message
+        self.events.append(ev)
 
     @property
     def admitted(self) -> set[str] | None:
@@ -320,23 +328,26 @@ class ControllerCore:
         """Start `vm` on `prefer` if it is alive, else on the live host with the fewest VMs."""
         allowed, next_try_ms = self.restarts.allow(vm, now_ns)
         if next_try_ms is not None:
-            self._event(f"vm {vm.name}: restart budget exhausted ({self.config.restart_budget} restarts within "
+            self._event("ha.blocked", f"vm {vm.name}: restart budget exhausted ({self.config.restart_budget} restarts within "
                         f"{self.config.restart_budget_window_ms} ms; last target {vm.host}, seq {vm.seq}); "
-                        f"reconciling from agent reports, next try in {next_try_ms} ms")
+                        f"reconciling from agent reports, next try in {next_try_ms} ms",
+                        vm=vm.name, reason="restart budget exhausted")
         if not allowed:
             return None
         dst = self.placement.place(load, prefer, vm.name)
         if dst is None:
             if vm.name not in self.restarts.unplaceable_noted and self.inv.hosts:
                 self.restarts.unplaceable_noted.add(vm.name)
-                self._event(f"vm {vm.name}: cannot restart it yet: {self.placement.why_unplaceable(vm.name)}; "
-                            "trying again")
+                why = self.placement.why_unplaceable(vm.name)
+                self._event("ha.blocked", f"vm {vm.name}: cannot restart it yet: {why}; trying again",
+                            vm=vm.name, reason=why)
             # Nowhere to go now (e.g. we were paused and every host looks suspect): try again.
             self.restarts.refund(vm)
             self.restarts.defer(vm, now_ns)
             return None
         self.restarts.unplaceable_noted.discard(vm.name)
         vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
+        self._event("ha.restart", vm=vm.name, src=vm.host, dst=dst)
         return self._start_op("restart", vm, vm.host, dst, (dst, vm.seq_issued, False), now_ns)
 
     def _on_applied(self, host: str, applied: list, now_ns: int) -> None:
@@ -413,6 +424,7 @@ class ControllerCore:
         self._unacked.pop(op.op_id, None)
         op.switch_ns = t_ns
         op.switched = True
+        self._event("move.switched", op=op.op_id, vm=op.vm, host=host)
         if ok and detail != "no such port":
             # The target acks once its table holds the target entry: it applied it then. (Its
             # own apply report says the same; on a lossy control link it may never arrive.)
@@ -452,6 +464,7 @@ class ControllerCore:
                 now_ns + self.config.op_timeout_ms * NS_PER_MS)
         self.ops[op.op_id] = op
         self.ops_by_key[vm.key] = op
+        self._event("move.started", op=op.op_id, vm=vm.name, op_kind=kind, src=src, dst=dst)  # ("kind" is the event's)
         op.phase = FIRST_PHASE[kind]
         if op.phase is Phase.ATTACH:
             self._command(op, dst, MsgType.ATTACH, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, target[1]], now_ns)
@@ -472,6 +485,8 @@ class ControllerCore:
         op.converged = True
         op.outcome = Outcome.CONVERGED
         op.latency_ms = max(0, last_ns - op.switch_ns) / NS_PER_MS
+        self._event("move.converged", op=op.op_id, vm=op.vm, dst=op.target[0], convergence_ms=op.latency_ms,
+                    hosts=self.applies.live_n)
         self._finish(op, now_ns)
 
     def _finish(self, op: Op, now_ns: int, timed_out: bool = False) -> None:
@@ -488,6 +503,8 @@ class ControllerCore:
                 op.outcome = Outcome.TIMED_OUT
                 op.error = (f"not converged within {self.config.op_timeout_ms} ms "
                             f"(phase {op.phase}; {len(op.missing)} hosts have not applied it)")
+        if not op.converged:
+            self._event("move.failed", op=op.op_id, vm=op.vm, outcome=op.outcome.value, error=op.error)
         sent_claim = (op.kind, op.phase) in CLAIM_MAY_BE_OUT
         was = op.phase
         op.phase = Phase.DONE

@@ -6,6 +6,8 @@ decides who gets which hint; the coordinator sends them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from agent import wire
 from agent.wire import MsgType
 from controller.ops import Phase
@@ -19,7 +21,8 @@ BUSY_GRACE = 4
 
 
 class RepairHints:
-    def __init__(self, repair_hint_after_ms: int) -> None:
+    def __init__(self, repair_hint_after_ms: int, event: Callable[..., None]) -> None:
+        self._event = event  # the coordinator's event log: one repair.hint per hint sent
         self._hint_ns = repair_hint_after_ms * NS_PER_MS  # 0: no hints
         self.repair_hints = 0  # hint frames sent, counted for status
         self._last_applied_ns: dict[str, int] = {}  # host -> when its last apply report arrived
@@ -88,6 +91,8 @@ class RepairHints:
                 if (name != host and (not patient or last_report.get(name, quiet_since) <= quiet_since
                                       or lag.get(name, current_ns + 1) <= current_ns)):
                     self.repair_hints += 1
+                    n = op.claim[1] if op.claim is not None and op.claim[0] == origin.incarnation else 0
+                    self._event("repair.hint", host=name, origin=host, lo=n, hi=n)
                     budget -= 1
                     out.append((hosts[name].route, frame))
         return out

@@ -138,7 +138,8 @@ class Maintenance:
             running += 1
         if blocked:
             if self._drain_blocked.get(host) != blocked:
-                self.c._event(f"host {host} (maintenance): {blocked}; trying again")
+                self.c._event("maintenance.blocked", f"host {host} (maintenance): {blocked}; trying again",
+                              host=host, reason=blocked)
             self._drain_blocked[host] = blocked
         elif running or not any(vm.host == host and vm.state == "active" for vm in self.c.inv.vms.values()):
             self._drain_blocked.pop(host, None)

@@ -40,7 +40,7 @@ class ReadyWaiter:
 
 class Membership:
     def __init__(self, inv: Inventory, config: ControllerConfig, outbox: list, applies: ApplyTracker,
-                 journal: list, hosts: list[str] | None, event: Callable[[str], None]) -> None:
+                 journal: list, hosts: list[str] | None, event: Callable[..., None]) -> None:
         """`hosts`: the host names admitted besides those the journal admitted. None admits any
         name that registers (the simulator and unit tests, whose every host is their own); a
         list (the controller process, even an empty one) admits only those, the journal's and
@@ -104,8 +104,8 @@ class Membership:
                     del self.refused[next(iter(self.refused))]
                 self.refused[envelope[0]] = None
                 if self.refused_registrations <= 10 or self.refused_registrations % 1000 == 0:
-                    self._event(f"refused REGISTER from {name!r}: not an admitted host "
-                                f"({self.refused_registrations} refused so far)")
+                    self._event("host.refused", f"refused REGISTER from {name!r}: not an admitted host "
+                                f"({self.refused_registrations} refused so far)", host=name, reason="not admitted")
             self.outbox.append((envelope, wire.encode(MsgType.REPLY, [0, False, (
                 f"host {name!r} is not admitted; an admin adds it with `dvs host add {name}`")[:200]])))
             return None
@@ -144,8 +144,10 @@ class Membership:
             if h.state != "dead" and silent > dead_ns:
                 h.state = "dead"
                 died.append(h.name)
+                self._event("host.dead", host=h.name)
             elif h.state == "alive" and silent > suspect_ns:
                 h.state = "suspect"
+                self._event("host.suspect", host=h.name)
         if died:
             self.recount()
             self.changed(now_ns)
@@ -153,6 +155,7 @@ class Membership:
 
     def changed(self, now_ns: int) -> None:
         self.peers_epoch += 1
+        self._event("membership.epoch", epoch=self.peers_epoch, hosts=self._live_n)
         self._peers_dirty = True
         if self._peers_last_ns is None or now_ns - self._peers_last_ns >= self._peers_batch_ns:
             self.broadcast(now_ns)
@@ -183,6 +186,7 @@ class Membership:
             # It was only paused (SIGSTOP) or cut off: readmit it. Its VMs were restarted
             # elsewhere with higher seqs, so its stale ports lose under the merge rule.
             h.state = "alive"
+            self._event("host.readmitted", host=host)
             self.recount()
             self.changed(now_ns)
 

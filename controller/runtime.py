@@ -119,6 +119,7 @@ class ControllerRuntime:
             except zmq.ZMQError as e:
                 log.debug("send failed: %s", e)
         for event in self.core.take_events():
-            log.warning("%s", event)
+            if "message" in event:  # (the rest are facts for an event log, not log lines)
+                log.warning("%s", event["message"])
         self.timer.set(self.core.next_deadline_ns())
         self.reader.check()
