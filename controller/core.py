@@ -182,18 +182,13 @@ class ControllerCore:
         elif host is None or host not in self.inv.hosts:
             if envelope and envelope[0] in self.members.refused:
                 self.dropped_malformed += 1  # a host we refused: no invitation to register again
-            elif mt in (MsgType.AGENT_STATUS, MsgType.APPLIED, MsgType.APPLY_REPORT, MsgType.ACK,
-                        MsgType.TABLE_REPORT):
+            elif mt in (MsgType.AGENT_STATUS, MsgType.APPLY_REPORT, MsgType.ACK, MsgType.TABLE_REPORT):
                 # An agent we do not know (we restarted, or it did): ask it to register again.
                 self.outbox.append((envelope, wire.encode(MsgType.REQUEST, [0, "register", {}])))
             else:
                 self.dropped_malformed += 1
         elif mt is MsgType.AGENT_STATUS:
             self.members.on_status(host, body, now_ns)
-        elif mt is MsgType.APPLIED:
-            self.members.seen(host, now_ns)
-            self.hints.report_arrived(host, body[1][0][5] if body[1] else now_ns, now_ns)
-            self._on_applied(host, body[1], now_ns)
         elif mt is MsgType.TABLE_REPORT:
             self.members.seen(host, now_ns)
             for vlan, mac, ehost, _port, seq, tomb in body[1]:
@@ -204,6 +199,7 @@ class ControllerCore:
         elif mt is MsgType.REPLY:
             self.members.seen(host, now_ns)
         else:
+            # (APPLIED among them: no agent sends it since APPLY_REPORT replaced it.)
             self.dropped_malformed += 1
 
     def on_timer(self, now_ns: int) -> None:

@@ -80,8 +80,10 @@ class Ctl:
         self.feed(route(host), MsgType.ACK, [op, ok, detail, self.now if t_ns is None else t_ns])
 
     def applied(self, host: str, vm: int, on: str, seq: int, t_ns: int | None = None, tomb: bool = False) -> None:
-        rows = [[VLAN, MAC_BASE + vm, on, seq, tomb, self.now if t_ns is None else t_ns]]
-        self.feed(route(host), MsgType.APPLIED, [host, rows])
+        """`host` applied vm<vm> -> (on, seq), as its APPLY_REPORT says it: one row, no number
+        (the row of an entry it did not originate, or whose number the test does not care for)."""
+        rows = [[VLAN, MAC_BASE + vm, on, seq, tomb, self.now if t_ns is None else t_ns, 0]]
+        self.feed(route(host), MsgType.APPLY_REPORT, [host, rows, []])
 
     def request(self, method: str, args: dict) -> int:
         self._req += 1
@@ -272,10 +274,10 @@ def test_batch_create_replies_once_all_ops_are_done():
     c.ack("h1", a[0])
     c.ack("h2", b[0])
     for h in ("h1", "h2"):
-        c.feed(route(h), MsgType.APPLIED, [h, [[110, MAC_BASE + 1, "h1", 0, False, c.now]]])
+        c.feed(route(h), MsgType.APPLY_REPORT, [h, [[110, MAC_BASE + 1, "h1", 0, False, c.now, 0]], []])
     assert c.reply(req) is None
     for h in ("h1", "h2"):
-        c.feed(route(h), MsgType.APPLIED, [h, [[130, MAC_BASE + 2, "h2", 0, False, c.now]]])
+        c.feed(route(h), MsgType.APPLY_REPORT, [h, [[130, MAC_BASE + 2, "h2", 0, False, c.now, 0]], []])
     ok, result = c.reply(req)
     assert ok and [r["vm"] for r in result["ops"]] == ["a", "b"] and all(r["converged"] for r in result["ops"])
 
@@ -557,7 +559,7 @@ def test_frames_from_an_unknown_agent_ask_it_to_register():
     c = cluster(1)
     stranger = [b"id-stranger"]
     c.feed(stranger, MsgType.AGENT_STATUS, ["hx", 1, 0, 0, 0, 0, 0])
-    c.feed(stranger, MsgType.APPLIED, ["hx", []])
+    c.feed(stranger, MsgType.APPLY_REPORT, ["hx", [], []])
     c.feed(stranger, MsgType.ACK, [1, True, "", 1])
     assert c.take(stranger, MsgType.REQUEST) == [[0, "register", {}]] * 3
     c.feed(stranger, MsgType.REPLY, [1, True, None])
@@ -1162,7 +1164,8 @@ def test_a_forged_table_report_naming_ghost_changes_nothing():
     c.register("h2")
     create(c, 1, "h1")
     for mt, body in ((MsgType.TABLE_REPORT, ["h2", [[VLAN, MAC_BASE + 1, "ghost", "vEth1", 4_000_000_000, False]]]),
-                     (MsgType.APPLIED, ["h2", [[VLAN, MAC_BASE + 1, "ghost", 4_000_000_000, False, c.now]]])):
+                     (MsgType.APPLY_REPORT, ["h2", [[VLAN, MAC_BASE + 1, "ghost", 4_000_000_000, False, c.now, 0]],
+                                             []])):
         c.feed(route("h2"), mt, body)
     vm = c.core.inv.vms["vm1"]
     assert (vm.host, vm.seq, vm.state) == ("h1", 0, "active")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from agent.wire import MsgType
 from controller.config import ControllerConfig
+from controller.inventory import MAC_BASE
 from controller.ops import FIRST_PHASE, TRANSITIONS, Outcome, Phase, next_phase
-from tests.test_controller_core import cluster, create
+from tests.test_controller_core import VLAN, cluster, create, route
 
 
 def test_every_kind_reaches_converging_through_its_table_rows_only():
@@ -45,3 +47,18 @@ def test_outcomes_name_how_ops_ended():
     op = c.core.ops[op_id]
     c.advance(c.config.op_timeout_ms + c.config.tick_interval_ms)
     assert op.outcome is Outcome.TIMED_OUT and "not converged within" in op.error
+
+
+def test_the_retired_applied_message_is_dropped_and_counted():
+    """No agent sends APPLIED since APPLY_REPORT replaced it: from a known host it is counted
+    as malformed and changes nothing; the same apply as an APPLY_REPORT row counts."""
+    c = cluster(2)
+    req = c.request("vm_create", {"name": "vm1", "host": "h1"})
+    ((_, (op, *_)),) = c.to("h1")
+    c.ack("h1", op)
+    before = c.core.dropped_malformed
+    c.feed(route("h2"), MsgType.APPLIED, ["h2", [[VLAN, MAC_BASE + 1, "h1", 0, False, c.now]]])
+    assert c.core.dropped_malformed == before + 1 and c.reply(req) is None
+    c.applied("h2", 1, "h1", 0)
+    ok, result = c.reply(req)
+    assert ok and result["converged"]
