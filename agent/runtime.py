@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import assert_never
 
 import zmq
 
@@ -34,6 +35,7 @@ from agent import metrics, tap, vxlan, wire
 from agent.config import AgentConfig
 from agent.core import FRAME_LIMIT, AgentCore
 from agent.dataplane import Dataplane, DataplaneConfig
+from agent.effects import Emit, Publish, Reply, Subscribe, ToController, ToPeer, Unsubscribe
 from agent.faults import CONTROLLER, NetFaults, host_of_identity
 from agent.lifeline import watch_owner
 from agent.mactable import format_mac
@@ -124,7 +126,6 @@ class AgentRuntime:
         self._drops_seen = 0  # the sum of the core's DROP_COUNTERS when last told
         self._drop_counts = dict.fromkeys(DROP_COUNTERS, 0)
         self._epoch_seen = 0
-        self._repairs_seen = 0
         self.timer = Timer(loop, self._on_timer)
         self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after)
         self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after)
@@ -264,27 +265,6 @@ class AgentRuntime:
                                     message=f"dropped from {peer} on {channel}: {reason} "
                                             f"(+{now[reason] - before[reason]}, {now[reason]} so far)")
 
-    def _repair_events(self, outbox: list) -> None:
-        """repair.pull / repair.snapshot for the repair requests about to go out (rate-limited per
-        peer: under heavy loss an agent pulls many times a second)."""
-        s = self.core.stats
-        self._repairs_seen = s.pulls_sent + s.snapshots_requested
-        for item in outbox:
-            if not isinstance(item, tuple) or item[0][0] != "peer":
-                continue  # (a core whose outbox holds effects emits repair events itself)
-            dest, payload = item
-            try:
-                mt, body = wire.decode(payload)
-            except wire.WireError:
-                continue
-            if mt is wire.MsgType.PULL_REQ:
-                lo, hi = body[2], body[3]
-                upto = "on" if hi >= wire.MAX_U64 else f"to {hi}"
-                self.events.limited("repair.pull", dest[1], lo=lo, hi=None if hi >= wire.MAX_U64 else hi,
-                                    message=f"asked {dest[1]} for its updates from {lo} {upto}")
-            elif mt is wire.MsgType.SNAPSHOT_REQ:
-                self.events.limited("repair.snapshot", dest[1], message=f"asked {dest[1]} for its whole table")
-
     def _configure_faults(self, args: dict) -> dict:
         """The `faults` API call (agent/faults.py), and an event per rule it adds or removes."""
         f = self.faults
@@ -317,41 +297,46 @@ class AgentRuntime:
             self.dp.after_core(now)
         core.flush(now)
         sent_ctl = sent_pull = sent_rpc = False
-        outbox = core.take_outbox()
-        if core.stats.pulls_sent + core.stats.snapshots_requested != self._repairs_seen:
-            self._repair_events(outbox)
-        for dest, payload in outbox:
+        # The one route of the core's effects here: exhaustive (assert_never), so an effect
+        # this runtime does not know fails loudly instead of vanishing.
+        for effect in core.take_outbox():
             try:
-                if dest == "pub":
-                    self.pub.send(payload, NOBLOCK)
-                elif dest == "ctl":
-                    if self.faults.blocked and not self.faults.may_send(CONTROLLER):
-                        continue
-                    sent_ctl = True
-                    self.ctl.send(payload, NOBLOCK)
-                elif dest[0] == "peer":
-                    sent_pull = True
-                    alias = self._alias.get(dest[1])
-                    if alias is not None and self.faults.may_send(dest[1]):
-                        send_parts(self.pull, [alias, payload])
-                elif dest[0] == "reply":
-                    sent_rpc = True
-                    send_parts(self.rpc, [*dest[1], payload])
-                elif dest[0] == "connect":
-                    self._connect(dest[1])
-                elif dest[0] == "disconnect":
-                    self._disconnect(dest[1])
+                match effect:
+                    case Publish(frame):
+                        self.pub.send(frame, NOBLOCK)
+                    case ToController(frame):
+                        if self.faults.blocked and not self.faults.may_send(CONTROLLER):
+                            continue
+                        sent_ctl = True
+                        self.ctl.send(frame, NOBLOCK)
+                    case ToPeer(host, frame):
+                        sent_pull = True
+                        alias = self._alias.get(host)
+                        if alias is not None and self.faults.may_send(host):
+                            send_parts(self.pull, [alias, frame])
+                    case Reply(envelope, frame):
+                        sent_rpc = True
+                        send_parts(self.rpc, [*envelope, frame])
+                    case Subscribe():
+                        self._connect(effect)  # (host, pub_endpoint, rpc_endpoint: what _connect reads)
+                    case Unsubscribe(host):
+                        self._disconnect(host)
+                    case Emit(event):
+                        if event.get("kind") in RATE_LIMITED:  # (under heavy loss: many a second)
+                            fields = {k: v for k, v in event.items() if k not in ("kind", "peer")}
+                            self.events.limited(event["kind"], event.get("peer"), **fields)
+                        else:
+                            self.events.emit_many([event])
+                    case _:
+                        assert_never(effect)
             except zmq.ZMQError as e:
                 # Queue full or peer gone: the repair path recovers whatever this loses.
-                log.debug("send to %s failed: %s", dest, e)
+                log.debug("send %s failed: %s", type(effect).__name__, e)
         if core.stats.flap_reports != self._flaps_logged:
             self._flaps_logged = core.stats.flap_reports
             for (vlan, mac), moves in core.flapping.items():
                 log.warning("MAC flap: vlan %d mac %s moved %d times within %d ms", vlan, format_mac(mac), moves,
                             self.config.flap_window_ms)
-                self.events.emit("mac.flap", vlan=vlan, mac=format_mac(mac), moves=moves,
-                                 window_ms=self.config.flap_window_ms,
-                                 message=f"MAC flap: vlan {vlan} mac {format_mac(mac)} moved {moves} times")
         if core.peers_epoch != self._epoch_seen:
             self._epoch_seen = core.peers_epoch
             self.events.emit("membership.epoch", epoch=core.peers_epoch, hosts=len(core.peers) + 1,
@@ -407,6 +392,9 @@ def _rule_text(r) -> str:
     return what + (f" from {','.join(sorted(r.peers))}" if r.peers else "") + \
         (f" types {','.join(map(str, sorted(r.types)))}" if r.types else "")
 
+
+# Core events written at most once a second per peer (dvswitch/events.py: EventLog.limited).
+RATE_LIMITED = {"repair.pull"}
 
 # The core's counters of frames (or parts of frames) it dropped: frame.dropped's `reason`.
 DROP_COUNTERS = ("dropped_malformed", "dropped_unexpected", "forged_claims", "non_member_claims",

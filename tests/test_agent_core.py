@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from agent import wire
 from agent.config import AgentConfig
 from agent.core import AgentCore
+from agent.effects import Reply, Subscribe, ToController, Unsubscribe
 from agent.mactable import Entry
 from agent.wire import MsgType
+from tests.effect_router import route
 
 NS_PER_MS = 1_000_000
 INC = 1
@@ -26,14 +28,21 @@ def mac_of(vm: int) -> int:
     return MAC_BASE + vm
 
 
-class Cluster:
-    """Routes outboxes between cores, as the runtime's sockets would, synchronously.
+def ctl_frames(effects: list) -> list[bytes]:
+    """The frames of the ToController effects among `effects`, in order."""
+    return [e.frame for e in effects if type(e) is ToController]
 
-    - "pub"             -> every other up core's on_frame("sub", ...), unless `drop` says no;
-    - ("peer", host)    -> that host's on_frame("rpc", ..., envelope=[sender]);
-    - ("reply", env)    -> the requester's on_frame("pull", ...);
-    - "ctl"             -> self.ctl, as (host, msg_type, body);
-    - connect/disconnect are ignored (the router reaches everyone).
+
+class Cluster:
+    """Routes outboxes between cores, as the runtime's sockets would, synchronously
+    (through tests/effect_router.py's exhaustive route):
+
+    - Publish           -> every other up core's on_frame("sub", ...), unless `drop` says no;
+    - ToPeer            -> that host's on_frame("rpc", ..., envelope=[sender]);
+    - Reply             -> the requester's on_frame("pull", ...);
+    - ToController      -> self.ctl, as (host, msg_type, body);
+    - Subscribe/Unsubscribe are recorded in self.subscriptions (the router reaches everyone);
+    - Emit              -> self.events, as (host, event).
     A host in `down` neither sends nor receives.
     """
 
@@ -51,6 +60,8 @@ class Cluster:
         self.published: list[tuple[str, MsgType, bytes]] = []
         self.dropped = 0
         self.dropped_updates = 0
+        self.subscriptions: list[tuple[str, str, bool]] = []  # (host, peer, subscribed)
+        self.events: list[tuple[str, dict]] = []
         for h in hosts:
             self._add(h)
         self.pump()
@@ -83,48 +94,54 @@ class Cluster:
             moved = False
             for host, core in list(self.cores.items()):
                 core.flush(self.now)
-                for dest, payload in core.take_outbox():
+                for effect in core.take_outbox():
                     moved = True
                     if host not in self.down:
-                        self._route(host, dest, payload)
+                        route(self, host, effect)
             if not moved:
                 self.assert_no_handler_errors()
                 return
         raise AssertionError("messages still flowing after 10,000 rounds: a request/reply loop")
 
-    def _route(self, src: str, dest, payload) -> None:
-        if dest == "pub":
-            mt, _ = wire.decode(payload)
-            self.published.append((src, mt, payload))
-            for dst, core in self.cores.items():
-                if dst == src or dst in self.down:
-                    continue
-                if self.drop is not None and self.drop(src, dst, mt, payload):
-                    self.dropped += 1
-                    self.dropped_updates += mt is MsgType.UPDATES
-                    continue
-                core.on_frame("sub", payload, self.now)
-        elif dest == "ctl":
-            mt, body = wire.decode(payload)
-            self.ctl.append((src, mt, body))
-        elif isinstance(dest, tuple) and dest[0] == "peer":
-            dst = dest[1]
-            if dst in self.down or dst not in self.cores:
-                return
-            if self.drop_rpc is not None and self.drop_rpc(src, dst, payload):
-                return
-            self.cores[dst].on_frame("rpc", payload, self.now, envelope=[src.encode()])
-        elif isinstance(dest, tuple) and dest[0] == "reply":
-            dst = dest[1][0].decode()
-            if dst in self.down:
-                return
-            if self.drop_rpc is not None and self.drop_rpc(src, dst, payload):
-                return
-            self.cores[dst].on_frame("pull", payload, self.now)
-        elif isinstance(dest, tuple) and dest[0] in ("connect", "disconnect"):
-            pass
-        else:
-            raise AssertionError(f"unknown destination {dest!r}")
+    def publish(self, src: str, payload: bytes) -> None:
+        mt, _ = wire.decode(payload)
+        self.published.append((src, mt, payload))
+        for dst, core in self.cores.items():
+            if dst == src or dst in self.down:
+                continue
+            if self.drop is not None and self.drop(src, dst, mt, payload):
+                self.dropped += 1
+                self.dropped_updates += mt is MsgType.UPDATES
+                continue
+            core.on_frame("sub", payload, self.now)
+
+    def to_controller(self, src: str, payload: bytes) -> None:
+        mt, body = wire.decode(payload)
+        self.ctl.append((src, mt, body))
+
+    def to_peer(self, src: str, dst: str, payload: bytes) -> None:
+        if dst in self.down or dst not in self.cores:
+            return
+        if self.drop_rpc is not None and self.drop_rpc(src, dst, payload):
+            return
+        self.cores[dst].on_frame("rpc", payload, self.now, envelope=[src.encode()])
+
+    def reply(self, src: str, envelope, payload: bytes) -> None:
+        dst = envelope[0].decode()
+        if dst in self.down:
+            return
+        if self.drop_rpc is not None and self.drop_rpc(src, dst, payload):
+            return
+        self.cores[dst].on_frame("pull", payload, self.now)
+
+    def subscribe(self, src: str, host: str, pub_endpoint: str, rpc_endpoint: str) -> None:
+        self.subscriptions.append((src, host, True))
+
+    def unsubscribe(self, src: str, host: str) -> None:
+        self.subscriptions.append((src, host, False))
+
+    def emit(self, src: str, event: dict) -> None:
+        self.events.append((src, event))
 
     def assert_no_handler_errors(self) -> None:
         # on_frame turns an exception of the core's own into a counter: a bug must not hide there.
@@ -221,7 +238,7 @@ def test_membership_change_drops_a_peer():
     core = c.cores["h1"]
     core.on_frame("ctl", wire.encode(MsgType.PEERS, [[m for m in c.members() if m[0] != "h3"], 2]), c.now)
     out = core.take_outbox()
-    assert (("disconnect", "h3"), None) in out
+    assert Unsubscribe("h3") in out
     assert sorted(core.peers) == ["h2"]
 
 
@@ -576,12 +593,12 @@ def test_pending_pull_counter_matches_after_peer_restart():
     c.drop_rpc = lambda src, dst, f: True
     c.heartbeat_round()  # h2 pulls from h1; the request is lost
     h2 = c.cores["h2"]
-    assert h2.peers["h1"].pull_pending and h2._pulls_pending == 1
+    assert h2.peers["h1"].pull_pending and h2.repair.pending == 1
     c.drop_rpc = None
     c._add("h1", incarnation=INC + 1)  # h1 restarts before answering
     c.send_peers()
     assert not h2.peers["h1"].pull_pending
-    assert h2._pulls_pending == sum(p.pull_pending for p in h2.peers.values())
+    assert h2.repair.pending == sum(p.pull_pending for p in h2.peers.values())
 
 
 def test_no_repair_defect_with_drops_does_not_converge():
@@ -730,8 +747,9 @@ def test_requests_on_rpc_and_ctl_are_answered():
     core.on_frame("rpc", wire.encode(MsgType.REQUEST, [7, "mac_table", {}]), c.now, envelope=[b"client"])
     core.on_frame("rpc", wire.encode(MsgType.REQUEST, [8, "nope", {}]), c.now, envelope=[b"client"])
     core.on_frame("ctl", wire.encode(MsgType.REQUEST, [9, "ping", {}]), c.now)
-    (d1, f1), (d2, f2), (d3, f3) = core.take_outbox()
-    assert d1 == ("reply", [b"client"]) and d2 == ("reply", [b"client"]) and d3 == "ctl"
+    e1, e2, e3 = core.take_outbox()
+    assert e1 == Reply([b"client"], e1.frame) and e2 == Reply([b"client"], e2.frame) and type(e3) is ToController
+    f1, f2, f3 = e1.frame, e2.frame, e3.frame
     _, (rid, ok, table) = wire.decode(f1)
     assert rid == 7 and ok and table["entries"][0]["mac"] == "02:00:00:00:00:01"
     assert table["entries"][0]["host"] == "h1" and not table["entries"][0]["local"]
@@ -739,8 +757,8 @@ def test_requests_on_rpc_and_ctl_are_answered():
     assert wire.decode(f3)[1] == [9, True, {"host": "h2", "incarnation": INC}]
     # The controller asking us to register again gets a REGISTER, not a reply.
     core.on_frame("ctl", wire.encode(MsgType.REQUEST, [0, "register", {}]), c.now)
-    ((dest, frame),) = core.take_outbox()
-    assert dest == "ctl" and wire.decode(frame)[0] is MsgType.REGISTER
+    (effect,) = core.take_outbox()
+    assert type(effect) is ToController and wire.decode(effect.frame)[0] is MsgType.REGISTER
 
 
 # ------------------------------------------------------------------ the convergence property
@@ -850,7 +868,7 @@ def test_apply_reports_share_a_frame_under_load_but_keep_exact_stamps():
             core.flush(t)
         # (h1's update n is mac_of(n): its ranges name the MACs taken, with their stamps)
         return [[(mac_of(n), r[4]) for r in wire.decode(p)[1][2] for n in range(r[2], r[3] + 1)]
-                for d, p in core.take_outbox() if d == "ctl" and wire.decode(p)[0] is MsgType.APPLY_REPORT]
+                for p in ctl_frames(core.take_outbox()) if wire.decode(p)[0] is MsgType.APPLY_REPORT]
 
     update(1, 1 * ms)
     assert reports() == []  # a quiet agent holds its report back for the delay...
@@ -882,7 +900,7 @@ def test_peers_heard_count_matches_a_full_scan(events):
         core.on_frame("sub", wire.encode(MsgType.HEARTBEAT, hb), c.now)
         if check:
             scan = sum(1 for p in core.peers.values()
-                       if p.last_heard_ns >= 0 and c.now - p.last_heard_ns <= core._suspect_ns)
+                       if p.last_heard_ns >= 0 and c.now - p.last_heard_ns <= core.liveness.suspect_ns)
             assert core.peers_heard(c.now) == scan
 
 
@@ -959,8 +977,9 @@ def test_lookup_answers_when_the_entry_was_last_changed_here(no_times):
     core.take_outbox()
     core.on_frame("rpc", wire.encode(MsgType.REQUEST, [9, "lookup", {"vlan": VLAN, "mac": mac_of(1)}]), 80,
                   envelope=[b"client"])
-    ((dest, frame),) = core.take_outbox()
-    assert dest == ("reply", [b"client"])
+    (effect,) = core.take_outbox()
+    assert effect == Reply([b"client"], effect.frame)
+    frame = effect.frame
     assert wire.decode(frame)[1] == [9, True, {"host": "h3", "port": "p", "seq": 1, "tombstone": False,
                                                "applied_ns": 0 if no_times else 70}]
 
@@ -971,7 +990,7 @@ def test_a_membership_naming_an_older_life_of_a_peer_leaves_its_newer_endpoints_
     core.take_outbox()
     # A stale list (an older epoch, reordered on a faulty control link) names h2's first life.
     core.on_message("ctl", MsgType.PEERS, [[["h2", 1, "tcp://old:1", "tcp://old:2"]], 0], 6)
-    assert [d for d, _ in core.take_outbox() if d[0] in ("connect", "disconnect")] == []
+    assert [e for e in core.take_outbox() if type(e) in (Subscribe, Unsubscribe)] == []
     peer = core.peers["h2"]
     assert (peer.incarnation, peer.pub_endpoint, peer.rpc_endpoint) == (2, "tcp://new:1", "tcp://new:2")
 
@@ -984,11 +1003,10 @@ def _reported_rows(core: AgentCore, now_ns: int) -> list:
     out = list(core.end_batch(now_ns)[0])  # (an empty outbox is handed out as is: copy it)
     out += core.end_batch(now_ns + 100 * MS)[0]
     rows = []
-    for dest, frame in out:
-        if dest == "ctl":
-            mt, body = wire.decode(frame)
-            if mt is MsgType.APPLY_REPORT:
-                rows += body[1]
+    for frame in ctl_frames(out):
+        mt, body = wire.decode(frame)
+        if mt is MsgType.APPLY_REPORT:
+            rows += body[1]
     return rows
 
 

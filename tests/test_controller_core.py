@@ -11,6 +11,7 @@ from agent.wire import MsgType
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
 from controller.inventory import MAC_BASE, Vm
+from tests.effect_router import route as route_effect
 
 NS_PER_MS = 1_000_000
 CLIENT = [b"client"]
@@ -651,9 +652,9 @@ class Lab:
             moved = False
             for h, a in self.agents.items():
                 a.flush(self.ctl.now)
-                for dest, payload in a.take_outbox():
+                for effect in a.take_outbox():
                     moved = True
-                    self._from_agent(h, dest, payload)
+                    route_effect(self, h, effect)
             for envelope, frame in self.ctl.core.take_outbox():
                 moved = True
                 if envelope == CLIENT:
@@ -667,18 +668,30 @@ class Lab:
                 return
         raise AssertionError("messages still flowing")
 
-    def _from_agent(self, h: str, dest, payload) -> None:
-        now = self.ctl.now
-        if dest == "ctl":
-            self.ctl.core.on_frame(route(h), payload, now)
-        elif dest == "pub":
-            for other, a in self.agents.items():
-                if other != h:
-                    a.on_frame("sub", payload, now)
-        elif dest[0] == "peer":
-            self.agents[dest[1]].on_frame("rpc", payload, now, envelope=[h.encode()])
-        elif dest[0] == "reply":
-            self.agents[dest[1][0].decode()].on_frame("pull", payload, now)
+    # The agents' effects (tests/effect_router.py); the harness reaches every agent, so
+    # (un)subscriptions change nothing here, and events are not looked at.
+    def to_controller(self, h: str, payload: bytes) -> None:
+        self.ctl.core.on_frame(route(h), payload, self.ctl.now)
+
+    def publish(self, h: str, payload: bytes) -> None:
+        for other, a in self.agents.items():
+            if other != h:
+                a.on_frame("sub", payload, self.ctl.now)
+
+    def to_peer(self, h: str, host: str, payload: bytes) -> None:
+        self.agents[host].on_frame("rpc", payload, self.ctl.now, envelope=[h.encode()])
+
+    def reply(self, h: str, envelope, payload: bytes) -> None:
+        self.agents[envelope[0].decode()].on_frame("pull", payload, self.ctl.now)
+
+    def subscribe(self, h: str, host: str, pub_endpoint: str, rpc_endpoint: str) -> None:
+        pass
+
+    def unsubscribe(self, h: str, host: str) -> None:
+        pass
+
+    def emit(self, h: str, event: dict) -> None:
+        pass
 
     def tick(self, ms: int) -> None:
         self.ctl.now += ms * NS_PER_MS

@@ -9,9 +9,11 @@ import pytest
 from agent import vxlan, wire
 from agent.core import MEMBERSHIP_GRACE_SUSPECTS, AgentCore
 from agent.dataplane import Dataplane
+from agent.effects import Reply
 from agent.mactable import Entry, MacTable
 from agent.switch import LocalSwitch
 from agent.wire import MsgType
+from tests.effect_router import route
 from tests.test_agent_core import INC, VLAN, Cluster, key, mac_of
 
 GHOST_SEQ = 4_000_000_000  # what issue 19's fake member claimed
@@ -101,9 +103,9 @@ def test_headless_claim_by_the_destination_is_taken_everywhere():
     h2.on_frame("rpc", wire.encode(MsgType.REQUEST, [5, "claim", {"vlan": VLAN, "mac": mac_of(1), "port": "vEth1",
                                                                 "vm": "vm1"}]), c.now, envelope=[b"dvs"])
     h2.flush(c.now)
-    for dest, payload in h2.take_outbox():
-        if dest != ("reply", [b"dvs"]):  # (the answer goes to dvs, not into the mesh)
-            c._route("h2", dest, payload)
+    for effect in h2.take_outbox():
+        if type(effect) is not Reply:  # (the answer goes to dvs, not into the mesh)
+            route(c, "h2", effect)
     c.pump()
     assert all(core.table.get(key(1)) == Entry("h2", "vEth1", 1) for core in c.cores.values())
     assert c.stat("forged_claims") == c.stat("non_member_claims") == 0
@@ -241,7 +243,7 @@ def test_a_host_the_membership_dropped_leaves_after_the_grace_even_while_it_keep
     c = three()
     h1 = c.cores["h1"]
     h1.on_frame("ctl", _peers_without(c, "h3", 2), c.now)
-    grace_ms = MEMBERSHIP_GRACE_SUSPECTS * h1._suspect_ns // 1_000_000
+    grace_ms = MEMBERSHIP_GRACE_SUSPECTS * h1.liveness.suspect_ns // 1_000_000
     c.heartbeat_round()
     assert "h3" in h1.peers  # still talking: maybe a controller that restarted and has not heard of it yet
     while c.now - 1_000 * 1_000_000 < grace_ms * 1_000_000:
@@ -260,6 +262,6 @@ def test_a_restarted_controllers_partial_membership_keeps_a_talking_peer():
     h1.on_frame("ctl", wire.encode(MsgType.PEERS, [c.members(), 2]), c.now)  # ...and now it is
     for _ in range(10):
         c.heartbeat_round()
-    assert "h3" in h1.peers and h1._leaving == {}
+    assert "h3" in h1.peers and h1.membership.leaving == {}
     c.attach("h3", 9)
     assert key(9) in h1.table

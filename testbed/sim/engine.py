@@ -7,15 +7,15 @@ a heartbeat round at 1,000 hosts puts a million deliveries in flight, and one bi
 tuples spends its time on cache misses); every random choice comes from `random.Random`
 instances seeded from the run's seed, so one seed gives exactly one run.
 
-Routing mirrors agent/runtime.py and controller/runtime.py:
-- an agent's "pub" frame goes to every agent that connected to that publisher (an agent
-  connects when its core emits `("connect", peer)` and disconnects on `("disconnect", host)`);
+Routing (testbed/sim/routing.py for the agents' effects) mirrors agent/runtime.py and controller/runtime.py:
+- an agent's Publish goes to every agent that connected to that publisher (an agent
+  connects when its core emits Subscribe and disconnects on Unsubscribe);
   it is decoded and prepared (`AgentCore.prepare`) once and the same read-only
   `(msg_type, body)` is handed to every subscriber through `AgentCore.on_gossip` (on_message("sub", ...));
-- `("peer", host)` goes to that host's "rpc" channel (only if the sender connected to it, as a
+- ToPeer goes to that host's "rpc" channel (only if the sender connected to it, as a
   ZeroMQ ROUTER drops what it cannot route) with the envelope `[b"pull:<sender>"]`; the answer,
-  `("reply", envelope)`, comes back on the requester's "pull" channel;
-- "ctl" goes to the controller with the envelope `[b"agent:<host>:<incarnation>"]`; the
+  Reply, comes back on the requester's "pull" channel;
+- ToController goes to the controller with the envelope `[b"agent:<host>:<incarnation>"]`; the
   controller's `(envelope, frame)` goes to the agent owning that envelope ("ctl" channel) or to
   the simulated client;
 - events of one (destination, virtual time) are handled as one batch, then the driver calls
@@ -64,6 +64,7 @@ from agent.mactable import MacTable, entry_hash
 from agent.wire import MsgType, WireError
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
+from testbed.sim.routing import route_agent
 from testbed.sim.spec import CTL, Crash, Partition, faults_end_ms
 
 NS_PER_US = 1_000
@@ -567,7 +568,7 @@ class Simulator:
     def _after_agent(self, a: Agent, t: int) -> None:
         out, d = a.core.end_batch(t)
         if out:
-            self._route_agent(a, out, t)  # (routing never calls back into the core)
+            route_agent(self, a, out, t)  # (testbed/sim/routing.py; routing never calls back into the core)
         if d < t:
             d = t
         if d != a.timer_at:
@@ -575,41 +576,6 @@ class Simulator:
             if d not in a.timers:
                 a.timers.add(d)
                 self._push(d, a.iid, K_TIMER)
-
-    def _route_agent(self, a: Agent, out: list, t: int) -> None:
-        ctl_frames = None
-        for dest, payload in out:
-            if dest == "pub":
-                self._publish(a, payload, t)
-            elif dest == "ctl":
-                if ctl_frames is None:
-                    ctl_frames = [payload]
-                else:
-                    ctl_frames.append(payload)
-            else:
-                kind = dest[0]
-                if kind == "peer":
-                    self._request(a, dest[1], payload, t)
-                elif kind == "reply":
-                    self._reply(a, dest[1], payload, t)
-                elif kind == "connect":
-                    peer = dest[1]
-                    self._disconnect(a, peer.host)
-                    # (one tuple per peer incarnation, shared by all who connect to it)
-                    pair = self.endpoints.get(peer.pub_endpoint)
-                    if pair is None or pair[1] != peer.rpc_endpoint:
-                        pair = self.endpoints[peer.pub_endpoint] = (peer.pub_endpoint, peer.rpc_endpoint)
-                    a.conns[peer.host] = pair
-                    s = self.subs.get(peer.pub_endpoint)
-                    if s is None:
-                        # The publisher is gone (or not there yet): a ZeroMQ connect would keep
-                        # retrying; this endpoint never comes back, so nothing will arrive.
-                        s = self.subs[peer.pub_endpoint] = {}
-                    s[a.iid] = a.hidx
-                elif kind == "disconnect":
-                    self._disconnect(a, dest[1])
-        if ctl_frames is not None:
-            self._to_controller(a, ctl_frames, t)
 
     def _disconnect(self, a: Agent, host: str) -> None:
         eps = a.conns.pop(host, None)

@@ -1,0 +1,77 @@
+"""Apply reports: what this agent took, told to the controller (APPLY_REPORT), batched.
+
+Entries applied one by one (own claims, repair hints, snapshots) go as rows; gossiped or
+pulled updates as ranges of their origin's numbers (a row per (agent, entry) cost the
+controller ~4 µs each: 8 million rows for 8,000 VMs at 1,000 hosts).
+
+Timing: the first apply since the last report starts a report. It may go with any flush from
+max(first + applied_report_delay_ms, last report + applied_report_interval_ms) on, and goes by
+first + interval (or the last report + interval, if later) at the latest; a claim of our own
+goes at once, with the command's ack.
+
+Pure: no I/O, no clock, no randomness (tests/test_core_purity.py).
+"""
+
+from __future__ import annotations
+
+from agent import wire
+from agent.config import AgentConfig
+from agent.mactable import Entry
+from agent.updates import BATCH_MAX
+from agent.wire import MsgType
+
+NS_PER_MS = 1_000_000
+
+
+class ApplyReporter:
+    __slots__ = ("rows", "ranges", "_host", "_interval_ns", "_delay_ns",
+                 "_next_ns", "_first_ns", "_due_ns", "_send_ns", "_now")
+
+    def __init__(self, host: str, config: AgentConfig) -> None:
+        self._host = host
+        # Pending: (vlan, mac, host, seq, tombstone, t_ns, n) rows, and
+        # [origin, incarnation, first, last, t_ns] ranges (appended by the core's gossip path).
+        self.rows: list[tuple] = []
+        self.ranges: list[list] = []
+        self._interval_ns = config.applied_report_interval_ms * NS_PER_MS
+        self._delay_ns = min(config.applied_report_delay_ms, config.applied_report_interval_ms) * NS_PER_MS
+        self._next_ns = 0  # no report before this (the interval since the last one)
+        self._first_ns = -1  # when the first pending apply was reported; -1: none pending
+        self._due_ns = 0  # pending reports go out by then at the latest
+        self._send_ns = 0  # ...and with any flush from then on
+        self._now = False  # a claim of ours is pending: report at once
+
+    def row(self, vlan: int, mac: int, entry: Entry, t_ns: int, n: int = 0) -> None:
+        """`entry` applied here at t_ns, a row of its own; `n`: our number for it if we
+        originated it (then the report goes at once: it rides with the command's ack, and the
+        controller learns our number for it before the other agents report it by number)."""
+        self.rows.append((vlan, mac, entry.host, entry.seq, entry.tombstone, t_ns, n))
+        if n:
+            self._now = True
+
+    def deadline_ns(self) -> int:
+        """When a pending report must go (only meaningful while one is pending)."""
+        return self._due_ns if self._first_ns >= 0 else self._next_ns
+
+    def take(self, now_ns: int) -> list[bytes]:
+        """The APPLY_REPORT frames to send at now_ns (none if nothing is pending or it is not time)."""
+        rows = self.rows
+        ranges = self.ranges
+        if not rows and not ranges:
+            return []
+        if self._first_ns < 0:
+            self._first_ns = now_ns
+            self._due_ns = max(now_ns + self._interval_ns, self._next_ns)
+            self._send_ns = min(self._due_ns, max(now_ns + self._delay_ns, self._next_ns))
+        if not self._now and now_ns < self._send_ns:
+            return []
+        self._now = False
+        self._first_ns = -1
+        self._next_ns = now_ns + self._interval_ns
+        frames = [
+            wire.encode(MsgType.APPLY_REPORT, [self._host, rows[i : i + BATCH_MAX], ranges[i : i + BATCH_MAX]])
+            for i in range(0, max(len(rows), len(ranges)), BATCH_MAX)
+        ]
+        self.rows = []
+        self.ranges = []
+        return frames
