@@ -265,16 +265,6 @@ class AgentRuntime:
                                     message=f"dropped from {peer} on {channel}: {reason} "
                                             f"(+{now[reason] - before[reason]}, {now[reason]} so far)")
 
-    def _core_event(self, event: dict) -> None:
-        """An event the core emitted: repair requests rate-limited per peer (under heavy loss an
-        agent pulls many times a second), the others written as they come."""
-        kind = event.get("kind", "log")
-        if kind.startswith("repair."):
-            fields = {k: v for k, v in event.items() if k not in ("kind", "peer")}
-            self.events.limited(kind, event.get("peer"), **fields)
-        else:
-            self.events.emit_many([event])
-
     def _configure_faults(self, args: dict) -> dict:
         """The `faults` API call (agent/faults.py), and an event per rule it adds or removes."""
         f = self.faults
@@ -332,7 +322,11 @@ class AgentRuntime:
                     case Unsubscribe(host):
                         self._disconnect(host)
                     case Emit(event):
-                        self._core_event(event)
+                        if event.get("kind") in RATE_LIMITED:  # (under heavy loss: many a second)
+                            fields = {k: v for k, v in event.items() if k not in ("kind", "peer")}
+                            self.events.limited(event["kind"], event.get("peer"), **fields)
+                        else:
+                            self.events.emit_many([event])
                     case _:
                         assert_never(effect)
             except zmq.ZMQError as e:
@@ -343,9 +337,6 @@ class AgentRuntime:
             for (vlan, mac), moves in core.flapping.items():
                 log.warning("MAC flap: vlan %d mac %s moved %d times within %d ms", vlan, format_mac(mac), moves,
                             self.config.flap_window_ms)
-                self.events.emit("mac.flap", vlan=vlan, mac=format_mac(mac), moves=moves,
-                                 window_ms=self.config.flap_window_ms,
-                                 message=f"MAC flap: vlan {vlan} mac {format_mac(mac)} moved {moves} times")
         if core.peers_epoch != self._epoch_seen:
             self._epoch_seen = core.peers_epoch
             self.events.emit("membership.epoch", epoch=core.peers_epoch, hosts=len(core.peers) + 1,
@@ -401,6 +392,9 @@ def _rule_text(r) -> str:
     return what + (f" from {','.join(sorted(r.peers))}" if r.peers else "") + \
         (f" types {','.join(map(str, sorted(r.types)))}" if r.types else "")
 
+
+# Core events written at most once a second per peer (dvswitch/events.py: EventLog.limited).
+RATE_LIMITED = {"repair.pull"}
 
 # The core's counters of frames (or parts of frames) it dropped: frame.dropped's `reason`.
 DROP_COUNTERS = ("dropped_malformed", "dropped_unexpected", "forged_claims", "non_member_claims",

@@ -1,7 +1,8 @@
 """The local switch of one host: vEthernet ports, one per VM vNIC, each in a VLAN.
 
 Port names are given by the controller (as the Nexus 1000V VSM numbers vEthernet
-interfaces) and stay with the VM across moves. A port is `prepared` while a VM is
+interfaces) and stay with the VM across moves; so is each port's VLAN (the controller
+maps port profiles to VLANs: controller/profiles.py). A port is `prepared` while a VM is
 migrating in and `active` once it switched over.
 """
 
@@ -9,10 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-# Port profiles: the VLAN a port in that profile belongs to. A small fixed set, as an
-# administrator would define on the VSM; the controller hands out the VLAN with the port.
-DEFAULT_PROFILES: dict[str, int] = {"default": 100, "web": 110, "app": 120, "db": 130}
 
 
 @dataclass

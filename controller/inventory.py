@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.mactable import format_mac
-from agent.switch import DEFAULT_PROFILES
+from controller.profiles import DEFAULT_PROFILES
 from dvswitch.naming import port_name
 
 # Locally administered unicast MACs: 02:00:00 followed by a 24-bit VM number.

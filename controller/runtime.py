@@ -21,10 +21,6 @@ from dvswitch.events import EventLog, NoEventLog, stop_reasons
 
 log = logging.getLogger("controller")
 
-# Core events that also go to the log as warnings (someone should look); the others only to
-# the events file (and the log at debug level).
-WARN_KINDS = {"log", "host.refused", "ha.blocked", "maintenance.blocked"}
-
 
 class ControllerRuntime:
     def __init__(self, config: ControllerConfig, *, bind: str | None = None, bind_ip: str = "127.0.0.1",
@@ -64,6 +60,8 @@ class ControllerRuntime:
             self.events = EventLog(self.events_path, "controller")
         self.core = ControllerCore(self.config, journal=self._read_journal(), hosts=self.hosts)
         self._seen: _Seen | None = _Seen(self.core) if self.events_path else None
+        if self._seen is not None:
+            self._seen.applies = self.events_applies
         if self.journal_path is not None:
             self.journal_file = open(self.journal_path, "ab")  # noqa: SIM115
         self.timer = Timer(loop, self._on_timer)
@@ -148,18 +146,17 @@ class ControllerRuntime:
         for event in events:
             if not isinstance(event, dict):
                 log.warning("%s", event)
-            else:  # what needs the operator stays a warning; the rest is in the events file
-                log.log(logging.WARNING if event.get("kind") in WARN_KINDS else logging.DEBUG, "%s",
-                        event.get("message") or event)
+            elif "message" in event:  # (the rest are facts for the events file, not log lines)
+                log.warning("%s", event["message"])
         if self.events_path:
-            self.events.emit_many(events)
             if self._seen is not None:
                 try:
-                    self._seen.derive(self.events, self.events_applies, events)
+                    events = self._seen.complete(events)
                 except (AttributeError, KeyError, TypeError) as e:
-                    # The core changed under the runtime (a refactor): its events stop, it goes on.
+                    # The core changed under the runtime (a refactor): its own events go on.
                     log.error("no more derived events: %s: %s", type(e).__name__, e)
                     self._seen = None
+            self.events.emit_many(events)
         for envelope, payload in self.core.take_outbox():
             try:
                 send_parts(self.sock, [*envelope, payload])
@@ -170,98 +167,81 @@ class ControllerRuntime:
 
 
 class _Seen:
-    """Events the runtime derives from what the core exposes, for what the core does not emit
-    itself: host states, membership epochs, moves and HA restarts started and finished, and
-    (--events-applies) every apply report row. Each check is O(what changed) except the host
-    scan, which runs only when the membership epoch moved or a tick may have changed liveness."""
+    """What the runtime adds to the core's events from what the core exposes: a finished move's
+    or HA restart's whole record (op_kind, src, seq, switch_ns, started_ns, done_ns, missing:
+    what `dvs moves` shows and the chaos checker reads) on its move.converged / move.failed,
+    host.registered and host.alive (a suspect host heard again), and with --events-applies
+    every apply report row (apply.rows). O(what changed) per batch, except the host scan,
+    which runs only when the membership epoch moved or a liveness tick ran."""
 
     def __init__(self, core: ControllerCore) -> None:
         self.core = core
         self.epoch = core.peers_epoch
         self.hosts = {h.name: h.state for h in core.inv.hosts.values()}
-        self.next_op = core._next_op  # (ops are numbered 1, 2, 3 ...: the ones above it are new)
         self.last_done = core.history[-1] if core.history else None
         self.applied = _applied_total(core)
+        self.applies = False
         self.tick = 0
-        self.moving: dict[int, object] = {}  # moves and restarts started, not switched over yet
-        self.core_kinds: set[str] = set()
+        self.op_kinds: dict[int, str] = {}  # op in flight -> its kind, from its move.started
 
-    def _emit(self, ev: EventLog, kind: str, **fields) -> None:
-        if kind not in self.core_kinds:
-            ev.emit(kind, **fields)
-
-    def derive(self, ev: EventLog, applies: bool, core_events: list) -> None:
-        """`core_events`: what the core emitted itself this time; a kind it emits is never derived
-        again (so a core that learns to emit move.converged replaces the derivation, no doubles)."""
-        for e in core_events:
-            if isinstance(e, dict) and e.get("kind") not in (None, "log"):
-                self.core_kinds.add(e["kind"])
+    def complete(self, events: list) -> list:
         core = self.core
+        out = list(events)
+        kinds = self.op_kinds
+        for e in out:
+            if not isinstance(e, dict) or not e.get("kind", "").startswith("move."):
+                continue
+            if e["kind"] == "move.started":
+                kinds[e["op"]] = e.get("op_kind")
+                continue
+            # (the last event of every op: a create's or a delete's says what it was, too)
+            kind = kinds.get(e.get("op")) if e["kind"] == "move.switched" else kinds.pop(e.get("op"), None)
+            if kind is not None:
+                e.setdefault("op_kind", kind)
+        if len(kinds) > 2 * len(core.ops) + 1_000:  # (ends the core had no room to tell)
+            self.op_kinds = {n: k for n, k in kinds.items() if n in core.ops}
         if core.peers_epoch != self.epoch or self.tick != core._next_tick_ns:
-            self.tick = core._next_tick_ns
-            self._hosts(ev)
-            if core.peers_epoch != self.epoch:
-                self.epoch = core.peers_epoch
-                live = len(core.inv.live_hosts())
-                self._emit(ev, "membership.epoch", epoch=core.peers_epoch, hosts=live,
-                           message=f"membership epoch {core.peers_epoch}: {live} live hosts")
-        if core._next_op != self.next_op:
-            for n in range(self.next_op, core._next_op):
-                op = core.ops.get(n)
-                if op is None or op.kind not in ("move", "restart"):
-                    continue  # (finished already: its move.converged/failed follows; creates are many)
-                if op.kind == "restart":
-                    self._emit(ev, "ha.restart", op=n, vm=op.vm, src=op.src, dst=op.dst, seq=op.target[1],
-                               message=f"HA: {op.vm} restarts on {op.dst} ({op.src} is gone)")
-                else:
-                    self._emit(ev, "move.started", op=n, vm=op.vm, op_kind=op.kind, src=op.src, dst=op.dst,
-                               seq=op.target[1], message=f"move of {op.vm} {op.src} -> {op.dst} started")
-                self.moving[n] = op
-            self.next_op = core._next_op
-        if self.moving:
-            for n, op in list(self.moving.items()):
-                if op.switched:
-                    del self.moving[n]
-                    self._emit(ev, "move.switched", op=n, vm=op.vm, host=op.dst, op_kind=op.kind,
-                               switch_ns=op.switch_ns, message=f"{op.vm} switched over to {op.dst}")
-                elif n not in core.ops:
-                    del self.moving[n]  # ended before it switched: its move.failed follows
+            self.tick, self.epoch = core._next_tick_ns, core.peers_epoch
+            out += self._hosts()
         hist = core.history
         if hist and hist[-1] is not self.last_done:
-            new = []
+            done = {}
             for op in reversed(hist):
                 if op is self.last_done:
                     break
-                new.append(op)
+                done[op.op_id] = op
             self.last_done = hist[-1]
-            for op in reversed(new):
-                kind, fields = _finished(op)
-                self._emit(ev, kind, **fields)
-        if applies and _applied_total(core) != self.applied:
+            for e in out:
+                if not isinstance(e, dict) or e.get("kind") not in ("move.converged", "move.failed"):
+                    continue
+                op = done.pop(e.get("op"), None)
+                if op is not None:
+                    _add_record(e, op)
+            for op in done.values():  # (an event the core's bounded queue had no room for)
+                out.append(_add_record({"kind": "move.converged" if op.converged else "move.failed",
+                                        "op": op.op_id, "vm": op.vm}, op))
+        if self.applies and _applied_total(core) != self.applied:
             total = _applied_total(core)
             n = total - self.applied
             rows = list(itertools.islice(reversed(core.applied_log), n))
             rows.reverse()
             self.applied = total
             # (t_ns, reporter, vlan, mac, host, seq, tombstone), as the applied_log API gives them
-            self._emit(ev, "apply.rows", rows=rows, **({"lost": n - len(rows)} if n > len(rows) else {}))
+            out.append({"kind": "apply.rows", "rows": rows, **({"lost": n - len(rows)} if n > len(rows) else {})})
+        return out
 
-    def _hosts(self, ev: EventLog) -> None:
+    def _hosts(self) -> list[dict]:
+        out = []
         for h in self.core.inv.hosts.values():
             was = self.hosts.get(h.name)
             if was == h.state:
                 continue
             self.hosts[h.name] = h.state
-            if h.state == "dead":
-                self._emit(ev, "host.dead", host=h.name, message=f"host {h.name} is dead: silent too long")
-            elif h.state == "suspect":
-                self._emit(ev, "host.suspect", host=h.name, message=f"host {h.name} is suspect: silent")
-            elif was is None:
-                self._emit(ev, "host.registered", host=h.name, message=f"host {h.name} registered")
-            elif was == "dead":
-                self._emit(ev, "host.readmitted", host=h.name, message=f"host {h.name} is back")
-            else:
-                self._emit(ev, "host.alive", host=h.name, was=was, message=f"host {h.name} heard again (was {was})")
+            if was is None:
+                out.append({"kind": "host.registered", "host": h.name})
+            elif was == "suspect" and h.state == "alive":
+                out.append({"kind": "host.alive", "host": h.name, "was": was})
+        return out
 
 
 def _applied_total(core: ControllerCore) -> int:
@@ -270,17 +250,13 @@ def _applied_total(core: ControllerCore) -> int:
     return tracker.applied_count if tracker is not None else core._applied_total()
 
 
-def _finished(op) -> tuple:
+def _add_record(e: dict, op) -> dict:
+    """The op's record (as `dvs moves` gives it) into its event, without overriding the core's facts."""
     rec = op.record(per_host=False)
-    rec.pop("applied_ms")
-    fields = {"op": rec.pop("op"), "vm": rec.pop("vm"), "op_kind": rec.pop("kind")}
-    fields.update(rec)
-    fields["convergence_ms"] = fields.pop("latency_ms")
-    fields["hosts"] = len(op.applied)
-    what = f"{'HA restart' if op.kind == 'restart' else 'move'} of {op.vm} {op.src} -> {op.dst} (seq {fields['seq']})"
-    if op.converged:
-        fields["message"] = f"{what} converged in {op.latency_ms:.2f} ms on {len(op.applied)} hosts"
-        return "move.converged", fields
-    fields["outcome"] = "switched" if op.switched else "not switched"
-    fields["message"] = f"{what} failed ({fields['outcome']}): {op.error}"
-    return "move.failed", fields
+    rec.pop("applied_ms", None)
+    rec["op_kind"] = rec.pop("kind")
+    rec.pop("latency_ms", None)  # (the event's convergence_ms)
+    e.setdefault("convergence_ms", op.latency_ms)
+    for k, v in rec.items():
+        e.setdefault(k, v)
+    return e

@@ -47,7 +47,7 @@ class Ctl:
         for envelope, frame in self.core.take_outbox():
             mt, body = wire.decode(frame)
             if mt is MsgType.REQUEST and body[1] == "repair":
-                self.hints.append((self.core._routes.get(envelope[0], "?"), body[2]))
+                self.hints.append((self.core.members.routes.get(envelope[0], "?"), body[2]))
                 continue
             if mt is MsgType.PEERS:
                 # These tests look at the members; the epoch has tests of its own.
@@ -81,8 +81,10 @@ class Ctl:
         self.feed(route(host), MsgType.ACK, [op, ok, detail, self.now if t_ns is None else t_ns])
 
     def applied(self, host: str, vm: int, on: str, seq: int, t_ns: int | None = None, tomb: bool = False) -> None:
-        rows = [[VLAN, MAC_BASE + vm, on, seq, tomb, self.now if t_ns is None else t_ns]]
-        self.feed(route(host), MsgType.APPLIED, [host, rows])
+        """`host` applied vm<vm> -> (on, seq), as its APPLY_REPORT says it: one row, no number
+        (the row of an entry it did not originate, or whose number the test does not care for)."""
+        rows = [[VLAN, MAC_BASE + vm, on, seq, tomb, self.now if t_ns is None else t_ns, 0]]
+        self.feed(route(host), MsgType.APPLY_REPORT, [host, rows, []])
 
     def request(self, method: str, args: dict) -> int:
         self._req += 1
@@ -273,10 +275,10 @@ def test_batch_create_replies_once_all_ops_are_done():
     c.ack("h1", a[0])
     c.ack("h2", b[0])
     for h in ("h1", "h2"):
-        c.feed(route(h), MsgType.APPLIED, [h, [[110, MAC_BASE + 1, "h1", 0, False, c.now]]])
+        c.feed(route(h), MsgType.APPLY_REPORT, [h, [[110, MAC_BASE + 1, "h1", 0, False, c.now, 0]], []])
     assert c.reply(req) is None
     for h in ("h1", "h2"):
-        c.feed(route(h), MsgType.APPLIED, [h, [[130, MAC_BASE + 2, "h2", 0, False, c.now]]])
+        c.feed(route(h), MsgType.APPLY_REPORT, [h, [[130, MAC_BASE + 2, "h2", 0, False, c.now, 0]], []])
     ok, result = c.reply(req)
     assert ok and [r["vm"] for r in result["ops"]] == ["a", "b"] and all(r["converged"] for r in result["ops"])
 
@@ -558,7 +560,7 @@ def test_frames_from_an_unknown_agent_ask_it_to_register():
     c = cluster(1)
     stranger = [b"id-stranger"]
     c.feed(stranger, MsgType.AGENT_STATUS, ["hx", 1, 0, 0, 0, 0, 0])
-    c.feed(stranger, MsgType.APPLIED, ["hx", []])
+    c.feed(stranger, MsgType.APPLY_REPORT, ["hx", [], []])
     c.feed(stranger, MsgType.ACK, [1, True, "", 1])
     assert c.take(stranger, MsgType.REQUEST) == [[0, "register", {}]] * 3
     c.feed(stranger, MsgType.REPLY, [1, True, None])
@@ -905,7 +907,7 @@ def test_a_busy_host_is_spared_hints_for_a_while_but_never_starved():
     # h3 runs behind the gossip stream (it applied vm2's create 80 ms late) and keeps reporting
     # applies of other VMs (busy, not left behind) while the move of vm1 waits for it: no hint
     # at first; once the op waited BUSY_GRACE hint delays, it gets one.
-    from controller.core import BUSY_GRACE
+    from controller.hints import BUSY_GRACE
 
     c, cfg = busy_h3(lag_ms=80)
     switched_move(c, 1, "h2", applied_by=("h1", "h2"))
@@ -992,7 +994,7 @@ def test_a_move_converges_on_range_reports_of_the_destinations_numbers():
     ranges(c, "h4", ("h3", 1, 7, 7, t_sw + 5 * NS_PER_MS))
     ok, rec = c.reply(req)
     assert ok and rec["converged"] and rec["latency_ms"] == 5.0
-    assert c.core._origins["h3"].awaiting == {}  # nothing kept for a finished op
+    assert c.core.applies.origins["h3"].awaiting == {}  # nothing kept for a finished op
 
 
 def test_ranges_that_arrive_before_the_origin_names_its_numbers_wait_for_it():
@@ -1039,13 +1041,13 @@ def test_a_hint_names_the_origins_number_once_the_origin_reported_it():
 def test_ranges_whose_numbers_are_never_told_are_bounded():
     # (After a restart of ours, agents repair updates numbered before it: no own report of
     # their origin will ever name them.)
-    from controller.core import EARLY_MAX
+    from controller.applytrack import EARLY_MAX
 
     c = cluster(2)
     batch = [["h2", 1, n, n, c.now] for n in range(1, 2_001)]
     for _ in range(EARLY_MAX // len(batch) + 2):
         c.feed(route("h1"), MsgType.APPLY_REPORT, ["h1", [], batch])
-    assert 0 < len(c.core._origins["h2"].early) <= EARLY_MAX
+    assert 0 < len(c.core.applies.origins["h2"].early) <= EARLY_MAX
 
 
 def batch_on(c: Ctl, host: str, vms: range) -> tuple[int, list[int]]:
@@ -1148,7 +1150,8 @@ def test_only_admitted_hosts_may_register_and_a_refused_one_is_told_why():
     assert all(m[0] != "ghost" for b in c.take(mt=MsgType.PEERS) for m in b[0])
     c.status("ghost", 0)
     assert c.take(route("ghost")) == [] and c.core.dropped_malformed == 1
-    assert any("ghost" in e for e in c.core.take_events())
+    assert any(e["kind"] == "host.refused" and e["host"] == "ghost" and "ghost" in e["message"]
+               for e in c.core.take_events())
     # An admin admits h3 (durably): then it registers like any host.
     ok, r = c.call("host_add", {"name": "h3"})
     assert ok and r["added"] and {"admit": "h3"} in c.core.take_journal()
@@ -1174,7 +1177,8 @@ def test_a_forged_table_report_naming_ghost_changes_nothing():
     c.register("h2")
     create(c, 1, "h1")
     for mt, body in ((MsgType.TABLE_REPORT, ["h2", [[VLAN, MAC_BASE + 1, "ghost", "vEth1", 4_000_000_000, False]]]),
-                     (MsgType.APPLIED, ["h2", [[VLAN, MAC_BASE + 1, "ghost", 4_000_000_000, False, c.now]]])):
+                     (MsgType.APPLY_REPORT, ["h2", [[VLAN, MAC_BASE + 1, "ghost", 4_000_000_000, False, c.now, 0]],
+                                             []])):
         c.feed(route("h2"), mt, body)
     vm = c.core.inv.vms["vm1"]
     assert (vm.host, vm.seq, vm.state) == ("h1", 0, "active")
@@ -1189,7 +1193,7 @@ def test_abandoned_wait_ready_requests_are_bounded_expire_and_cost_a_status_noth
     for i in range(20_000):
         c.feed([f"client{i}".encode()], MsgType.REQUEST, [1, "wait_ready", {"hosts": 50, "timeout_ms": 5_000}])
         answers += len(c.take(mt=MsgType.REPLY))
-    assert c.core._ready_n == core_mod.READY_WAITERS_MAX
+    assert c.core.members._ready_n == core_mod.READY_WAITERS_MAX
     assert answers == 20_000 - core_mod.READY_WAITERS_MAX  # refused at once, with a retry hint
 
     class CountingDict(dict):
@@ -1207,7 +1211,7 @@ def test_abandoned_wait_ready_requests_are_bounded_expire_and_cost_a_status_noth
     c.advance(5_001)
     expired = c.take(mt=MsgType.REPLY)
     assert len(expired) == core_mod.READY_WAITERS_MAX and all(not ok for _, ok, _ in expired)
-    assert c.core._ready_n == 0 and not c.core._ready_by_hosts and not c.core._ready_by_deadline
+    assert c.core.members._ready_n == 0 and not c.core.members._ready_by_hosts and not c.core.members._ready_by_deadline
     c.status("h1", 1)
     c.status("h2", 1)
     assert c.call("wait_ready", {"hosts": 2})[0] is True
@@ -1228,9 +1232,9 @@ def test_a_restart_refused_over_and_over_stops_at_the_budget():
             attaches += 1
             c.ack("h1", op, ok=False, detail="stale: table holds seq 7 on h3")
     assert attaches == 3, attaches
-    assert c.core.restart_budget_exhausted == 1
-    (event,) = [e for e in c.core.take_events() if "restart budget" in e]
-    assert "vm1" in event
+    assert c.core.restarts.budget_exhausted == 1
+    (event,) = [e for e in c.core.take_events() if "restart budget" in e.get("message", "")]
+    assert event["kind"] == "ha.blocked" and event["vm"] == "vm1" and "vm1" in event["message"]
     assert c.core.inv.vms["vm1"].seq_issued >= 7  # the next claim goes above what agents hold
     assert c.call("status", {})[1]["restart_budget_exhausted"] == 1
 
@@ -1376,18 +1380,18 @@ def test_evacuate_runs_at_most_k_moves_at_once():
         create(c, n, "h1")
     req = c.request("host_evacuate", {"name": "h1", "max_concurrent": 2})
     prepares = [b for h in ("h2", "h3") for m, b in c.to(h) if m is MsgType.PREPARE]
-    assert len(prepares) == 2 and len(c.core._drain_ops) == 2
+    assert len(prepares) == 2 and len(c.core.maint._drain_ops) == 2
     assert c.reply(req) is None  # answered once the host is empty
     done = 0
-    while c.core._drain_ops:
-        assert len(c.core._drain_ops) <= 2
-        op = c.core.ops[min(c.core._drain_ops)]
+    while c.core.maint._drain_ops:
+        assert len(c.core.maint._drain_ops) <= 2
+        op = c.core.ops[min(c.core.maint._drain_ops)]
         c.ack(op.dst, op.op_id)
         c.ack(op.dst, op.op_id)
         for h in ("h1", "h2", "h3"):
             c.applied(h, int(op.vm[2:]), op.dst, op.target[1])
         done += 1
-        assert done == 5 or len(c.core._drain_ops) == min(2, 5 - done)  # the next one started at once
+        assert done == 5 or len(c.core.maint._drain_ops) == min(2, 5 - done)  # the next one started at once
     ok, rep = c.reply(req)
     assert ok and len(rep["moves"]) == 5 and all(m["converged"] for m in rep["moves"])
     # The scorer spread them: h2 and h3 started empty.
@@ -1449,7 +1453,8 @@ def test_anti_affinity_holds_through_create_move_evacuate_and_ha():
         lab.tick(500)
         lab.ctl.core.inv.hosts["h1"].last_seen_ns = 0
     assert where(lab)["web1"] == "h1"
-    assert any("cannot restart it yet" in e and "web1" in e for e in lab.ctl.core.take_events())
+    assert any(e["kind"] == "ha.blocked" and e["vm"] == "web1" and "cannot restart it yet" in e["message"]
+               for e in lab.ctl.core.take_events())
     assert lab.call("rule_remove", {"name": "rule1"})[0]
     lab.tick(500)
     lab.tick(500)

@@ -663,7 +663,7 @@ class ChaosRun:
             life = lives.setdefault(e["pid"], len(lives))
             if e["kind"] == "apply.rows":
                 rows.setdefault(life, []).extend(e["rows"])
-            elif e["kind"] in ("move.converged", "move.failed"):
+            elif e["kind"] in ("move.converged", "move.failed") and e.get("op_kind") in ("move", "restart"):
                 moves.setdefault(life, []).append(_move_record(e))
         if not lives:
             j.write("applies_unavailable", life=0, final=True,
