@@ -242,7 +242,7 @@ class Faults:
             return
         self.lives_read.add(sim.ctl_life)
         ctl = sim.controller
-        moves = ctl.api_moves({"last": 1_000_000}, sim.now, None, None)["moves"]
+        moves = ctl.api.api_moves({"last": 1_000_000}, sim.now, None, None)["moves"]
         self.history.write("controller_moves", life=sim.ctl_life, final=final, moves=moves)
 
     def observe(self) -> None:
@@ -252,10 +252,10 @@ class Faults:
         self.controller_moves(final=True)
         if sim.ctl_up and CONTROLLER not in {w for w, st in sim.proc_state.items() if st == "paused"}:
             ctl, now = sim.controller, sim.now
-            h.write("final_inventory", status=ctl.api_status({}, now, None, None),
-                    vms=ctl.api_vm_list({"all": True}, now, None, None)["vms"],
-                    expected=ctl.api_expected_table({}, now, None, None),
-                    rules=ctl.api_rule_list({}, now, None, None)["rules"])
+            h.write("final_inventory", status=ctl.api.api_status({}, now, None, None),
+                    vms=ctl.api.api_vm_list({"all": True}, now, None, None)["vms"],
+                    expected=ctl.api.api_expected_table({}, now, None, None),
+                    rules=ctl.api.api_rule_list({}, now, None, None)["rules"])
         else:
             h.write("final_inventory", error="the controller is not running")
         procs = {}
