@@ -95,12 +95,16 @@ def _vtep_base_value(ctx, param, value: str) -> str:
 @click.option("--cluster", "cluster_file", type=click.Path(dir_okay=False), default=None,
               help="Cluster file (TOML) naming the controller's endpoint and every host's control and VTEP "
                    "address; its addresses must be this machine's (e.g. 127.x). See README, Several machines.")
+@click.option("--insecure", is_flag=True,
+              help="No CURVE: any process that reaches a socket may command the cluster. For comparison only.")
 @state_dir_option
 def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_base, log_level, no_metrics,
-       cluster_file, state_dir) -> None:
+       cluster_file, insecure, state_dir) -> None:
     """Start the controller and N agents, wait until the mesh is connected, place VMs."""
     if hosts is None and cluster_file is None:
         raise click.UsageError("give --hosts N (or --cluster FILE)")
+    if insecure:
+        warn_insecure()
     if netns:
         from testbed.netns import unavailable_reason
 
@@ -113,7 +117,7 @@ def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_bas
             (["--metrics-port", "-1"] if no_metrics else [])
         cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms) + levels,
                              controller_args=levels, ready_timeout_s=timeout_s, netns=netns, vtep_base=vtep_base,
-                             cluster_file=cluster_file)
+                             cluster_file=cluster_file, insecure=insecure)
     try:
         if vms:
             with err_console.status(f"placing {vms} VMs"):
@@ -194,6 +198,20 @@ def _metrics_fields(info: dict) -> dict:
     return {"metrics": url, "metrics_port": port}
 
 
+def _auth_fields(client) -> dict:
+    """auth_failures and forbidden (dvswitch/auth.py), and whether the process speaks CURVE."""
+    try:
+        a = client.call("auth")
+    except ClusterError:  # (a process of an older version: no such call)
+        return {"curve": None, "auth_failures": None, "forbidden": None}
+    return {"curve": a["curve"], "auth_failures": a["auth_failures"], "forbidden": a["forbidden"]}
+
+
+def warn_insecure() -> None:
+    err_console.print("[bold yellow]warning:[/] --insecure: no CURVE; any process on this machine that reaches "
+                      "a socket can claim MACs, inject faults and move VMs. For comparison runs only.")
+
+
 def gather_status(cluster: Cluster) -> dict:
     """The controller's view of each host, completed by each agent's own answer."""
     ctl_hosts = {}
@@ -202,9 +220,11 @@ def gather_status(cluster: Cluster) -> dict:
     try:
         with cluster.controller_client(timeout_ms=2_000) as ctl:
             st = ctl.call("status")
+            auth_ctl = _auth_fields(ctl)
         ctl_hosts = {h["host"]: h for h in st["hosts"]}
         controller.update(vms=st["vms"], ops_in_flight=st["ops_in_flight"], moves_done=st["moves_done"],
                           dropped_malformed=st["dropped_malformed"])
+        controller.update(auth_ctl)
     except ClusterError:
         controller["state"] = "unreachable"
     hosts = []
@@ -215,9 +235,11 @@ def gather_status(cluster: Cluster) -> dict:
         try:
             with cluster.agent_client(name, timeout_ms=1_000) as a:
                 s = a.call("status")
+                auth_row = _auth_fields(a)
             row.update(pid=s["pid"], incarnation=s["incarnation"], mac_entries=s["mac_entries"],
                        digest=s["digest"], dropped_malformed=s["dropped_malformed"], peers_heard=s["peers_heard"],
                        flapping=s["flapping"], stats=s["stats"])
+            row.update(auth_row)
             if "vtep" in proc.info:
                 with cluster.agent_client(name, timeout_ms=1_000) as a:
                     row["dataplane"] = macs_as_strings(a.call("dataplane"))
