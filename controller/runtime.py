@@ -121,9 +121,9 @@ class ControllerRuntime:
         return self.guard.status() if self.guard is not None else auth.insecure_status()
 
     def _on_frames_auth(self, frames: list[bytes], role: str | None) -> None:
-        """With CURVE: API requests only from the admin key; everything an agent sends only from
-        a host key, over the connection named after that host (`agent:HOST:...`), and a
-        registration only in that host's own name."""
+        """With CURVE: API requests only from the admin key; registrations and everything an agent
+        sends only from a host key, over the connection named after that host (`agent:HOST:...`),
+        and a registration only in that host's own name."""
         if len(frames) < 2:
             self.core.dropped_malformed += 1
             return
@@ -137,10 +137,11 @@ class ControllerRuntime:
                 self.core.dropped_malformed += 1
                 return
         if role == keys.ADMIN:
-            if mt != REQUEST:
-                self.guard.refuse(role, f"a message of type {int(mt)} (the admin key sends API requests only)")
+            # (Anything else the admin sends meets the core's own gate: no route, no host.)
+            if mt == REGISTER:
+                self.guard.refuse(role, "a registration (only a host's own key registers it)")
                 return
-            if body[1] == "auth":  # the runtime's own counters (`dvs status`)
+            if mt == REQUEST and body[1] == "auth":  # the runtime's own counters (`dvs status`)
                 send_parts(self.sock, [*frames[:-1], wire.encode(MsgType.REPLY, [body[0], True,
                                                                                 self._auth_status()])])
                 self.reader.check()

@@ -446,6 +446,7 @@ class Bench:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        c.curve_socket(sock, "controller")
         sock.connect(c.controller_endpoint)
         inflight: dict[int, tuple[str, int, int]] = {}
         recs: list[dict] = []
@@ -710,6 +711,7 @@ class Bench:
             ctx = zmq.Context.instance()
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            c.curve_socket(sock, "controller")
             sock.connect(c.controller_endpoint)
             try:
                 with self.step(f"cold N={n}: creating {ports} ports in one vm_create batch"):

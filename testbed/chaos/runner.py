@@ -35,7 +35,7 @@ from agent.wire import MsgType, WireError
 from testbed import procs
 from testbed.chaos.history import HISTORY_FILE, Journal
 from testbed.chaos.scenario import Action, Plan, Scenario
-from testbed.client import ClusterError
+from testbed.client import ClusterError, set_curve_client
 from testbed.cluster import JOURNAL_FILE, Cluster
 
 NS = 1_000_000_000
@@ -49,9 +49,11 @@ LOG_EVERY_S = 0.5
 class Mux:
     """Many requests in flight on one DEALER socket; replies are matched by id."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, curve: tuple | None = None) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:  # (the cluster's admin key: Cluster.curve_for)
+            set_curve_client(self.sock, *curve)
         self.sock.connect(endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -197,7 +199,7 @@ class ChaosRun:
         self.placement = {op["vm"]: op["dst"] for op in res["ops"]}
         j.write("vms_created", vms=len(res["ops"]), placement=self.placement)
         self._add_rules()
-        self.mux = Mux(c.controller_endpoint)
+        self.mux = Mux(c.controller_endpoint, c.curve_for("controller"))
         try:
             self.t0_ns = time.monotonic_ns()
             j.write("workload_start", t0_ns=self.t0_ns, duration_s=sc.duration_s)
@@ -734,8 +736,8 @@ def start_controller(cluster: Cluster, controller_args: list[str], ready_timeout
     endpoint = cluster.controller_endpoint
     [p] = procs.wait_ready(
         [procs.spawn("controller", "controller",
-                     ["--bind", endpoint, "--journal", str(cluster.state_dir / JOURNAL_FILE), *controller_args,
-                      *cluster.owner_args()],
+                     ["--bind", endpoint, "--journal", str(cluster.state_dir / JOURNAL_FILE), *cluster.key_args(),
+                      *controller_args, *cluster.owner_args()],
                      cluster.state_dir / "logs" / "controller.log")],
         ready_timeout_s,
     )
