@@ -207,7 +207,9 @@ class AgentRuntime:
     # ---- authentication (dvswitch/auth.py): roles per connection, checked per rpc message
 
     def _add_monitor(self, mon: zmq.Socket, handle) -> None:
-        self.readers.append(Reader(self.loop, mon, handle, _nothing))
+        r = Reader(self.loop, mon, handle, _nothing)
+        r.kick()  # (a pipe signals new input only after a read found it empty: arm it)
+        self.readers.append(r)
 
     def _reload_keys(self) -> None:
         self.guard.reload()

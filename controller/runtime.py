@@ -68,8 +68,7 @@ class ControllerRuntime:
         self.monitors: list[Reader] = []
         if self.guard is not None:
             self.reader = Reader(loop, self.sock, self._on_frames_auth, self._after, roles=True)
-            self.guard.monitor(self.sock, "controller", lambda mon, handle: self.monitors.append(
-                Reader(loop, mon, handle, lambda: None)))
+            self.guard.monitor(self.sock, "controller", self._add_monitor)
             self._key_timer = loop.call_later(KEY_RELOAD_S, self._reload_keys)
         else:
             self.reader = Reader(loop, self.sock, self._on_frames, self._after)
@@ -112,6 +111,11 @@ class ControllerRuntime:
         self.core.on_frame(frames[:-1], frames[-1], time.monotonic_ns())
 
     # ---- authentication (dvswitch/auth.py)
+
+    def _add_monitor(self, mon: zmq.Socket, handle) -> None:
+        r = Reader(asyncio.get_running_loop(), mon, handle, lambda: None)
+        r.kick()  # (a pipe signals new input only after a read found it empty: arm it)
+        self.monitors.append(r)
 
     def _reload_keys(self) -> None:
         self.guard.reload()
