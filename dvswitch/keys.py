@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ ADMIN = "admin"
 CONTROLLER = "controller"
 HOST_PREFIX = "host:"
 STAGES = ("next", "old")  # suffixes of a key being rotated in or out
+RESCAN_AFTER_CHANGE_NS = 2_000_000_000  # see KeyRing.maybe_reload
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
@@ -140,16 +142,22 @@ class KeyRing:
         self.maybe_reload()
 
     def maybe_reload(self) -> bool:
+        """Re-read the directory if it changed; True if what we accept or pin changed."""
         try:
             mtime = self.dir.stat().st_mtime_ns
         except OSError:
             return False  # keep what we have: a directory gone for a moment must not lock everyone out
-        if mtime == self._mtime_ns:
+        # Directory times tick coarsely (a few ms): two changes within one tick leave one mtime,
+        # so for a while after a change the files are read again even when the mtime is the same.
+        if mtime == self._mtime_ns and time.time_ns() - mtime > RESCAN_AFTER_CHANGE_NS:
             return False
         self._mtime_ns = mtime
         keys = scan(self.dir)
-        self.roles = {k.public: k.role for k in keys}
-        self.current = {k.name: k.public for k in keys if not k.stage}
+        roles = {k.public: k.role for k in keys}
+        current = {k.name: k.public for k in keys if not k.stage}
+        if roles == self.roles and current == self.current:
+            return False
+        self.roles, self.current = roles, current
         self.reloads += 1
         return True
 

@@ -1164,6 +1164,61 @@ def demo(hosts, vms, n_moves, seed, heartbeat_interval_ms, pairs, rate, as_json,
     sys.exit(EXIT_OK if ok else EXIT_INVALID)
 
 
+# ---------------------------------------------------------------------- keys (CURVE; testbed/rotate.py)
+
+
+@cli.group()
+def keys() -> None:
+    """The cluster's CURVE keys: list their fingerprints, rotate them live."""
+
+
+def _secure_cluster(state_dir) -> Cluster:
+    cluster = Cluster.load(state_dir)
+    if cluster.keys_dir is None:
+        raise ClusterError("this cluster runs without CURVE (`dvs up --insecure`); it has no keys")
+    return cluster
+
+
+@keys.command("show")
+@json_option
+@state_dir_option
+def keys_show(as_json, state_dir) -> None:
+    """Every key the cluster accepts: whose, its role, in use or being rotated, its fingerprint."""
+    from testbed import rotate
+
+    rows = rotate.show(_secure_cluster(state_dir).keys_dir)
+    if as_json:
+        emit_json({"keys": rows})
+        return
+    t = Table("name", "role", "stage", "fingerprint (SHA-256, 16 hex)", "file")
+    for r in rows:
+        t.add_row(r["name"], r["role"], r["stage"], r["fingerprint"], r["file"])
+    console.print(t)
+
+
+@keys.command("rotate")
+@click.option("--host", "hosts", multiple=True, metavar="H",
+              help="Rotate this host's key (repeatable). Default: every host's, then the admin's.")
+@click.option("--admin", "admin_only", is_flag=True, help="Rotate only the admin key (the one `dvs` speaks with).")
+@json_option
+@state_dir_option
+def keys_rotate(hosts, admin_only, as_json, state_dir) -> None:
+    """Install a new key pair, switch to it, retire the old one; the cluster keeps running."""
+    from testbed import rotate
+
+    cluster = _secure_cluster(state_dir)
+    names = ["admin"] if admin_only else list(hosts) or [*cluster.agents, "admin"]
+    done = []
+    for name in names:
+        with err_console.status(f"rotating the key of {name}"):
+            done.append(rotate.rotate(cluster, name, log=lambda m: err_console.print(m, highlight=False)))
+    if as_json:
+        emit_json({"rotated": done})
+        return
+    for d in done:
+        console.print(f"{d['name']}: {d['old']} -> {d['new']}", highlight=False)
+
+
 # ---------------------------------------------------------------------- lab commands in their own packages
 
 from testbed.bench.command import bench  # noqa: E402 - registered after the core commands

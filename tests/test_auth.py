@@ -216,3 +216,49 @@ def test_a_host_whose_key_was_replaced_cannot_rejoin(make_cluster, tmp_path):
     time.sleep(1.0)  # (a few of h3's reconnects and heartbeats: it stays out)
     assert "h3" not in live()
     assert alive(cluster)
+
+
+@pytest.mark.cluster
+def test_rotation_keeps_the_cluster_checking_ok_and_moves_converging(make_cluster):
+    import threading
+
+    from testbed import rotate
+    from testbed.check import check
+
+    cluster = make_cluster(3)
+    cluster.create_vms(4)
+    with cluster.controller_client() as ctl:
+        placement = {v["vm"]: v["host"] for v in ctl.call("vm_list")["vms"]}
+    mover = next(vm for vm, h in placement.items() if h != "h3")  # shuttled between h1 and h2
+
+    def move(to: str) -> bool:
+        with cluster.controller_client(timeout_ms=30_000) as ctl:
+            return ctl.call("vm_move", {"name": mover, "to": to})["converged"]
+
+    assert move("h2" if placement[mover] == "h1" else "h1")  # before
+    results: list[bool] = []
+    stop = threading.Event()
+
+    def shuttle():
+        to = "h1" if placement[mover] == "h1" else "h2"  # (where the move above did not put it)
+        while not stop.is_set():
+            results.append(move(to))
+            to = "h2" if to == "h1" else "h1"
+
+    t = threading.Thread(target=shuttle)
+    t.start()
+    try:
+        old = keys.KeyRing(cluster.keys_dir).current
+        done = [rotate.rotate(cluster, "h3"), rotate.rotate(cluster, keys.ADMIN)]
+    finally:
+        stop.set()
+        t.join(60)
+    assert results and all(results), results  # during
+    new = keys.KeyRing(cluster.keys_dir).current
+    assert new["h3"] != old["h3"] and new[keys.ADMIN] != old[keys.ADMIN] and new["h1"] == old["h1"]
+    assert [d["new"] for d in done] == [keys.fingerprint(new["h3"]), keys.fingerprint(new[keys.ADMIN])]
+    assert not any(k.stage for k in keys.scan(Path(cluster.keys_dir)))  # the old keys are gone
+    assert check(cluster)["ok"]
+    assert move("h3")  # after: onto the host whose key changed
+    assert check(cluster, settle_s=0)["ok"]
+    assert alive(cluster)
