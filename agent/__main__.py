@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from dataclasses import fields
 
@@ -15,8 +16,8 @@ from agent.config import AgentConfig
 from agent.dataplane import DataplaneConfig
 from agent.runtime import AgentRuntime, VtepMap
 from agent.vxlan import VXLAN_PORT
-from agent.zmqloop import install_uvloop, setup_logging
 from dvswitch import errors
+from dvswitch.bus import install_uvloop, setup_logging, wildcard
 
 # Flags a cluster file answers itself; giving one beside --cluster would be a second source of truth.
 CLUSTER_OWNS = ("controller", "bind_ip", "vtep_base", "vteps")
@@ -31,6 +32,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "--vtep-base and --vteps")
     p.add_argument("--controller", default=None, help="controller endpoint, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--bind-ip", default=None, help="address to bind sockets on (default 127.0.0.1)")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="CURVE: the cluster's key directory (dvswitch/keys.py; `dvs up` makes STATE_DIR/keys); "
+                        "this agent uses DIR/HOST.key_secret, accepts the keys in DIR, pins the controller's "
+                        "and its peers'. Default: none (no CURVE, as --insecure, with a warning)")
+    p.add_argument("--insecure", action="store_true",
+                   help="run without CURVE (what no --keys means, said explicitly): anyone who reaches the "
+                        "sockets may command this agent; for comparison runs only")
+    p.add_argument("--bind-wildcard", action="store_true",
+                   help="allow --bind-ip to be a wildcard (0.0.0.0): every address of the machine")
     p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault-injection RNG (default 0)")
     p.add_argument("--log-level", default="info")
@@ -96,7 +106,15 @@ def main(argv: list[str] | None = None) -> int:
                 vteps = VtepMap(args.vteps)
             except ValueError as e:
                 return fail(f"{e}; pass a JSON object {{host: IPv4 address}}")
+    if wildcard(args.bind_ip) and not args.bind_wildcard:
+        return fail(f"--bind-ip {args.bind_ip} is a wildcard (every address of this machine); give this host's "
+                    "own address, or add --bind-wildcard if you mean it")
+    if args.keys is not None and args.insecure:
+        return fail("--keys and --insecure contradict each other; drop one")
     setup_logging(f"agent[{args.host}]", args.log_level)
+    if args.keys is None:
+        logging.getLogger("agent").warning("--insecure: no CURVE; anyone who reaches this agent's sockets "
+                                           "can claim MACs, inject faults and command it")
     config = AgentConfig(**{f.name: getattr(args, f.name) for f in fields(AgentConfig)})
     dp_config = DataplaneConfig(**{f.name: getattr(args, f.name) for f in fields(DataplaneConfig)})
     install_uvloop()
@@ -104,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                       fault_seed=args.fault_seed, vtep_base=vtep_base, vtep_port=args.vtep_port,
                       dp_config=dp_config, vteps=vteps, vm_netns=args.vm_netns, pub_port=pub_port,
                       rpc_port=rpc_port, metrics_port=args.metrics_port, parent_pid=args.parent_pid,
-                      events_path=args.events)
+                      events_path=args.events, keys_dir=args.keys)
     try:
         return asyncio.run(rt.run())
+    except ValueError as e:  # a key directory or key file that cannot be used
+        return fail(f"{e}; `dvs up` creates the keys (or `dvs keys show` lists them)")
     except zmq.ZMQError as e:
         # (an address not on this machine, or a fixed port in use: the launcher shows this line)
         return fail(f"cannot bind the control sockets on {args.bind_ip}: {e}; use an address of this machine "

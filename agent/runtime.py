@@ -39,7 +39,9 @@ from agent.effects import Emit, Publish, Reply, Subscribe, ToController, ToPeer,
 from agent.faults import CONTROLLER, NetFaults, host_of_identity
 from agent.lifeline import watch_owner
 from agent.mactable import format_mac
-from agent.zmqloop import (
+from agent.wire import MsgType
+from dvswitch import auth, keys
+from dvswitch.bus import (
     NOBLOCK,
     Reader,
     Timer,
@@ -62,10 +64,13 @@ class AgentRuntime:
                  vtep_base: str | None = None, vtep_port: int = vxlan.VXLAN_PORT,
                  dp_config: DataplaneConfig | None = None, vteps: VtepMap | None = None,
                  vm_netns: str | None = None, pub_port: int = 0, rpc_port: int = 0, metrics_port: int = -1,
-                 parent_pid: int | None = None, events_path: str | None = None) -> None:
+                 parent_pid: int | None = None, events_path: str | None = None,
+                 keys_dir: str | None = None) -> None:
         self.host = host
         self.events_path = events_path  # our events file (dvswitch/events.py); None: none
         self.events: EventLog = NoEventLog(host)
+        self.keys_dir = keys_dir  # None: no CURVE (--insecure); else the cluster's keys (dvswitch/keys.py)
+        self.guard: auth.Guard | None = None
         self.metrics_port = metrics_port  # -1: no metrics server (see agent/metrics.py)
         self.parent_pid = parent_pid  # stop when this process exits (see agent/lifeline.py)
         self.controller = controller
@@ -106,31 +111,57 @@ class AgentRuntime:
 
     async def run(self) -> int:
         loop = self.loop = asyncio.get_running_loop()
-        self.pub = self._socket(zmq.PUB, wire.SUBSCRIPTION_MAX_BYTES)
+        guard = None
+        if self.keys_dir is not None:
+            # (ValueError: a missing key directory or key file; agent/__main__ reports it)
+            guard = self.guard = auth.Guard(self.ctx, self.keys_dir, self.host, log)
+            ctl_key = guard.server_key(keys.CONTROLLER)
+            if ctl_key is None:
+                raise ValueError(f"no controller key ({keys.CONTROLLER}.key) in {self.keys_dir}")
+            guard.start()
+        # (With CURVE the cap also bounds the handshake's commands: a client's INITIATE with its
+        # vouch and metadata is ~300 bytes, more than a subscription ever needs.)
+        self.pub = self._socket(zmq.PUB, auth.HANDSHAKE_MAX_BYTES if guard else wire.SUBSCRIPTION_MAX_BYTES)
+        if guard:
+            guard.server(self.pub)
         pub_ep = self._bind(self.pub, self.pub_port)
         self.subs: dict[str, tuple[zmq.Socket, Reader]] = {}  # peer host -> its SUB socket, reader
         self.rpc = self._socket(zmq.ROUTER, wire.socket_cap_bytes(FRAME_LIMIT["rpc"]))
+        if guard:
+            guard.server(self.rpc)
         rpc_ep = self._bind(self.rpc, self.rpc_port)
         self.pull = self._socket(zmq.ROUTER, wire.socket_cap_bytes(FRAME_LIMIT["pull"]))
         self.pull.setsockopt(zmq.ROUTING_ID, f"pull:{self.host}".encode())
         self.pull.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if guard:
+            guard.client(self.pull, ctl_key)  # (its server key is set per peer before each connect)
         self.ctl = self._socket(zmq.DEALER, wire.socket_cap_bytes(FRAME_LIMIT["ctl"]))
         self.ctl.setsockopt(zmq.ROUTING_ID, f"agent:{self.host}:{self.incarnation}".encode())
+        if guard:
+            guard.client(self.ctl, ctl_key)  # commands come only from the holder of the controller's key
         self.ctl.connect(self.controller)
 
         self.core = AgentCore(self.host, self.incarnation, self.config, pub_endpoint=pub_ep, rpc_endpoint=rpc_ep,
                               pid=os.getpid())
         self.core.extra_methods["faults"] = self._configure_faults
+        self.core.extra_methods["auth"] = self._api_auth
         if self.events_path:
             self.events = EventLog(self.events_path, self.host)
         self._drops_seen = 0  # the sum of the core's DROP_COUNTERS when last told
         self._drop_counts = dict.fromkeys(DROP_COUNTERS, 0)
         self._epoch_seen = 0
         self.timer = Timer(loop, self._on_timer)
-        self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after)
+        if guard:
+            self.rpc_reader = Reader(loop, self.rpc, self._on_rpc_auth, self._after, roles=True)
+        else:
+            self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after)
         self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after)
         self.ctl_reader = Reader(loop, self.ctl, self._on_ctl, self._after)
         self.readers = [self.rpc_reader, self.pull_reader, self.ctl_reader]
+        if guard:
+            for sock, what in ((self.pub, "gossip"), (self.rpc, "rpc")):
+                guard.monitor(sock, what, self._add_monitor)
+            self._key_timer = loop.call_later(KEY_RELOAD_S, self._reload_keys)
         ready = {"host": self.host, "pid": os.getpid(), "pub": pub_ep, "rpc": rpc_ep, "incarnation": self.incarnation}
         if self.vteps is not None or self.vtep_base:
             ip = self.vteps.ip_of(self.host) if self.vteps is not None else vxlan.vtep_ip(self.vtep_base, self.host)
@@ -153,17 +184,19 @@ class AgentRuntime:
         if self.parent_pid:
             watch_owner(loop, self.parent_pid, lambda: (self.stop_reason.append("owner gone"), stop.set()))
         if self.metrics_port >= 0:
-            url = metrics.serve(loop, lambda: metrics.agent_metrics(self.core, self.dp, time.monotonic_ns()),
-                                self.bind_ip, self.metrics_port)
+            url = metrics.serve(loop, lambda: metrics.agent_metrics(self.core, self.dp, time.monotonic_ns())
+                                + auth.metrics("dvs_agent", self._api_auth({})), self.bind_ip, self.metrics_port)
             if url:
                 ready["metrics"] = url
         self.core.start(time.monotonic_ns())
         tune_gc()
         self._after()
         write_ready(self.ready_fd, ready)
-        log.info("agent %s up: pub %s rpc %s controller %s", self.host, pub_ep, rpc_ep, self.controller)
+        log.info("agent %s up: pub %s rpc %s controller %s (%s)", self.host, pub_ep, rpc_ep, self.controller,
+                 f"CURVE, key {keys.fingerprint(guard.pair.public)}" if guard else
+                 "INSECURE: no CURVE, anyone who reaches these sockets can command this agent")
         self.events.emit("process.up", incarnation=self.incarnation, pub=pub_ep, rpc=rpc_ep, controller=self.controller,
-                         message=f"agent {self.host} up")
+                         curve=guard is not None, message=f"agent {self.host} up")
         await stop.wait()
         log.info("agent %s stopping", self.host)
         reason = self.stop_reason[0] if self.stop_reason else "stopped"
@@ -181,9 +214,37 @@ class AgentRuntime:
             r.close()
         if self.timer.handle:
             self.timer.handle.cancel()
+        if self.guard is not None:
+            self._key_timer.cancel()
+            self.guard.close()
         for s in (self.pub, self.rpc, self.pull, self.ctl):
             s.close(linger=0)
         self.ctx.term()
+
+    # ---- authentication (dvswitch/auth.py): roles per connection, checked per rpc message
+
+    def _add_monitor(self, mon: zmq.Socket, handle) -> None:
+        r = Reader(self.loop, mon, handle, _nothing)
+        r.kick()  # (a pipe signals new input only after a read found it empty: arm it)
+        self.readers.append(r)
+
+    def _reload_keys(self) -> None:
+        self.guard.reload()
+        self._key_timer = self.loop.call_later(KEY_RELOAD_S, self._reload_keys)
+
+    def _api_auth(self, args: dict) -> dict:
+        return self.guard.status() if self.guard is not None else auth.insecure_status()
+
+    def _on_rpc_auth(self, frames: list[bytes], role: str | None) -> None:
+        """The rpc socket with CURVE: the admin (`dvs`) may call anything (API, faults, headless
+        claims); a host may only ask for repair (pull and snapshot requests); nobody else
+        reaches this socket (ZAP), and the controller's key has no business here."""
+        if role != keys.ADMIN:
+            mt = auth.peek_type(frames[-1]) if len(frames) >= 2 else None
+            if keys.host_of_role(role) is None or mt not in RPC_FROM_HOSTS:
+                self.guard.refuse(role, f"a {_type_name(mt)} on the rpc socket")
+                return
+        self._on_rpc(frames)
 
     # ---- input
 
@@ -354,7 +415,18 @@ class AgentRuntime:
     def _connect(self, peer) -> None:
         self._disconnect(peer.host)
         host = peer.host
+        server_key = None
+        if self.guard is not None:
+            # Pinned: what arrives on this SUB (and over the pull connection) comes from the
+            # holder of `host`'s key, so gossip for host X is taken only from X's publisher.
+            server_key = self.guard.server_key(host)
+            if server_key is None:
+                self.guard.rlog.warning(f"nokey:{host}", "no key for host %s in %s: not connecting to it",
+                                        host, self.guard.ring.dir)
+                return
         sub = self._socket(zmq.SUB, wire.socket_cap_bytes(FRAME_LIMIT["sub"]))
+        if server_key is not None:
+            self.guard.client(sub, server_key)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(peer.pub_endpoint)
         reader = Reader(self.loop, sub, lambda frames: self._on_sub(host, frames), self._after, single=True)
@@ -365,6 +437,8 @@ class AgentRuntime:
         self._connects += 1
         alias = f"{peer.host}#{self._connects}".encode()
         self.pull.setsockopt(zmq.CONNECT_ROUTING_ID, alias)
+        if server_key is not None:
+            self.pull.curve_serverkey = server_key  # (per connect: each peer's own key)
         self.pull.connect(peer.rpc_endpoint)
         self._alias[peer.host] = alias
         self._peer_eps[peer.host] = (peer.pub_endpoint, peer.rpc_endpoint)
@@ -399,6 +473,19 @@ RATE_LIMITED = {"repair.pull"}
 # The core's counters of frames (or parts of frames) it dropped: frame.dropped's `reason`.
 DROP_COUNTERS = ("dropped_malformed", "dropped_unexpected", "forged_claims", "non_member_claims",
                  "non_member_messages")
+KEY_RELOAD_S = 1.0  # how often the key directory is checked for a rotation (one stat())
+RPC_FROM_HOSTS = frozenset({int(MsgType.PULL_REQ), int(MsgType.SNAPSHOT_REQ)})  # a peer's repair requests
+
+
+def _type_name(mt: int | None) -> str:
+    try:
+        return MsgType(mt).name
+    except ValueError:
+        return "message that is not well-formed"
+
+
+def _nothing() -> None:
+    pass
 
 
 # ---------------------------------------------------------------------- data plane glue

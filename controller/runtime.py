@@ -13,26 +13,34 @@ import zmq
 
 from agent import metrics, wire
 from agent.lifeline import watch_owner
-from agent.zmqloop import Reader, Timer, bind_ephemeral, on_stop_signals, send_parts, tune_gc, write_ready
+from agent.wire import MsgType, WireError
 from controller import journal
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
+from dvswitch import auth, keys
+from dvswitch.bus import Reader, Timer, bind_ephemeral, on_stop_signals, send_parts, tune_gc, write_ready
 from dvswitch.events import EventLog, NoEventLog, stop_reasons
 
 log = logging.getLogger("controller")
+
+KEY_RELOAD_S = 1.0  # how often the key directory is checked for a rotation (one stat())
+REQUEST, REGISTER = MsgType.REQUEST, MsgType.REGISTER
 
 
 class ControllerRuntime:
     def __init__(self, config: ControllerConfig, *, bind: str | None = None, bind_ip: str = "127.0.0.1",
                  ready_fd: int | None = None, journal: str | None = None,
                  hosts: list[str] | None = None, metrics_port: int = -1, parent_pid: int | None = None,
-                 events_path: str | None = None, events_applies: bool = False) -> None:
+                 events_path: str | None = None, events_applies: bool = False,
+                 keys_dir: str | None = None) -> None:
         self.config = config
         self.events_path = events_path  # our events file (dvswitch/events.py); None: none
         # Also log every apply report row (apply.rows): the chaos runner's history. Off by
         # default: at thousands of VMs and hosts that is millions of rows.
         self.events_applies = events_applies
         self.events: EventLog = NoEventLog("controller")
+        self.keys_dir = keys_dir  # None: no CURVE; else the cluster's keys (dvswitch/keys.py)
+        self.guard: auth.Guard | None = None
         self.hosts = list(hosts or [])  # admitted at start, besides those the journal admitted
         self.metrics_port = metrics_port  # -1: no metrics server (see agent/metrics.py)
         self.parent_pid = parent_pid  # stop when this process exits (see agent/lifeline.py)
@@ -45,12 +53,17 @@ class ControllerRuntime:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.ctx = zmq.Context.instance()
+        if self.keys_dir is not None:
+            self.guard = auth.Guard(self.ctx, self.keys_dir, keys.CONTROLLER, log)
+            self.guard.start()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, wire.SOCKET_MAX_BYTES)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self.guard is not None:
+            self.guard.server(self.sock)
         if self.bind:
             self.sock.bind(self.bind)
             endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -65,7 +78,13 @@ class ControllerRuntime:
         if self.journal_path is not None:
             self.journal_file = open(self.journal_path, "ab")  # noqa: SIM115
         self.timer = Timer(loop, self._on_timer)
-        self.reader = Reader(loop, self.sock, self._on_frames, self._after)
+        self.monitors: list[Reader] = []
+        if self.guard is not None:
+            self.reader = Reader(loop, self.sock, self._on_frames_auth, self._after, roles=True)
+            self.guard.monitor(self.sock, "controller", self._add_monitor)
+            self._key_timer = loop.call_later(KEY_RELOAD_S, self._reload_keys)
+        else:
+            self.reader = Reader(loop, self.sock, self._on_frames, self._after)
         stop = asyncio.Event()
         on_stop_signals(loop, stop)
         self.stop_reason = stop_reasons(loop, stop)
@@ -74,7 +93,8 @@ class ControllerRuntime:
         ready = {"controller": endpoint, "pid": os.getpid()}
         if self.metrics_port >= 0:
             cm = metrics.ControllerMetrics()
-            url = metrics.serve(loop, lambda: cm.read(self.core, time.monotonic_ns()), self.bind_ip,
+            url = metrics.serve(loop, lambda: cm.read(self.core, time.monotonic_ns())
+                                + auth.metrics("dvs_controller", self._auth_status()), self.bind_ip,
                                 self.metrics_port)
             if url:
                 ready["metrics"] = url
@@ -82,13 +102,20 @@ class ControllerRuntime:
         tune_gc()
         self._after()
         write_ready(self.ready_fd, ready)
-        log.info("controller up on %s", endpoint)
+        log.info("controller up on %s (%s)", endpoint,
+                 f"CURVE, key {keys.fingerprint(self.guard.pair.public)}" if self.guard else "INSECURE: no CURVE")
         self.events.emit("process.up", endpoint=endpoint, hosts=len(self.core.inv.hosts),
-                         vms=len(self.core.inv.vms), message=f"controller up on {endpoint}")
+                         vms=len(self.core.inv.vms), curve=self.guard is not None,
+                         message=f"controller up on {endpoint}")
         await stop.wait()
         log.info("controller stopping")
         reason = self.stop_reason[0] if self.stop_reason else "stopped"
         self.reader.close()
+        for r in self.monitors:
+            r.close()
+        if self.guard is not None:
+            self._key_timer.cancel()
+            self.guard.close()
         self.sock.close(linger=0)
         if self.journal_file:
             self.journal_file.close()
@@ -110,6 +137,62 @@ class ControllerRuntime:
             peer = who.split(":")[1] if who.startswith("agent:") and who.count(":") >= 2 else "client"
             self.events.limited("frame.dropped", peer, reason="dropped_malformed", total=core.dropped_malformed,
                                 message=f"dropped a frame from {peer}: malformed ({core.dropped_malformed} so far)")
+
+    # ---- authentication (dvswitch/auth.py)
+
+    def _add_monitor(self, mon: zmq.Socket, handle) -> None:
+        r = Reader(asyncio.get_running_loop(), mon, handle, lambda: None)
+        r.kick()  # (a pipe signals new input only after a read found it empty: arm it)
+        self.monitors.append(r)
+
+    def _reload_keys(self) -> None:
+        self.guard.reload()
+        self._key_timer = asyncio.get_running_loop().call_later(KEY_RELOAD_S, self._reload_keys)
+
+    def _auth_status(self) -> dict:
+        return self.guard.status() if self.guard is not None else auth.insecure_status()
+
+    def _on_frames_auth(self, frames: list[bytes], role: str | None) -> None:
+        """With CURVE: API requests only from the admin key; registrations and everything an agent
+        sends only from a host key, over the connection named after that host (`agent:HOST:...`),
+        and a registration only in that host's own name."""
+        if len(frames) < 2:
+            self.core.dropped_malformed += 1
+            return
+        frame = frames[-1]
+        mt = auth.peek_type(frame)
+        body = None
+        if mt is None or mt == REQUEST or mt == REGISTER:
+            try:  # (rare messages: an API call, a registration, a non-canonical encoding)
+                mt, body = wire.decode(frame, wire.MAX_SMALL_FRAME_BYTES)
+            except WireError:
+                self.core.dropped_malformed += 1
+                return
+        if role == keys.ADMIN:
+            # (Anything else the admin sends meets the core's own gate: no route, no host.)
+            if mt == REGISTER:
+                self.guard.refuse(role, "a registration (only a host's own key registers it)")
+                return
+            if mt == REQUEST and body[1] == "auth":  # the runtime's own counters (`dvs status`)
+                send_parts(self.sock, [*frames[:-1], wire.encode(MsgType.REPLY, [body[0], True,
+                                                                                self._auth_status()])])
+                self.reader.check()
+                return
+        else:
+            host = keys.host_of_role(role)
+            if host is None:
+                self.guard.refuse(role, f"a message of type {int(mt)}")
+                return
+            if mt == REQUEST:
+                self.guard.refuse(role, "an API request (a host key may not call the API)")
+                return
+            if not frames[0].startswith(f"agent:{host}:".encode()):
+                self.guard.refuse(role, f"a message over a connection not named after {host}")
+                return
+            if mt == REGISTER and body[0] != host:
+                self.guard.refuse(role, f"a registration as {str(body[0])[:40]!r}")
+                return
+        self.core.on_frame(frames[:-1], frame, time.monotonic_ns())
 
     def _on_timer(self) -> None:
         self.core.on_timer(time.monotonic_ns())

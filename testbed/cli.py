@@ -96,12 +96,16 @@ def _vtep_base_value(ctx, param, value: str) -> str:
 @click.option("--cluster", "cluster_file", type=click.Path(dir_okay=False), default=None,
               help="Cluster file (TOML) naming the controller's endpoint and every host's control and VTEP "
                    "address; its addresses must be this machine's (e.g. 127.x). See README, Several machines.")
+@click.option("--insecure", is_flag=True,
+              help="No CURVE: any process that reaches a socket may command the cluster. For comparison only.")
 @state_dir_option
 def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_base, log_level, no_metrics,
-       cluster_file, state_dir) -> None:
+       cluster_file, insecure, state_dir) -> None:
     """Start the controller and N agents, wait until the mesh is connected, place VMs."""
     if hosts is None and cluster_file is None:
         raise click.UsageError("give --hosts N (or --cluster FILE)")
+    if insecure:
+        warn_insecure()
     if netns:
         from testbed.netns import unavailable_reason
 
@@ -114,7 +118,7 @@ def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_bas
             (["--metrics-port", "-1"] if no_metrics else [])
         cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms) + levels,
                              controller_args=levels, ready_timeout_s=timeout_s, netns=netns, vtep_base=vtep_base,
-                             cluster_file=cluster_file)
+                             cluster_file=cluster_file, insecure=insecure)
     try:
         if vms:
             with err_console.status(f"placing {vms} VMs"):
@@ -195,6 +199,20 @@ def _metrics_fields(info: dict) -> dict:
     return {"metrics": url, "metrics_port": port}
 
 
+def _auth_fields(client) -> dict:
+    """auth_failures and forbidden (dvswitch/auth.py), and whether the process speaks CURVE."""
+    try:
+        a = client.call("auth")
+    except ClusterError:  # (a process of an older version: no such call)
+        return {"curve": None, "auth_failures": None, "forbidden": None}
+    return {"curve": a["curve"], "auth_failures": a["auth_failures"], "forbidden": a["forbidden"]}
+
+
+def warn_insecure() -> None:
+    err_console.print("[bold yellow]warning:[/] --insecure: no CURVE; any process on this machine that reaches "
+                      "a socket can claim MACs, inject faults and move VMs. For comparison runs only.")
+
+
 def gather_status(cluster: Cluster) -> dict:
     """The controller's view of each host, completed by each agent's own answer."""
     ctl_hosts = {}
@@ -203,9 +221,11 @@ def gather_status(cluster: Cluster) -> dict:
     try:
         with cluster.controller_client(timeout_ms=2_000) as ctl:
             st = ctl.call("status")
+            auth_ctl = _auth_fields(ctl)
         ctl_hosts = {h["host"]: h for h in st["hosts"]}
         controller.update(vms=st["vms"], ops_in_flight=st["ops_in_flight"], moves_done=st["moves_done"],
                           dropped_malformed=st["dropped_malformed"])
+        controller.update(auth_ctl)
     except ClusterError:
         controller["state"] = "unreachable"
     hosts = []
@@ -216,9 +236,11 @@ def gather_status(cluster: Cluster) -> dict:
         try:
             with cluster.agent_client(name, timeout_ms=1_000) as a:
                 s = a.call("status")
+                auth_row = _auth_fields(a)
             row.update(pid=s["pid"], incarnation=s["incarnation"], mac_entries=s["mac_entries"],
                        digest=s["digest"], dropped_malformed=s["dropped_malformed"], peers_heard=s["peers_heard"],
                        flapping=s["flapping"], stats=s["stats"])
+            row.update(auth_row)
             if "vtep" in proc.info:
                 with cluster.agent_client(name, timeout_ms=1_000) as a:
                     row["dataplane"] = macs_as_strings(a.call("dataplane"))
@@ -1195,6 +1217,61 @@ def demo(hosts, vms, n_moves, seed, heartbeat_interval_ms, pairs, rate, as_json,
                   agent_args=agent_flags(heartbeat_interval_ms), console=console, err_console=err_console,
                   pairs=pairs, rate=rate)
     sys.exit(EXIT_OK if ok else EXIT_INVALID)
+
+
+# ---------------------------------------------------------------------- keys (CURVE; testbed/rotate.py)
+
+
+@cli.group()
+def keys() -> None:
+    """The cluster's CURVE keys: list their fingerprints, rotate them live."""
+
+
+def _secure_cluster(state_dir) -> Cluster:
+    cluster = Cluster.load(state_dir)
+    if cluster.keys_dir is None:
+        raise ClusterError("this cluster runs without CURVE (`dvs up --insecure`); it has no keys")
+    return cluster
+
+
+@keys.command("show")
+@json_option
+@state_dir_option
+def keys_show(as_json, state_dir) -> None:
+    """Every key the cluster accepts: whose, its role, in use or being rotated, its fingerprint."""
+    from testbed import rotate
+
+    rows = rotate.show(_secure_cluster(state_dir).keys_dir)
+    if as_json:
+        emit_json({"keys": rows})
+        return
+    t = Table("name", "role", "stage", "fingerprint (SHA-256, 16 hex)", "file")
+    for r in rows:
+        t.add_row(r["name"], r["role"], r["stage"], r["fingerprint"], r["file"])
+    console.print(t)
+
+
+@keys.command("rotate")
+@click.option("--host", "hosts", multiple=True, metavar="H",
+              help="Rotate this host's key (repeatable). Default: every host's, then the admin's.")
+@click.option("--admin", "admin_only", is_flag=True, help="Rotate only the admin key (the one `dvs` speaks with).")
+@json_option
+@state_dir_option
+def keys_rotate(hosts, admin_only, as_json, state_dir) -> None:
+    """Install a new key pair, switch to it, retire the old one; the cluster keeps running."""
+    from testbed import rotate
+
+    cluster = _secure_cluster(state_dir)
+    names = ["admin"] if admin_only else list(hosts) or [*cluster.agents, "admin"]
+    done = []
+    for name in names:
+        with err_console.status(f"rotating the key of {name}"):
+            done.append(rotate.rotate(cluster, name, log=lambda m: err_console.print(m, highlight=False)))
+    if as_json:
+        emit_json({"rotated": done})
+        return
+    for d in done:
+        console.print(f"{d['name']}: {d['old']} -> {d['new']}", highlight=False)
 
 
 # ---------------------------------------------------------------------- lab commands in their own packages

@@ -11,6 +11,13 @@ from agent import wire
 from agent.wire import MsgType, WireError
 
 
+def set_curve_client(sock: zmq.Socket, pair, server_public: bytes) -> None:
+    """Make `sock` (before connect) a CURVE client with `pair` that talks only to `server_public`."""
+    sock.curve_secretkey = pair.secret
+    sock.curve_publickey = pair.public
+    sock.curve_serverkey = server_public
+
+
 class ClusterError(Exception):
     """Something the user can act on: printed as one line by `dvs`."""
 
@@ -20,13 +27,17 @@ class Client:
 
     _ids = itertools.count(1)
 
-    def __init__(self, endpoint: str, *, name: str = "", timeout_ms: int = 5_000) -> None:
+    def __init__(self, endpoint: str, *, name: str = "", timeout_ms: int = 5_000,
+                 curve: tuple | None = None) -> None:
+        """`curve`: (our KeyPair, the server's public key) to speak CURVE (dvswitch/keys.py); None: plain."""
         self.endpoint = endpoint
         self.name = name or endpoint
         self.timeout_ms = timeout_ms
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            set_curve_client(self.sock, *curve)
         self.sock.connect(endpoint)
 
     def call(self, method: str, args: dict | None = None, *, timeout_ms: int | None = None):

@@ -32,9 +32,11 @@ from pathlib import Path
 import psutil
 
 from agent import clusterfile, vxlan
+from dvswitch import keys
 from dvswitch.events import events_dir, events_path
+from dvswitch.naming import host_name
 from testbed import procs
-from testbed.client import Client, ClusterError
+from testbed.client import Client, ClusterError, set_curve_client
 from testbed.netns import NetnsLab
 from testbed.procs import Proc
 
@@ -127,6 +129,9 @@ class Cluster:
     # The cluster file the agents run from: STATE_DIR/cluster.toml in netns mode, the user's
     # with `dvs up --cluster FILE`, None otherwise.
     cluster_file: str | None = None
+    # CURVE (dvswitch/keys.py): the key directory every process of this cluster runs with
+    # (STATE_DIR/keys); None: no CURVE (`dvs up --insecure`).
+    keys_dir: str | None = None
 
     # ------------------------------------------------------------------ persistence
 
@@ -158,6 +163,7 @@ class Cluster:
             "owner_pid": self.owner_pid,
             "owner_create_time": self.owner_create_time,
             "cluster_file": self.cluster_file,
+            "keys_dir": self.keys_dir,
             "controller": self.controller.to_json() if self.controller else None,
             "agents": [a.to_json() for a in self.agents.values()],
         }
@@ -227,7 +233,8 @@ class Cluster:
                     controller_args=[str(a) for a in data.get("controller_args", [])],
                     netns=NetnsLab.from_json(data["netns"]) if data.get("netns") else None,
                     vtep_base=str(data.get("vtep_base", "off")), owner_pid=data.get("owner_pid"),
-                    owner_create_time=data.get("owner_create_time"), cluster_file=data.get("cluster_file"))
+                    owner_create_time=data.get("owner_create_time"), cluster_file=data.get("cluster_file"),
+                    keys_dir=data.get("keys_dir"))
             if data.get("controller"):
                 c.controller = Proc.from_json(data["controller"])
             for a in data.get("agents", []):
@@ -254,8 +261,31 @@ class Cluster:
                                "endpoint (tcp://IP:PORT); stop the cluster's processes by hand and remove the file")
         return endpoint
 
+    def curve_for(self, server: str, me: str = keys.ADMIN) -> tuple | None:
+        """(`me`'s key pair, `server`'s public key) for a CURVE client, or None without CURVE.
+        `server`: "controller" or a host id; `me`: whose key to speak with (default the admin's)."""
+        if self.keys_dir is None:
+            return None
+        kdir = Path(self.keys_dir)
+        try:
+            pair = keys.load_pair(kdir, me)
+        except ValueError as e:
+            raise ClusterError(f"{e}; this cluster runs with CURVE and `dvs` needs its admin key") from None
+        ring = keys.KeyRing(kdir)
+        public = ring.current.get(server)
+        if public is None:
+            raise ClusterError(f"no public key for {server} in {kdir}; `dvs keys show` lists the cluster's keys")
+        return pair, public
+
+    def curve_socket(self, sock, server: str, me: str = keys.ADMIN) -> None:
+        """Make a socket of ours (before connect) speak CURVE to `server`, if this cluster does."""
+        curve = self.curve_for(server, me)
+        if curve is not None:
+            set_curve_client(sock, *curve)
+
     def controller_client(self, timeout_ms: int = 5_000) -> Client:
-        return Client(self.controller_endpoint, name="the controller", timeout_ms=timeout_ms)
+        return Client(self.controller_endpoint, name="the controller", timeout_ms=timeout_ms,
+                      curve=self.curve_for(keys.CONTROLLER))
 
     def agent(self, host: str) -> Proc:
         if host not in self.agents:
@@ -264,7 +294,8 @@ class Cluster:
         return self.agents[host]
 
     def agent_client(self, host: str, timeout_ms: int = 3_000) -> Client:
-        return Client(self.agent(host).info["rpc"], name=f"agent {host}", timeout_ms=timeout_ms)
+        return Client(self.agent(host).info["rpc"], name=f"agent {host}", timeout_ms=timeout_ms,
+                      curve=self.curve_for(host))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -280,12 +311,14 @@ class Cluster:
         netns: bool = False,
         vtep_base: str = "auto",
         cluster_file: str | Path | None = None,
+        insecure: bool = False,
     ) -> Cluster:
         """`vtep_base`: "auto" picks a free 127.a.b.0 block (so concurrent clusters never collide),
         an IPv4 address uses that (`dvs up` passes 127.0.0.1: h1 = 127.0.0.2), "off" runs no data plane.
         In netns mode the VTEPs are the hosts' namespace addresses, listed in CLUSTER_FILE, and
         every VM is a namespace with a TAP (testbed/vmns.py). `cluster_file` runs the hosts a
-        cluster file names on the addresses it names (this machine's; `hosts` None or its count)."""
+        cluster file names on the addresses it names (this machine's; `hosts` None or its count).
+        Every socket speaks CURVE with keys made in STATE_DIR/keys unless `insecure`."""
         state_dir = Path(state_dir)
         spec = None
         if cluster_file is not None:
@@ -336,6 +369,12 @@ class Cluster:
                 journal.unlink()  # a new cluster starts with an empty inventory
             for old in events_dir(state_dir).glob("*.jsonl*"):
                 old.unlink()  # ...and a story of its own (`dvs events`)
+        names = list(spec.hosts) if spec is not None else [host_name(i) for i in range(1, hosts + 1)]
+        if not insecure:
+            kdir = keys.key_dir_of(state_dir)
+            with state_dir_errors(state_dir):
+                keys.ensure(kdir, [keys.ADMIN, keys.CONTROLLER, *names])  # (kept across `dvs up`s of one dir)
+            c.keys_dir = str(kdir.resolve())
         bind = ["--hosts", str(hosts)]
         if spec is not None:
             bind = ["--cluster", str(cluster_file)]  # its endpoint, its hosts
@@ -347,8 +386,8 @@ class Cluster:
         try:
             [c.controller] = procs.wait_ready(
                 [procs.spawn("controller", "controller",
-                             ["--journal", str(journal), *bind, *c.controller_args, *c.owner_args(),
-                              *c.events_args("controller")],
+                             ["--journal", str(journal), *bind, *c.key_args(), *c.controller_args,
+                              *c.owner_args(), *c.events_args("controller")],
                              logs / "controller.log")],
                 ready_timeout_s,
             )
@@ -363,7 +402,6 @@ class Cluster:
                 c.cluster_file = str((state_dir / CLUSTER_FILE).resolve())
                 c.write_cluster_file()
                 c.save()
-            names = list(spec.hosts) if spec is not None else [f"h{i}" for i in range(1, hosts + 1)]
             pending = [c._spawn_agent(h, i) for i, h in enumerate(names, 1)]
             for p in procs.wait_ready(pending, ready_timeout_s):
                 c.agents[p.name] = p
@@ -374,6 +412,9 @@ class Cluster:
             c.down()
             raise
         return c
+
+    def key_args(self) -> list[str]:
+        return ["--keys", self.keys_dir] if self.keys_dir is not None else ["--insecure"]
 
     def owner_args(self) -> list[str]:
         """Flags that tie a process to the run owning this cluster (none for a detached one)."""
@@ -394,10 +435,11 @@ class Cluster:
     def _spawn_agent(self, host: str, index: int) -> procs.Pending:
         if self.cluster_file is not None:
             # Every address from the file: the controller's endpoint, this host's, its peers' VTEPs.
-            args = ["--cluster", self.cluster_file, "--host", host, *self.agent_args, *self.owner_args()]
+            args = ["--cluster", self.cluster_file, "--host", host, *self.key_args(), *self.agent_args,
+                    *self.owner_args()]
         else:
             args = ["--host", host, "--controller", self.controller_endpoint, "--vtep-base", self.vtep_base,
-                    *self.agent_args, *self.owner_args()]
+                    *self.key_args(), *self.agent_args, *self.owner_args()]
         args += self.events_args(host)
         prefix = None
         if self.netns is not None:
@@ -424,7 +466,7 @@ class Cluster:
         [p] = procs.wait_ready(
             [procs.spawn("controller", "controller",
                          ["--bind", endpoint, "--journal", str(self.state_dir / JOURNAL_FILE),
-                          *self.controller_args, *self.owner_args(), *self.events_args("controller")],
+                          *self.key_args(), *self.controller_args, *self.owner_args(), *self.events_args("controller")],
                          self.state_dir / "logs" / "controller.log")],
             ready_timeout_s,
         )
@@ -442,6 +484,9 @@ class Cluster:
                 clusterfile.load(self.cluster_file).host(host, self.cluster_file)
             except ValueError as e:
                 raise ClusterError(f"{e}") from None
+        if self.keys_dir is not None:
+            with state_dir_errors(self.state_dir):
+                keys.ensure(Path(self.keys_dir), [host])  # (the running processes re-read the directory)
         if host not in self.agents:
             self.admit_host(host)  # the testbed adds a host on purpose: as the admin would
         index = int(host[1:]) if host[1:].isdigit() else len(self.agents) + 1

@@ -20,6 +20,14 @@ What it does, in order (`HostilePeer.run`):
 
 It never claims a MAC for "ghost" itself: a member's own claim passes the agents' gate by
 design (the controller's registration gate is what keeps such a member out).
+
+With CURVE (the default cluster) it runs in one of three modes:
+- "member" (default): an insider, holding keys the cluster accepts: the admin's on the agents'
+  rpc sockets (so every message reaches the cores' own gates) and a host key of its own for
+  "ghost" (made in the cluster's key directory), which the controller still does not admit;
+- "stranger": its own fresh key pair, which no process accepts;
+- "plain": no CURVE at all.
+The last two are outsiders: every handshake is refused, nothing they send reaches a core.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 import msgpack
 import psutil
@@ -35,6 +44,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from agent import vxlan, wire
 from agent.wire import MsgType
+from dvswitch import keys
+from testbed.client import set_curve_client
 from testbed.cluster import Cluster
 
 GHOST = "ghost"
@@ -65,14 +76,22 @@ def garbage_frames() -> list[bytes]:
     return frames
 
 
+MODES = ("member", "stranger", "plain")
+
+
 class HostilePeer:
-    def __init__(self, cluster: Cluster, *, name: str = GHOST, wait_s: float = 20.0) -> None:
+    def __init__(self, cluster: Cluster, *, name: str = GHOST, wait_s: float = 20.0, mode: str = "member") -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.cluster = cluster
         self.name = name
         self.wait_s = wait_s
+        self.mode = mode if cluster.keys_dir is not None else "plain"
         self.ctx = zmq.Context.instance()
         self.socks: list[zmq.Socket] = []
-        self.report: dict = {"sent": {}, "admitted": False}
+        self.report: dict = {"sent": {}, "admitted": False, "mode": self.mode}
+        self.stranger = keys.KeyPair(*zmq.curve_keypair())
+        self.own: keys.KeyPair | None = None  # our host key ("member" mode), made on first use
 
     def _sock(self, kind: int) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -80,7 +99,32 @@ class HostilePeer:
         self.socks.append(s)
         return s
 
-    def _refused(self, kind: int, endpoint: str, payload: bytes) -> bool:
+    def _own_pair(self) -> keys.KeyPair:
+        if self.own is None:
+            kdir = Path(self.cluster.keys_dir)
+            self.own = keys.load_pair(kdir, self.name) if (kdir / f"{self.name}.key_secret").exists() \
+                else keys.create(kdir, self.name)
+        return self.own
+
+    def client(self, sock: zmq.Socket, server: str, *, as_host: bool = False) -> None:
+        """Before connect: speak as this mode does to `server` ("controller" or a host id)."""
+        if self.mode == "plain":
+            return
+        server_public = keys.KeyRing(self.cluster.keys_dir).current[server]
+        if self.mode == "stranger":
+            pair = self.stranger
+        else:
+            pair = self._own_pair() if as_host else keys.load_pair(Path(self.cluster.keys_dir), keys.ADMIN)
+        set_curve_client(sock, pair, server_public)
+
+    def server(self, sock: zmq.Socket) -> None:
+        """Before bind: our own publisher and rpc socket (the agents pin our key: "member" mode)."""
+        if self.mode == "plain":
+            return
+        pair = self.stranger if self.mode == "stranger" else self._own_pair()
+        sock.curve_secretkey, sock.curve_publickey, sock.curve_server = pair.secret, pair.public, True
+
+    def _refused(self, kind: int, endpoint: str, payload: bytes, server: str) -> bool:
         """Send `payload` on a connection of its own; True once the agent dropped that
         connection (libzmq's answer to a message over the socket's cap). The socket is closed
         then, before it reconnects and sends it again."""
@@ -88,6 +132,7 @@ class HostilePeer:
         s.setsockopt(zmq.LINGER, 0)
         mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         try:
+            self.client(s, server)
             s.connect(endpoint)
             s.send(payload)
             deadline = time.monotonic() + self.wait_s
@@ -141,6 +186,7 @@ class HostilePeer:
         for host, proc in self.cluster.agents.items():
             d = self._sock(zmq.DEALER)
             d.setsockopt(zmq.ROUTING_ID, b"pull:nobody")  # a repair socket's name, of no member
+            self.client(d, host)
             d.connect(proc.info["rpc"])
             for f in frames:
                 d.send(f)
@@ -154,7 +200,7 @@ class HostilePeer:
             self.report["rpc_frames_per_agent"] = len(frames) + 1 + len(requests) + 3
             self.report.setdefault("rpc_errors", {})[host] = self._replies(d, len(requests))
             # Far over the socket's cap: the agent drops this connection before reading it.
-            dropped = self._refused(zmq.DEALER, proc.info["rpc"], b"\x00" * (4 * wire.MAX_SMALL_FRAME_BYTES))
+            dropped = self._refused(zmq.DEALER, proc.info["rpc"], b"\x00" * (4 * wire.MAX_SMALL_FRAME_BYTES), host)
             self.report.setdefault("rpc_oversize_refused", {})[host] = dropped
 
     def _replies(self, d: zmq.Socket, n: int) -> list[str]:
@@ -192,13 +238,17 @@ class HostilePeer:
     def attack_gossip(self) -> None:
         pub = self._sock(zmq.XPUB)  # XPUB: we see each agent's subscription arrive
         pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # (every subscriber's, not only the topic's first)
+        self.server(pub)
         pub.bind("tcp://127.0.0.1:*")
         rpc = self._sock(zmq.ROUTER)
         rpc.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to an agent not connected yet raises
+        self.server(rpc)
         rpc.bind("tcp://127.0.0.1:*")
-        ctl = self._sock(zmq.DEALER)
-        ctl.connect(self.cluster.controller_endpoint)
         incarnation = time.monotonic_ns()
+        ctl = self._sock(zmq.DEALER)
+        ctl.setsockopt(zmq.ROUTING_ID, f"agent:{self.name}:{incarnation}".encode())  # as an agent names it
+        self.client(ctl, "controller", as_host=True)
+        ctl.connect(self.cluster.controller_endpoint)
         pub_ep, rpc_ep = (s.getsockopt_string(zmq.LAST_ENDPOINT) for s in (pub, rpc))
         register = wire.encode(MsgType.REGISTER, [self.name, incarnation, pub_ep, rpc_ep, os.getpid()])
         ctl.send(register)
@@ -280,13 +330,14 @@ def raw_subscribe(endpoint: str, topic_bytes: int, timeout_s: float = 10.0) -> b
     reconnects and resends) after a peer refused such a subscription."""
     host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=timeout_s) as s:
-        # Greeting: signature, version 3.0, mechanism NULL, as-server 0, filler.
-        s.sendall(b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32)
-        ready = b"\x05READY" + b"\x0bSocket-Type" + (3).to_bytes(4, "big") + b"SUB"
-        s.sendall(b"\x04" + bytes([len(ready)]) + ready)
-        # One message, long form (flag 0x02, 8-byte size): 0x01 (subscribe) then the topic.
-        s.sendall(b"\x02" + (topic_bytes + 1).to_bytes(8, "big"))
         try:
+            # Greeting: signature, version 3.0, mechanism NULL, as-server 0, filler. (A CURVE
+            # socket hangs up right after the greetings: the mechanisms differ.)
+            s.sendall(b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32)
+            ready = b"\x05READY" + b"\x0bSocket-Type" + (3).to_bytes(4, "big") + b"SUB"
+            s.sendall(b"\x04" + bytes([len(ready)]) + ready)
+            # One message, long form (flag 0x02, 8-byte size): 0x01 (subscribe) then the topic.
+            s.sendall(b"\x02" + (topic_bytes + 1).to_bytes(8, "big"))
             chunk = b"\x01" + b"s" * 65_535
             left = topic_bytes + 1
             while left > 0:

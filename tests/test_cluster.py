@@ -109,8 +109,8 @@ def test_hostile_frames_are_dropped_counted_and_survived(make_cluster):
         wire.encode(wire.MsgType.ATTACH, [1, "evil", 100, 5, "vEth9", 0]),  # control msg on the rpc socket
         b"\x00" * (wire.MAX_SMALL_FRAME_BYTES + 10),  # oversize
     ]
-    for endpoint in (cluster.agents["h1"].info["rpc"], cluster.controller_endpoint):
-        with Client(endpoint) as c:
+    for server, endpoint in (("h1", cluster.agents["h1"].info["rpc"]), ("controller", cluster.controller_endpoint)):
+        with Client(endpoint, curve=cluster.curve_for(server)) as c:
             for frame in garbage:
                 c.sock.send(frame)
             c.sock.send_multipart([b"a", b"b", b"c"])  # a frame count nobody sends

@@ -164,9 +164,17 @@ def test_admission_and_a_create_cut_by_a_controller_crash(make_cluster):
 
     cluster = make_cluster(2)
     cluster.create_vms(2)
-    # A process registering under a name nobody admitted is refused and told why.
+    # A process registering under a name nobody admitted is refused and told why (with CURVE: a
+    # host key the cluster knows, for a name the controller does not admit).
+    from pathlib import Path
+
+    from dvswitch import keys
+
+    keys.create(Path(cluster.keys_dir), "ghost")
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"agent:ghost:1")
+    cluster.curve_socket(sock, "controller", me="ghost")
     sock.connect(cluster.controller_endpoint)
     try:
         sock.send(wire.encode(wire.MsgType.REGISTER, ["ghost", 1, "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", 1]))

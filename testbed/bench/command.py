@@ -190,10 +190,12 @@ def command_line() -> str:
               help="Rewrite this Markdown file with the figures (default: docs/benchmarks.md after a full run).")
 @click.option("--no-docs", is_flag=True, help="Do not rewrite docs/benchmarks.md.")
 @click.option("--keep-state", is_flag=True, help="Keep the clusters' state dirs and logs under --out.")
+@click.option("--insecure", is_flag=True,
+              help="Run every cluster without CURVE (phase curve still runs both). For comparison only.")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Measure nothing: show and re-render (plots, Markdown) an earlier bench.json.")
 def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msgs, floor_rate, cold_ports,
-          cold_hosts, ha_vms, balance_vms, phases, docs_path, no_docs, keep_state, from_json) -> None:
+          cold_hosts, ha_vms, balance_vms, phases, docs_path, no_docs, keep_state, insecure, from_json) -> None:
     """Measure move convergence of real local clusters against the raw ZeroMQ floor and etcd.
 
     For each N: the floor (one PUB → N-1 subscriber processes, blocking recv), the etcd
@@ -202,7 +204,10 @@ def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msg
     with --vms VMs and --moves moves one after another. At the largest N: an open-loop load
     curve and HA after SIGKILL of one host. Then a cold start of --cold-ports ports. Phase
     balance (only when --phases names it): a fresh cluster of the largest N, --balance-vms VMs
-    evacuated off one host, then a rebalance from all of them on 4 hosts.
+    evacuated off one host, then a rebalance from all of them on 4 hosts. Phase curve: at the
+    largest N, --moves moves on clusters with CURVE and as many on clusters without, in
+    alternating rounds, and the overhead of CURVE on p50 and p99 (skipped under --quick unless
+    --phases names it).
     """
     ctx = click.get_current_context()
     if from_json is not None:
@@ -216,7 +221,7 @@ def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msg
         values |= {k: v for k, v in QUICK.items() if k not in given}
         if "phases" not in given:
             # The smoke test must not depend on an etcd install, nor spend its time on one.
-            phases = tuple(p for p in phases if p != "etcd")
+            phases = tuple(p for p in phases if p not in ("etcd", "curve"))
     hosts = values["hosts"]
     if cold_hosts is None:
         cold_hosts = max(hosts)
@@ -228,7 +233,12 @@ def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msg
                     seed=seed, step_s=values["step_s"], floor_msgs=values["floor_msgs"], floor_rate=floor_rate,
                     cold_hosts=cold_hosts, cold_ports=values["cold_ports"], ha_vms=values["ha_vms"],
                     balance_vms=values["balance_vms"], idle_s=0.5 if quick else 2.0, load_min_moves=20 if quick else 50,
-                    phases=tuple(p for p in ALL_PHASES if p in phases), out=out, keep_state=keep_state)
+                    phases=tuple(p for p in ALL_PHASES if p in phases), out=out, keep_state=keep_state,
+                    insecure=insecure)
+    if insecure:
+        from testbed.cli import warn_insecure
+
+        warn_insecure()
     run(params, as_json=as_json, docs_path=docs_path, no_docs=no_docs)
 
 

@@ -24,6 +24,23 @@ def fmt(v, digits: int = 2, unit: str = "") -> str:
     return f"{v:,}{unit}"
 
 
+def curve_rows(cv: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, with CURVE, without, overhead) rows of the curve phase: one source for the table
+    and the Markdown."""
+    on, off, ov = cv["curve"], cv["insecure"], cv["overhead_pct"]
+
+    def pct(v):
+        return "-" if v is None else f"{v:+.1f} %"
+    return [
+        ("moves converged", f"{on['converged']}", f"{off['converged']}", ""),
+        ("convergence p50", fmt(on["latency_ms"]["p50"], 2, " ms"), fmt(off["latency_ms"]["p50"], 2, " ms"),
+         pct(ov["p50"])),
+        ("convergence p99", fmt(on["latency_ms"]["p99"], 2, " ms"), fmt(off["latency_ms"]["p99"], 2, " ms"),
+         pct(ov["p99"])),
+        ("agents' CPU during the moves", fmt(on["agents_cpu_s"], 2, " s"), fmt(off["agents_cpu_s"], 2, " s"), ""),
+    ]
+
+
 def balance_rows(b: dict) -> list[tuple[str, str, str]]:
     """(event, figure, value) rows of the balance phase: one source for the table and the Markdown."""
     e, r = b["evacuate"], b["rebalance"]
@@ -264,6 +281,14 @@ def tables(doc: dict) -> list[Table]:
             t.add_row("", "total: kill → all running elsewhere, known everywhere", fmt(ha["total_ms"], 0, " ms"))
             t.add_row("", "restarted / running elsewhere / tables agree",
                       f"{ha['restarts_converged']} / {ha['running_elsewhere']} / {'yes' if ha['tables_agree'] else 'NO'}")
+        out.append(t)
+    if r.get("curve"):
+        cv = r["curve"]
+        t = Table("figure", "CURVE", "no CURVE", "overhead",
+                  title=f"CURVE on and off: {cv['hosts']} hosts, {cv['moves_per_mode']} moves each, "
+                        f"{cv['rounds']} alternating rounds (goal: overhead at most 10 % on p50 and p99)")
+        for row in curve_rows(cv):
+            t.add_row(*row)
         out.append(t)
     if r.get("balance"):
         t = Table("event", "figure", "value", title="Evacuate and rebalance")
@@ -709,6 +734,13 @@ def markdown(doc: dict, plot_files: dict[str, str]) -> str:
                       f"{fmt(ha['total_ms'], 0)} ms |",
                       f"| | restarted and converged / running elsewhere / tables agree | {ha['restarts_converged']} / "
                       f"{ha['running_elsewhere']} / {'yes' if ha['tables_agree'] else 'NO'} |"]
+    if r.get("curve"):
+        cv = r["curve"]
+        lines += ["", "### CURVE on and off", "",
+                  f"{cv['hosts']} hosts, {cv['moves_per_mode']} moves one after another with CURVE and as many "
+                  f"without, on fresh clusters in {cv['rounds']} alternating rounds (goal: at most 10 % on p50 "
+                  "and p99).", "", "| figure | CURVE | no CURVE | overhead |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b_} | {c} | {d} |" for a, b_, c, d in curve_rows(cv)]
     if r.get("balance"):
         lines += ["", "### Evacuate and rebalance", "", "| event | figure | value |", "|---|---|---|"]
         lines += [f"| {a} | {b_} | {c} |" for a, b_, c in balance_rows(r["balance"])]

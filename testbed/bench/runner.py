@@ -47,7 +47,7 @@ from testbed.check import check_once
 from testbed.client import ClusterError
 from testbed.cluster import Cluster
 
-PHASES = ("floor", "etcd", "moves", "load", "ha", "cold")
+PHASES = ("floor", "etcd", "moves", "load", "ha", "cold", "curve")
 # Phases run only when --phases names them (they add a cluster start and mass moves to a run).
 EXTRA_PHASES = ("balance",)
 ALL_PHASES = PHASES + EXTRA_PHASES
@@ -77,6 +77,8 @@ class Params:
     balance_max_concurrent: int = 4  # moves at once, for both evacuate and rebalance
     idle_s: float = 2.0
     phases: tuple[str, ...] = PHASES
+    insecure: bool = False  # every cluster without CURVE (`dvs bench --insecure`; phase curve runs both)
+    curve_rounds: int = 2  # phase curve: rounds of (CURVE, no CURVE) clusters, in alternating order
     out: Path = field(default_factory=lambda: Path("bench-results"))
     keep_state: bool = False
 
@@ -124,13 +126,14 @@ class Bench:
                                  description=f"{desc} [dim]({time.monotonic() - t0:.1f} s)[/dim]")
 
     @contextlib.contextmanager
-    def cluster(self, hosts: int, label: str) -> Iterator[Cluster]:
-        sdir = Path(tempfile.mkdtemp(prefix=f"cluster-{label}-", dir=self.p.out))
+    def cluster(self, hosts: int, label: str, *, insecure: bool | None = None) -> Iterator[Cluster]:
+        sdir = Path(tempfile.mkdtemp(prefix=f"cluster-{label.replace(' ', '-').replace('/', 'of')}-", dir=self.p.out))
         c = None
         ok = False
+        insecure = self.p.insecure if insecure is None else insecure
         try:
             with self.step(f"{label}: starting the controller and {hosts} agents"):
-                c = Cluster.up(sdir, hosts, ready_timeout_s=120)
+                c = Cluster.up(sdir, hosts, ready_timeout_s=120, insecure=insecure)
             for pid in [c.controller.pid] + [a.pid for a in c.agents.values()]:
                 self.track(pid)
             yield c
@@ -268,7 +271,59 @@ class Bench:
                 res["cold_start"] = self.phase_cold(p.cold_hosts)
             if "balance" in p.phases:
                 res["balance"] = self.phase_balance(largest)
+            if "curve" in p.phases:
+                res["curve"] = self.phase_curve(largest)
         return res
+
+    # ------------------------------------------------------------------ CURVE on and off
+
+    def phase_curve(self, n: int) -> dict:
+        """The cost of CURVE: --moves moves one after another on n hosts with CURVE and as many
+        without, in the same sitting: `curve_rounds` rounds, each a fresh cluster of either kind in
+        alternating order (so a drift of the machine's load falls on both alike)."""
+        p = self.p
+        per_round = max(1, p.moves // p.curve_rounds)
+        lat: dict[str, list[float]] = {"curve": [], "insecure": []}
+        converged = {"curve": 0, "insecure": 0}
+        cpu_s = {"curve": 0.0, "insecure": 0.0}
+        for r in range(p.curve_rounds):
+            for mode in (("curve", "insecure") if r % 2 == 0 else ("insecure", "curve")):
+                label = f"curve N={n} {'CURVE' if mode == 'curve' else 'no CURVE'} {r + 1}/{p.curve_rounds}"
+                with self.cluster(n, label, insecure=mode == "insecure") as c:
+                    with self.step(f"{label}: creating {p.vms} VMs"):
+                        c.create_vms(p.vms, timeout_ms=300_000)
+                    s0 = self.sample(c, with_status=False)
+                    recs = self._move_series(c, per_round, label)
+                    s1 = self.sample(c, with_status=False)
+                cpu_s[mode] += sum(self.cpu_delta(s0, s1).values())
+                converged[mode] += sum(1 for x in recs if x["converged"])
+                lat[mode] += [x["latency_ms"] for x in recs if x["converged"] and x["latency_ms"] is not None]
+        on, off = dist(lat["curve"]), dist(lat["insecure"])
+
+        def overhead(q: str) -> float | None:
+            return None if not off[q] or on[q] is None else round((on[q] / off[q] - 1) * 100, 1)
+
+        return {"hosts": n, "moves_per_mode": per_round * p.curve_rounds, "rounds": p.curve_rounds,
+                "curve": {"latency_ms": on, "converged": converged["curve"], "agents_cpu_s": round(cpu_s["curve"], 2)},
+                "insecure": {"latency_ms": off, "converged": converged["insecure"],
+                             "agents_cpu_s": round(cpu_s["insecure"], 2)},
+                "overhead_pct": {"p50": overhead("p50"), "p99": overhead("p99")}}
+
+    def _move_series(self, c: Cluster, count: int, label: str) -> list[dict]:
+        vms = self.vm_list(c)
+        placement = {v["vm"]: v["host"] for v in vms}
+        names = sorted(placement)
+        hosts = list(c.agents)
+        records = []
+        with self.step(f"{label}: {count} moves one after another", count) as adv, \
+                c.controller_client(timeout_ms=60_000) as ctl:
+            for _ in range(count):
+                vm = self.rng.choice(names)
+                dst = self.rng.choice([h for h in hosts if h != placement[vm]])
+                records.append(self.move(ctl, vm, dst))
+                placement[vm] = dst
+                adv()
+        return records
 
     # ------------------------------------------------------------------ 1. moves one after another
 
@@ -446,6 +501,7 @@ class Bench:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        c.curve_socket(sock, "controller")
         sock.connect(c.controller_endpoint)
         inflight: dict[int, tuple[str, int, int]] = {}
         recs: list[dict] = []
@@ -710,6 +766,7 @@ class Bench:
             ctx = zmq.Context.instance()
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            c.curve_socket(sock, "controller")
             sock.connect(c.controller_endpoint)
             try:
                 with self.step(f"cold N={n}: creating {ports} ports in one vm_create batch"):

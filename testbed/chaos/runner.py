@@ -39,7 +39,7 @@ from testbed import events as evlog
 from testbed import procs, schedule
 from testbed.chaos.history import HISTORY_FILE, Journal
 from testbed.chaos.scenario import Plan, Scenario
-from testbed.client import ClusterError
+from testbed.client import ClusterError, set_curve_client
 from testbed.cluster import JOURNAL_FILE, Cluster
 from testbed.schedule import TimedFault
 
@@ -56,9 +56,11 @@ EVENTS_APPLIES = ["--events-applies"]
 class Mux:
     """Many requests in flight on one DEALER socket; replies are matched by id."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, curve: tuple | None = None) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:  # (the cluster's admin key: Cluster.curve_for)
+            set_curve_client(self.sock, *curve)
         self.sock.connect(endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -203,7 +205,7 @@ class ChaosRun:
         self.placement = {op["vm"]: op["dst"] for op in res["ops"]}
         j.write("vms_created", vms=len(res["ops"]), placement=self.placement)
         self._add_rules()
-        self.mux = Mux(c.controller_endpoint)
+        self.mux = Mux(c.controller_endpoint, c.curve_for("controller"))
         try:
             self.t0_ns = time.monotonic_ns()
             j.write("workload_start", t0_ns=self.t0_ns, duration_s=sc.duration_s)
@@ -713,8 +715,8 @@ def start_controller(cluster: Cluster, controller_args: list[str], ready_timeout
     endpoint = cluster.controller_endpoint
     [p] = procs.wait_ready(
         [procs.spawn("controller", "controller",
-                     ["--bind", endpoint, "--journal", str(cluster.state_dir / JOURNAL_FILE), *controller_args,
-                      *cluster.owner_args(), *cluster.events_args(CONTROLLER)],
+                     ["--bind", endpoint, "--journal", str(cluster.state_dir / JOURNAL_FILE), *cluster.key_args(),
+                      *controller_args, *cluster.owner_args(), *cluster.events_args(CONTROLLER)],
                      cluster.state_dir / "logs" / "controller.log")],
         ready_timeout_s,
     )
