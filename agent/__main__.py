@@ -16,6 +16,7 @@ from agent.dataplane import DataplaneConfig
 from agent.runtime import AgentRuntime, VtepMap
 from agent.vxlan import VXLAN_PORT
 from agent.zmqloop import install_uvloop, setup_logging
+from dvswitch import errors
 
 # Flags a cluster file answers itself; giving one beside --cluster would be a second source of truth.
 CLUSTER_OWNS = ("controller", "bind_ip", "vtep_base", "vteps")
@@ -57,8 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def fail(msg: str) -> int:
-    print(f"agent: error: {msg}", file=sys.stderr)
-    return 2
+    return errors.fail("agent", msg, errors.EXIT_USAGE)
 
 
 def _spec_vteps(path) -> dict[str, str]:

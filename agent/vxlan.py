@@ -18,8 +18,10 @@ Addressing, all derived from a host's name so no extra message is needed:
 from __future__ import annotations
 
 import ipaddress
-import re
 import struct
+
+# Host names and VTEP addresses have one home; vxlan.vtep_ip / host_of_vtep stay callable here.
+from dvswitch.naming import host_number, host_of_vtep, vtep_ip  # noqa: F401
 
 TPID_8021Q = 0x8100
 ETHERTYPE_IPV4 = 0x0800
@@ -44,7 +46,6 @@ MAX_VLAN = 4094
 
 _TAG = struct.Struct("!HH")
 _VXLAN = struct.Struct("!B3xI")
-_HOST_RE = re.compile(r"^h([1-9][0-9]{0,5})$")
 
 
 class FrameError(ValueError):
@@ -157,36 +158,10 @@ def parse_link_notice(frame: bytes) -> tuple[str, int] | None:
 
 def switch_mac(host: str) -> int:
     """A locally administered MAC for the switch itself (source of its link notices)."""
-    m = _HOST_RE.match(host)
-    return 0x02_FE_00_00_00_00 | (int(m.group(1)) if m else 0)
+    return 0x02_FE_00_00_00_00 | (host_number(host) or 0)
 
 
 # ---------------------------------------------------------------------- addressing
-
-
-def host_index(host: str) -> int | None:
-    m = _HOST_RE.match(host)
-    return int(m.group(1)) if m else None
-
-
-def vtep_ip(base: str, host: str) -> str | None:
-    """Host `hN`'s VTEP address: base + N (None for a name not of that form)."""
-    n = host_index(host)
-    if n is None:
-        return None
-    try:
-        return str(ipaddress.IPv4Address(base) + n)
-    except (ipaddress.AddressValueError, ValueError):
-        return None
-
-
-def host_of_vtep(base: str, ip: str) -> str | None:
-    """The host whose VTEP is `ip` (the inverse of vtep_ip), or None."""
-    try:
-        n = int(ipaddress.IPv4Address(ip)) - int(ipaddress.IPv4Address(base))
-    except (ipaddress.AddressValueError, ValueError):
-        return None
-    return f"h{n}" if 1 <= n <= 999_999 else None
 
 
 def parse_vtep_map(obj: object) -> dict[str, str]:

@@ -14,6 +14,8 @@ from agent.zmqloop import install_uvloop, setup_logging
 from controller.config import ControllerConfig
 from controller.core import NAME_RE
 from controller.runtime import ControllerRuntime
+from dvswitch import errors
+from dvswitch.naming import host_names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,14 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster is not None:
         given = [f for f, v in (("--bind", args.bind), ("--bind-ip", args.bind_ip), ("--hosts", hosts)) if v]
         if given:
-            print(f"controller: error: --cluster names the endpoint and the hosts itself; drop {given[0]}",
-                  file=sys.stderr)
-            return 2
+            return errors.fail("controller", f"--cluster names the endpoint and the hosts itself; drop {given[0]}")
         try:
             spec = clusterfile.load(args.cluster)
         except ValueError as e:
-            print(f"controller: error: {e}", file=sys.stderr)
-            return 2
+            return errors.fail("controller", str(e))
         args.bind, hosts = spec.controller, list(spec.hosts)
     args.bind_ip = args.bind_ip or "127.0.0.1"
     setup_logging("controller", args.log_level)
@@ -62,12 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                                              parent_pid=args.parent_pid).run())
     except zmq.ZMQError as e:
         # (a bind that is no endpoint, or one in use: the launcher shows this line)
-        print(f"controller: error: cannot bind {args.bind or args.bind_ip!r}: {e}; give an endpoint such as "
-              "tcp://127.0.0.1:5555", file=sys.stderr)
-        return 2
+        return errors.fail("controller", f"cannot bind {args.bind or args.bind_ip!r}: {e}; give an endpoint such as "
+                                         "tcp://127.0.0.1:5555")
     except OSError as e:
-        print(f"controller: error: journal {args.journal}: {e.strerror or e}; fix or move it", file=sys.stderr)
-        return 2
+        return errors.fail("controller", f"journal {args.journal}: {e.strerror or e}; fix or move it")
 
 
 def parse_hosts(text: str) -> list[str]:
@@ -76,7 +73,7 @@ def parse_hosts(text: str) -> list[str]:
     if not text:
         return []
     if text.isdigit():
-        return [f"h{i}" for i in range(1, int(text) + 1)]
+        return host_names(int(text))
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if not NAME_RE.match(n)]
     if bad:

@@ -14,7 +14,7 @@ from agent import wire
 from agent.wire import MsgType
 from controller.inventory import RULE_KINDS, Host, Rule, Vm
 from controller.ops import Op, Phase
-from controller.placement import host_order
+from dvswitch.naming import host_order
 
 NS_PER_MS = 1_000_000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -42,11 +42,10 @@ from controller.inventory import Inventory, Vm
 from controller.maintenance import Maintenance
 from controller.membership import READY_WAITERS_MAX, Membership
 from controller.ops import CLAIM_MAY_BE_OUT, FIRST_PHASE, Op, Outcome, Phase, is_commanding, next_phase
-from controller.placement import Placement, host_order
+from controller.placement import Placement
 
-# (Re-exported: the CLI, the clusterfile and the nemesis name them from here.)
-__all__ = ["NAME_RE", "READY_WAITERS_MAX", "RETRY_PREFIX", "ApiError", "ControllerCore", "_host_order"]
-_host_order = host_order
+# (Re-exported: the CLI and the clusterfile name them from here.)
+__all__ = ["NAME_RE", "READY_WAITERS_MAX", "RETRY_PREFIX", "ApiError", "ControllerCore"]
 
 NS_PER_MS = 1_000_000
 # Events held until the driver takes them, at most (log lines: twice as many).
@@ -542,19 +541,3 @@ class ControllerCore:
             batch.pending.discard(op.op_id)
             if not batch.pending:
                 self.api.reply_batch(batch)
-
-    # ------------------------------------------------------------------ client API
-
-    def _reply(self, envelope: list, req_id: int, ok: bool, result) -> None:
-        self.outbox.append((envelope, wire.encode(MsgType.REPLY, [req_id, ok, result])))
-
-    # ------------------------------------------------------------------ maintenance, rebalance, rules
-
-    # Rebalance
-
-    # Placement rules
-
-def _host_order(name: str) -> tuple:
-    """h2 before h10: sort by the number in the name when there is one."""
-    m = re.match(r"^([A-Za-z_-]*)(\d+)$", name)
-    return (m.group(1), int(m.group(2)), "") if m else (name, -1, name)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from agent.mactable import format_mac
 from controller.profiles import DEFAULT_PROFILES
+from dvswitch.naming import port_name
 
 # Locally administered unicast MACs: 02:00:00 followed by a 24-bit VM number.
 MAC_BASE = 0x02_00_00_00_00_00
@@ -63,7 +64,7 @@ class Vm:
     @property
     def port(self) -> str:
         # vEthernet numbers are global and stay with the VM across moves, as on a Nexus 1000V.
-        return f"vEth{self.number}"
+        return port_name(self.number)
 
     @property
     def key(self) -> tuple[int, int]:

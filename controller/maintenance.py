@@ -19,7 +19,7 @@ from controller import balance
 from controller.api import RETRY_PREFIX, ApiError
 from controller.inventory import Vm
 from controller.ops import Op
-from controller.placement import host_order
+from dvswitch.naming import host_order
 
 NS_PER_MS = 1_000_000
 # Evacuations waiting for their host to empty, at most (each holds a client envelope).

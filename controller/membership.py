@@ -18,7 +18,7 @@ from controller.api import RETRY_PREFIX, ApiError
 from controller.applytrack import ApplyTracker
 from controller.config import ControllerConfig
 from controller.inventory import Host, Inventory
-from controller.placement import host_order
+from dvswitch.naming import host_order
 
 NS_PER_MS = 1_000_000
 # wait_ready requests pending at once, at most: each holds a client envelope until its deadline,

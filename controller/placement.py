@@ -8,15 +8,8 @@ it answers questions about the inventory and the ops in flight (read, never writ
 
 from __future__ import annotations
 
-import re
-
 from controller.inventory import Inventory
-
-
-def host_order(name: str) -> tuple:
-    """h2 before h10: sort by the number in the name when there is one."""
-    m = re.match(r"^([A-Za-z_-]*)(\d+)$", name)
-    return (m.group(1), int(m.group(2)), "") if m else (name, -1, name)
+from dvswitch.naming import host_order
 
 
 class Placement:

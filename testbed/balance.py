@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 
+from dvswitch.stats import summarize_moves
 from testbed.client import ClusterError
 from testbed.cluster import Cluster
-from testbed.demo import percentile
 
 # The client waits this much longer than it asked the controller to wait: the controller's
 # answer (an error that says how far it got) arrives before our own timeout.
@@ -19,10 +19,7 @@ REPLY_SLACK_MS = 5_000
 
 def summary(moves: list[dict]) -> dict:
     """Counts and convergence latency (ms) over move records."""
-    lat = [m["latency_ms"] for m in moves if m["converged"] and m["latency_ms"] is not None]
-    return {"moves": len(moves), "converged": sum(1 for m in moves if m["converged"]),
-            "latency_ms_p50": percentile(lat, 50), "latency_ms_p99": percentile(lat, 99),
-            "latency_ms_max": max(lat) if lat else None}
+    return summarize_moves(moves)
 
 
 def _dataplane(cluster: Cluster) -> dict[str, dict]:

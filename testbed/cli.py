@@ -11,6 +11,7 @@ import threading
 import click
 from rich.table import Table
 
+from dvswitch.errors import error_line
 from testbed.client import ClusterError
 from testbed.cluster import Cluster, default_state_dir, owned_by_this_process
 from testbed.console import EXIT_ERROR, EXIT_INVALID, EXIT_OK, EXIT_USAGE, make_console
@@ -815,7 +816,7 @@ def vm_create(name, host, profile, as_json, state_dir) -> None:
     elif rec["converged"]:
         click.echo(f"created {name} on {host}; every agent knows it ({rec['latency_ms']:.2f} ms)")
     else:
-        click.echo(f"dvs: error: created {name} on {host} but it did not converge: {rec['error']}", err=True)
+        click.echo(error_line("dvs", f"created {name} on {host} but it did not converge: {rec['error']}"), err=True)
         sys.exit(EXIT_INVALID)
 
 
@@ -827,7 +828,7 @@ def _report_op(rec: dict, as_json: bool, what: str) -> None:
     elif rec["converged"]:
         click.echo(f"{what}: converged on every live host in {rec['latency_ms']:.2f} ms (seq {rec['seq']})")
     else:
-        click.echo(f"dvs: error: {what}: not converged: {rec['error']}", err=True)
+        click.echo(error_line("dvs", f"{what}: not converged: {rec['error']}"), err=True)
         sys.exit(EXIT_INVALID)
 
 
@@ -1211,13 +1212,13 @@ def _main(argv: list[str] | None) -> int:
         return 130
     except click.UsageError as e:
         hint = f"; see `{e.ctx.command_path} --help`" if e.ctx else ""
-        click.echo(f"dvs: error: {e.format_message()}{hint}", err=True)
+        click.echo(error_line("dvs", f"{e.format_message()}{hint}"), err=True)
         return EXIT_USAGE
     except click.ClickException as e:
-        click.echo(f"dvs: error: {e.format_message()}", err=True)
+        click.echo(error_line("dvs", e.format_message()), err=True)
         return e.exit_code
     except ClusterError as e:
-        click.echo(f"dvs: error: {e}", err=True)
+        click.echo(error_line("dvs", str(e)), err=True)
         return EXIT_ERROR
     except Stopped as e:
         click.echo(f"dvs: stopped by {signal.Signals(e.signum).name}", err=True)
@@ -1228,7 +1229,7 @@ def _main(argv: list[str] | None) -> int:
     except OSError as e:
         # Whatever the commands did not turn into a sentence themselves: still one line.
         where = f" ({e.filename})" if e.filename else ""
-        click.echo(f"dvs: error: {e.strerror or e}{where}; check the path and its permissions", err=True)
+        click.echo(error_line("dvs", f"{e.strerror or e}{where}; check the path and its permissions"), err=True)
         return EXIT_ERROR
     return EXIT_OK
 

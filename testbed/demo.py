@@ -14,29 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dvswitch.stats import summarize_moves
 from testbed.check import check
 from testbed.client import ClusterError
 from testbed.cluster import Cluster
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100); None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    rank = max(1, min(len(s), int(-(-q * len(s) // 100))))
-    return s[rank - 1]
-
-
-def summarize(records: list[dict]) -> dict:
-    lat = [r["latency_ms"] for r in records if r["converged"] and r["latency_ms"] is not None]
-    return {
-        "moves": len(records),
-        "converged": sum(1 for r in records if r["converged"]),
-        "latency_ms_p50": percentile(lat, 50),
-        "latency_ms_p99": percentile(lat, 99),
-        "latency_ms_max": max(lat) if lat else None,
-    }
 
 
 def _ms(v: float | None) -> str:
@@ -111,7 +92,7 @@ def run_demo(*, hosts: int, vms: int, n_moves: int, seed: int, as_json: bool, st
             raise
         with err_console.status("checking every agent's table against the inventory"):
             verdict = check(cluster)
-        summary = summarize(records)
+        summary = summarize_moves(records)
         if run is not None:
             summary.update(frames_sent=traffic["frames"]["sent"], frames_lost=traffic["frames"]["lost"],
                            frames_lost_in_moves=sum(r["frames_lost"] or 0 for r in records),

@@ -17,6 +17,7 @@ import os
 import signal
 
 from agent.faults import CONTROLLER, Rule, parse_rule
+from dvswitch.naming import host_order
 from testbed import procs
 from testbed.client import ClusterError
 from testbed.cluster import Cluster
@@ -28,9 +29,7 @@ REST = ("group", "isolated")
 
 
 def _order(hosts) -> list[str]:
-    from controller.core import _host_order
-
-    return sorted(hosts, key=_host_order)
+    return sorted(hosts, key=host_order)
 
 
 def groups_to_blocked(hosts: list[str], groups: list[list[str]], rest: str | int | None = "group",

@@ -58,10 +58,11 @@ class Pending:
     buf: bytes = b""
 
 
-def spawn(name: str, module: str, args: list[str], log_path: Path, prefix: list[str] | None = None) -> Pending:
+def spawn(name: str, module: str, args: list[str], log_path: Path, prefix: list[str] | None = None,
+          pass_fds: tuple[int, ...] = ()) -> Pending:
     """Start `python -m module args...` in its own session, logging to `log_path`.
     `prefix` runs it through another program that execs it (e.g. `ip netns exec NS`), so the
-    pid we record is still the Python process's."""
+    pid we record is still the Python process's. `pass_fds` are inherited besides the ready pipe."""
     r, w = os.pipe()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -70,7 +71,7 @@ def spawn(name: str, module: str, args: list[str], log_path: Path, prefix: list[
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            pass_fds=(w,),
+            pass_fds=(w, *pass_fds),
             start_new_session=True,  # Ctrl-C in the user's shell must not kill a detached cluster
         )
     os.close(w)

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dvswitch.stats import percentile
 from testbed import vmns
 from testbed.client import ClusterError
 from testbed.traffic import MOVE_WINDOW_AFTER_MS, MOVE_WINDOW_BEFORE_MS, choose_pairs, move_during
@@ -328,10 +329,7 @@ def baseline_windows(send_times: dict[int, float], busy: list[float], width_s: f
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, -(-len(s) * q // 100) - 1))]
+    return percentile(values, q)
 
 
 def _report(tool: str, runs: list[Pair], records: list[dict], offset_ns: int, interval_s: float, rate: float,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from agent import vxlan
 from agent.mactable import parse_mac
+from dvswitch.stats import percentile
 from testbed.client import ClusterError
 from testbed.cluster import Cluster
 
@@ -405,7 +406,7 @@ class TrafficRun:
                      for i in range(self.sent) if self.recv_ns[i] and self.send_ns[i])
 
         def pct(q):
-            return round(lat[max(0, min(len(lat) - 1, int(-(-q * len(lat) // 100)) - 1))], 3) if lat else None
+            return round(percentile(lat, q), 3) if lat else None
 
         sent = self.sent - self.not_linked - self.send_errors
         frames = {

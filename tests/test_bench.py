@@ -166,10 +166,27 @@ def test_etcd_baseline_runs_real_processes_and_cleans_up(tmp_path):
     assert et["latency_ms"]["p50"] > 0 and et["cpu_us_per_msg_per_watcher"]["mean"] > 0
     assert et["frame_bytes"] > 0 and et["data_dir_on_tmpfs"] in (True, False)
     assert "etcd_skipped" not in doc["results"]
-    # etcd itself + 3 watchers, all stopped; etcd's data dir is gone.
-    assert len(doc["pids"]) == 4
+    # etcd itself + 3 watchers (+ the stamper reading etcdctl's pipes), all stopped; etcd's data dir is gone.
+    assert len(doc["pids"]) == (5 if et["watcher_client"] == "etcdctl" else 4)
     assert still_running(doc["pids"]) == []
     assert et["data_dir"] and not os.path.exists(et["data_dir"])
+
+
+@pytest.mark.skipif(etcd_missing() is not None, reason=etcd_missing() or "")
+@pytest.mark.parametrize("client", ["etcdctl", "aetcd"])
+def test_both_etcd_watcher_clients_see_every_put_and_leave_nothing_running(tmp_path, client):
+    import shutil
+
+    from testbed.bench.etcd import run_etcd
+
+    if client == "etcdctl" and shutil.which("etcdctl") is None:
+        pytest.skip("etcdctl not installed (Debian: etcd-client)")
+    pids: list[int] = []
+    et = run_etcd(2, 25, 200.0, tmp_path, track=pids.append, client=client)
+    assert (et["watchers"], et["msgs"], et["lost"], et["watcher_client"]) == (2, 25, 0, client)
+    assert et["latency_ms"]["count"] == 25 and et["latency_ms"]["p50"] > 0
+    assert len(pids) == (4 if client == "etcdctl" else 3)
+    assert still_running(pids) == []
 
 
 def test_etcd_phase_skips_with_one_line_note_where_etcd_is_absent(tmp_path):

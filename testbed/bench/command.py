@@ -27,6 +27,7 @@ import zmq
 from click.core import ParameterSource
 from rich.console import Console
 
+from dvswitch.errors import error_line
 from testbed.bench import report
 from testbed.bench.runner import ALL_PHASES, PHASES, Bench, Params
 from testbed.client import ClusterError
@@ -293,7 +294,7 @@ def run(params: Params, *, as_json: bool, docs_path: Path | None, no_docs: bool)
     if as_json:
         click.echo(json.dumps(doc, indent=1))
     if doc["problems"]:
-        click.echo(f"dvs: error: bench finished but {doc['problems'][0]}"
+        click.echo(error_line("dvs", f"bench finished but {doc['problems'][0]}")
                    + (f" (and {len(doc['problems']) - 1} more)" if len(doc["problems"]) > 1 else "")
                    + f"; see {out / 'bench.json'}", err=True)
         sys.exit(EXIT_INVALID)

@@ -2,8 +2,15 @@
 (Calico and Flannel keep their routes in etcd), measured on the same machine in the same run.
 
 The bench starts one etcd server (Debian's `etcd-server`) on a tmpfs data dir, and N watcher
-processes, one per host, each holding one gRPC watch on the bench's key prefix (the aetcd
-client: maintained, asyncio over grpcio, works with current protobuf). The bench process plays
+processes, one per host, each holding one gRPC watch on the bench's key prefix. The watchers are
+etcd's own Go client where it is installed (`etcdctl watch --prefix -w json`, Debian's
+`etcd-client`): a Go watcher costs a fraction of the CPU of a Python one, so at 32 and 64 hosts
+etcd is not slowed by its own clients starving for the machine's two cores (the aetcd watchers
+managed 123 of 200 puts/s at 32 hosts). Each etcdctl writes its events to a pipe; one stamper
+process reads all pipes with epoll and stamps every line as it reads it (`time.monotonic_ns()`,
+before any decoding, which waits until the end), so an etcd figure includes one pipe hop, as a
+dvswitch figure includes the agent's own wake-up. Without etcdctl the watchers are Python
+processes with the aetcd client (maintained, asyncio over grpcio). The bench process plays
 the controller: it puts a value of the floor's frame size per message, paced at the floor's
 rate, and every watcher stamps `time.monotonic_ns()` as soon as the event reaches its code. As
 with the floor, all processes share CLOCK_MONOTONIC, so "time until every watcher has been
@@ -18,6 +25,10 @@ Watcher (started by the bench through testbed.procs, with a ready-fd handshake):
 
     python -m testbed.bench.etcd --watch 127.0.0.1:P --prefix /dvs-bench/ --report tcp://127.0.0.1:Q --id 3
 
+Stamper for etcdctl watchers (reads the pipes it inherited as fds 7, 8, ...):
+
+    python -m testbed.bench.etcd --stamp 7,8,9 --pids 101,102,103 --report tcp://127.0.0.1:Q
+
 On its own (starts etcd and the watchers, prints the result as JSON):
 
     python -m testbed.bench.etcd --hosts 8 --msgs 1000 --rate 200
@@ -27,10 +38,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import importlib.util
 import json
 import os
+import selectors
 import shutil
 import socket
 import subprocess
@@ -43,6 +56,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
+from dvswitch.errors import error_line
 from testbed.bench.floor import DATA, END, PROBE, sample_body
 
 PREFIX = b"/dvs-bench/"
@@ -62,6 +76,14 @@ def skip_reason() -> str | None:
     if importlib.util.find_spec("aetcd") is None:
         return "the aetcd client is not installed (pip install -e '.[etcd]'); etcd baseline skipped"
     return None
+
+
+# Which watchers a run uses: "etcdctl" (Go, where installed) or "aetcd" (Python).
+CLIENTS = ("etcdctl", "aetcd")
+
+
+def default_client() -> str:
+    return "etcdctl" if shutil.which("etcdctl") else "aetcd"
 
 
 def etcd_version() -> str | None:
@@ -176,13 +198,128 @@ async def watch(port: int, prefix: bytes, report_ep: str, ident: int, ready_fd: 
     return 0
 
 
+# ---------------------------------------------------------------------- stamper for etcdctl watchers
+
+# The end key as etcdctl's JSON shows it (keys are base64): found in a raw line without decoding it.
+END_KEY_B64 = base64.b64encode(PREFIX + b"end")
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's CPU time in s: from /proc/PID/schedstat (ns, the scheduler's own count) where the
+    kernel has it, since the tick-based user+system time moves in 10 ms steps, coarser than a
+    short run's whole cost."""
+    import psutil
+
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system
+
+
+def stamp(fds: list[int], pids: list[int], report_ep: str, ready_fd: int | None) -> int:
+    """Read every etcdctl watcher's pipe, stamp each line on arrival, decode after the end key."""
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5_000)
+    push.connect(report_ep)
+    sel = selectors.DefaultSelector()
+    for ident, fd in enumerate(fds, 1):
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ, ident)
+    partial = {ident: b"" for ident in range(1, len(fds) + 1)}
+    lines: dict[int, list[tuple[int, bytes]]] = {ident: [] for ident in partial}
+    cpu0: dict[int, float] = {}
+    open_fds = set(fds)
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, (json.dumps({"pid": os.getpid()}) + "\n").encode())
+        finally:
+            os.close(ready_fd)
+    while open_fds:
+        ready = sel.select(timeout=REPORT_TIMEOUT_S + CONNECT_TIMEOUT_S)
+        if not ready:
+            break  # a watcher went silent: report what arrived, the bench counts the rest as lost
+        for key, _ in ready:
+            ident = key.data
+            chunk = os.read(key.fd, 1 << 16)
+            t = time.monotonic_ns()
+            if chunk:
+                *complete, partial[ident] = (partial[ident] + chunk).split(b"\n")
+            else:
+                complete = []
+            got = lines[ident]
+            for line in complete:
+                got.append((t, line))
+            if complete and ident not in cpu0:
+                # Its first line is a probe: the watch is live. Its CPU from here on is the watch's.
+                cpu0[ident] = _cpu_s(pids[ident - 1])
+                push.send(msgpack.packb([PROBE, ident, None]))
+            if not chunk or any(END_KEY_B64 in line for line in complete):
+                sel.unregister(key.fd)
+                open_fds.discard(key.fd)
+    for ident, got in lines.items():
+        numbers: list[int] = []
+        stamps: list[int] = []
+        for t, line in got:
+            if not line.strip():
+                continue
+            for ev in json.loads(line).get("Events") or ():
+                kind, n, _body = msgpack.unpackb(base64.b64decode(ev["kv"].get("value", "")))
+                if kind == DATA:
+                    numbers.append(n)
+                    stamps.append(t)
+        cpu_s = _cpu_s(pids[ident - 1]) - cpu0.get(ident, 0.0)
+        push.send(msgpack.packb([END, ident, numbers, stamps, cpu_s]))
+    push.close(linger=5_000)
+    ctx.term()
+    return 0
+
+
+def _start_etcdctl_watchers(port: int, hosts: int, log_dir: Path, pull_ep: str, started: list[int],
+                            track: Callable[[int], None] | None) -> list:
+    """N `etcdctl watch` processes writing to pipes, and the stamper reading them (tracked by pid)."""
+    from testbed import procs
+
+    env = {**os.environ, "ETCDCTL_API": "3"}
+    reads: list[int] = []
+    try:
+        for i in range(1, hosts + 1):
+            r, w = os.pipe()
+            reads.append(r)
+            with open(log_dir / f"etcd-watch{i}.log", "ab") as log:
+                popen = subprocess.Popen(
+                    ["etcdctl", f"--endpoints=127.0.0.1:{port}", "watch", "--prefix", PREFIX.decode(), "-w", "json"],
+                    stdin=subprocess.DEVNULL, stdout=w, stderr=log, env=env, start_new_session=True)
+            os.close(w)
+            started.append(popen.pid)
+            if track is not None:
+                track(popen.pid)
+        p = procs.spawn("etcd-stamp", "testbed.bench.etcd",
+                        ["--stamp", ",".join(map(str, reads)), "--pids", ",".join(map(str, started)),
+                         "--report", pull_ep], log_dir / "etcd-stamp.log", pass_fds=tuple(reads))
+    finally:
+        for r in reads:
+            os.close(r)  # the stamper holds its own copies
+    started.append(p.popen.pid)
+    if track is not None:
+        track(p.popen.pid)
+    return [p]
+
+
 # ---------------------------------------------------------------------- the bench side
 
 
 def run_etcd(hosts: int, msgs: int, rate: float, log_dir: Path, *, track: Callable[[int], None] | None = None,
-             advance: Callable[[int], None] | None = None) -> dict:
+             advance: Callable[[int], None] | None = None, client: str | None = None) -> dict:
     """Put `msgs` values at `rate`/s into a fresh etcd watched by `hosts` watcher processes; return
-    the figures. `track(pid)` is called for every process started (all are stopped before returning)."""
+    the figures. `track(pid)` is called for every process started (all are stopped before returning).
+    `client` picks the watchers (CLIENTS; default: etcdctl where installed)."""
     from testbed import procs
     from testbed.client import ClusterError
 
@@ -196,8 +333,11 @@ def run_etcd(hosts: int, msgs: int, rate: float, log_dir: Path, *, track: Callab
         pull_ep = pull.getsockopt_string(zmq.LAST_ENDPOINT)
         pending = []
         started: list[int] = []
+        client = client or default_client()
         try:
-            for i in range(1, hosts + 1):
+            if client == "etcdctl":
+                pending = _start_etcdctl_watchers(port, hosts, log_dir, pull_ep, started, track)
+            for i in range(1, hosts + 1) if client == "aetcd" else ():
                 p = procs.spawn(f"etcd-watch{i}", "testbed.bench.etcd",
                                 ["--watch", f"127.0.0.1:{port}", "--prefix", PREFIX.decode(), "--report", pull_ep,
                                  "--id", str(i)], log_dir / f"etcd-watch{i}.log")
@@ -211,7 +351,7 @@ def run_etcd(hosts: int, msgs: int, rate: float, log_dir: Path, *, track: Callab
             procs.stop_pids(started, timeout_s=3)
             pull.close(linger=0)
         on_tmpfs = data.resolve().is_relative_to(TMPFS)
-    out = summarize_etcd(hosts, msgs, rate, frame_bytes, send_ns, results)
+    out = summarize_etcd(hosts, msgs, rate, frame_bytes, send_ns, results, client)
     out["etcd_version"] = etcd_version()
     out["data_dir_on_tmpfs"] = on_tmpfs
     out["data_dir"] = str(data)  # removed by now: kept so a caller can check that
@@ -275,7 +415,7 @@ async def _publish(port: int, hosts: int, msgs: int, rate: float, pull, advance)
 
 
 def summarize_etcd(hosts: int, msgs: int, rate: float, frame_bytes: int, send_ns: list[int],
-                   results: dict[int, tuple[list[int], list[int], float]]) -> dict:
+                   results: dict[int, tuple[list[int], list[int], float]], client: str = "aetcd") -> dict:
     from testbed.bench.floor import summarize_floor
 
     out = summarize_floor(hosts, msgs, rate, frame_bytes, send_ns, results)
@@ -287,7 +427,9 @@ def summarize_etcd(hosts: int, msgs: int, rate: float, frame_bytes: int, send_ns
     return {
         "watchers": len(results),
         **out,
-        "client": "aetcd (gRPC watch), one per watcher process",
+        "client": ("etcdctl (Go gRPC watch, -w json) per watcher process, stamped on arrival by one pipe reader"
+                   if client == "etcdctl" else "aetcd (gRPC watch), one per watcher process"),
+        "watcher_client": client,
         # Puts are sent one after another (each waits for its commit), so a slow etcd sends fewer per s.
         "achieved_puts_per_s": (len(send_ns) - 1) / span_s if span_s else None,
         "cpu_us_per_msg_per_watcher": cpu,
@@ -305,10 +447,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", help="watcher mode: where to PUSH the stamps")
     p.add_argument("--id", type=int, default=0, help="watcher mode: this watcher's number")
     p.add_argument("--ready-fd", type=int, default=None, help="pipe fd to announce readiness on")
+    p.add_argument("--stamp", help="stamper mode: comma-separated pipe fds of etcdctl watchers")
+    p.add_argument("--pids", help="stamper mode: the watchers' pids, in the order of --stamp")
+    p.add_argument("--client", choices=CLIENTS, default=None,
+                   help="standalone: watchers (default: etcdctl where installed, else aetcd)")
     p.add_argument("--hosts", type=int, default=8, help="standalone: watcher processes (default 8)")
     p.add_argument("--msgs", type=int, default=1000, help="standalone: puts (default 1000)")
     p.add_argument("--rate", type=float, default=200.0, help="standalone: puts per s (default 200)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.stamp:
+        try:
+            fds = [int(x) for x in args.stamp.split(",")]
+            pids = [int(x) for x in (args.pids or "").split(",")]
+        except ValueError:
+            p.error("--stamp and --pids take comma-separated integers")
+        if not args.report or len(pids) != len(fds):
+            p.error("--stamp needs --report and one --pids entry per fd")
+        return stamp(fds, pids, args.report, args.ready_fd)
     if args.watch:
         if not args.report:
             p.error("--watch needs --report")
@@ -320,15 +475,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --hosts >= 1, --msgs >= 1 and --rate > 0")
     reason = skip_reason()
     if reason:
-        print(f"dvs: error: {reason}", file=sys.stderr)
+        print(error_line("dvs", reason), file=sys.stderr)
         return 1
     from testbed.client import ClusterError
 
     with tempfile.TemporaryDirectory(prefix="dvs-etcd-bench-") as d:
         try:
-            result = run_etcd(args.hosts, args.msgs, args.rate, Path(d))
+            result = run_etcd(args.hosts, args.msgs, args.rate, Path(d), client=args.client)
         except ClusterError as e:
-            print(f"dvs: error: {e}", file=sys.stderr)
+            print(error_line("dvs", str(e)), file=sys.stderr)
             return 1
     result.pop("latencies_ms")
     print(json.dumps(result, indent=1))

@@ -492,10 +492,13 @@ DEFINITIONS = """### What is measured, exactly
   as a ratio to the floor's figure of the same N.
 - **etcd**: what a user would run instead of gossip (Calico and Flannel keep routes in etcd). One
   etcd member (Debian's `etcd-server`) on a tmpfs data dir, started and stopped by the bench by pid,
-  and N watcher processes (`python -m testbed.bench.etcd`), one per host, each with one gRPC watch
-  (the `aetcd` client) on the bench's prefix. The bench, in the controller's role, puts the same
+  and N watcher processes, one per host, each with one gRPC watch on the bench's prefix: etcd's own
+  Go client (`etcdctl watch --prefix -w json`, Debian's `etcd-client`) where installed, its lines
+  stamped on arrival by one pipe reader (so etcd's clients do not starve for CPU at 32 and 64
+  hosts), else Python watchers with the `aetcd` client that stamp in their own code (`client` in
+  bench.json says which). The bench, in the controller's role, puts the same
   number of values of the floor's frame size at the floor's rate (each put waits for its commit
-  before the next); each watcher stamps `time.monotonic_ns()` when the event reaches its code. The
+  before the next), stamping `time.monotonic_ns()` just before each put. The
   figure is the last watcher's stamp minus the stamp just before the put was sent: the commit plus
   the fan-out. N watchers, not N−1: the writer is the controller, and every host learns from etcd.
   Skipped with a one-line note where etcd or aetcd is absent (`pip install -e '.[etcd]'`).
@@ -544,7 +547,7 @@ def etcd_starved_notes(results: dict) -> list[str]:
         got, offered = et.get("achieved_puts_per_s"), et.get("rate_per_s")
         if got and offered and got < ETCD_FAIR_RATE_SHARE * offered:
             notes.append(f"- **Not a fair comparison at {e['hosts']} hosts**: etcd achieved {got:.0f} of "
-                         f"{offered:g} puts/s, its {e['hosts']} watcher processes (Python, aetcd) starved "
+                         f"{offered:g} puts/s, its {e['hosts']} watcher processes ({et.get('watcher_client', 'aetcd')}) starved "
                          f"for CPU on this machine (client CPU per message and watcher "
                          f"{fmt((et.get('cpu_us_per_msg_per_watcher') or {}).get('mean'), 0)} µs), so its p99 there measures "
                          "the clients more than etcd; trust the ratio only where etcd kept its rate.")
@@ -636,7 +639,7 @@ def markdown(doc: dict, plot_files: dict[str, str]) -> str:
                   f"etcd {v.get('etcd_version') or '?'}, one member, data dir on "
                   f"{'tmpfs' if v.get('data_dir_on_tmpfs') else 'disk (no tmpfs here)'}; the bench puts values of the "
                   f"floor's frame size at {doc['params']['floor_rate']:g}/s (one after another, each waiting for its "
-                  "commit) to keys watched by N processes (aetcd gRPC watch, one per host); ms from just before "
+                  f"commit) to keys watched by N processes ({v.get('watcher_client', 'aetcd')} gRPC watch, one per host); ms from just before "
                   "the put until the last watcher is notified.", "",
                   "| hosts | watchers | puts | puts/s | value bytes | p50 | p90 | p99 | max | CPU µs/msg/watcher | lost |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from testbed.demo import percentile
+from dvswitch.stats import distribution
 
 
 def dist(values: list[float]) -> dict:
-    """count, p50, p90, p99 (nearest rank, as `dvs demo`), max and mean of `values`."""
-    return {
-        "count": len(values),
-        "p50": percentile(values, 50),
-        "p90": percentile(values, 90),
-        "p99": percentile(values, 99),
-        "max": max(values) if values else None,
-        "mean": sum(values) / len(values) if values else None,
-    }
+    """count, p50, p90, p99 (nearest rank: dvswitch.stats), max and mean of `values`."""
+    return distribution(values)
 
 
 def ratio(value: float | None, floor: float | None) -> float | None:

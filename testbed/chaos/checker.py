@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.mactable import parse_mac
+from dvswitch.stats import percentile
 from testbed.chaos.history import HISTORY_FILE, read_history
 
 INVARIANTS = {
@@ -289,9 +290,9 @@ def check_moves(h: History) -> Result:
     if counts["unresolved"] and r.ok:
         r.ok = None
     lat.sort()
-    p = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else (lambda q: None)
-    r.detail = (f"{len(h.reqs)} moves requested: {counts['converged']} converged (latency ms p50 {_f(p(0.5))}, "
-                f"p99 {_f(p(0.99))}, max {_f(lat[-1] if lat else None)}), {counts['not_converged']} switched but "
+    p50, p99 = percentile(lat, 50), percentile(lat, 99)
+    r.detail = (f"{len(h.reqs)} moves requested: {counts['converged']} converged (latency ms p50 {_f(p50)}, "
+                f"p99 {_f(p99)}, max {_f(lat[-1] if lat else None)}), {counts['not_converged']} switched but "
                 f"converged late, {counts['refused']} refused, {counts['noreply']} without reply, "
                 f"{counts['unresolved']} unresolved; {len(restarts)} HA restarts by the controller")
     return r
@@ -540,9 +541,6 @@ def stats(h: History) -> dict:
     wait = sorted(round((o["t_ns"] - h.reqs[i]["t_ns"]) / 1e6, 3) for i, o in h.outcomes.items()
                   if o["ev"] == "move_ack" and i in h.reqs)
 
-    def pct(q, v=lat):
-        return v[min(len(v) - 1, int(q * len(v)))] if v else None
-
     kinds = defaultdict(int)
     for o in h.outcomes.values():
         kinds[o["ev"]] += 1
@@ -553,11 +551,11 @@ def stats(h: History) -> dict:
         "moves_refused": kinds["move_refused"],
         "moves_without_reply": kinds["move_noreply"],
         "moves_skipped": sum(1 for e in h.events if e["ev"] == "move_skip"),
-        "latency_ms_p50": pct(0.5),
-        "latency_ms_p99": pct(0.99),
+        "latency_ms_p50": percentile(lat, 50),
+        "latency_ms_p99": percentile(lat, 99),
         "latency_ms_max": lat[-1] if lat else None,
-        "reply_wait_ms_p50": pct(0.5, wait),
-        "reply_wait_ms_p99": pct(0.99, wait),
+        "reply_wait_ms_p50": percentile(wait, 50),
+        "reply_wait_ms_p99": percentile(wait, 99),
         "reply_wait_ms_max": wait[-1] if wait else None,
         "ha_restarts": sum(1 for m in h.ctl_moves if m["kind"] == "restart"),
         "faults_injected": sum(1 for e in h.events if e["ev"] == "fault" and e["phase"] == "inject"),

@@ -18,6 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from dvswitch.errors import error_line
 from testbed.client import ClusterError
 from testbed.console import EXIT_INVALID, EXIT_OK, EXIT_UNKNOWN, EXIT_USAGE, make_console
 
@@ -122,7 +123,7 @@ def chaos(scenario, seed, report, check_only, as_json, netns) -> None:
 
 
 def _die(msg: str) -> None:
-    click.echo(f"dvs: error: {msg}", err=True)
+    click.echo(error_line("dvs", msg), err=True)
     sys.exit(EXIT_USAGE)
 
 

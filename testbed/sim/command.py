@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.client import ClusterError
-from testbed.sim.engine import NetConfig, SimConfig, Simulator
-from testbed.sim.spec import SpecError, faults_end_ms, parse_crashes, parse_partitions
+from testbed.sim.config import NetConfig, SimConfig, config_from_params
+from testbed.sim.engine import Simulator
+from testbed.sim.spec import SpecError, faults_end_ms
 
 HELP = """Simulate a whole cluster in one process, deterministically: the real agent and
 controller cores on a virtual clock and a seeded network. One seed gives exactly one run;
@@ -79,10 +80,9 @@ def _probability(ctx, param, value):
               help="Probability an agent-to-agent message is lost.")
 @click.option("--dup", type=float, default=0.0, callback=_probability, show_default=True,
               help="Probability an agent-to-agent message is delivered twice.")
-@click.option("--reorder", is_flag=True, help="Hold back 20% of agent-to-agent messages by up to 1 ms.")
+@click.option("--reorder", is_flag=True, help="Hold back some agent-to-agent messages (--reorder-prob of them, by up to --reorder-max-us).")
 @click.option("--partitions", multiple=True, metavar="SPEC", help="Partitions, START-END:GROUP/GROUP (see above).")
 @click.option("--crashes", multiple=True, metavar="SPEC", help="Agent crashes, HOST@AT[-RESTART] (see above).")
-@click.option("--seed", type=int, default=1, show_default=True, help="The run's seed.")
 @click.option("--move-rate", type=click.FloatRange(min=0.001), default=None,
               help="Moves per virtual second, not waiting for earlier ones [default: --concurrency].")
 @click.option("--concurrency", type=click.IntRange(1, 100_000), default=None,
@@ -101,38 +101,47 @@ def _probability(ctx, param, value):
 @click.option("--workload", type=click.Choice(["moves", "evacuate"]), default="moves", show_default=True,
               help="moves: --moves random moves; evacuate: put h1 in maintenance and wait until the controller "
                    "moved every VM off it (--concurrency at once), the faults running meanwhile.")
+@click.option("--reorder-prob", type=click.FloatRange(0.0, 1.0), default=NetConfig.reorder_prob, show_default=True,
+              help="With --reorder: probability a message is held back.")
+@click.option("--reorder-max-us", type=click.IntRange(0, 10**9), default=NetConfig.reorder_max_us,
+              show_default=True, help="With --reorder: the hold-back is uniform in [0, this], µs.")
+@click.option("--rx-tick-ns", type=click.IntRange(0, 2**40), default=NetConfig.rx_tick_ns, show_default=True,
+              help="Receivers take what arrived within one tick as one batch, ns (a power of two; 0: none).")
+@click.option("--settle-ms", type=click.IntRange(0, 10**9), default=None,
+              help="Wait this long for full agreement after the faults stop, virtual ms [default: twice "
+                   "the liveness bound].")
+@click.option("--start-spread-us", type=click.IntRange(0, 10**9), default=SimConfig.start_spread_us,
+              show_default=True, help="Agents start at seeded times within this much virtual time, µs.")
+@click.option("--ready-timeout-ms", type=click.IntRange(1, 10**9), default=SimConfig.ready_timeout_ms,
+              show_default=True, help="How long the client waits for the cluster to be ready, virtual ms.")
+@click.option("--seed", type=int, default=1, show_default=True, help="The run's seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no wall-clock time in it).")
 @click.option("--progress", is_flag=True, help="Print a progress line to stderr every 10 s of wall-clock time.")
-def sim(hosts, vms, n_moves, loss, dup, reorder, partitions, crashes, seed, move_rate, concurrency, fault_ms,
-        gossip_interval_ms, latency_us, jitter_us, ctl_faults, workload, as_json, progress) -> None:
+def sim(as_json, progress, **params) -> None:
+    hosts, vms, n_moves, workload = params["hosts"], params["vms"], params["n_moves"], params["workload"]
     try:
-        parts = parse_partitions(partitions, hosts)
-        crash_list = parse_crashes(crashes, hosts)
+        cfg = config_from_params(params)
     except SpecError as e:
         raise click.UsageError(str(e)) from None
-    if workload == "evacuate" and (n_moves or move_rate is not None or hosts < 2 or vms == 0):
+    if workload == "evacuate" and (n_moves or params["move_rate"] is not None or hosts < 2 or vms == 0):
         raise click.UsageError("--workload evacuate moves h1's VMs itself: give --vms M and --hosts N >= 2, "
                                "and no --moves or --move-rate")
     if n_moves and vms == 0:
         raise click.UsageError("--moves needs VMs to move; add --vms M (M >= 1)")
     if n_moves and hosts < 2:
         raise click.UsageError("--moves needs at least 2 hosts")
-    if fault_ms is not None and fault_ms < faults_end_ms(parts, crash_list):
+    if cfg.net.rx_tick_ns & (cfg.net.rx_tick_ns - 1):
+        raise click.UsageError(f"--rx-tick-ns {cfg.net.rx_tick_ns} is not a power of two (or 0)")
+    fault_ms = cfg.fault_ms
+    if fault_ms is not None and fault_ms < faults_end_ms(cfg.partitions, cfg.crashes):
         raise click.UsageError(f"--fault-ms {fault_ms} ends before the last scheduled fault "
-                               f"({faults_end_ms(parts, crash_list)} ms); make it longer")
+                               f"({faults_end_ms(cfg.partitions, cfg.crashes)} ms); make it longer")
     need = estimate_memory_bytes(hosts, vms)
     avail = psutil.virtual_memory().available
     if need > avail:
         raise ClusterError(f"{hosts:,} hosts and {vms:,} VMs need about {need / 2**30:.1f} GiB "
                            f"(every agent keeps state for each peer and each MAC) but "
                            f"{avail / 2**30:.1f} GiB are free; simulate fewer hosts or VMs")
-    cfg = SimConfig(
-        hosts=hosts, vms=vms, moves=n_moves, seed=seed,
-        net=NetConfig(base_latency_us=latency_us, jitter_mean_us=jitter_us, loss=loss, dup=dup, reorder=reorder,
-                      ctl_faults=ctl_faults),
-        partitions=parts, crashes=crash_list, move_rate=move_rate, concurrency=concurrency, fault_ms=fault_ms,
-        gossip_interval_ms=gossip_interval_ms, workload=workload,
-    )
     started = time.perf_counter()
     phases: list[tuple[str, float]] = []
 

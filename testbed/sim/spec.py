@@ -26,8 +26,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dvswitch.naming import host_name, host_number
+
 CTL = "ctl"
-_HOST_RE = re.compile(r"^h(\d+)$")
 _RANGE_RE = re.compile(r"^h(\d+)-h(\d+)$")
 _TIMES_RE = re.compile(r"^(\d+)-(\d+)$")
 _CRASH_RE = re.compile(r"^(h\d+|ctl)@(\d+)(?:-(\d+))?$")
@@ -58,10 +59,9 @@ class Crash:
 
 
 def _host_number(name: str, n_hosts: int, what: str) -> int:
-    m = _HOST_RE.match(name)
-    if not m:
+    i = host_number(name)
+    if i is None:
         raise SpecError(f"{what}: {name!r} is not a host name like h3")
-    i = int(m.group(1))
     if not 1 <= i <= n_hosts:
         raise SpecError(f"{what}: host {name} does not exist (hosts are h1..h{n_hosts})")
     return i
@@ -81,13 +81,14 @@ def _group(text: str, n_hosts: int, what: str) -> tuple[str, ...]:
             lo, hi = int(m.group(1)), int(m.group(2))
             if lo > hi:
                 raise SpecError(f"{what}: range {item} runs backwards")
-            _host_number(f"h{lo}", n_hosts, what)
-            _host_number(f"h{hi}", n_hosts, what)
-            out.extend(f"h{i}" for i in range(lo, hi + 1))
+            _host_number(host_name(lo), n_hosts, what)
+            _host_number(host_name(hi), n_hosts, what)
+            out.extend(host_name(i) for i in range(lo, hi + 1))
         else:
             _host_number(item, n_hosts, what)
             out.append(item)
-    return tuple(out)
+    # Canonical order (hosts by number, then ctl): a group is a set, and its spec() prints it so.
+    return tuple(sorted(out, key=lambda h: (h == CTL, host_number(h) or 0)))
 
 
 def _pieces(specs: tuple[str, ...] | list[str], seps: str) -> list[str]:
@@ -128,7 +129,7 @@ def parse_partitions(specs: tuple[str, ...] | list[str], n_hosts: int) -> tuple[
 
 
 def _crash_order(c: Crash) -> int:
-    return 0 if c.host == CTL else int(c.host[1:])
+    return 0 if c.host == CTL else host_number(c.host)
 
 
 def parse_crashes(specs: tuple[str, ...] | list[str], n_hosts: int) -> tuple[Crash, ...]:
@@ -168,14 +169,14 @@ def faults_end_ms(partitions: tuple[Partition, ...], crashes: tuple[Crash, ...])
 
 def _compress(group: tuple[str, ...]) -> str:
     """h1,h2,h3,h5,ctl -> h1-h3,h5,ctl (the canonical form printed in replay commands)."""
-    nums = [int(h[1:]) for h in group if h != CTL]
+    nums = [host_number(h) for h in group if h != CTL]
     out = []
     i = 0
     while i < len(nums):
         j = i
         while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
             j += 1
-        out.append(f"h{nums[i]}" if i == j else f"h{nums[i]}-h{nums[j]}")
+        out.append(host_name(nums[i]) if i == j else f"{host_name(nums[i])}-{host_name(nums[j])}")
         i = j + 1
     if CTL in group:
         out.append(CTL)
