@@ -81,7 +81,7 @@ class ClientApi:
             "last_error": self.c.last_error,
             "refused_registrations": self.c.refused_registrations,
             "restart_budget_exhausted": self.c.restarts.budget_exhausted,
-            "ready_waiters": self.c.members._ready_n,
+            "ready_waiters": self.c.members.ready_pending,
             "admitted": None if self.c.admitted is None else sorted(self.c.admitted, key=host_order),
             "maintenance": sorted(self.c.inv.maintenance, key=host_order),
             "rules": len(self.c.inv.rules),
@@ -147,7 +147,7 @@ class ClientApi:
     def awaited(self, name: str, now_ns: int) -> bool:
         """A host we know from the journal and may still hear from: we started less than the dead
         timeout ago, and it was admitted or ran VMs before."""
-        if self.c._started_ns is not None and now_ns - self.c._started_ns > self.c.config.dead_after_ms * NS_PER_MS:
+        if self.c.started_ns is not None and now_ns - self.c.started_ns > self.c.config.dead_after_ms * NS_PER_MS:
             return False
         if self.c.admitted is not None:
             return name in self.c.admitted
@@ -196,8 +196,8 @@ class ClientApi:
         ops = []
         for name, host, profile in specs:
             vm = self.c.inv.new_vm(name, host, profile)
-            self.c._persist(vm)
-            ops.append(self.c._start_op("create", vm, host, host, (host, 0, False), now_ns))
+            self.c.persist(vm)
+            ops.append(self.c.start_op("create", vm, host, host, (host, 0, False), now_ns))
         self.wait(envelope, req_id, ops, single)
 
     def api_vm_move(self, args, now_ns, envelope, req_id) -> None:
@@ -217,7 +217,7 @@ class ClientApi:
         if vm.host == dst:
             raise ApiError(f"VM {vm.name!r} is already on {dst}; pick another host")
         vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
-        op = self.c._start_op("move", vm, vm.host, dst, (dst, vm.seq_issued, False), now_ns)
+        op = self.c.start_op("move", vm, vm.host, dst, (dst, vm.seq_issued, False), now_ns)
         self.wait(envelope, req_id, [op], True, per_host)
 
     def api_vm_delete(self, args, now_ns, envelope, req_id) -> None:
@@ -229,7 +229,7 @@ class ClientApi:
         if self.c.inv.hosts[vm.host].state == "dead":
             raise ApiError(f"VM {vm.name!r} is on dead host {vm.host}; wait for HA to restart it")
         vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
-        op = self.c._start_op("delete", vm, vm.host, vm.host, (vm.host, vm.seq_issued, True), now_ns)
+        op = self.c.start_op("delete", vm, vm.host, vm.host, (vm.host, vm.seq_issued, True), now_ns)
         self.wait(envelope, req_id, [op], True)
 
 

@@ -10,7 +10,8 @@ with what they say (the h11 shape: no mixins, no component calls another's actio
 - hints.py: repair hints for agents that lack a converging op's update;
 - api.py / maintenance.py: client request handlers, drain/evacuate/rebalance.
 What stays here is each op's life (start, ack, finish, with the restarts an abort needs) and
-the glue of agent messages; it stays whole (~530 lines) because those steps act on each other.
+the glue of agent messages; it stays whole (a little over 500 lines) because those steps act
+on each other: an ack starts the next step, a finish may start a restart, a restart an op.
 
 No I/O and no clock: drivers feed `on_frame(envelope, frame, now_ns)` and `on_timer(now_ns)`
 and take `outbox`, a list of `(envelope, payload)` to send on the controller's ROUTER socket.
@@ -72,7 +73,7 @@ class ControllerCore:
         self.applies = ApplyTracker(self.inv.hosts, self.config.applied_log_max)
         self.applied_log = self.applies.applied_log
         self.members = Membership(self.inv, self.config, self.outbox, self.applies, self.journal_out, hosts,
-                                  self._event)
+                                  self.event)
         self.ops: dict[int, Op] = {}  # in flight, by op id
         self.ops_by_key: dict[tuple[int, int], Op] = {}
         self._unacked: dict[int, Op] = {}  # ops whose current command awaits its ack, by op id
@@ -88,12 +89,17 @@ class ControllerCore:
         self._tick_ns = self.config.tick_interval_ms * NS_PER_MS
         self._started_ns: int | None = None
         self.placement = Placement(self.inv, self.ops_by_key)
-        self.hints = RepairHints(self.config.repair_hint_after_ms, self._event)
+        self.hints = RepairHints(self.config.repair_hint_after_ms, self.event)
         self._hint_ns = self.config.repair_hint_after_ms * NS_PER_MS
         self.api = ClientApi(self)
         self.maint = Maintenance(self)
         self._orphans_checked = False
         self._next_tick_ns = 0
+
+    @property
+    def started_ns(self) -> int | None:
+        """Our first tick (None before it): hosts from the journal may register until a dead timeout later."""
+        return self._started_ns
 
     @property
     def peers_epoch(self) -> int:
@@ -128,7 +134,7 @@ class ControllerCore:
         self.events.clear()
         return out
 
-    def _event(self, kind: str, message: str = "", /, **facts) -> None:
+    def event(self, kind: str, message: str = "", /, **facts) -> None:
         n = len(self.events)
         # (A create of 8,000 VMs is 24,000 op events at once: they may go, the log lines stay.)
         if n >= EVENTS_MAX and (not message or n >= 2 * EVENTS_MAX):
@@ -150,7 +156,7 @@ class ControllerCore:
     def is_admitted(self, name: str) -> bool:
         return self.members.is_admitted(name)
 
-    def _persist(self, vm: Vm) -> None:
+    def persist(self, vm: Vm) -> None:
         self.journal_out.append(self.inv.to_record(vm))
 
     def next_deadline_ns(self) -> int:
@@ -164,7 +170,7 @@ class ControllerCore:
             return
         try:
             self._dispatch(envelope, mt, body, now_ns)
-            if self.maint._kick:
+            if self.maint.kicked:
                 self.maint.run(now_ns)
         except Exception as e:  # noqa: BLE001 - a bug of ours must not kill the controller
             self.handler_errors += 1
@@ -202,7 +208,7 @@ class ControllerCore:
             self.dropped_malformed += 1
 
     def on_timer(self, now_ns: int) -> None:
-        if self.members._peers_dirty:
+        if self.members.dirty:
             self.members.broadcast(now_ns)
         if now_ns < self._next_tick_ns:
             return
@@ -213,7 +219,7 @@ class ControllerCore:
         if self.restarts.pending:
             self._retry_restarts(now_ns)
         if self._hint_ns:
-            self.outbox.extend(self.hints.due(now_ns, self.ops, self.inv, self.applies, self.members._rank))
+            self.outbox.extend(self.hints.due(now_ns, self.ops, self.inv, self.applies, self.members.rank))
         if not self._orphans_checked and now_ns - self._started_ns > self.config.dead_after_ms * NS_PER_MS:
             self._orphans_checked = True
             self._restart_orphans(now_ns)
@@ -312,7 +318,7 @@ class ControllerCore:
                 # its host if that is up (ATTACH is idempotent), else start it elsewhere.
                 h = self.inv.hosts.get(vm.host)
                 if h is not None and h.state == "alive":
-                    self._start_op("create", vm, vm.host, vm.host, (vm.host, vm.seq, False), now_ns)
+                    self.start_op("create", vm, vm.host, vm.host, (vm.host, vm.seq, False), now_ns)
                     continue
                 vm.state = "active"
             if vm.state == "active" and vm.host not in self.inv.hosts:
@@ -323,7 +329,7 @@ class ControllerCore:
         """Start `vm` on `prefer` if it is alive, else on the live host with the fewest VMs."""
         allowed, next_try_ms = self.restarts.allow(vm, now_ns)
         if next_try_ms is not None:
-            self._event("ha.blocked", f"vm {vm.name}: restart budget exhausted ({self.config.restart_budget} restarts within "
+            self.event("ha.blocked", f"vm {vm.name}: restart budget exhausted ({self.config.restart_budget} restarts within "
                         f"{self.config.restart_budget_window_ms} ms; last target {vm.host}, seq {vm.seq}); "
                         f"reconciling from agent reports, next try in {next_try_ms} ms",
                         vm=vm.name, reason="restart budget exhausted")
@@ -334,7 +340,7 @@ class ControllerCore:
             if vm.name not in self.restarts.unplaceable_noted and self.inv.hosts:
                 self.restarts.unplaceable_noted.add(vm.name)
                 why = self.placement.why_unplaceable(vm.name)
-                self._event("ha.blocked", f"vm {vm.name}: cannot restart it yet: {why}; trying again",
+                self.event("ha.blocked", f"vm {vm.name}: cannot restart it yet: {why}; trying again",
                             vm=vm.name, reason=why)
             # Nowhere to go now (e.g. we were paused and every host looks suspect): try again.
             self.restarts.refund(vm)
@@ -342,8 +348,8 @@ class ControllerCore:
             return None
         self.restarts.unplaceable_noted.discard(vm.name)
         vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
-        self._event("ha.restart", vm=vm.name, src=vm.host, dst=dst)
-        return self._start_op("restart", vm, vm.host, dst, (dst, vm.seq_issued, False), now_ns)
+        self.event("ha.restart", vm=vm.name, src=vm.host, dst=dst)
+        return self.start_op("restart", vm, vm.host, dst, (dst, vm.seq_issued, False), now_ns)
 
     def _on_applied(self, host: str, applied: list, now_ns: int) -> None:
         track = self.applies
@@ -383,7 +389,7 @@ class ControllerCore:
         vm.host, vm.seq = host, seq
         vm.seq_issued = max(vm.seq_issued, seq)
         vm.state = "deleted" if tomb else "active"
-        self._persist(vm)
+        self.persist(vm)
         h = self.inv.hosts.get(host)
         if not tomb and h is not None and h.state == "dead":
             self._restart(vm, now_ns)
@@ -419,7 +425,7 @@ class ControllerCore:
         self._unacked.pop(op.op_id, None)
         op.switch_ns = t_ns
         op.switched = True
-        self._event("move.switched", op=op.op_id, vm=op.vm, host=host)
+        self.event("move.switched", op=op.op_id, vm=op.vm, host=host)
         if ok and detail != "no such port":
             # The target acks once its table holds the target entry: it applied it then. (Its
             # own apply report says the same; on a lossy control link it may never arrive.)
@@ -431,7 +437,7 @@ class ControllerCore:
         vm.host, vm.seq = op.target[0], op.target[1]
         vm.seq_issued = max(vm.seq_issued, vm.seq)
         vm.state = "deleted" if op.kind == "delete" else "active"
-        self._persist(vm)
+        self.persist(vm)
         if op.kind == "move" and self.inv.hosts[op.src].state != "dead":
             # The source lets go only once the destination owns the MAC (make before break).
             self._send(op.src, MsgType.DETACH, [self._new_op_id(), vm.name, vm.vlan, vm.mac, 0])
@@ -454,12 +460,12 @@ class ControllerCore:
         op.command_retry_ns = self.config.command_retry_ms * NS_PER_MS
         self.outbox.append((self.inv.hosts[host].route, frame))
 
-    def _start_op(self, kind: str, vm: Vm, src: str, dst: str, target: tuple[str, int, bool], now_ns: int) -> Op:
+    def start_op(self, kind: str, vm: Vm, src: str, dst: str, target: tuple[str, int, bool], now_ns: int) -> Op:
         op = Op(self._new_op_id(), kind, vm.name, src, dst, target, vm.key, now_ns,
                 now_ns + self.config.op_timeout_ms * NS_PER_MS)
         self.ops[op.op_id] = op
         self.ops_by_key[vm.key] = op
-        self._event("move.started", op=op.op_id, vm=vm.name, op_kind=kind, src=src, dst=dst)  # ("kind" is the event's)
+        self.event("move.started", op=op.op_id, vm=vm.name, op_kind=kind, src=src, dst=dst)  # ("kind" is the event's)
         op.phase = FIRST_PHASE[kind]
         if op.phase is Phase.ATTACH:
             self._command(op, dst, MsgType.ATTACH, [op.op_id, vm.name, vm.vlan, vm.mac, vm.port, target[1]], now_ns)
@@ -480,7 +486,7 @@ class ControllerCore:
         op.converged = True
         op.outcome = Outcome.CONVERGED
         op.latency_ms = max(0, last_ns - op.switch_ns) / NS_PER_MS
-        self._event("move.converged", op=op.op_id, vm=op.vm, dst=op.target[0], convergence_ms=op.latency_ms,
+        self.event("move.converged", op=op.op_id, vm=op.vm, dst=op.target[0], convergence_ms=op.latency_ms,
                     hosts=self.applies.live_n)
         self._finish(op, now_ns)
 
@@ -499,7 +505,7 @@ class ControllerCore:
                 op.error = (f"not converged within {self.config.op_timeout_ms} ms "
                             f"(phase {op.phase}; {len(op.missing)} hosts have not applied it)")
         if not op.converged:
-            self._event("move.failed", op=op.op_id, vm=op.vm, outcome=op.outcome.value, error=op.error)
+            self.event("move.failed", op=op.op_id, vm=op.vm, outcome=op.outcome.value, error=op.error)
         sent_claim = (op.kind, op.phase) in CLAIM_MAY_BE_OUT
         was = op.phase
         op.phase = Phase.DONE
@@ -509,7 +515,7 @@ class ControllerCore:
             # that did, even if some agent lags).
             if op.kind == "create":
                 vm.state = "failed"
-                self._persist(vm)
+                self.persist(vm)
             elif op.kind in ("move", "restart"):
                 vm.state = "active"
                 h = self.inv.hosts.get(vm.host)
@@ -535,15 +541,3 @@ class ControllerCore:
             batch.pending.discard(op.op_id)
             if not batch.pending:
                 self.api.reply_batch(batch)
-
-    # ------------------------------------------------------------------ client API
-
-    def _reply(self, envelope: list, req_id: int, ok: bool, result) -> None:
-        self.outbox.append((envelope, wire.encode(MsgType.REPLY, [req_id, ok, result])))
-
-    # ------------------------------------------------------------------ maintenance, rebalance, rules
-
-    # Rebalance
-
-    # Placement rules
-

@@ -70,6 +70,11 @@ class Maintenance:
     def _reply(self, envelope: list, req_id: int, ok: bool, result) -> None:
         self.c.outbox.append((envelope, wire.encode(MsgType.REPLY, [req_id, ok, result])))
 
+    @property
+    def kicked(self) -> bool:
+        """A drain or rebalance op ended: start the next ones now."""
+        return self._kick
+
     def busy(self) -> bool:
         """Something to do at a tick: a host in maintenance, an evacuation waited for, a kick."""
         return self._kick or bool(self.c.inv.maintenance) or bool(self._evac_waiters)
@@ -133,12 +138,12 @@ class Maintenance:
                 continue
             self._drain_retry_ns.pop(vm.name, None)
             vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
-            op = self.c._start_op("move", vm, host, dst, (dst, vm.seq_issued, False), now_ns)
+            op = self.c.start_op("move", vm, host, dst, (dst, vm.seq_issued, False), now_ns)
             self._drain_ops[op.op_id] = host
             running += 1
         if blocked:
             if self._drain_blocked.get(host) != blocked:
-                self.c._event("maintenance.blocked", f"host {host} (maintenance): {blocked}; trying again",
+                self.c.event("maintenance.blocked", f"host {host} (maintenance): {blocked}; trying again",
                               host=host, reason=blocked)
             self._drain_blocked[host] = blocked
         elif running or not any(vm.host == host and vm.state == "active" for vm in self.c.inv.vms.values()):
@@ -295,7 +300,7 @@ class Maintenance:
                 job.skipped.append({"vm": name, "src": src, "dst": dst, "why": why})
                 continue
             vm.seq_issued = max(vm.seq, vm.seq_issued) + 1
-            op = self.c._start_op("move", vm, src, dst, (dst, vm.seq_issued, False), now_ns)
+            op = self.c.start_op("move", vm, src, dst, (dst, vm.seq_issued, False), now_ns)
             job.running.add(op.op_id)
             self._job_of[op.op_id] = job
         if not job.queue and not job.running:

@@ -126,6 +126,20 @@ class Membership:
         self.changed(now_ns)
         return name, prev, incarnation
 
+    @property
+    def rank(self) -> dict[str, int]:
+        """Host name -> its place in registration order."""
+        return self._rank
+
+    @property
+    def dirty(self) -> bool:
+        """A membership change waits for its PEERS broadcast (the batch window is open)."""
+        return self._peers_dirty
+
+    @property
+    def ready_pending(self) -> int:
+        return self._ready_n
+
     def _reply(self, envelope: list, req_id: int, ok: bool, result) -> None:
         self.outbox.append((envelope, wire.encode(MsgType.REPLY, [req_id, ok, result])))
 
