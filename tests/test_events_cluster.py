@@ -19,6 +19,7 @@ import zmq
 from agent.mactable import parse_mac
 from testbed import events as evlog
 from testbed import procs
+from testbed.cluster import Cluster
 from tests.conftest import run_dvs
 
 pytestmark = pytest.mark.cluster
@@ -75,10 +76,13 @@ def test_events_after_kill_show_death_restarts_and_convergence_in_order(tmp_path
         assert run_dvs("fault", "heal", state_dir=sd).returncode == 0
 
         # Garbage on h1's API socket: dropped, counted, and told once a second, not once a frame.
+        # (Sent with the admin key: without it CURVE refuses the connection before any frame.)
         state = json.loads((sd / "cluster.json").read_text())
-        for endpoint in (state["agents"][0]["rpc"], state["controller"]["controller"]):
+        cluster = Cluster.load(sd)
+        for endpoint, server in ((state["agents"][0]["rpc"], "h1"), (state["controller"]["controller"], "controller")):
             with zmq.Context.instance().socket(zmq.DEALER) as s:
                 s.setsockopt(zmq.LINGER, 1000)
+                cluster.curve_socket(s, server)
                 s.connect(endpoint)
                 for _ in range(20):
                     s.send(b"\xc1 not msgpack")
