@@ -29,14 +29,14 @@ def curve_rows(cv: dict) -> list[tuple[str, str, str, str]]:
     and the Markdown."""
     on, off, ov = cv["curve"], cv["insecure"], cv["overhead_pct"]
 
-    def pct(v):
+    def signed_pct(v):  # (an overhead in %, not a percentile: see tests/test_shared.py)
         return "-" if v is None else f"{v:+.1f} %"
     return [
         ("moves converged", f"{on['converged']}", f"{off['converged']}", ""),
         ("convergence p50", fmt(on["latency_ms"]["p50"], 2, " ms"), fmt(off["latency_ms"]["p50"], 2, " ms"),
-         pct(ov["p50"])),
+         signed_pct(ov["p50"])),
         ("convergence p99", fmt(on["latency_ms"]["p99"], 2, " ms"), fmt(off["latency_ms"]["p99"], 2, " ms"),
-         pct(ov["p99"])),
+         signed_pct(ov["p99"])),
         ("agents' CPU during the moves", fmt(on["agents_cpu_s"], 2, " s"), fmt(off["agents_cpu_s"], 2, " s"), ""),
     ]
 
