@@ -14,7 +14,8 @@ import zmq
 from agent import clusterfile
 from agent.config import AgentConfig
 from agent.dataplane import DataplaneConfig
-from agent.runtime import AgentRuntime, VtepMap
+from agent.dpruntime import VtepMap
+from agent.runtime import AgentRuntime
 from agent.vxlan import VXLAN_PORT
 from dvswitch import errors
 from dvswitch.bus import install_uvloop, setup_logging, wildcard

@@ -19,6 +19,9 @@ CORE_PACKAGES = ("agent", "controller", "testbed/sim")
 DRIVERS = {
     "agent/__main__.py": "the agent process's entry point",
     "agent/runtime.py": "the asyncio/ZeroMQ runtime that drives the core",
+    "agent/dpruntime.py": "the data plane runtime: UDP sockets, TAP queues, the --vteps file",
+    "agent/rtauth.py": "the runtime's CURVE guard, rpc role gate and key reload (ZeroMQ, loop timers)",
+    "agent/rtevents.py": "the runtime's event log writer (a file) and its drop/epoch bookkeeping",
     "agent/zmqloop.py": "ZeroMQ plumbing of both runtimes",
     "agent/tap.py": "TAP devices of the data plane runtime",
     "agent/lifeline.py": "watches the owner process",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent import tap, vxlan
-from agent.runtime import VtepMap
+from agent.dpruntime import VtepMap
 from testbed import tooltraffic as tt
 from testbed.vmns import vm_address, vm_subnet
 
