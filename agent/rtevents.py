@@ -39,6 +39,8 @@ class RuntimeEvents:
     def _open_events(self) -> None:
         if self.events_path:
             self.events = EventLog(self.events_path, self.host)
+            if self.guard is not None:
+                self.guard.events = self.events  # auth.failed / auth.forbidden
         self._drops_seen = 0  # the sum of the core's DROP_COUNTERS when last told
         self._drop_counts = dict.fromkeys(DROP_COUNTERS, 0)
         self._epoch_seen = 0

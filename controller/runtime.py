@@ -71,6 +71,8 @@ class ControllerRuntime:
             endpoint = bind_ephemeral(self.sock, self.bind_ip)
         if self.events_path:
             self.events = EventLog(self.events_path, "controller")
+            if self.guard is not None:
+                self.guard.events = self.events
         self.core = ControllerCore(self.config, journal=self._read_journal(), hosts=self.hosts)
         self._seen: _Seen | None = _Seen(self.core) if self.events_path else None
         if self._seen is not None:

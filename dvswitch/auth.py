@@ -68,6 +68,9 @@ class Guard:
         self.log = log
         self._zap: _Zap | None = None
         self._monitors: list[tuple[zmq.Socket, zmq.Socket]] = []
+        # The process's event log (dvswitch/events.py), set by the runtime once it has one:
+        # auth.failed / auth.forbidden, rate-limited per peer as the log lines are.
+        self.events = None
 
     # ---- sockets
 
@@ -112,6 +115,10 @@ class Guard:
                     int(ev["event"]), "handshake failed")
         self.rlog.warning(f"{what}:{kind}", "authentication failed on the %s socket (%s): %s; "
                           "%d failures so far", what, ev.get("endpoint", b"?"), kind, self.auth_failures)
+        if self.events is not None:
+            self.events.limited("auth.failed", f"{what}:{kind}", socket=what, reason=kind, total=self.auth_failures,
+                                message=f"authentication failed on the {what} socket: {kind} "
+                                        f"({self.auth_failures} so far)")
 
     def refuse(self, role: str | None, what: str) -> None:
         """An authenticated peer sent something its role may not: drop (the caller) and count."""
@@ -120,6 +127,10 @@ class Guard:
         self.forbidden_by[who] = self.forbidden_by.get(who, 0) + 1
         self.rlog.warning(f"forbidden:{who}", "dropped %s from %s: not allowed for that role "
                           "(%d forbidden so far)", what, who, self.forbidden)
+        if self.events is not None:
+            self.events.limited("auth.forbidden", who, role=who, what=what, total=self.forbidden,
+                                message=f"dropped {what} from {who}: not allowed for that role "
+                                        f"({self.forbidden} so far)")
 
     def reload(self) -> None:
         if self.ring.maybe_reload():

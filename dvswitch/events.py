@@ -56,6 +56,24 @@ def wall_iso(t_s: float) -> str:
     return datetime.fromtimestamp(t_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class _WallIso:
+    """wall_iso with the date and time of day made once per second: a cold start writes tens
+    of thousands of events within a second or two, and datetime formatting was most of their cost."""
+
+    __slots__ = ("second", "prefix")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, t_s: float) -> str:
+        sec = int(t_s)
+        if sec != self.second:
+            self.second = sec
+            self.prefix = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self.prefix}.{int((t_s - sec) * 1000):03d}Z"
+
+
 def _default(o):
     if isinstance(o, (bytes, bytearray)):
         return o.hex()
@@ -90,6 +108,9 @@ class EventLog:
         self.limit_interval_ns = limit_interval_ms * 1_000_000
         self.clock = clock
         self.wall = wall
+        self._wall_iso = _WallIso()
+        # One encoder for every record: json.dumps with arguments builds a new one per call.
+        self._encode = json.JSONEncoder(separators=(",", ":"), default=_default).encode
         self.written = 0  # events written
         self.write_errors = 0
         self.rotations = 0
@@ -147,7 +168,7 @@ class EventLog:
         return True
 
     def _stamp(self, event: dict) -> dict:
-        rec = {"t_ns": self.clock(), "ts": wall_iso(self.wall()), "proc": self.proc, "pid": self.pid}
+        rec = {"t_ns": self.clock(), "ts": self._wall_iso(self.wall()), "proc": self.proc, "pid": self.pid}
         for k, v in event.items():
             if k not in STAMPS:  # a core has no clock; the runtime's stamps are the only ones
                 rec[k] = v
@@ -157,7 +178,8 @@ class EventLog:
         if self._fd < 0:
             return
         try:
-            data = "".join(json.dumps(r, separators=(",", ":"), default=_default) + "\n" for r in recs).encode()
+            enc = self._encode
+            data = "".join([enc(r) + "\n" for r in recs]).encode()
         except (TypeError, ValueError) as e:  # a field json cannot take (a circular structure): a bug of ours
             log.warning("event not written: %s", e)
             return

@@ -155,6 +155,11 @@ def test_an_outsider_gets_nothing_and_changes_nothing(make_cluster, mode):
     with cluster.controller_client() as ctl:
         assert BOGUS not in ctl.call("expected_table")["live_hosts"]
     assert alive(cluster)
+    # The refusals are in the event log too (`dvs events --kind auth`).
+    from testbed import events as evlog
+
+    evs, _ = evlog.read_all(cluster.state_dir)
+    assert {"h1", "controller"} <= {e["proc"] for e in evs if e["kind"] == "auth.failed"}
     with cluster.controller_client(timeout_ms=30_000) as c:
         assert c.call("vm_move", {"name": "vm1", "to": other})["converged"]
 
@@ -183,6 +188,12 @@ def test_a_member_key_outside_its_role_is_forbidden(make_cluster):
     assert after["h1"]["forbidden"] == before["h1"]["forbidden"] + 2, after["h1"]
     assert after["h1"]["forbidden_by_role"].get("host:h2") == 2
     assert after["controller"]["forbidden"] == before["controller"]["forbidden"] + 2, after["controller"]
+    # ...and told in the event log (`dvs events`), rate-limited per role.
+    from testbed import events as evlog
+
+    evs, _ = evlog.read_all(cluster.state_dir)
+    told = {(e["proc"], e.get("role")) for e in evs if e["kind"] == "auth.forbidden"}
+    assert {("h1", "host:h2"), ("controller", "host:h2"), ("controller", "admin")} <= told, told
     with cluster.agent_client("h1") as a:
         assert not a.call("faults", {}).get("rules")
     assert vm1(cluster)["host"] == v["host"]
