@@ -5,11 +5,13 @@ without narrowed rules, stay the network model's own (byte-identical output)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from agent import wire
 from agent.wire import MsgType
+from testbed import schedule
 from testbed.schedule import TimedFault
-from testbed.sim.config import SimConfig
+from testbed.sim.config import NetConfig, SimConfig
 from testbed.sim.engine import Simulator
 
 SCENARIO = """
@@ -106,4 +108,21 @@ def test_a_delay_of_the_controllers_commands_to_one_host_delays_only_those(tmp_p
     rx = r["faults"]["receivers"]
     assert list(rx) == ["h3"] and rx["h3"]["delayed"] > 0 and rx["h3"]["dropped"] == 0
     assert rx["h3"]["delayed"] == rx["h3"]["hits"]["faults[0]"]
+    assert r["chaos"]["verdict"] == "valid", r["chaos"]["failed"]
+
+
+def test_loss_dup_and_reorder_flags_are_whole_window_rules_of_the_one_schedule():
+    hosts = ["h1", "h2", "h3", "h4"]
+    net = replace(NetConfig(), loss=0.2, dup=0.1, reorder=True, reorder_prob=0.3)
+    s = schedule.from_sim_flags((), (), net, hosts)
+    assert [(f.at_ms, f.kind, f.targets, f.params["p"], f.label) for f in s] == [
+        (0, "loss", (), 0.2, "--loss 0.2"), (0, "dup", (), 0.1, "--dup 0.1"), (0, "reorder", (), 0.3, "--reorder")]
+    assert all(f.params["from"] == hosts and f.params["window"] for f in s)  # agent to agent only...
+    assert "from" not in schedule.from_sim_flags((), (), replace(net, ctl_faults=True), hosts)[0].params  # ...or all
+    sim = Simulator(SimConfig(hosts=4, vms=16, moves=8, seed=1, net=net), history=True)
+    r = sim.run()
+    # The network model's own rules (no receiver path), and the history's schedule holds them.
+    assert "receivers" not in r["faults"] and r["traffic"]["lost"] > 0
+    start = next(x for x in sim.history.records if x["ev"] == "run_start")
+    assert [f["kind"] for f in start["schedule"]] == ["loss", "dup", "reorder"]
     assert r["chaos"]["verdict"] == "valid", r["chaos"]["failed"]

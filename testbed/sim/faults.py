@@ -71,7 +71,10 @@ class Faults:
 
     def lay_out(self, schedule, t0: int) -> None:
         for tf in schedule:
-            self.at(t0 + tf.at_ms * NS_PER_MS, self.apply_fault, tf)
+            if tf.at_ms == 0 and tf.kind in NET_KINDS:
+                self.apply_fault(tf)  # in force for the first move, which goes out at t0 too
+            else:
+                self.at(t0 + tf.at_ms * NS_PER_MS, self.apply_fault, tf)
 
     def apply_fault(self, tf: TimedFault) -> None:
         k = tf.kind
@@ -88,7 +91,8 @@ class Faults:
             if self.rx_faults:
                 self._rx_heal()
         elif k in NET_KINDS:
-            if self._whole(tf) and k not in self.timed_net:
+            cur = self.timed_net.get(k)
+            if self._whole(tf) and (cur is None or cur.params.get("window")):
                 self.timed_net[k] = tf
                 self._set_net()
             else:
@@ -133,9 +137,11 @@ class Faults:
         self.partitioned = True
 
     def _whole(self, tf: TimedFault) -> bool:
+        """On every host, of every type, from everyone (or every agent: --loss without --ctl-faults)."""
         p = tf.params
-        return (p.get("from") is None and p.get("types") is None
-                and (not tf.targets or set(tf.targets) == set(self.hosts)))
+        peers = p.get("from")
+        return (p.get("types") is None and (not tf.targets or set(tf.targets) == set(self.hosts))
+                and (peers is None or set(peers) - {CONTROLLER} == set(self.hosts)))
 
     def _rx_add(self, tf: TimedFault) -> None:
         """A rule on what its targets receive: each target's wrapper gets the nemesis's call."""
@@ -190,7 +196,8 @@ class Faults:
         self.jitter_ns = net.jitter_mean_us * NS_PER_US + (int(delay.params["jitter_ms"] * NS_PER_MS / 2)
                                                            if delay else 0)
         self.p2p_faulty = bool(self.loss or self.dup or self.reorder)
-        self.ctl_faulty = (net.ctl_faults and window) or bool(t)  # (a whole-cluster rule has no `from`)
+        self.ctl_faulty = (net.ctl_faults and window) or any(
+            f.params.get("from") is None or CONTROLLER in f.params["from"] for f in t.values())
 
     # ---- processes
 
