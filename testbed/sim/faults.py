@@ -6,10 +6,12 @@
   relation host by host;
 - heal: the partition ends and every timed network fault below is reset;
 - loss / dup / reorder (`p`) and delay (`delay_ms` + `jitter_ms`), two ways:
-  - a whole-cluster rule (every host, no `from`, no `types`: what --loss and the shipped
-    scenarios use) is the network model's own: on all agent-to-agent traffic and the control
-    connections, one in force per kind; a delay's uniform jitter is approximated as an
-    exponential jitter of half its width;
+  - a whole-cluster rule (every host, no `types`, no `from` or every host as `from`: what the
+    shipped scenarios and --loss/--dup/--reorder use) is the network model's own: on all
+    agent-to-agent traffic, and on the control connections unless `from` leaves out the
+    controller; one in force per kind (a timed one takes the place of a `window` rule of
+    --loss & co. while it lasts); a delay's uniform jitter is approximated as an exponential
+    jitter of half its width;
   - any other rule acts exactly where the agents' transport wrapper would: on what each of its
     `targets` receives, from the `from` peers only (if given), of the `types` only (if given).
     Each such host gets an agent/faults.py `NetFaults` (`rx_faults`), configured with the very
