@@ -8,7 +8,8 @@ say `ctl`, which `name()` maps onto `controller`), and `params` holds the rest, 
 the names (`p`, `delay_ms`, `jitter_ms`, `max_concurrent`, `groups`, `blocked`).
 
 Three producers build it: a chaos scenario and its seed (`from_plan`, after `random` targets
-are drawn), the `dvs sim` shorthands `--partitions` and `--crashes` (`from_sim_flags`), and
+are drawn), the `dvs sim` shorthands `--loss`, `--dup`, `--reorder`, `--partitions` and
+`--crashes` (`from_sim_flags`), and
 `dvs fault` verbs (`from_verb`). Two interpreters read it: the chaos runner's nemesis on real
 processes, and the simulator's network and cluster (testbed/sim/faults.py).
 
@@ -139,12 +140,27 @@ def _groups_of(hosts: list[str], blocked: dict[str, list[str]]) -> list[list[str
     return [sorted(g, key=_order) for g in groups]
 
 
-def from_sim_flags(partitions, crashes) -> tuple[TimedFault, ...]:
-    """The schedule `dvs sim --partitions ... --crashes ...` stands for (testbed/sim/spec.py), in
-    the order the simulator lays it out: each partition and its heal, then each crash and its
-    restart."""
+def from_sim_flags(partitions, crashes, net=None, hosts: list[str] | tuple[str, ...] = ()) -> tuple[TimedFault, ...]:
+    """The schedule `dvs sim --loss ... --dup ... --reorder --partitions ... --crashes ...` stands
+    for (testbed/sim/spec.py, NetConfig `net` of a run on `hosts`), in the order the simulator
+    lays it out: the whole-window rules, each partition and its heal, then each crash and its
+    restart.
+
+    --loss/--dup/--reorder are rules on every host at 0 ms with no end entry: they last while
+    the fault window is open, and its close is the run's final heal (as the chaos runner heals
+    at the end of a workload). They act on what the agents receive from each other (`from`:
+    every host), and from the controller too with --ctl-faults (no `from`); --reorder's `p` is
+    --reorder-prob. `window` marks them: a timed rule of the same kind on every host takes the
+    place of one while it is in force, and after its heal the window's is back (as the flags
+    always did beside a scenario's faults)."""
     out = []
-    for i, p in enumerate(partitions):
+    if net is not None:
+        peers = {} if net.ctl_faults else {"from": list(hosts)}
+        for kind, p, flag in (("loss", net.loss, f"--loss {net.loss:g}"), ("dup", net.dup, f"--dup {net.dup:g}"),
+                              ("reorder", net.reorder_prob if net.reorder else 0.0, "--reorder")):
+            if p:
+                out.append(TimedFault(0, kind, (), {"p": p, **peers, "window": True}, None, None, flag))
+    for i, p in enumerate(partitions):  # (fault indexes count the partitions and crashes only)
         groups = [[name(h) for h in g] for g in p.groups]
         out.append(TimedFault(p.start_ms, "partition", (), {"groups": groups}, i, None, f"partition {p.spec()}"))
         out.append(TimedFault(p.end_ms, "heal", (), {}, i, i, f"heal {p.spec()}"))

@@ -216,6 +216,8 @@ class Checks:
             "events": self.events,
             "ok": bool(moves_ok and checks["ok"]),
         }
+        if self.wrappers:  # (only when a rule narrowed to hosts, peers or types was in force)
+            out["faults"]["receivers"] = self.receivers_report()
         if cfg.workload != "moves":  # (only then: every other run's output stays as it was)
             out["config"]["workload"] = cfg.workload
             out["evacuate"] = {"host": "h1", "answered": client.evacuated, "max_concurrent": concurrency_for(cfg),

@@ -282,7 +282,12 @@ class Cluster:
                 if arr is None or not items:
                     continue
                 a.ctl_in_last = max(a.ctl_in_last, arr)
-                self._push(arr, iid, K_CTLIN, items)
+                rx = self.rx_faults
+                nf = rx.get(a.hidx) if rx else None
+                if nf is None:
+                    self._push(arr, iid, K_CTLIN, items)
+                else:
+                    self._ctl_rx(nf, a, items, arr)  # (a's receive-side rules, network.py)
             if to_client:
                 arr = self._ctl_link(None, to_client, t, self.ctl_to_client_last)
                 self.ctl_to_client_last = arr

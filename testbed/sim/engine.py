@@ -19,6 +19,7 @@ import random
 from dataclasses import replace
 
 from controller.config import ControllerConfig
+from dvswitch.naming import host_names
 from testbed import schedule
 from testbed.chaos.history import Journal
 from testbed.sim.checks import Checks
@@ -59,9 +60,10 @@ class Simulator(Faults, Scheduler, Network, Cluster, Checks):
         # `dvs sim --faults SCENARIO.toml`: the chaos scenario's cluster, settings, plan and
         # schedule (testbed/sim/faults.py); None: the workload and faults of the options.
         self.scenario = self.plan = None
-        self.schedule = schedule.from_sim_flags(cfg.partitions, cfg.crashes)
         if cfg.faults is not None:
             cfg, self.scenario, self.plan, self.schedule = scenario_config(cfg)
+        else:
+            self.schedule = schedule.from_sim_flags(cfg.partitions, cfg.crashes, cfg.net, host_names(cfg.hosts))
         self.cfg = cfg
         self.applies: list | None = None  # apply rows for a chaos history
         # on_phase(name, virtual_ns): called as the run passes "ready", "created", "moved",
@@ -135,12 +137,8 @@ class Simulator(Faults, Scheduler, Network, Cluster, Checks):
         t = self.now
         self.f0_ns = t
         self.traffic_at_f0 = (self.msgs, self.bytes)
-        net = self.net
-        if net.loss or net.dup or net.reorder:
-            self.loss, self.dup, self.reorder = net.loss, net.dup, net.reorder
-            self.p2p_faulty = True
-            self.ctl_faulty = net.ctl_faults
-        # The one schedule type: --partitions and --crashes are shorthands for it.
+        # The one schedule type: --loss, --dup, --reorder, --partitions and --crashes are
+        # shorthands for it (its whole-window rules take effect now, before the first move).
         if self.history is not None and self.scenario is None:
             self.history.write("workload_start", t0_ns=t, duration_s=None)
         self.lay_out(self.schedule, t)
@@ -169,6 +167,7 @@ class Simulator(Faults, Scheduler, Network, Cluster, Checks):
         self.p2p_faulty = self.ctl_faulty = False
         self.loss = self.dup = 0.0
         self.reorder = False
+        self.timed_net.clear()  # (the whole-window rules end here)
         if self.moves_done_ns is not None:
             self._start_settling()
 
@@ -200,7 +199,9 @@ def scenario_config(cfg: SimConfig):
     ctl = ControllerConfig(**{**sc.controller, "applied_log_max": 0})
     cfg = replace(cfg, hosts=sc.hosts, vms=sc.vms, moves=len(plan.moves), agent_config=AgentConfig(**sc.agent),
                   controller_config=ctl, settle_ms=round(sc.settle_s * 1000) if cfg.settle_ms is None else cfg.settle_ms)
-    return cfg, sc, plan, schedule.from_plan(sc, plan)
+    # (--loss/--dup/--reorder given beside the file: its whole-window rules first)
+    window = schedule.from_sim_flags((), (), cfg.net, sc.host_names)
+    return cfg, sc, plan, window + schedule.from_plan(sc, plan)
 
 
 def run_sim(cfg: SimConfig, on_phase=None) -> dict:

@@ -5,11 +5,22 @@
   partition that is no set of groups (a bridge host that reaches both sides), its `blocked`
   relation host by host;
 - heal: the partition ends and every timed network fault below is reset;
-- loss / dup / reorder (`p`) and delay (`delay_ms` + uniform `jitter_ms`, approximated as an
-  exponential jitter of half its width) on every agent's traffic; unless `from` leaves out the
-  controller, its commands too. The agents' transport wrapper applies them on the receiving
-  side, per receiver and message type; the simulated network applies them to all agents
-  alike (`targets` and `types` narrow nothing here: the history's fault event says so);
+- loss / dup / reorder (`p`) and delay (`delay_ms` + `jitter_ms`), two ways:
+  - a whole-cluster rule (every host, no `types`, no `from` or every host as `from`: what the
+    shipped scenarios and --loss/--dup/--reorder use) is the network model's own: on all
+    agent-to-agent traffic, and on the control connections unless `from` leaves out the
+    controller; one in force per kind (a timed one takes the place of a `window` rule of
+    --loss & co. while it lasts); a delay's uniform jitter is approximated as an exponential
+    jitter of half its width;
+  - any other rule acts exactly where the agents' transport wrapper would: on what each of its
+    `targets` receives, from the `from` peers only (if given), of the `types` only (if given).
+    Each such host gets an agent/faults.py `NetFaults` (`rx_faults`), configured with the very
+    call the real nemesis sends it (schedule.agent_settings: the rule and its seed), and every
+    frame that reaches it goes through `NetFaults.plan` (network.py); rules add up, as on an
+    agent. A second whole-cluster rule of a kind already in force is taken this way too.
+    What the controller receives has no wrapper (the real controller has none). The rules a
+    host holds outlive its restarts (the chaos runner applies them again), and the result's
+    `faults.receivers` gives each host's counters and hits per rule;
 - kill / restart / pause / resume of an agent or the controller: a crash, a new incarnation,
   or SIGSTOP's effect: nothing the process would handle runs (timers included) and what
   arrives for it waits, to be handled at resume (as a stopped process's sockets buffer it);
@@ -32,7 +43,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from testbed.schedule import CONTROLLER, TimedFault
+from agent.faults import NetFaults
+from testbed.schedule import CONTROLLER, NET_KINDS, TimedFault, agent_settings
 from testbed.sim.scheduler import CONTROLLER as CTL_DST
 from testbed.sim.scheduler import K_TIMER, NS_PER_MS, NS_PER_US
 from testbed.sim.spec import CTL, Partition
@@ -56,10 +68,15 @@ class Faults:
         self.lives_read: set[int] = set()  # controller lives whose move history is in it
         self.proc_state: dict[str, str] = {}  # process -> up | paused | down
         self.ctl_life = 1
+        self.wrappers: dict[int, NetFaults] = {}  # host index -> its receive-side rules, once it had any
+        self.rx_hits: dict[str, dict[str, int]] = {}  # host -> rule id -> frames it acted on, of healed rules
 
     def lay_out(self, schedule, t0: int) -> None:
         for tf in schedule:
-            self.at(t0 + tf.at_ms * NS_PER_MS, self.apply_fault, tf)
+            if tf.at_ms == 0 and tf.kind in NET_KINDS:
+                self.apply_fault(tf)  # in force for the first move, which goes out at t0 too
+            else:
+                self.at(t0 + tf.at_ms * NS_PER_MS, self.apply_fault, tf)
 
     def apply_fault(self, tf: TimedFault) -> None:
         k = tf.kind
@@ -73,9 +90,15 @@ class Faults:
             if self.timed_net:
                 self.timed_net.clear()
                 self._set_net()
-        elif k in ("loss", "dup", "reorder", "delay"):
-            self.timed_net[k] = tf
-            self._set_net()
+            if self.rx_faults:
+                self._rx_heal()
+        elif k in NET_KINDS:
+            cur = self.timed_net.get(k)
+            if self._whole(tf) and (cur is None or cur.params.get("window")):
+                self.timed_net[k] = tf
+                self._set_net()
+            else:
+                self._rx_add(tf)
         elif k in ("kill", "restart", "pause", "resume"):
             for who in tf.targets:
                 self._process(k, who, tf)
@@ -114,6 +137,51 @@ class Faults:
                     self.blocked[i].add(self.hidx[x])
                     self.blocked[self.hidx[x]].add(i)
         self.partitioned = True
+
+    def _whole(self, tf: TimedFault) -> bool:
+        """On every host, of every type, from everyone (or every agent: --loss without --ctl-faults)."""
+        p = tf.params
+        peers = p.get("from")
+        return (p.get("types") is None and (not tf.targets or set(tf.targets) == set(self.hosts))
+                and (peers is None or set(peers) - {CONTROLLER} == set(self.hosts)))
+
+    def _rx_add(self, tf: TimedFault) -> None:
+        """A rule on what its targets receive: each target's wrapper gets the nemesis's call."""
+        if not tf.targets:
+            tf = replace(tf, targets=tuple(self.hosts))  # (no targets: every host, as `dvs fault loss`)
+        for h, args in agent_settings(tf).items():
+            i = self.hidx[h]
+            nf = self.wrappers.get(i)
+            if nf is None:
+                nf = self.wrappers[i] = NetFaults()
+            nf.configure(args)
+            self.rx_faults[i] = nf
+        self.rx_match.clear()
+
+    def _rx_heal(self) -> None:
+        for i, nf in self.rx_faults.items():
+            self._rx_harvest(i, nf)
+            nf.configure({"reset": True})
+        self.rx_faults = {}
+        self.rx_match.clear()
+
+    def _rx_harvest(self, i: int, nf: NetFaults) -> None:
+        hits = self.rx_hits.setdefault(self.hosts[i], {})
+        for rid, n in nf.hits.items():
+            hits[rid] = hits.get(rid, 0) + n
+
+    def receivers_report(self) -> dict:
+        """Per host that held a receive-side rule: what its wrapper dropped, delayed and
+        duplicated, and the frames each rule acted on (as `dvs fault show` reports an agent's)."""
+        for i, nf in self.rx_faults.items():
+            self._rx_harvest(i, nf)
+            nf.hits = dict.fromkeys(nf.hits, 0)  # (counted once)
+        out = {}
+        for i in sorted(self.wrappers):
+            nf, h = self.wrappers[i], self.hosts[i]
+            out[h] = {"dropped": nf.dropped, "delayed": nf.delayed, "duplicated": nf.duplicated,
+                      "hits": dict(sorted(self.rx_hits.get(h, {}).items()))}
+        return out
 
     def _set_net(self) -> None:
         """Loss, duplication, reordering and delay: the fault window's (--loss ...) unless a

@@ -24,6 +24,12 @@ All per message, decided by the seeded network RNG:
 - loss, dup and reorder act only inside the fault window (or while a timed fault of the
   schedule, testbed/schedule.py, is in force); partitions and crashes happen at their
   scheduled times, which lie inside it.
+- a timed fault narrowed to some hosts, peers (`from`) or message `types` acts where the real
+  one does: on what each of its hosts receives (gossip, repair requests and replies, the
+  controller's commands), through that host's own agent/faults.py `NetFaults`, the very code
+  the agents' transport wrapper runs (`rx_faults`, testbed/sim/faults.py). The network
+  delivers the frame first (partition, whole-cluster loss, latency, FIFO), then the receiver's
+  rules drop, delay or copy it; a run without such a rule never takes that path.
 """
 
 from __future__ import annotations
@@ -36,12 +42,14 @@ from typing import TYPE_CHECKING
 
 from agent import wire
 from agent.core import AgentCore
-from agent.faults import peek_type
+from agent.faults import CONTROLLER as CONTROLLER_NAME
+from agent.faults import NetFaults, peek_type
 from agent.wire import WireError
 from testbed.sim.scheduler import (
     CLIENT_ENVELOPE,
     CONTROLLER,
     DST_SHIFT,
+    K_CTLIN,
     K_P2P,
     K_SUB,
     K_TOCTL,
@@ -87,6 +95,10 @@ class Network:
         self.duplicated = 0
         self.cut = 0  # dropped by a partition
         self.undeliverable = 0  # to a crashed agent, or unroutable
+        # Receive-side rules (timed faults narrowed by hosts, peers or types): host index -> its
+        # wrapper while it holds a rule; empty almost always, and then no send path looks further.
+        self.rx_faults: dict[int, NetFaults] = {}
+        self.rx_match: dict[tuple[int, int], dict[int, NetFaults]] = {}  # (sender, msg type) -> receivers it hits
 
     def _latency(self) -> int:
         return self.base_ns + int(-math.log(1.0 - self.net_rng.random()) * self.jitter_ns)
@@ -118,6 +130,11 @@ class Network:
             for iid in subs:
                 self._push(self._tick(t + self._latency()), iid, K_P2P, "sub", frame, None)
             return
+        if self.rx_faults:
+            match = self._rx_receivers(a, frame)
+            if match:
+                self._publish_rx(a, subs, frame, mt, body, t, match)
+                return
         slots = self.slots
         slot_heap = self.slot_heap
         current = self.slot
@@ -182,6 +199,76 @@ class Network:
         self.seq = seq
         a.fifo_until = max(until, a.fifo_until) if faulty else until
 
+    def _rx_receivers(self, a: Agent, frame: bytes) -> dict[int, NetFaults]:
+        """The receivers whose rules act on a frame of this type from `a` (cached until the rules change)."""
+        key = (a.hidx, peek_type(frame))
+        m = self.rx_match.get(key)
+        if m is None:
+            m = self.rx_match[key] = {i: nf for i, nf in self.rx_faults.items()
+                                      if any(r.matches(a.host, frame) for r in nf.rules.values())}
+        return m
+
+    def _rx_push(self, nf: NetFaults, peer: str, frame: bytes, arr: int, dst: int, *rest) -> None:
+        """A frame that reached its receiver at `arr`, through the receiver's rules: gone, or
+        one or more copies, each after its delay (as the wrapper's call_later would)."""
+        delays_s = nf.plan(peer, frame)
+        if not delays_s:
+            self.lost += 1
+            return
+        self.duplicated += len(delays_s) - 1
+        for d in delays_s:
+            self._push(self._tick(arr + round(d * 1e9)) if d else arr, dst, *rest)
+
+    def _publish_rx(self, a: Agent, subs: dict, frame: bytes, mt, body, t: int, match: dict) -> None:
+        """_publish's loop when some subscribers' rules act on this frame: the same network
+        (and the same draws for everyone else), then each such receiver's rules."""
+        rnd = self.net_rng.random
+        log = math.log
+        base = t + self.base_ns
+        jit = self.jitter_ns
+        fifo = a.fifo
+        if fifo is None:
+            fifo = a.fifo = array("q", bytes(8 * len(self.hosts)))
+        until = a.fifo_until
+        partitioned = self.partitioned
+        gid = self.gid
+        my_gid = gid[a.hidx]
+        loss, dup, reorder = (self.loss, self.dup, self.reorder) if self.p2p_faulty else (0.0, 0.0, False)
+        hold_p = self.net.reorder_prob
+        hold_ns = self.net.reorder_max_us * NS_PER_US
+        blk = self.blocked[a.hidx] if partitioned and self.blocked is not None else None
+        for iid, hidx in subs.items():
+            if partitioned and (gid[hidx] != my_gid or (blk is not None and hidx in blk)):
+                self.cut += 1
+                continue
+            if loss and rnd() < loss:
+                self.lost += 1
+                continue
+            arr = base + int(-log(1.0 - rnd()) * jit)
+            if reorder and rnd() < hold_p:
+                arr += int(rnd() * hold_ns)
+            arr = self._tick(arr)
+            if not reorder:
+                if arr < fifo[hidx]:
+                    arr = fifo[hidx]
+                fifo[hidx] = arr
+            if arr > until:
+                until = arr
+            nf = match.get(hidx)
+            if nf is None:
+                self._push(arr, iid, K_SUB, mt, body)
+            else:
+                self._rx_push(nf, a.host, frame, arr, iid, K_SUB, mt, body)
+            if dup and rnd() < dup:
+                self.duplicated += 1
+                self._count(frame, 1)
+                again = self._tick(arr + self._latency())
+                if nf is None:
+                    self._push(again, iid, K_SUB, mt, body)
+                else:
+                    self._rx_push(nf, a.host, frame, again, iid, K_SUB, mt, body)
+        a.fifo_until = until
+
     def _p2p_send(self, src: Agent, dst: Agent, channel: str, frame: bytes, envelope, t: int) -> None:
         self._count(frame, 1)
         if self.partitioned and (self.gid[src.hidx] != self.gid[dst.hidx] or (
@@ -205,11 +292,20 @@ class Network:
             if arr < last:
                 arr = last
             self.p2p_last[link] = arr
-        self._push(arr, dst.iid, K_P2P, channel, frame, envelope)
+        rx = self.rx_faults
+        nf = rx.get(dst.hidx) if rx else None
+        if nf is None:
+            self._push(arr, dst.iid, K_P2P, channel, frame, envelope)
+        else:
+            self._rx_push(nf, src.host, frame, arr, dst.iid, K_P2P, channel, frame, envelope)
         if faulty and self.dup and rnd() < self.dup:
             self.duplicated += 1
             self._count(frame, 1)
-            self._push(self._tick(arr + self._latency()), dst.iid, K_P2P, channel, frame, envelope)
+            again = self._tick(arr + self._latency())
+            if nf is None:
+                self._push(again, dst.iid, K_P2P, channel, frame, envelope)
+            else:
+                self._rx_push(nf, src.host, frame, again, dst.iid, K_P2P, channel, frame, envelope)
 
     def _request(self, a: Agent, host: str, frame: bytes, t: int) -> None:
         eps = a.conns.get(host)
@@ -242,6 +338,26 @@ class Network:
         if self.ctl_faulty and self.reorder and self.net_rng.random() < self.net.reorder_prob:
             return self._tick(arr + int(self.net_rng.random() * self.net.reorder_max_us * NS_PER_US))
         return max(self._tick(arr), last)
+
+    def _ctl_rx(self, nf: NetFaults, a: Agent, items: list, arr: int) -> None:
+        """A train from the controller that reached `a` at `arr`, through a's rules frame by
+        frame: what is neither lost nor delayed stays one train, in order, ahead of the rest."""
+        now, later = [], []
+        for item in items:
+            delays_s = nf.plan(CONTROLLER_NAME, item[2])
+            if not delays_s:
+                self.lost += 1
+                continue
+            self.duplicated += len(delays_s) - 1
+            for d in delays_s:
+                if d:
+                    later.append((self._tick(arr + round(d * 1e9)), item))
+                else:
+                    now.append(item)
+        if now:
+            self._push(arr, a.iid, K_CTLIN, now)
+        for at, item in later:
+            self._push(at, a.iid, K_CTLIN, [item])
 
     def _to_controller(self, a: Agent, frames: list, t: int) -> None:
         if self.ctl_faulty and self.loss:
