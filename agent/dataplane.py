@@ -368,9 +368,11 @@ class Dataplane:
 
     def _flood(self, frame: bytes, vlan: int, in_port: Port | None, *, from_overlay: bool) -> None:
         self.counters["flooded"] += 1
-        for port in list(self.switch.ports.values()):
-            if port.vlan == vlan and port.state == "active" and port is not in_port:
-                self._deliver(port, frame, flood=True)
+        vnics = self.vnics
+        if vnics:  # (a port whose vNIC is not connected is link-down: floods skip it)
+            for port in list(self.switch.ports.values()):
+                if port.vlan == vlan and port.state == "active" and port is not in_port and port.mac in vnics:
+                    self._deliver(port, frame, flood=True)
         if from_overlay:
             return  # split horizon: what came from the overlay never goes back into it
         datagram = None

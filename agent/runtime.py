@@ -53,6 +53,7 @@ from dvswitch.bus import (
     write_ready,
 )
 from dvswitch.events import EventLog, NoEventLog, stop_reasons
+from dvswitch.profiling import Profiler
 
 __all__ = ["AgentRuntime", "DataplaneRuntime", "VtepMap"]  # (the last two live in agent/dpruntime.py)
 
@@ -141,6 +142,7 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
                               pid=os.getpid())
         self.core.extra_methods["faults"] = self._configure_faults
         self.core.extra_methods["auth"] = self._api_auth
+        self.core.extra_methods["profile"] = Profiler().api  # (admin only: every rpc REQUEST is)
         self._open_events()
         self.timer = Timer(loop, self._on_timer)
         if guard:

@@ -43,6 +43,9 @@ class ApiError(Exception):
 class ClientApi:
     def __init__(self, coordinator) -> None:
         self.c = coordinator  # the ControllerCore: its inventory, ops and actions
+        # Methods the runtime adds (args -> result; a ValueError is the caller's fault), e.g.
+        # `profile` (dvswitch/profiling.py): process matters the pure core knows nothing of.
+        self.runtime_methods: dict = {}
 
     def _reply(self, envelope: list, req_id: int, ok: bool, result) -> None:
         self.c.outbox.append((envelope, wire.encode(MsgType.REPLY, [req_id, ok, result])))
@@ -54,6 +57,9 @@ class ClientApi:
         name = f"api_{method}"
         handler = (getattr(self, name, None) or getattr(self.c.members, name, None)
                    or getattr(self.c.maint, name, None))
+        if handler is None and method in self.runtime_methods:
+            fn = self.runtime_methods[method]
+            handler = lambda args, now_ns, envelope, req_id: fn(args)  # noqa: E731
         if handler is None:
             self._reply(envelope, req_id, False, f"unknown method {method!r}")
             return

@@ -8,7 +8,9 @@ from rich.table import Table
 
 from testbed.bench.stats import ratio
 
-GOAL_P99_RATIO = 1.5
+GOAL_P99_RATIO = 2.0  # move p99 / floor p99 (issue 18: at most 2× at 32 and 64 hosts)
+GOAL_CPU_RATIO = 2.0  # agent CPU per move per receiver / floor CPU per message per subscriber
+GOAL_FLOOR_HOSTS = (32, 64)
 GOAL_RATE_PER_S = 300
 GOAL_COLD_MS = 2000
 GOAL_RSS_MB = 60
@@ -123,20 +125,34 @@ def goals(results: dict) -> list[dict]:
     `met` is None when the goal's setup was not run (e.g. --quick: fewer hosts or ports)."""
     out = []
 
-    def add(name: str, value, met, note: str = "") -> None:
-        out.append({"goal": name, "value": value, "met": met, "note": note})
+    def add(name: str, value, met, note: str = "", limit: float | None = None) -> None:
+        g = {"goal": name, "value": value, "met": met, "note": note}
+        if limit is not None:
+            g["limit"] = limit  # a ratio goal: value at most this
+        out.append(g)
 
     other = "not the goal's setup, so not judged"
-    name = f"p99 within {GOAL_P99_RATIO}× of the floor's p99 at 32 hosts"
-    e32 = by_hosts(results, 32) or max((e for e in results["per_hosts"] if e.get("moves")),
-                                       key=lambda e: e["hosts"], default=None)
-    if e32 and e32.get("moves") and e32.get("floor"):
-        r = ratio(e32["moves"]["latency_ms"]["p99"], e32["floor"]["latency_ms"]["p99"])
-        judged = e32["hosts"] == 32
-        add(name, r, (r is not None and r <= GOAL_P99_RATIO) if judged else None,
-            "" if judged else f"measured at {e32['hosts']} hosts: {other}")
-    else:
-        add(name, None, None, "not run")
+    sizes = " and ".join(map(str, GOAL_FLOOR_HOSTS))
+    both = [e for e in results["per_hosts"] if e.get("moves") and e.get("floor")]
+
+    def vs_floor(name: str, limit: float, of) -> None:
+        rs = {e["hosts"]: ratio(*of(e)) for e in both}
+        rs = {n: r for n, r in rs.items() if r is not None}
+        if not rs:
+            add(name, None, None, "not run", limit=limit)
+            return
+        judged = set(GOAL_FLOOR_HOSTS) <= set(rs)
+        worst = max(r for n, r in rs.items() if n in GOAL_FLOOR_HOSTS) if judged else max(rs.values())
+        note = "; ".join(f"{n} hosts {r:.2f}×" for n, r in rs.items())
+        add(name, worst, worst <= limit if judged else None,
+            note + ("" if judged else f": not every one of {sizes} hosts run, so not judged"), limit=limit)
+
+    vs_floor(f"move p99 within {GOAL_P99_RATIO:g}× of the floor's p99 at {sizes} hosts", GOAL_P99_RATIO,
+             lambda e: (e["moves"]["latency_ms"]["p99"], e["floor"]["latency_ms"]["p99"]))
+    vs_floor(f"agent CPU per move per receiver within {GOAL_CPU_RATIO:g}× of the floor's per message per "
+             f"subscriber at {sizes} hosts", GOAL_CPU_RATIO,
+             lambda e: (e["moves"]["cost"]["cpu"]["agent_us_per_move_per_receiver"],
+                        e["floor"]["cpu_us_per_msg_per_subscriber"]["mean"]))
     name = f">= {GOAL_RATE_PER_S} moves/s with p99 < 50 ms"
     load = results.get("load")
     if load:
@@ -290,6 +306,8 @@ def tables(doc: dict) -> list[Table]:
         for row in curve_rows(cv):
             t.add_row(*row)
         out.append(t)
+    if r.get("profile"):
+        out.append(profile_table(r["profile"]))
     if r.get("balance"):
         t = Table("event", "figure", "value", title="Evacuate and rebalance")
         for row in balance_rows(r["balance"]):
@@ -310,8 +328,9 @@ def missed_by(g: dict) -> str:
         return ""
     if "etcd" in g["goal"]:
         return f"missed by {v:.2f}×: the worst p99 must fall to etcd's (1×)"
-    if "×" in g["goal"]:
-        return f"missed by {v / GOAL_P99_RATIO:.1f}×: p99 must fall from {v:.2f}× to {GOAL_P99_RATIO}× the floor"
+    if g.get("limit"):
+        what = "CPU" if "CPU" in g["goal"] else "p99"
+        return f"missed by {v / g['limit']:.1f}×: {what} must fall from {v:.2f}× to {g['limit']:g}× the floor"
     if "moves/s" in g["goal"]:
         return f"missed: {v:g} of {GOAL_RATE_PER_S} moves/s ({v / GOAL_RATE_PER_S:.0%} of the goal)"
     if "cold start" in g["goal"]:
@@ -333,8 +352,8 @@ def goal_value(g: dict) -> str:
         return "—"
     if "etcd" in g["goal"]:
         return f"worst {v:.2f}× etcd"
-    if "×" in g["goal"]:
-        return f"{v:.2f}×"
+    if g.get("limit"):
+        return f"worst {v:.2f}×"
     if "moves/s" in g["goal"]:
         return f"{v:g} moves/s"
     if "cold start" in g["goal"]:
@@ -449,7 +468,7 @@ CPU per message, one publisher → 31 subscriber processes, ~60-byte msgpack fra
 At 32 hosts the idle mesh (heartbeats at 500 ms) cost about 0.55 of one core in total then.
 """
 
-PROFILE_NOTES = """### Where the time goes (profiled 2026-11-26 with py-spy, strace and one-off scripts; not re-measured by `dvs bench`)
+PROFILE_NOTES = """### Earlier notes on where the time goes (2026-11-26, py-spy, strace and one-off scripts; not re-measured by `dvs bench`: its own profile is above)
 
 - **Thread wake-ups, not the protocol.** One real agent fed by 31 fake peers (agent CPU per frame,
   all threads, machine shared): a heartbeat costs ~250-320 µs (uvloop thread ~200-270 + libzmq
@@ -579,6 +598,54 @@ def etcd_starved_notes(results: dict) -> list[str]:
     return notes
 
 
+PROFILE_WHAT = {"agent": "receiving agent", "controller": "controller"}
+
+
+def profile_markdown(prof: dict | None) -> list[str]:
+    """Phase profile: where one move's CPU goes in a receiving agent and in the controller."""
+    if not prof:
+        return []
+    lines = ["", f"### Where the time goes: profile per receiving agent per move ({prof['hosts']} hosts)", "",
+             f"cProfile with the main thread's CPU clock in agent {prof['receiver']} (a host no move leaves or "
+             f"enters: what every bystander does per move) and in the controller, over {prof['moves']} moves one "
+             "after another. Profiling slows Python code, so read the shares, not the totals; \"process CPU\" "
+             "adds libzmq's I/O thread. µs per move; the pstats files are in the output directory's `logs/` "
+             "(`python -m pstats FILE`).", ""]
+    for who in ("agent", "controller"):
+        w = prof.get(who)
+        if not w:
+            continue
+        lines += [f"**{PROFILE_WHAT[who]}**: process CPU {fmt(w['cpu_us_per_move'], 0)} µs/move, main thread as "
+                  f"profiled {fmt(w['profiled_us_per_move'], 0)} µs/move.", "",
+                  "| area | calls/move | own µs/move | share |", "|---|---|---|---|"]
+        total = w["profiled_us_per_move"] or 1
+        for a in w["areas"][:10]:
+            lines.append(f"| {a['area']} | {fmt(a['calls_per_move'], 2)} | {fmt(a['own_us_per_move'], 0)} | "
+                         f"{a['own_us_per_move'] / total:.0%} |")
+        lines += ["", "| function | calls/move | own µs/move | cumulative µs/move |", "|---|---|---|---|"]
+        for t in w["top"][:12]:
+            lines.append(f"| `{t['function']}` | {fmt(t['calls_per_move'], 2)} | {fmt(t['own_us_per_move'], 0)} | "
+                         f"{fmt(t['cum_us_per_move'], 0)} |")
+        lines.append("")
+    return lines
+
+
+def profile_table(prof: dict) -> Table:
+    t = Table("process", "area", "calls/move", "own µs/move", "share",
+              title=f"Where one move's CPU goes, profiled ({prof['hosts']} hosts, {prof['moves']} moves, "
+                    f"receiver {prof['receiver']}; shares, not totals: profiling slows Python)")
+    for who in ("agent", "controller"):
+        w = prof.get(who)
+        if not w:
+            continue
+        total = w["profiled_us_per_move"] or 1
+        for i, a in enumerate(w["areas"][:6]):
+            t.add_row(f"{PROFILE_WHAT[who]} ({fmt(w['cpu_us_per_move'], 0)} µs/move)" if i == 0 else "",
+                      a["area"], fmt(a["calls_per_move"], 2), fmt(a["own_us_per_move"], 0),
+                      f"{a['own_us_per_move'] / total:.0%}")
+    return t
+
+
 def markdown(doc: dict, plot_files: dict[str, str]) -> str:
     r, env, h = doc["results"], doc["environment"], doc["headline"]
     lines = [
@@ -696,6 +763,7 @@ def markdown(doc: dict, plot_files: dict[str, str]) -> str:
             f"{fmt(c['background']['heartbeats_received_per_s_idle'], 0)} | "
             f"{fmt(c['background']['agents_cpu_cores_idle'])} | "
             f"{fmt(c['memory']['agent_rss_mb_mean'], 1)} / {fmt(c['memory']['agent_rss_mb_max'], 1)} |")
+    lines += profile_markdown(r.get("profile"))
     load = r.get("load")
     if load:
         lines += ["", f"### Load curve at {load['hosts']} hosts", "",

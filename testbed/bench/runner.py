@@ -47,11 +47,13 @@ from testbed.check import check_once
 from testbed.client import ClusterError
 from testbed.cluster import Cluster
 
-PHASES = ("floor", "etcd", "moves", "load", "ha", "cold", "curve")
+PHASES = ("floor", "etcd", "moves", "profile", "load", "ha", "cold", "curve")
 # Phases run only when --phases names them (they add a cluster start and mass moves to a run).
 EXTRA_PHASES = ("balance",)
 ALL_PHASES = PHASES + EXTRA_PHASES
 LOAD_P99_GOAL_MS = 50.0
+PROFILE_MOVES = 100  # phase profile: moves profiled (at most --moves)
+PROFILE_TOP = 25  # ...and functions listed per process
 NS = 1_000_000_000
 MB = 1024 * 1024
 
@@ -254,7 +256,7 @@ class Bench:
                                    p.floor_msgs) as adv:
                         entry["etcd"] = etcd.run_etcd(n, p.floor_msgs, p.floor_rate, self.log_dir, track=self.track,
                                                       advance=adv)
-                wants = {"moves"} | ({"load", "ha"} if n == largest else set())
+                wants = {"moves"} | ({"profile", "load", "ha"} if n == largest else set())
                 if not wants & set(p.phases):
                     continue
                 with self.cluster(n, f"N={n}") as c:
@@ -263,6 +265,8 @@ class Bench:
                         c.create_vms(vms, timeout_ms=300_000)
                     if "moves" in p.phases:
                         entry["moves"] = self.phase_moves(c, n, entry["floor"], entry["etcd"])
+                    if n == largest and "profile" in p.phases:
+                        res["profile"] = self.phase_profile(c, n)
                     if n == largest and "load" in p.phases:
                         res["load"] = self.phase_load(c, n, entry["floor"], entry["etcd"])
                     if n == largest and "ha" in p.phases:
@@ -467,6 +471,62 @@ class Bench:
                 "controller_rss_mb": s2["controller_rss"] / MB,
             },
         }
+
+    # ------------------------------------------------------------------ 2. where one move's CPU goes
+
+    def phase_profile(self, c: Cluster, n: int) -> dict:
+        """cProfile (main-thread CPU clock) in one receiving agent and in the controller while
+        moves go one after another between the other hosts: each function's own CPU time per
+        move. The receiver is a host no move leaves or enters (the last), so what it does is
+        what each of the N-2 bystanders does per move: take the update, the data plane's RARP,
+        report the apply, heartbeats. Profiling slows Python code, so the totals are larger
+        than the unprofiled figures of phase moves; the shares are what to read."""
+        p = self.p
+        count = min(p.moves, PROFILE_MOVES)
+        hosts = list(c.agents)
+        receiver = hosts[-1]
+        others = hosts[:-1]
+        vms = self.vm_list(c)
+        placement = {v["vm"]: v["host"] for v in vms if v["host"] != receiver}
+        names = sorted(placement)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        paths = {"agent": self.log_dir / f"profile-{receiver}-{stamp}.pstats",
+                 "controller": self.log_dir / f"profile-controller-{stamp}.pstats"}
+        records = []
+        with self.step(f"N={n}: {count} moves profiled at {receiver} and the controller", count) as adv, \
+                c.controller_client(timeout_ms=60_000) as ctl, c.agent_client(receiver, timeout_ms=30_000) as ag:
+            for who in (ag, ctl):
+                if who.call("profile", {"action": "status"})["running"]:
+                    who.call("profile", {"action": "stop", "top": 1})  # (a profile left over: start afresh)
+                who.call("profile", {"action": "start"})
+            try:
+                for _ in range(count):
+                    vm = self.rng.choice(names)
+                    dst = self.rng.choice([h for h in others if h != placement[vm]])
+                    records.append(self.move(ctl, vm, dst))
+                    placement[vm] = dst
+                    adv()
+                time.sleep(0.2)  # (the last move's apply report and heartbeats land in the profile)
+            finally:
+                got = {"agent": ag.call("profile", {"action": "stop", "path": str(paths["agent"]),
+                                                    "top": PROFILE_TOP}),
+                       "controller": ctl.call("profile", {"action": "stop", "path": str(paths["controller"]),
+                                                          "top": PROFILE_TOP})}
+        out: dict = {"hosts": n, "moves": count, "receiver": receiver,
+                     "converged": sum(1 for r in records if r["converged"])}
+        for who, prof in got.items():
+            out[who] = {
+                "pstats": prof["path"],
+                "cpu_us_per_move": prof["cpu_s"] / count * 1e6,  # whole process, all threads
+                "profiled_us_per_move": prof["profiled_s"] / count * 1e6,  # main thread, as profiled
+                "wall_s": prof["wall_s"],
+                "areas": [{"area": a["area"], "calls_per_move": a["calls"] / count,
+                           "own_us_per_move": a["own_s"] / count * 1e6} for a in prof["areas"][:12]],
+                "top": [{"function": t["function"], "calls_per_move": t["calls"] / count,
+                         "own_us_per_move": t["own_s"] / count * 1e6, "cum_us_per_move": t["cum_s"] / count * 1e6}
+                        for t in prof["top"]],
+            }
+        return out
 
     # ------------------------------------------------------------------ 3. load curve (open loop)
 
