@@ -13,7 +13,7 @@ from rich.table import Table
 
 from dvswitch.errors import error_line
 from testbed.client import ClusterError
-from testbed.cluster import Cluster, default_state_dir, owned_by_this_process
+from testbed.cluster import NETNS_WITH_CLUSTER_FILE, Cluster, default_state_dir, owned_by_this_process
 from testbed.console import EXIT_ERROR, EXIT_INVALID, EXIT_OK, EXIT_USAGE, make_console
 
 console = make_console()
@@ -106,6 +106,8 @@ def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_bas
         raise click.UsageError("give --hosts N (or --cluster FILE)")
     if insecure:
         warn_insecure()
+    if netns and cluster_file is not None:  # (the caller's mistake first: it holds on any machine)
+        raise ClusterError(NETNS_WITH_CLUSTER_FILE)
     if netns:
         from testbed.netns import unavailable_reason
 

@@ -111,6 +111,10 @@ def _check_state_dir(state_dir: Path) -> None:
                                f"(or set DVS_STATE_DIR)")
 
 
+NETNS_WITH_CLUSTER_FILE = ("--cluster and --netns do not mix: netns mode picks its namespaces' addresses itself "
+                           "(and writes them to STATE_DIR/cluster.toml); drop one")
+
+
 @dataclass
 class Cluster:
     state_dir: Path
@@ -323,8 +327,7 @@ class Cluster:
         spec = None
         if cluster_file is not None:
             if netns:
-                raise ClusterError("--cluster and --netns do not mix: netns mode picks its namespaces' addresses "
-                                   "itself (and writes them to STATE_DIR/cluster.toml); drop one")
+                raise ClusterError(NETNS_WITH_CLUSTER_FILE)
             cluster_file = Path(cluster_file).resolve()
             try:
                 spec = clusterfile.load(cluster_file)

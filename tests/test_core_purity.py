@@ -31,6 +31,7 @@ DRIVERS = {
     "controller/__main__.py": "the controller process's entry point",
     "controller/runtime.py": "the asyncio/ZeroMQ runtime that drives the core",
     "controller/journal.py": "the journal file (write, fsync, repair)",
+    "controller/groupcommit.py": "the journal's writer thread (write, fsync) and the messages held for it",
     "testbed/sim/command.py": "the `dvs sim` command: wall-clock progress and timing",
 }
 

@@ -468,6 +468,41 @@ CPU per message, one publisher → 31 subscriber processes, ~60-byte msgpack fra
 At 32 hosts the idle mesh (heartbeats at 500 ms) cost about 0.55 of one core in total then.
 """
 
+SESSION_NOTES = """### What changed 2026-12-04, side by side (same sitting, old and new build alternating)
+
+Three pairs of `dvs bench --hosts 32 --vms 1280 --moves 200 --rates 100,300,600 --phases moves,load
+--no-docs` (CURVE on), build 9bdd786 against this one; medians, per-pair ratios in brackets:
+
+| figure | before | after | ratio |
+|---|---|---|---|
+| sequential move p50 ms | 6.80 | 6.10 | 0.90 (0.96, 0.84, 0.85) |
+| sequential move p99 ms | 12.56 | 11.79 | 0.94 (1.18, 0.94, 0.74) |
+| agent CPU µs/move/receiver | 593 | 560 | 0.94 (0.98, 0.98, 0.94) |
+| controller CPU ms/move | 2.19 | 2.45 | 1.12 (1.24, 1.03, 1.09) |
+| 100 moves/s: p99 ms | 15.7 | 11.9 | 0.76 (0.56, 0.78, 0.58) |
+| 300 moves/s: p99 ms, achieved/s | 81.1, 287 | 108.2, 286 | 1.33 (0.75, 1.50, 0.65): noise |
+| 300 moves/s: agents / controller cores | 1.73 / 0.14 | 1.67 / 0.17 | |
+
+- **Journal group commit** (controller/groupcommit.py): the controller fsynced its journal on the
+  event loop, one fsync per tick with a record (4.75 ms of wall time per move in a wall-clock
+  profile on this virtual disk). A worker thread now writes and fsyncs while the loop goes on; what
+  is journaled meanwhile shares the next fsync; messages wait for the records before them. It costs
+  the controller ~10 % more CPU per move (the hand-off to the thread and back), and the controller
+  is not what saturates (0.17 of 2 cores at 300 moves/s); it buys lower latency at moderate load.
+- **Receivers**: the VTEP address → host lookup is remembered (it parsed two addresses with
+  `ipaddress` per datagram) and a flood skips its per-port call when no vNIC is plugged: ~5 %.
+- **What caps the rate at ~290 moves/s (32 hosts)**: the agents, at 1.67-1.73 of the 2 cores. Per
+  move each of the 30 bystanders wakes for the update, for the RARP the destination floods over
+  VXLAN, and for about one apply-report timer or heartbeat: 3.6 wake-ups per move in the profile
+  above, at the ~80-100 µs of CPU a wake-up costs here whatever the code does (two threads, two
+  context switches, cold caches; the notes below), so about half of a bystander's ~560 µs per
+  move is waking up, and the Python work the profile lists is the rest. Levers left, each
+  a protocol or product decision: no RARP over the overlay to hosts without a plugged vNIC in the
+  VLAN (EVPN-style: the gossip already tells every VTEP; ~30 % of agent CPU per move in the
+  2026-11-26 data plane on/off runs below), apply reports of several moves per frame under load
+  (already up to 20 ms), and a typed decoder (msgspec) for the ~10 % in decode and validation.
+"""
+
 PROFILE_NOTES = """### Earlier notes on where the time goes (2026-11-26, py-spy, strace and one-off scripts; not re-measured by `dvs bench`: its own profile is above)
 
 - **Thread wake-ups, not the protocol.** One real agent fed by 31 fake peers (agent CPU per frame,
@@ -816,5 +851,5 @@ def markdown(doc: dict, plot_files: dict[str, str]) -> str:
     if pngs:
         lines += ["", "Plots written next to `bench.json` in the output directory: "
                   + ", ".join(f"`{p}`" for p in pngs) + "."]
-    lines += ["", DEFINITIONS, PROFILE_NOTES, EARLIER]
+    lines += ["", DEFINITIONS, SESSION_NOTES, PROFILE_NOTES, EARLIER]
     return "\n".join(lines).rstrip() + "\n"
