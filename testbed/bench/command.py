@@ -29,7 +29,7 @@ from rich.console import Console
 
 from dvswitch.errors import error_line
 from testbed.bench import report
-from testbed.bench.runner import ALL_PHASES, PHASES, Bench, Params
+from testbed.bench.runner import ALL_PHASES, PHASES, Bench, Params, goal_hosts
 from testbed.client import ClusterError
 from testbed.cluster import owned_by_this_process
 from testbed.console import EXIT_INVALID, make_console
@@ -156,13 +156,14 @@ def command_line() -> str:
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--hosts", type=IntList(2, 256, "host count"), default="8,32", show_default=True,
-              help="Cluster sizes N to measure, comma-separated (load curve and HA at the largest).")
+              help="Cluster sizes N to measure, comma-separated (profile and HA at the largest; load curve "
+                   "and cold start at 32 when it is one of them, the goals' size, else at the largest).")
 @click.option("--vms", type=click.IntRange(2, 1_000_000), default=1280, show_default=True,
               help="VMs per cluster for the move phases.")
 @click.option("--moves", type=click.IntRange(1, 1_000_000), default=200, show_default=True,
               help="Moves one after another per N.")
 @click.option("--rates", type=RateList(), default="10,100,300,1000", show_default=True,
-              help="Offered move rates (moves/s) of the open-loop load curve at the largest N.")
+              help="Offered move rates (moves/s) of the open-loop load curve (at 32 hosts, or the largest N).")
 @click.option("--quick", is_flag=True,
               help="A tiny run (4 hosts, 32 VMs, 20 moves, 2 rates, small mass events) for smoke tests; "
                    "options given explicitly still win.")
@@ -179,7 +180,7 @@ def command_line() -> str:
 @click.option("--cold-ports", type=click.IntRange(1, 1_000_000), default=8000, show_default=True,
               help="Ports created in one batch for the cold start.")
 @click.option("--cold-hosts", type=click.IntRange(2, 256), default=None,
-              help="Hosts of the cold-start cluster (default: the largest of --hosts).")
+              help="Hosts of the cold-start cluster (default: 32 if --hosts has it, else the largest).")
 @click.option("--ha-vms", type=click.IntRange(1, 1_000_000), default=40, show_default=True,
               help="VMs on the host that HA kills.")
 @click.option("--balance-vms", type=click.IntRange(1, 100_000), default=40, show_default=True,
@@ -201,8 +202,9 @@ def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msg
     For each N: the floor (one PUB → N-1 subscriber processes, blocking recv), the etcd
     baseline (one etcd on tmpfs, N watcher processes; skipped with a note where etcd is
     absent, and under --quick unless --phases names it), then N agents
-    with --vms VMs and --moves moves one after another. At the largest N: an open-loop load
-    curve and HA after SIGKILL of one host. Then a cold start of --cold-ports ports. Phase
+    with --vms VMs and --moves moves one after another. At the largest N: a profile of where a
+    move's CPU goes and HA after SIGKILL of one host; at 32 hosts (the goals' size) if measured,
+    else at the largest: an open-loop load curve. Then a cold start of --cold-ports ports. Phase
     balance (only when --phases names it): a fresh cluster of the largest N, --balance-vms VMs
     evacuated off one host, then a rebalance from all of them on 4 hosts. Phase curve: at the
     largest N, --moves moves on clusters with CURVE and as many on clusters without, in
@@ -224,7 +226,7 @@ def bench(hosts, vms, moves, rates, quick, as_json, out, seed, step_s, floor_msg
             phases = tuple(p for p in phases if p not in ("etcd", "curve"))
     hosts = values["hosts"]
     if cold_hosts is None:
-        cold_hosts = max(hosts)
+        cold_hosts = goal_hosts(hosts)
     if "ha" in phases and values["ha_vms"] >= values["vms"]:
         raise click.UsageError(f"--ha-vms ({values['ha_vms']}) must be below --vms ({values['vms']})", ctx)
     if out.exists() and not out.is_dir():

@@ -487,8 +487,14 @@ Three pairs of `dvs bench --hosts 32 --vms 1280 --moves 200 --rates 100,300,600 
   event loop, one fsync per tick with a record (4.75 ms of wall time per move in a wall-clock
   profile on this virtual disk). A worker thread now writes and fsyncs while the loop goes on; what
   is journaled meanwhile shares the next fsync; messages wait for the records before them. It costs
-  the controller ~10 % more CPU per move (the hand-off to the thread and back), and the controller
+  the controller ~10 % more CPU per move (the hand-off to the thread and back, and more wake-ups:
+  the loop no longer sits in fsync while apply reports pile up into one drain), and the controller
   is not what saturates (0.17 of 2 cores at 300 moves/s); it buys lower latency at moderate load.
+- **The load curve and the cold start run at 32 hosts** when `--hosts` has it, the size their
+  goals name. In the first `--hosts 8,32,64` run both ran at 64: the load curve passed only at
+  10 moves/s (agents at 1.76 cores from 100/s on), and the cold start could not be timed (8,000
+  ports × 64 agents = 512,000 apply stamps, more than the controller's `applied_log_max` of
+  500,000 keeps; every agent held every port, the batch reply took 3.3 s).
 - **Receivers**: the VTEP address → host lookup is remembered (it parsed two addresses with
   `ipaddress` per datagram) and a flood skips its per-port call when no vNIC is plugged: ~5 %.
 - **What caps the rate at ~290 moves/s (32 hosts)**: the agents, at 1.67-1.73 of the 2 cores. Per
