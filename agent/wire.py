@@ -120,11 +120,17 @@ def _dict(v):
     return v
 
 
+# Every check returns the value it was given (or one equal to it), so the containers below
+# validate in place and hand back the decoded list itself: no copy per message on hot paths.
+
+
 def _list_of(item, max_len: int = MAX_LIST_LEN):
     def check(v):
         if type(v) is not list or len(v) > max_len:
             raise WireError(f"expected list of <= {max_len} items")
-        return [item(x) for x in v]
+        for x in v:
+            item(x)
+        return v
 
     return check
 
@@ -135,7 +141,9 @@ def _tuple(*fields):
     def check(v):
         if type(v) is not list or len(v) != n:
             raise WireError(f"expected a list of {n} fields, got {_show(v)}")
-        return [f(x) for f, x in zip(fields, v, strict=True)]
+        for f, x in zip(fields, v, strict=True):
+            f(x)
+        return v
 
     return check
 

@@ -330,15 +330,20 @@ class Bench:
         placement = {v["vm"]: v["host"] for v in vms}
         names = sorted(placement)
         hosts = list(c.agents)
-        records = []
         with self.step(f"{label}: {count} moves one after another", count) as adv, \
                 c.controller_client(timeout_ms=60_000) as ctl:
-            for _ in range(count):
-                vm = self.rng.choice(names)
-                dst = self.rng.choice([h for h in hosts if h != placement[vm]])
-                records.append(self.move(ctl, vm, dst))
-                placement[vm] = dst
-                adv()
+            return self.random_moves(ctl, count, placement, names, hosts, adv)
+
+    def random_moves(self, ctl, count: int, placement: dict, names: list, hosts: list, adv) -> list[dict]:
+        """`count` moves one after another of a random VM of `names` to a random other host of
+        `hosts` (placement: VM -> host, kept current); the move records."""
+        records = []
+        for _ in range(count):
+            vm = self.rng.choice(names)
+            dst = self.rng.choice([h for h in hosts if h != placement[vm]])
+            records.append(self.move(ctl, vm, dst))
+            placement[vm] = dst
+            adv()
         return records
 
     # ------------------------------------------------------------------ 1. moves one after another
@@ -354,16 +359,9 @@ class Bench:
             s0 = self.sample(c)
             time.sleep(p.idle_s)
             s1 = self.sample(c)
-        records = []
         with self.step(f"N={n}: {p.moves} moves one after another", p.moves) as adv, \
                 c.controller_client(timeout_ms=60_000) as ctl:
-            for _ in range(p.moves):
-                vm = self.rng.choice(names)
-                dst = self.rng.choice([h for h in hosts if h != placement[vm]])
-                rec = self.move(ctl, vm, dst)
-                placement[vm] = dst
-                records.append(rec)
-                adv()
+            records = self.random_moves(ctl, p.moves, placement, names, hosts, adv)
         s2 = self.sample(c)
         lat = [r["latency_ms"] for r in records if r["converged"] and r["latency_ms"] is not None]
         out = {
@@ -512,12 +510,7 @@ class Bench:
                     who.call("profile", {"action": "stop", "top": 1})  # (a profile left over: start afresh)
                 who.call("profile", {"action": "start"})
             try:
-                for _ in range(count):
-                    vm = self.rng.choice(names)
-                    dst = self.rng.choice([h for h in others if h != placement[vm]])
-                    records.append(self.move(ctl, vm, dst))
-                    placement[vm] = dst
-                    adv()
+                records += self.random_moves(ctl, count, placement, names, others, adv)
                 time.sleep(0.2)  # (the last move's apply report and heartbeats land in the profile)
             finally:
                 got = {"agent": ag.call("profile", {"action": "stop", "path": str(paths["agent"]),

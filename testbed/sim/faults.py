@@ -36,6 +36,11 @@ moves of the plan go out at their `t_s` the same way, and the cores run with the
 the same seed by testbed/chaos/scenario.py) and writes the history in the chaos runner's
 schema (testbed/chaos/history.py, docs/scenarios.md) with virtual ns in `t_ns`; the one
 checker (testbed/chaos/checker.py) then judges it.
+
+It stays one module (a little over 500 lines): the interpreter of the schedule and the client
+that runs the scenario's plan share one reading of the scenario (its timing, its settings, its
+seed), and the property that a scenario means the same here as on real processes is easiest to
+check when that reading is in one place.
 """
 
 from __future__ import annotations
