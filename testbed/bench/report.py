@@ -475,13 +475,14 @@ Three pairs of `dvs bench --hosts 32 --vms 1280 --moves 200 --rates 100,300,600 
 
 | figure | before | after | ratio |
 |---|---|---|---|
-| sequential move p50 ms | 6.80 | 6.10 | 0.90 (0.96, 0.84, 0.85) |
-| sequential move p99 ms | 12.56 | 11.79 | 0.94 (1.18, 0.94, 0.74) |
-| agent CPU µs/move/receiver | 593 | 560 | 0.94 (0.98, 0.98, 0.94) |
-| controller CPU ms/move | 2.19 | 2.45 | 1.12 (1.24, 1.03, 1.09) |
-| 100 moves/s: p99 ms | 15.7 | 11.9 | 0.76 (0.56, 0.78, 0.58) |
-| 300 moves/s: p99 ms, achieved/s | 81.1, 287 | 108.2, 286 | 1.33 (0.75, 1.50, 0.65): noise |
-| 300 moves/s: agents / controller cores | 1.73 / 0.14 | 1.67 / 0.17 | |
+| sequential move p50 ms | 7.52 | 6.29 | 0.84 (0.97, 0.89, 0.81) |
+| sequential move p99 ms | 15.16 | 11.55 | 0.76 (0.81, 0.93, 0.76) |
+| agent CPU µs/move/receiver | 570 | 575 | 1.01 (1.34, 1.01, 0.85): noise |
+| controller CPU ms/move | 2.41 | 2.75 | 1.14 (1.18, 1.11, 1.14) |
+| 100 moves/s: p99 ms | 18.1 | 11.0 | 0.61 (0.46, 0.52, 0.99) |
+| 300 moves/s: p99 ms | 61.9 | 80.8 | 1.30 (0.70, 1.30, 2.05): noise, the agents saturate |
+| 300 moves/s: achieved/s | 288 | 290 | 1.01 |
+| 300 moves/s: agents / controller cores | 1.73 / 0.14 | 1.69 / 0.18 | |
 
 - **Journal group commit** (controller/groupcommit.py): the controller fsynced its journal on the
   event loop, one fsync per tick with a record (4.75 ms of wall time per move in a wall-clock
@@ -495,8 +496,10 @@ Three pairs of `dvs bench --hosts 32 --vms 1280 --moves 200 --rates 100,300,600 
   10 moves/s (agents at 1.76 cores from 100/s on), and the cold start could not be timed (8,000
   ports × 64 agents = 512,000 apply stamps, more than the controller's `applied_log_max` of
   500,000 keeps; every agent held every port, the batch reply took 3.3 s).
-- **Receivers**: the VTEP address → host lookup is remembered (it parsed two addresses with
-  `ipaddress` per datagram) and a flood skips its per-port call when no vNIC is plugged: ~5 %.
+- **Per frame**: a receiver remembers VTEP address → host (it parsed two addresses with
+  `ipaddress` per datagram), a flood skips its per-port call when no vNIC is plugged, the wire
+  checks validate containers in place (no copy per message), and the controller's CURVE gate
+  remembers the host connections it judged. Within the noise of these runs.
 - **What caps the rate at ~290 moves/s (32 hosts)**: the agents, at 1.67-1.73 of the 2 cores. Per
   move each of the 30 bystanders wakes for the update, for the RARP the destination floods over
   VXLAN, and for about one apply-report timer or heartbeat: 3.6 wake-ups per move in the profile
