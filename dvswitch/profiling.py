@@ -68,7 +68,10 @@ class Profiler:
         wall_s = (time.monotonic_ns() - self._t0_ns) / 1e9
         cpu_s = time.process_time() - self._cpu0_s
         if path:
-            prof.dump_stats(path)
+            try:
+                prof.dump_stats(path)
+            except OSError as e:  # (the caller's path: say so, the process goes on)
+                raise ValueError(f"cannot write the pstats file {path}: {e.strerror}") from None
         st = pstats.Stats(prof)
         return {"wall_s": wall_s, "cpu_s": cpu_s, "profiled_s": st.total_tt,  # type: ignore[attr-defined]
                 "pid": os.getpid(), "path": path, "top": summarize(st, top), "areas": areas(st)}

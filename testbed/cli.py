@@ -346,6 +346,71 @@ def metrics(only, as_json, state_dir) -> None:
     click.echo(generate_latest(registry).decode(), nl=False)
 
 
+@cli.command()
+@click.argument("target")
+@click.option("--seconds", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
+              help="How long to profile.")
+@click.option("--top", type=click.IntRange(1, 500), default=20, show_default=True, help="Functions listed.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the pstats file here (read it with `python -m pstats FILE`).")
+@json_option
+@state_dir_option
+def profile(target, seconds, top, out, as_json, state_dir) -> None:
+    """Where a running agent's (TARGET h1..hN) or the controller's (TARGET controller) CPU goes:
+    cProfile on its main thread's CPU clock for --seconds, then its own time by area (our
+    modules, zmq, asyncio, builtins) and the top functions. Profiling slows the process while
+    it runs (Python code ~2x); the shares are what to read."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cluster = Cluster.load(state_dir)
+    if target == "controller":
+        if cluster.controller is None:
+            raise ClusterError("no controller in this cluster's state; start one with `dvs controller start`")
+        client = cluster.controller_client(timeout_ms=30_000)
+    else:
+        client = cluster.agent_client(target, timeout_ms=30_000)  # (unknown host: a one-line error)
+    path = os.path.abspath(out) if out else None
+    if path and not os.path.isdir(os.path.dirname(path)):
+        raise click.BadParameter(f"no directory {os.path.dirname(path)} for the pstats file", param_hint="--out")
+    with client as c:
+        try:
+            c.call("profile", {"action": "start"})
+        except ClusterError as e:
+            if "already running" not in str(e):
+                raise
+            raise ClusterError(f"{target} is being profiled already (by `dvs bench` or another `dvs profile`); "
+                               "try again when that ends") from None
+        try:
+            with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
+                          console=err_console, transient=True) as bar:
+                task = bar.add_task(f"profiling {target}", total=seconds)
+                t_end = time.monotonic() + seconds
+                while (left := t_end - time.monotonic()) > 0:
+                    time.sleep(min(0.1, left))
+                    bar.update(task, completed=seconds - max(0.0, t_end - time.monotonic()))
+        finally:
+            res = c.call("profile", {"action": "stop", "path": path, "top": top})
+    if as_json:
+        emit_json({"target": target, **res})
+        return
+    total = res["profiled_s"] or 1e-9
+    console.print(f"{target} (pid {res['pid']}): {res['cpu_s']:.3f} s CPU in {res['wall_s']:.1f} s "
+                  f"({res['cpu_s'] / res['wall_s'] * 100:.0f} % of a core, all threads); main thread as "
+                  f"profiled {res['profiled_s']:.3f} s", highlight=False)
+    t = Table("area", "calls", "own s", "share", title="Own CPU time by area")
+    for a in res["areas"][:12]:
+        t.add_row(a["area"], f"{a['calls']:,}", f"{a['own_s']:.4f}", f"{a['own_s'] / total:.0%}")
+    console.print(t)
+    t = Table("function", "calls", "own s", "cumulative s", title=f"Top {len(res['top'])} functions by own time")
+    for r in res["top"]:
+        t.add_row(r["function"], f"{r['calls']:,}", f"{r['own_s']:.4f}", f"{r['cum_s']:.4f}")
+    console.print(t)
+    if path:
+        console.print(f"pstats written to {path}", highlight=False)
+
+
 @cli.command("mac-table")
 @click.argument("host")
 @json_option

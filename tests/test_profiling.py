@@ -91,3 +91,36 @@ def test_profile_a_running_agent_and_controller_over_their_apis(make_cluster, tm
             assert pstats.Stats(str(tmp_path / f"{who}.pstats")).total_calls > 0  # type: ignore[attr-defined]
         assert ag.call("ping")["host"] == "h3"  # alive after all of it
         assert ctl.call("vm_list")["vms"]
+
+
+def test_an_unwritable_pstats_path_is_the_callers_error(tmp_path) -> None:
+    p = Profiler()
+    p.api({"action": "start"})
+    with pytest.raises(ValueError, match="cannot write the pstats file"):
+        p.api({"action": "stop", "path": str(tmp_path / "no" / "such" / "dir" / "x.pstats")})
+    assert p.api({"action": "status"}) == {"running": False}
+
+
+@pytest.mark.cluster
+def test_dvs_profile_shows_where_a_host_and_the_controller_spend_their_cpu(make_cluster, tmp_path) -> None:
+    import json
+
+    from tests.conftest import run_dvs
+
+    c = make_cluster(2)
+    c.create_vms(4)
+    sd = c.state_dir
+    out = run_dvs("profile", "h2", "--seconds", "0.5", "--top", "5", "--out", str(tmp_path / "h2.pstats"),
+                  state_dir=sd)
+    assert out.returncode == 0, out.stderr
+    assert "Own CPU time by area" in out.stdout and "Top 5 functions" in out.stdout
+    assert pstats.Stats(str(tmp_path / "h2.pstats")).total_calls > 0  # type: ignore[attr-defined]
+    js = run_dvs("profile", "controller", "--seconds", "0.3", "--json", state_dir=sd)
+    assert js.returncode == 0, js.stderr
+    doc = json.loads(js.stdout)
+    assert doc["target"] == "controller" and doc["cpu_s"] >= 0 and doc["areas"]
+    for args, needle in ((["h9"], "unknown host"), (["h1", "--out", str(tmp_path / "nodir" / "x")], "no directory"),
+                         (["h1", "--seconds", "0"], "--seconds")):
+        bad = run_dvs("profile", *args, state_dir=sd)
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr
+        assert needle in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
