@@ -36,6 +36,8 @@ class RuntimeAuth:
     rpc: zmq.Socket
     _on_rpc: Callable[[list[bytes]], None]
     _key_timer: asyncio.TimerHandle
+    _ctl_key: bytes | None
+    _reconnect_ctl: Callable[[bytes], None]
 
     def _start_guard(self) -> tuple[auth.Guard | None, bytes | None]:
         """With a key directory: the guard, started, and the controller's public key (what the
@@ -65,6 +67,9 @@ class RuntimeAuth:
 
     def _reload_keys(self) -> None:
         self.guard.reload()
+        ctl_key = self.guard.server_key(keys.CONTROLLER)
+        if ctl_key is not None and ctl_key != self._ctl_key:
+            self._reconnect_ctl(ctl_key)
         self._key_timer = self.loop.call_later(KEY_RELOAD_S, self._reload_keys)
 
     def _api_auth(self, args: dict) -> dict:

@@ -132,11 +132,8 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
         self.pull.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if guard:
             guard.client(self.pull, ctl_key)  # (its server key is set per peer before each connect)
-        self.ctl = self._socket(zmq.DEALER, wire.socket_cap_bytes(FRAME_LIMIT["ctl"]))
-        self.ctl.setsockopt(zmq.ROUTING_ID, f"agent:{self.host}:{self.incarnation}".encode())
-        if guard:
-            guard.client(self.ctl, ctl_key)  # commands come only from the holder of the controller's key
-        self.ctl.connect(self.controller)
+        self._ctl_key = ctl_key  # the controller's public key the ctl socket pins (None: no CURVE)
+        self.ctl = self._ctl_socket(ctl_key)
 
         self.core = AgentCore(self.host, self.incarnation, self.config, pub_endpoint=pub_ep, rpc_endpoint=rpc_ep,
                               pid=os.getpid())
@@ -326,6 +323,30 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
             self.pull_reader.check()
         if sent_rpc:
             self.rpc_reader.check()
+
+    def _ctl_socket(self, ctl_key: bytes | None) -> zmq.Socket:
+        ctl = self._socket(zmq.DEALER, wire.socket_cap_bytes(FRAME_LIMIT["ctl"]))
+        ctl.setsockopt(zmq.ROUTING_ID, f"agent:{self.host}:{self.incarnation}".encode())
+        if self.guard is not None:
+            self.guard.client(ctl, ctl_key)  # commands come only from the holder of the controller's key
+        ctl.connect(self.controller)
+        return ctl
+
+    def _reconnect_ctl(self, ctl_key: bytes) -> None:
+        """The controller's key changed (`dvs keys rotate --controller`): a new control connection
+        that pins the new key. The old one is closed: the controller that held the old key
+        stops for the switch, and the new one asks us to register (as after any restart)."""
+        self.ctl_reader.close()
+        self.readers.remove(self.ctl_reader)
+        self.ctl.close(linger=0)
+        self._ctl_key = ctl_key
+        self.ctl = self._ctl_socket(ctl_key)
+        self.ctl_reader = Reader(self.loop, self.ctl, self._on_ctl, self._after)
+        self.readers.append(self.ctl_reader)
+        self.ctl_reader.kick()
+        log.info("the controller's key is now %s: control connection renewed", keys.fingerprint(ctl_key))
+        self.events.emit("auth.controller_key", fingerprint=keys.fingerprint(ctl_key),
+                         message="the controller's key changed: control connection renewed")
 
     def _connect(self, peer) -> None:
         self._disconnect(peer.host)

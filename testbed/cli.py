@@ -1322,14 +1322,20 @@ def keys_show(as_json, state_dir) -> None:
 @click.option("--host", "hosts", multiple=True, metavar="H",
               help="Rotate this host's key (repeatable). Default: every host's, then the admin's.")
 @click.option("--admin", "admin_only", is_flag=True, help="Rotate only the admin key (the one `dvs` speaks with).")
+@click.option("--controller", "controller_only", is_flag=True,
+              help="Rotate only the controller's key: the controller restarts on it (from its journal) and "
+                   "every agent renews its control connection; the API pauses for about a restart.")
 @json_option
 @state_dir_option
-def keys_rotate(hosts, admin_only, as_json, state_dir) -> None:
+def keys_rotate(hosts, admin_only, controller_only, as_json, state_dir) -> None:
     """Install a new key pair, switch to it, retire the old one; the cluster keeps running."""
     from testbed import rotate
 
+    if admin_only and controller_only:
+        raise click.UsageError("--admin and --controller: give one (or neither, for every host's and the admin's)")
     cluster = _secure_cluster(state_dir)
-    names = ["admin"] if admin_only else list(hosts) or [*cluster.agents, "admin"]
+    names = ["admin"] if admin_only else ["controller"] if controller_only else \
+        list(hosts) or [*cluster.agents, "admin"]
     done = []
     for name in names:
         with err_console.status(f"rotating the key of {name}"):

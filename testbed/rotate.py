@@ -5,12 +5,17 @@
    accepts as `keyring_digest`);
 2. use: the new pair becomes `NAME` (the old one `NAME.old`, still accepted) and its owner
    switches: a host's agent is restarted on it (its peers then pin the new key when they
-   reconnect to the new incarnation), `dvs` itself simply speaks with the new admin key;
+   reconnect to the new incarnation), `dvs` itself simply speaks with the new admin key, and
+   the controller is restarted on it (from its journal, as after `dvs fault kill controller`),
+   while every agent, seeing the controller's key change in the directory, renews its control
+   connection pinned to the new key and registers again;
 3. remove: the old pair is deleted; wait until no process accepts it any more.
 Connections authenticate once, in the handshake, so the ones already up are never cut by steps
 1 and 3; only the owner's restart in step 2 reconnects (as any agent restart does).
 
-The controller's own key is not rotated here: every agent pins it on its control connection.
+The controller's switch is the one step the cluster notices: for about as long as a controller
+restart takes (1-2 s here), the API answers `retry:` or nothing and apply reports wait; the data
+plane, gossip and headless moves go on throughout.
 """
 
 from __future__ import annotations
@@ -69,13 +74,15 @@ def _switch(kdir: Path, name: str) -> None:
 
 def rotate(cluster: Cluster, name: str, *, log: Callable[[str], None] = lambda s: None,
            ready_timeout_s: float = 30.0) -> dict:
-    """Rotate `name`'s key pair (a host id or "admin"). Returns the old and new fingerprints."""
+    """Rotate `name`'s key pair (a host id, "admin" or "controller"). Returns the old and new
+    fingerprints."""
     if cluster.keys_dir is None:
         raise ClusterError("this cluster runs without CURVE (`dvs up --insecure`): it has no keys to rotate")
     if name == keys.CONTROLLER:
-        raise ClusterError("the controller's key is not rotated live (every agent pins it); restart the cluster "
-                           "with new keys instead")
-    if name != keys.ADMIN:
+        if cluster.controller is None or not procs.alive(cluster.controller):
+            raise ClusterError("the controller is not running; start it (`dvs controller start`) before rotating "
+                               "its key")
+    elif name != keys.ADMIN:
         cluster.agent(name)  # (an unknown host: one-line error)
     kdir = Path(cluster.keys_dir)
     if not (kdir / f"{name}.key_secret").exists():
@@ -88,7 +95,11 @@ def rotate(cluster: Cluster, name: str, *, log: Callable[[str], None] = lambda s
     log(f"{name}: installed {keys.fingerprint(new.public)} beside {keys.fingerprint(old.public)}")
     wait_keyrings(cluster, "install")
     _switch(kdir, name)
-    if name != keys.ADMIN:
+    if name == keys.CONTROLLER:
+        procs.stop([cluster.controller])
+        cluster.start_controller(ready_timeout_s=ready_timeout_s)
+        _wait_registered(cluster, ready_timeout_s)
+    elif name != keys.ADMIN:
         proc = cluster.agent(name)
         if procs.alive(proc):
             procs.stop([proc])
@@ -114,6 +125,25 @@ def _wait_member(cluster: Cluster, host: str, timeout_s: float) -> None:
             return
         time.sleep(0.1)
     raise ClusterError(f"key rotation: {host} did not rejoin within {timeout_s:g} s on its new key")
+
+
+def _wait_registered(cluster: Cluster, timeout_s: float) -> None:
+    """Until the restarted controller (on its new key) counts every running agent alive again."""
+    deadline = time.monotonic() + timeout_s
+    running = {h for h, p in cluster.agents.items() if procs.alive(p)}
+    alive: set[str] = set()
+    while time.monotonic() < deadline:
+        try:
+            with cluster.controller_client() as ctl:
+                alive = {h["host"] for h in ctl.call("status")["hosts"] if h["state"] == "alive"}
+        except ClusterError:
+            alive = set()  # (still starting)
+        if running <= alive:
+            return
+        time.sleep(0.1)
+    missing = ", ".join(sorted(running - alive))
+    raise ClusterError(f"key rotation: {missing} did not register with the controller on its new key within "
+                       f"{timeout_s:g} s")
 
 
 def show(cluster_keys_dir: str) -> list[dict]:

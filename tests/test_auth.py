@@ -273,3 +273,64 @@ def test_rotation_keeps_the_cluster_checking_ok_and_moves_converging(make_cluste
     assert move("h3")  # after: onto the host whose key changed
     assert check(cluster, settle_s=0)["ok"]
     assert alive(cluster)
+
+
+@pytest.mark.cluster
+def test_rotating_the_controllers_key_restarts_it_and_every_agent_follows(make_cluster):
+    import threading
+
+    from testbed import rotate
+    from testbed.check import check
+
+    cluster = make_cluster(3)
+    cluster.create_vms(4)
+    with cluster.controller_client() as ctl:
+        placement = {v["vm"]: v["host"] for v in ctl.call("vm_list")["vms"]}
+    mover = next(vm for vm, h in placement.items() if h != "h3")
+    old_pid = cluster.controller.pid
+
+    def move(to: str) -> bool:
+        """As `dvs vm move` does: a controller that is restarting answers `retry:` or nothing."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with cluster.controller_client(timeout_ms=3_000) as ctl:
+                    return ctl.call("vm_move", {"name": mover, "to": to})["converged"]
+            except ClusterError as e:
+                if f"is already on {to}" in str(e):
+                    return True  # an attempt the old controller never answered landed (check() says so below)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    assert move("h2" if placement[mover] == "h1" else "h1")  # before
+    results: list[bool] = []
+    stop = threading.Event()
+
+    def shuttle():
+        to = "h1" if placement[mover] == "h1" else "h2"
+        while not stop.is_set():
+            results.append(move(to))
+            to = "h2" if to == "h1" else "h1"
+
+    t = threading.Thread(target=shuttle)
+    t.start()
+    try:
+        old = keys.KeyRing(cluster.keys_dir).current
+        done = rotate.rotate(cluster, keys.CONTROLLER)
+    finally:
+        stop.set()
+        t.join(60)
+    assert results and all(results), results  # during
+    new = keys.KeyRing(cluster.keys_dir).current
+    assert new[keys.CONTROLLER] != old[keys.CONTROLLER] and new["h1"] == old["h1"]
+    assert done["new"] == keys.fingerprint(new[keys.CONTROLLER])
+    assert not any(k.stage for k in keys.scan(Path(cluster.keys_dir)))  # the old pair is gone
+    assert cluster.controller.pid != old_pid  # it restarted on the new key ...
+    for h in cluster.agents:  # ... and the agents, not restarted, renewed their control connections
+        with cluster.agent_client(h) as a:
+            assert a.call("status")["incarnation"] == cluster.agents[h].info["incarnation"]
+    assert check(cluster)["ok"]
+    assert move("h3")  # after
+    assert check(cluster, settle_s=0)["ok"]
+    assert alive(cluster)
