@@ -509,13 +509,17 @@ Three pairs of `dvs bench --hosts 32 --vms 1280 --moves 200 --rates 100,300,600 
 - **What caps the rate at ~290 moves/s (32 hosts)**: the agents, at 1.67-1.73 of the 2 cores. Per
   move each of the 30 bystanders wakes for the update, for the RARP the destination floods over
   VXLAN, and for about one apply-report timer or heartbeat: 3.6 wake-ups per move in the profile
-  above, at the ~80-100 µs of CPU a wake-up costs here whatever the code does (two threads, two
-  context switches, cold caches; the notes below), so about half of a bystander's ~560 µs per
-  move is waking up, and the Python work the profile lists is the rest. Levers left, each
+  above. Linux perf (the profile's first table) splits a bystander's CPU into the Python
+  interpreter ~50-56 %, the kernel ~29-32 % (syscalls, wake-ups, loopback TCP and UDP), libzmq
+  ~6 %, libsodium ~3 %, uvloop ~3 %; its I/O thread takes ~15 %. So half is our Python, spread
+  thinly over each wake-up's path (drain, decode, merge, `_after`'s flush and timer, sends):
+  `wire.decode` is ~1.3 µs, pyzmq's `Again` exception at the end of every drain ~3.7 µs, and no
+  single function stands out. Levers left, each
   a protocol or product decision: no RARP over the overlay to hosts without a plugged vNIC in the
   VLAN (EVPN-style: the gossip already tells every VTEP; ~30 % of agent CPU per move in the
-  2026-11-26 data plane on/off runs below), apply reports of several moves per frame under load
-  (already up to 20 ms), and a typed decoder (msgspec) for the ~10 % in decode and validation.
+  2026-11-26 data plane on/off runs below), fewer wake-ups for heartbeats and report timers, and
+  less Python per wake-up. A typed decoder (msgspec) would not help much: msgpack's own unpack is
+  0.25 µs of decode's 1.3 µs per frame.
 """
 
 PROFILE_NOTES = """### Earlier notes on where the time goes (2026-11-26, py-spy, strace and one-off scripts; not re-measured by `dvs bench`: its own profile is above)
@@ -661,6 +665,10 @@ def profile_markdown(prof: dict | None) -> list[str]:
              "after another. Profiling slows Python code, so read the shares, not the totals; \"process CPU\" "
              "adds libzmq's I/O thread. µs per move; the pstats files are in the output directory's `logs/` "
              "(`python -m pstats FILE`).", ""]
+    lines += perf_markdown(prof.get("perf"), prof)
+    lines += ["The same moves' Python calls (cProfile), which say what runs, not what it costs: "
+              "cProfile slows each call by tens of times, so small functions look far bigger than they "
+              "are (`wire.decode` takes ~1.3 µs unprofiled here).", ""]
     for who in ("agent", "controller"):
         w = prof.get(who)
         if not w:
@@ -680,6 +688,30 @@ def profile_markdown(prof: dict | None) -> list[str]:
     return lines
 
 
+def perf_markdown(pf: dict | None, prof: dict) -> list[str]:
+    if not pf:
+        return []
+    if pf.get("skipped"):
+        return [f"Linux perf: not run ({pf['skipped']}).", ""]
+    lines = [f"**Linux perf**, {pf['moves']} moves before the cProfile ones, sampling at "
+             f"~3 kHz (all threads{', kernel included' if pf['kernel_visible'] else '; user space only: not root'}"
+             "): share of each process's CPU samples by shared object, and by thread (`python` is the "
+             "event loop, `ZMQbg/IO/0` libzmq's I/O thread).", "",
+             "| process | shared object | share |", "|---|---|---|"]
+    for who in ("agent", "controller"):
+        w = pf.get(who)
+        if not w:
+            continue
+        if w.get("error"):
+            lines.append(f"| {PROFILE_WHAT[who]} | {w['error']} | |")
+            continue
+        threads = ", ".join(f"{t['thread']} {t['share']:.0%}" for t in w["by_thread"][:3])
+        for i, d in enumerate(w["by_dso"][:7]):
+            lines.append(f"| {PROFILE_WHAT[who] + f' ({threads})' if i == 0 else ''} | {d['dso']} | "
+                         f"{d['share']:.0%} |")
+    return lines + [""]
+
+
 def profile_table(prof: dict) -> Table:
     t = Table("process", "area", "calls/move", "own µs/move", "share",
               title=f"Where one move's CPU goes, profiled ({prof['hosts']} hosts, {prof['moves']} moves, "
@@ -688,6 +720,10 @@ def profile_table(prof: dict) -> Table:
         w = prof.get(who)
         if not w:
             continue
+        pw = (prof.get("perf") or {}).get(who) or {}
+        if pw.get("by_dso"):
+            t.add_row(f"{PROFILE_WHAT[who]}: perf", ", ".join(f"{d['dso']} {d['share']:.0%}" for d in pw["by_dso"][:5]),
+                      "", "", "")
         total = w["profiled_us_per_move"] or 1
         for i, a in enumerate(w["areas"][:6]):
             t.add_row(f"{PROFILE_WHAT[who]} ({fmt(w['cpu_us_per_move'], 0)} µs/move)" if i == 0 else "",

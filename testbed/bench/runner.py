@@ -40,7 +40,7 @@ from agent.mactable import parse_mac
 from agent.wire import MsgType
 from controller.config import ControllerConfig
 from testbed import procs
-from testbed.bench import etcd
+from testbed.bench import etcd, perfdso
 from testbed.bench.floor import run_floor
 from testbed.bench.stats import dist, mean, ratio, ratios
 from testbed.check import check as settled_check
@@ -503,6 +503,7 @@ class Bench:
         paths = {"agent": self.log_dir / f"profile-{receiver}-{stamp}.pstats",
                  "controller": self.log_dir / f"profile-controller-{stamp}.pstats"}
         records = []
+        out_perf = self.perf_phase(c, count, receiver, placement, names, others, stamp)
         with self.step(f"N={n}: {count} moves profiled at {receiver} and the controller", count) as adv, \
                 c.controller_client(timeout_ms=60_000) as ctl, c.agent_client(receiver, timeout_ms=30_000) as ag:
             for who in (ag, ctl):
@@ -518,7 +519,7 @@ class Bench:
                        "controller": ctl.call("profile", {"action": "stop", "path": str(paths["controller"]),
                                                           "top": PROFILE_TOP})}
         out: dict = {"hosts": n, "moves": count, "receiver": receiver,
-                     "converged": sum(1 for r in records if r["converged"])}
+                     "converged": sum(1 for r in records if r["converged"]), "perf": out_perf}
         for who, prof in got.items():
             out[who] = {
                 "pstats": prof["path"],
@@ -531,6 +532,46 @@ class Bench:
                          "own_us_per_move": t["own_s"] / count * 1e6, "cum_us_per_move": t["cum_s"] / count * 1e6}
                         for t in prof["top"]],
             }
+        return out
+
+    def perf_phase(self, c: Cluster, count: int, receiver: str, placement: dict, names: list, others: list,
+                   stamp: str) -> dict:
+        """`count` moves with Linux perf sampling the receiver and the controller (no cProfile
+        then): their CPU by thread and shared object. {"skipped": why} without perf."""
+        why = perfdso.unavailable_reason()
+        if why:
+            return {"skipped": why}
+        recs = {"agent": perfdso.Recording(c.agents[receiver].pid, self.log_dir / f"perf-{receiver}-{stamp}.data",
+                                           self.log_dir / "perf.log"),
+                "controller": perfdso.Recording(c.controller.pid, self.log_dir / f"perf-controller-{stamp}.data",
+                                                self.log_dir / "perf.log")}
+        with self.step(f"{count} moves sampled by perf at {receiver} and the controller", count) as adv, \
+                c.controller_client(timeout_ms=60_000) as ctl:
+            for r in recs.values():
+                r.start(track=self.track)
+            try:
+                time.sleep(0.3)  # (perf attaches)
+                self.random_moves(ctl, count, placement, names, others, adv)
+                time.sleep(0.2)
+            finally:
+                wrote = {who: r.stop() for who, r in recs.items()}
+        out: dict = {"kernel_visible": perfdso.kernel_visible(), "moves": count}
+        for who, r in recs.items():
+            if not wrote[who]:
+                out[who] = {"error": f"perf wrote nothing (see {r.log_path})"}
+                continue
+            rows = perfdso.shares(r.path)
+            by_dso: dict[str, float] = {}
+            by_thread: dict[str, float] = {}
+            for row in rows:
+                name = perfdso.label(row["dso"])
+                by_dso[name] = by_dso.get(name, 0.0) + row["share"]
+                by_thread[row["thread"]] = by_thread.get(row["thread"], 0.0) + row["share"]
+            out[who] = {"data": str(r.path),
+                        "by_dso": sorted(({"dso": k, "share": v} for k, v in by_dso.items()),
+                                         key=lambda x: x["share"], reverse=True),
+                        "by_thread": sorted(({"thread": k, "share": v} for k, v in by_thread.items()),
+                                            key=lambda x: x["share"], reverse=True)}
         return out
 
     # ------------------------------------------------------------------ 3. load curve (open loop)
