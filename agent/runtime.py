@@ -133,6 +133,7 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
         if guard:
             guard.client(self.pull, ctl_key)  # (its server key is set per peer before each connect)
         self._ctl_key = ctl_key  # the controller's public key the ctl socket pins (None: no CURVE)
+        self._ctl_nonce = os.urandom(8).hex()
         self.ctl = self._ctl_socket(ctl_key)
 
         self.core = AgentCore(self.host, self.incarnation, self.config, pub_endpoint=pub_ep, rpc_endpoint=rpc_ep,
@@ -326,7 +327,11 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
 
     def _ctl_socket(self, ctl_key: bytes | None) -> zmq.Socket:
         ctl = self._socket(zmq.DEALER, wire.socket_cap_bytes(FRAME_LIMIT["ctl"]))
-        ctl.setsockopt(zmq.ROUTING_ID, f"agent:{self.host}:{self.incarnation}".encode())
+        # agent:HOST:INCARNATION:NONCE. The nonce (this process's, never sent to anyone else) is
+        # why another admitted host cannot present our routing id: the controller's ROUTER hands
+        # a routing id over to whoever connects with it last (ROUTER_HANDOVER, which our own
+        # reconnects need), and host names and incarnations are no secret (PEERS carries them).
+        ctl.setsockopt(zmq.ROUTING_ID, f"agent:{self.host}:{self.incarnation}:{self._ctl_nonce}".encode())
         if self.guard is not None:
             self.guard.client(ctl, ctl_key)  # commands come only from the holder of the controller's key
         ctl.connect(self.controller)

@@ -150,7 +150,7 @@ class ControllerRuntime:
 
     def _told_malformed(self, frames: list[bytes]) -> None:
         """frame.dropped (rate-limited) for a malformed frame the core or the auth gate counted."""
-        # Whose it was: an agent's control socket is named agent:HOST:INCARNATION.
+        # Whose it was: an agent's control socket is named agent:HOST:INCARNATION:NONCE.
         who = frames[0].decode(errors="replace")
         peer = who.split(":")[1] if who.startswith("agent:") and who.count(":") >= 2 else "client"
         total = self.core.dropped_malformed

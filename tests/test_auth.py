@@ -334,3 +334,34 @@ def test_rotating_the_controllers_key_restarts_it_and_every_agent_follows(make_c
     assert move("h3")  # after
     assert check(cluster, settle_s=0)["ok"]
     assert alive(cluster)
+
+
+@pytest.mark.cluster
+def test_a_member_cannot_take_over_another_hosts_control_connection(make_cluster):
+    """What another host can know of h2's control connection (its name and incarnation, which
+    PEERS carries) is not its routing id: connecting under that name kicks nothing (the
+    controller's ROUTER hands a routing id over to the last to connect with it)."""
+    cluster = make_cluster(2)
+    cluster.create_vms(2)
+    inc = cluster.agents["h2"].info["incarnation"]
+    before = counters(cluster)["controller"]["forbidden"]
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.setsockopt(zmq.ROUTING_ID, f"agent:h2:{inc}".encode())
+        set_curve_client(sock, *cluster.curve_for("controller", me="h1"))  # h1's key, h2's name
+        sock.connect(cluster.controller_endpoint)
+        for _ in range(5):
+            sock.send(wire.encode(MsgType.AGENT_STATUS, ["h1", 1, 1, 0, "0", 0, 0]))
+        wait_for(lambda: counters(cluster)["controller"]["forbidden"] > before, 10,
+                 "the controller to refuse a connection named after h2 with h1's key")
+        # h2's own control connection still works: a move to it converges, h2 stays alive.
+        v = vm1(cluster)
+        dst = "h2" if v["host"] != "h2" else "h1"
+        with cluster.controller_client() as ctl:
+            assert ctl.call("vm_move", {"name": "vm1", "to": dst})["converged"]
+            assert {h["host"]: h["state"] for h in ctl.call("status")["hosts"]}["h2"] == "alive"
+    finally:
+        sock.close(linger=0)
+    assert alive(cluster)
