@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 log = logging.getLogger("controller")
@@ -38,7 +39,11 @@ class GroupCommit:
         self._synced = 0  # ...and of the last one on disk
         self._held: deque[tuple[int, list]] = deque()  # (generation it waits for, messages)
         self._busy = False
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="journal")
+        # One writer thread, fed through a queue and answering with call_soon_threadsafe: no
+        # futures or executor on the hot path (they were ~5 % of the controller's Python time).
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._writer, name="journal", daemon=True)
+        self._thread.start()
         self.fsyncs = 0  # fsync calls made (one per group)
 
     def submit(self, data: bytes, messages: list) -> None:
@@ -59,28 +64,39 @@ class GroupCommit:
             return
         data = b"".join(self._pending)
         self._pending.clear()
-        gen = self._gen
         self._busy = True
-        fut = self.loop.run_in_executor(self._pool, self._write, data)
-        fut.add_done_callback(lambda f: self._done(gen, f))
+        self._work.put((self._gen, data))
 
-    def _write(self, data: bytes) -> None:  # (in the worker thread)
+    def _writer(self) -> None:  # (the worker thread)
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            gen, data = item
+            try:
+                self._write(data)
+                exc = None
+            except Exception as e:  # (any: this thread must live on, and the loop must hear of it)
+                exc = e
+            try:
+                self.loop.call_soon_threadsafe(self._done, gen, exc)
+            except RuntimeError:
+                return  # the loop is closed: we are shutting down (close() writes what is left)
+
+    def _write(self, data: bytes) -> None:
         self.file.write(data)
         self.file.flush()
         os.fsync(self.file.fileno())
 
-    def _done(self, gen: int, fut: asyncio.Future) -> None:
+    def _done(self, gen: int, exc: BaseException | None) -> None:
         self._busy = False
-        if fut.cancelled():
-            return
-        exc = fut.exception()
         if exc is not None:
             # As when this was inline: the records are lost to the journal (said loudly) and
             # the messages still go, or the moves they carry would stall until they time out.
             log.error("journal write failed: %s: %s", type(exc).__name__, exc)
         else:
             self.fsyncs += 1
-        self._synced = gen
+        self._synced = max(self._synced, gen)
         self._release()
         self._start()
 
@@ -91,7 +107,8 @@ class GroupCommit:
 
     def close(self) -> None:
         """Make everything durable and send what waited for it (at shutdown: synchronous)."""
-        self._pool.shutdown(wait=True)  # (the write in flight, if any, is on disk after this)
+        self._work.put(None)
+        self._thread.join()  # (the write in flight, if any, is on disk after this)
         self._busy = False
         if self._pending:
             try:

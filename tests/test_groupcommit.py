@@ -97,7 +97,7 @@ async def test_a_failed_write_is_logged_and_the_messages_still_go(tmp_path, capl
     gc.submit(b"x\n", ["m"])
     await _until(lambda: sent == ["m"])
     assert "journal write failed" in caplog.text
-    gc._pool.shutdown()
+    gc.close()
     try:
         f.close()
     except OSError:
