@@ -484,12 +484,13 @@ Three pairs of `dvs bench --hosts 32 --vms 1280 --moves 200 --rates 100,300,600 
 | 300 moves/s: achieved/s | 288 | 290 | 1.01 |
 | 300 moves/s: agents / controller cores | 1.73 / 0.14 | 1.69 / 0.18 | |
 
-- **Two acceptance runs, one hour apart** (`dvs bench --hosts 8,32,64 --vms 1280 --moves 200
-  --json`, 203 s and 195 s): move p99 / etcd p99 = 0.78 / 0.83 / 0.70 in the first, 1.08 / 1.66 /
-  0.55 in the second (at 8 / 32 / 64 hosts). dvswitch's p99 moved less (12.9 → 8.7 ms at 32
-  hosts) than etcd's (15.6 → 5.3 ms), so the etcd goal is at the edge at 8 and 32 hosts and
-  met at 64; one run does not settle it. The floor's CPU per message also moved (46-52 → 29-45
-  µs), and with it the CPU ratio (12.6-13.5× → 9.1-14.6×).
+- **Three acceptance runs this session** (`dvs bench --hosts 8,32,64 --vms 1280 --moves 200
+  --json`, 195-204 s each): move p99 / etcd p99 at 8 / 32 / 64 hosts = 0.78 / 0.83 / 0.70, then
+  1.08 / 1.66 / 0.55, then 0.86 / 1.17 / 0.25 (this file's run). dvswitch's p99 at 32 hosts moved
+  8.7-12.9 ms, etcd's 5.3-15.6 ms: the etcd goal is at the edge at 8 and 32 hosts and met at 64
+  (where etcd's 64 watchers starve); one run does not settle it. The floor's CPU per message
+  moved too (29-52 µs), and with it the CPU ratio (9-15×). At 300 moves/s (32 hosts): p99 70.9,
+  79.3, 58.6 ms at 287-297 moves/s achieved.
 - **Journal group commit** (controller/groupcommit.py): the controller fsynced its journal on the
   event loop, one fsync per tick with a record (4.75 ms of wall time per move in a wall-clock
   profile on this virtual disk). A worker thread now writes and fsyncs while the loop goes on; what
