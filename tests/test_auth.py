@@ -229,99 +229,90 @@ def test_a_host_whose_key_was_replaced_cannot_rejoin(make_cluster, tmp_path):
     assert alive(cluster)
 
 
-@pytest.mark.cluster
-def test_rotation_keeps_the_cluster_checking_ok_and_moves_converging(make_cluster):
-    import threading
+class Shuttle:
+    """A running 3-host cluster's VM moved back and forth between h1 and h2 while something
+    happens (`during`): every move must converge, before, during and after. `retry`: retry a
+    move as `dvs vm move` does while a controller restarts (it answers `retry:` or nothing)."""
 
-    from testbed import rotate
-    from testbed.check import check
+    def __init__(self, make_cluster, *, retry: bool = False) -> None:
+        self.cluster = make_cluster(3)
+        self.cluster.create_vms(4)
+        with self.cluster.controller_client() as ctl:
+            self.placement = {v["vm"]: v["host"] for v in ctl.call("vm_list")["vms"]}
+        self.mover = next(vm for vm, h in self.placement.items() if h != "h3")
+        self.retry = retry
+        self.results: list[bool] = []
 
-    cluster = make_cluster(3)
-    cluster.create_vms(4)
-    with cluster.controller_client() as ctl:
-        placement = {v["vm"]: v["host"] for v in ctl.call("vm_list")["vms"]}
-    mover = next(vm for vm, h in placement.items() if h != "h3")  # shuttled between h1 and h2
-
-    def move(to: str) -> bool:
-        with cluster.controller_client(timeout_ms=30_000) as ctl:
-            return ctl.call("vm_move", {"name": mover, "to": to})["converged"]
-
-    assert move("h2" if placement[mover] == "h1" else "h1")  # before
-    results: list[bool] = []
-    stop = threading.Event()
-
-    def shuttle():
-        to = "h1" if placement[mover] == "h1" else "h2"  # (where the move above did not put it)
-        while not stop.is_set():
-            results.append(move(to))
-            to = "h2" if to == "h1" else "h1"
-
-    t = threading.Thread(target=shuttle)
-    t.start()
-    try:
-        old = keys.KeyRing(cluster.keys_dir).current
-        done = [rotate.rotate(cluster, "h3"), rotate.rotate(cluster, keys.ADMIN)]
-    finally:
-        stop.set()
-        t.join(60)
-    assert results and all(results), results  # during
-    new = keys.KeyRing(cluster.keys_dir).current
-    assert new["h3"] != old["h3"] and new[keys.ADMIN] != old[keys.ADMIN] and new["h1"] == old["h1"]
-    assert [d["new"] for d in done] == [keys.fingerprint(new["h3"]), keys.fingerprint(new[keys.ADMIN])]
-    assert not any(k.stage for k in keys.scan(Path(cluster.keys_dir)))  # the old keys are gone
-    assert check(cluster)["ok"]
-    assert move("h3")  # after: onto the host whose key changed
-    assert check(cluster, settle_s=0)["ok"]
-    assert alive(cluster)
-
-
-@pytest.mark.cluster
-def test_rotating_the_controllers_key_restarts_it_and_every_agent_follows(make_cluster):
-    import threading
-
-    from testbed import rotate
-    from testbed.check import check
-
-    cluster = make_cluster(3)
-    cluster.create_vms(4)
-    with cluster.controller_client() as ctl:
-        placement = {v["vm"]: v["host"] for v in ctl.call("vm_list")["vms"]}
-    mover = next(vm for vm, h in placement.items() if h != "h3")
-    old_pid = cluster.controller.pid
-
-    def move(to: str) -> bool:
-        """As `dvs vm move` does: a controller that is restarting answers `retry:` or nothing."""
+    def move(self, to: str) -> bool:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with cluster.controller_client(timeout_ms=3_000) as ctl:
-                    return ctl.call("vm_move", {"name": mover, "to": to})["converged"]
+                with self.cluster.controller_client(timeout_ms=3_000 if self.retry else 30_000) as ctl:
+                    return ctl.call("vm_move", {"name": self.mover, "to": to})["converged"]
             except ClusterError as e:
+                if not self.retry:
+                    raise
                 if f"is already on {to}" in str(e):
-                    return True  # an attempt the old controller never answered landed (check() says so below)
+                    return True  # an attempt the old controller never answered landed (check() says so)
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 
-    assert move("h2" if placement[mover] == "h1" else "h1")  # before
-    results: list[bool] = []
-    stop = threading.Event()
+    def during(self, action):
+        import threading
 
-    def shuttle():
-        to = "h1" if placement[mover] == "h1" else "h2"
-        while not stop.is_set():
-            results.append(move(to))
-            to = "h2" if to == "h1" else "h1"
+        first = "h2" if self.placement[self.mover] == "h1" else "h1"
+        assert self.move(first)  # before
+        stop = threading.Event()
 
-    t = threading.Thread(target=shuttle)
-    t.start()
-    try:
-        old = keys.KeyRing(cluster.keys_dir).current
-        done = rotate.rotate(cluster, keys.CONTROLLER)
-    finally:
-        stop.set()
-        t.join(60)
-    assert results and all(results), results  # during
+        def shuttle():
+            to = "h1" if first == "h2" else "h2"  # (where the move above did not put it)
+            while not stop.is_set():
+                self.results.append(self.move(to))
+                to = "h2" if to == "h1" else "h1"
+
+        t = threading.Thread(target=shuttle)
+        t.start()
+        try:
+            return action()
+        finally:
+            stop.set()
+            t.join(60)
+            assert self.results and all(self.results), self.results  # during
+
+    def after(self) -> None:
+        from testbed.check import check
+
+        assert check(self.cluster)["ok"]
+        assert self.move("h3")  # after: onto the host that did not shuttle
+        assert check(self.cluster, settle_s=0)["ok"]
+        assert alive(self.cluster)
+
+
+@pytest.mark.cluster
+def test_rotation_keeps_the_cluster_checking_ok_and_moves_converging(make_cluster):
+    from testbed import rotate
+
+    sh = Shuttle(make_cluster)
+    cluster = sh.cluster
+    old = keys.KeyRing(cluster.keys_dir).current
+    done = sh.during(lambda: [rotate.rotate(cluster, "h3"), rotate.rotate(cluster, keys.ADMIN)])
+    new = keys.KeyRing(cluster.keys_dir).current
+    assert new["h3"] != old["h3"] and new[keys.ADMIN] != old[keys.ADMIN] and new["h1"] == old["h1"]
+    assert [d["new"] for d in done] == [keys.fingerprint(new["h3"]), keys.fingerprint(new[keys.ADMIN])]
+    assert not any(k.stage for k in keys.scan(Path(cluster.keys_dir)))  # the old keys are gone
+    sh.after()  # (h3: the host whose key changed)
+
+
+@pytest.mark.cluster
+def test_rotating_the_controllers_key_restarts_it_and_every_agent_follows(make_cluster):
+    from testbed import rotate
+
+    sh = Shuttle(make_cluster, retry=True)
+    cluster = sh.cluster
+    old_pid = cluster.controller.pid
+    old = keys.KeyRing(cluster.keys_dir).current
+    done = sh.during(lambda: rotate.rotate(cluster, keys.CONTROLLER))
     new = keys.KeyRing(cluster.keys_dir).current
     assert new[keys.CONTROLLER] != old[keys.CONTROLLER] and new["h1"] == old["h1"]
     assert done["new"] == keys.fingerprint(new[keys.CONTROLLER])
@@ -330,10 +321,7 @@ def test_rotating_the_controllers_key_restarts_it_and_every_agent_follows(make_c
     for h in cluster.agents:  # ... and the agents, not restarted, renewed their control connections
         with cluster.agent_client(h) as a:
             assert a.call("status")["incarnation"] == cluster.agents[h].info["incarnation"]
-    assert check(cluster)["ok"]
-    assert move("h3")  # after
-    assert check(cluster, settle_s=0)["ok"]
-    assert alive(cluster)
+    sh.after()
 
 
 @pytest.mark.cluster
