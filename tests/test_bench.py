@@ -257,3 +257,13 @@ def test_balance_phase_evacuates_and_rebalances_at_4_hosts(tmp_path):
     assert r["spread_after"] <= r["threshold"] and b["tables_agree"]
     assert "Evacuate and rebalance" in (out / "benchmarks.md").read_text()
     assert len(doc["pids"]) == 5 and still_running(doc["pids"]) == []
+
+
+def test_perf_names_the_interpreter_however_python_was_built():
+    from testbed.bench.perfdso import label
+
+    # pyenv's python links libpython; Debian's python3.11 has the interpreter in the binary.
+    assert label("libpython3.11.so.1.0") == label("python3.11") == "python interpreter"
+    assert label("[kernel.kallsyms]") == "kernel"
+    assert label("libzmq-2f02442c.so.5.2.5") == "libzmq"
+    assert label("loop.cpython-311-x86_64-linux-gnu.so") == "uvloop"

@@ -90,6 +90,8 @@ def shares(path: Path) -> list[dict]:
 def label(dso: str) -> str:
     """A short name for a shared object: libpython3.11.so.1.0 -> python interpreter, ..."""
     d = dso.strip("[]")
+    if d.startswith("python"):  # (an interpreter built without a shared libpython: Debian's python3.11)
+        return "python interpreter"
     for prefix, name in (("libpython", "python interpreter"), ("kernel", "kernel"), ("libzmq", "libzmq"),
                          ("libsodium", "libsodium (CURVE)"), ("loop.cpython", "uvloop"), ("libc.so", "libc"),
                          ("_cmsgpack", "msgpack"), ("_zmq.cpython", "pyzmq"), ("vdso", "vdso (clock)")):
