@@ -1,10 +1,11 @@
 """On-demand CPU profiles of a running process (the `profile` API method of agents and the
-controller): `dvs bench --profile` starts one in a receiving agent and in the controller for the
-moves of the largest N, and reads back where each move's CPU went.
+controller): `dvs profile` and the bench's phase `profile` start one, run moves or wait, and read
+back which Python code ran and how often.
 
-cProfile, deterministic: it counts every call, so the totals are comparable run to run even on a
-busy machine, but it slows Python code (~2x for call-heavy paths), so the profile says where the
-time goes, not how long a move takes (the bench's own figures, taken unprofiled, say that).
+cProfile, deterministic: it counts every call, so the call counts are exact run to run even on
+a busy machine, but it slows each call by a fixed cost that dwarfs small functions (wire.decode:
+~1.3 µs unprofiled, tens of µs profiled), so its times overweight call-heavy code. Read it as a
+map of what runs; for what each part costs, sample with Linux perf (testbed/bench/perfdso.py).
 
 Its clock is the main thread's CPU time (`time.thread_time_ns`), not the wall clock: on a
 2-core machine shared by 33 processes a wall-clock profile charges whatever call was running

@@ -359,7 +359,8 @@ def profile(target, seconds, top, out, as_json, state_dir) -> None:
     """Where a running agent's (TARGET h1..hN) or the controller's (TARGET controller) CPU goes:
     cProfile on its main thread's CPU clock for --seconds, then its own time by area (our
     modules, zmq, asyncio, builtins) and the top functions. Profiling slows the process while
-    it runs (Python code ~2x); the shares are what to read."""
+    it runs, small functions most (each call pays a fixed cost): read it as a map of what runs
+    and how often; `perf` says what each part costs."""
     import time
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn

@@ -98,13 +98,14 @@ def rotate(cluster: Cluster, name: str, *, log: Callable[[str], None] = lambda s
     if name == keys.CONTROLLER:
         procs.stop([cluster.controller])
         cluster.start_controller(ready_timeout_s=ready_timeout_s)
-        _wait_registered(cluster, ready_timeout_s)
+        _wait_member(cluster, {h for h, p in cluster.agents.items() if procs.alive(p)}, ready_timeout_s,
+                     "register with the controller on its new key")
     elif name != keys.ADMIN:
         proc = cluster.agent(name)
         if procs.alive(proc):
             procs.stop([proc])
             cluster.add_agent(name, ready_timeout_s=ready_timeout_s)
-            _wait_member(cluster, name, ready_timeout_s)
+            _wait_member(cluster, {name}, ready_timeout_s, "rejoin on its new key")
     log(f"{name}: now uses {keys.fingerprint(new.public)}")
     wait_keyrings(cluster, "use")
     keys.remove(kdir / f"{name}.old.key")
@@ -114,35 +115,22 @@ def rotate(cluster: Cluster, name: str, *, log: Callable[[str], None] = lambda s
     return {"name": name, "old": keys.fingerprint(old.public), "new": keys.fingerprint(new.public)}
 
 
-def _wait_member(cluster: Cluster, host: str, timeout_s: float) -> None:
-    """Until the controller counts the restarted host alive again and every agent hears it."""
+def _wait_member(cluster: Cluster, hosts: set[str], timeout_s: float, why: str) -> None:
+    """Until the controller counts each of `hosts` alive (again) and every live agent hears
+    every other; the controller may itself be starting (it answers nothing for a moment)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with cluster.controller_client() as ctl:
-            hosts = {h["host"]: h for h in ctl.call("status")["hosts"]}
-        if hosts.get(host, {}).get("state") == "alive" and all(
-                h["peers_heard"] >= len(hosts) - 1 for h in hosts.values() if h["state"] == "alive"):
-            return
-        time.sleep(0.1)
-    raise ClusterError(f"key rotation: {host} did not rejoin within {timeout_s:g} s on its new key")
-
-
-def _wait_registered(cluster: Cluster, timeout_s: float) -> None:
-    """Until the restarted controller (on its new key) counts every running agent alive again."""
-    deadline = time.monotonic() + timeout_s
-    running = {h for h, p in cluster.agents.items() if procs.alive(p)}
     alive: set[str] = set()
     while time.monotonic() < deadline:
         try:
             with cluster.controller_client() as ctl:
-                alive = {h["host"] for h in ctl.call("status")["hosts"] if h["state"] == "alive"}
+                st = {h["host"]: h for h in ctl.call("status")["hosts"]}
         except ClusterError:
-            alive = set()  # (still starting)
-        if running <= alive:
+            st = {}
+        alive = {h for h, v in st.items() if v["state"] == "alive"}
+        if hosts <= alive and all(st[h]["peers_heard"] >= len(st) - 1 for h in alive):
             return
         time.sleep(0.1)
-    missing = ", ".join(sorted(running - alive))
-    raise ClusterError(f"key rotation: {missing} did not register with the controller on its new key within "
+    raise ClusterError(f"key rotation: {', '.join(sorted(hosts - alive)) or 'the mesh'} did not {why} within "
                        f"{timeout_s:g} s")
 
 

@@ -502,7 +502,6 @@ class Bench:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         paths = {"agent": self.log_dir / f"profile-{receiver}-{stamp}.pstats",
                  "controller": self.log_dir / f"profile-controller-{stamp}.pstats"}
-        records = []
         out_perf = self.perf_phase(c, count, receiver, placement, names, others, stamp)
         with self.step(f"N={n}: {count} moves profiled at {receiver} and the controller", count) as adv, \
                 c.controller_client(timeout_ms=60_000) as ctl, c.agent_client(receiver, timeout_ms=30_000) as ag:
@@ -511,7 +510,7 @@ class Bench:
                     who.call("profile", {"action": "stop", "top": 1})  # (a profile left over: start afresh)
                 who.call("profile", {"action": "start"})
             try:
-                records += self.random_moves(ctl, count, placement, names, others, adv)
+                records = self.random_moves(ctl, count, placement, names, others, adv)
                 time.sleep(0.2)  # (the last move's apply report and heartbeats land in the profile)
             finally:
                 got = {"agent": ag.call("profile", {"action": "stop", "path": str(paths["agent"]),
