@@ -4,10 +4,13 @@ Entries applied one by one (own claims, repair hints, snapshots) go as rows; gos
 pulled updates as ranges of their origin's numbers (a row per (agent, entry) cost the
 controller ~4 µs each: 8 million rows for 8,000 VMs at 1,000 hosts).
 
-Timing: the first apply since the last report starts a report. It may go with any flush from
-max(first + applied_report_delay_ms, last report + applied_report_interval_ms) on, and goes by
-first + interval (or the last report + interval, if later) at the latest; a claim of our own
-goes at once, with the command's ack.
+Timing: a report goes at once, in the wake-up that applied what it reports (the apply's own
+frame costs no extra wake-up), unless one went less than applied_report_interval_ms ago: then
+at that interval's end, on the agent's own timer or on any wake-up from then on, with everything
+applied meanwhile. So a quiet agent tells the controller within microseconds and a busy one sends
+at most one report per interval. (applied_report_delay_ms, 0 by default, holds every report
+back at least that long after its first apply.) A claim of our own goes at once, with the
+command's ack.
 
 Pure: no I/O, no clock, no randomness (tests/test_core_purity.py).
 """
@@ -24,8 +27,7 @@ NS_PER_MS = 1_000_000
 
 
 class ApplyReporter:
-    __slots__ = ("rows", "ranges", "_host", "_interval_ns", "_delay_ns",
-                 "_next_ns", "_first_ns", "_due_ns", "_send_ns", "_now")
+    __slots__ = ("rows", "ranges", "_host", "_interval_ns", "_delay_ns", "_next_ns", "_send_ns", "_now")
 
     def __init__(self, host: str, config: AgentConfig) -> None:
         self._host = host
@@ -36,9 +38,7 @@ class ApplyReporter:
         self._interval_ns = config.applied_report_interval_ms * NS_PER_MS
         self._delay_ns = min(config.applied_report_delay_ms, config.applied_report_interval_ms) * NS_PER_MS
         self._next_ns = 0  # no report before this (the interval since the last one)
-        self._first_ns = -1  # when the first pending apply was reported; -1: none pending
-        self._due_ns = 0  # pending reports go out by then at the latest
-        self._send_ns = 0  # ...and with any flush from then on
+        self._send_ns = -1  # pending reports go with any flush from then on; -1: none pending yet
         self._now = False  # a claim of ours is pending: report at once
 
     def row(self, vlan: int, mac: int, entry: Entry, t_ns: int, n: int = 0) -> None:
@@ -50,8 +50,8 @@ class ApplyReporter:
             self._now = True
 
     def deadline_ns(self) -> int:
-        """When a pending report must go (only meaningful while one is pending)."""
-        return self._due_ns if self._first_ns >= 0 else self._next_ns
+        """When a pending report may go: the wake-up to ask for (only meaningful while one is pending)."""
+        return self._send_ns if self._send_ns >= 0 else self._next_ns
 
     def take(self, now_ns: int) -> list[bytes]:
         """The APPLY_REPORT frames to send at now_ns (none if nothing is pending or it is not time)."""
@@ -59,14 +59,13 @@ class ApplyReporter:
         ranges = self.ranges
         if not rows and not ranges:
             return []
-        if self._first_ns < 0:
-            self._first_ns = now_ns
-            self._due_ns = max(now_ns + self._interval_ns, self._next_ns)
-            self._send_ns = min(self._due_ns, max(now_ns + self._delay_ns, self._next_ns))
-        if not self._now and now_ns < self._send_ns:
+        if self._send_ns < 0:
+            next_ns = self._next_ns
+            self._send_ns = now_ns + self._delay_ns if now_ns + self._delay_ns > next_ns else next_ns
+        if now_ns < self._send_ns and not self._now:
             return []
         self._now = False
-        self._first_ns = -1
+        self._send_ns = -1
         self._next_ns = now_ns + self._interval_ns
         frames = [
             wire.encode(MsgType.APPLY_REPORT, [self._host, rows[i : i + BATCH_MAX], ranges[i : i + BATCH_MAX]])

@@ -37,17 +37,21 @@ class AgentConfig:
     # Defaults 5 moves in 180,000 ms (FRR / Junos / Cumulus).
     flap_moves: int = 5
     flap_window_ms: int = 180_000
-    # Apply reports to the controller go out at most once per this interval, in ms. Default 20.
-    # Each report frame costs the agent ~0.1-0.2 ms of CPU (thread wake-ups) and the controller
-    # as much again, so under load the applies of several moves share one frame. A report
-    # rides on a wake-up the agent has anyway (a frame in, a timer) once it may go; its own
-    # timer fires only if nothing else happened by one interval after its first apply. The
-    # apply stamps inside are exact either way: convergence figures do not depend on it.
-    applied_report_interval_ms: int = 20
+    # Apply reports to the controller: at most one per this interval, in ms. Default 5. A
+    # report goes in the wake-up that applied what it reports unless one went less than this
+    # ago; then at the interval's end (a timer, or any wake-up after it), with everything applied
+    # meanwhile. So at one move at a time every agent reports each move at once (the controller
+    # knows a move converged ~0.1 ms after its last apply), and under load a busy agent's reports
+    # of several moves share a frame: each report frame costs the agent a send (its libzmq I/O
+    # thread wakes) and the controller a wake-up. The apply stamps inside are exact either way:
+    # convergence figures do not depend on it. (It was 20 ms, every report waiting 5 ms after
+    # its first apply for a later wake-up to ride on, which capped moves one after another at
+    # ~36/s at 32 hosts: `docs/benchmarks.md`.)
+    applied_report_interval_ms: int = 5
     # A report waits at least this long after its first apply, in ms (at most the interval).
-    # Default 5: the 31 reports of one move at 32 hosts then leave after the update fanned
-    # out instead of competing with it for the CPU, mostly riding on a later wake-up.
-    applied_report_delay_ms: int = 5
+    # Default 0: reports go at once. A delay lets reports of a move leave after its update fanned
+    # out (they then compete less with it for the CPU) at the price of a timer wake-up per report.
+    applied_report_delay_ms: int = 0
     # Keep no per-MAC time of this agent's last apply (the `lookup` API, by which headless
     # moves are timed, then answers applied_ns 0). Default False. The simulator sets it: it
     # stamps every apply itself, and at 1,000 hosts these are millions of dict entries.

@@ -12,7 +12,9 @@ It switches 802.1Q-tagged Ethernet frames for the host's VMs, using the replicat
   (split horizon), with one exception: the forwarding pointer below.
 
 Moves: when a VM's port becomes active here the data plane tells its vNIC the port is up, and if
-the VM came from another host (switchover, HA restart) it sends a RARP broadcast for it. When a VM's active port leaves this host,
+the VM came from another host (switchover, HA restart) it sends a RARP broadcast for it to the
+VLAN's ports on this host (over the overlay too only with `rarp_to_overlay`: other hosts learn
+the move from the control plane, as EVPN's do). When a VM's active port leaves this host,
 the host keeps a *forwarding pointer* for `forward_pointer_ms`: frames that still reach it for
 that VM (senders whose tables have not caught up) are sent on to the host the MAC table now
 names, and frames that arrive before this host even learned where the VM went (the source may
@@ -51,6 +53,13 @@ class DataplaneConfig:
     hold_frames_max: int = 256
     # VM vNIC backends plugged into this agent at most, in bindings. Default 65,536.
     vnic_max: int = 65_536
+    # Flood a moved VM's RARP over the overlay too (every host of its VLAN), as a flood-and-learn
+    # VXLAN switch must, in which remote VTEPs learn the VM's new place from that frame. Default
+    # False (EVPN's way, RFC 7432 §15): every VTEP learns a move from the control plane (the
+    # destination's gossiped claim with seq + 1), so the RARP goes to this host's own ports of
+    # the VLAN only. Flooded, it gave no host anything the gossip had not and cost each of them a
+    # second wake-up per move: ~30 % of a bystander's CPU per move at 32 hosts (docs/benchmarks.md).
+    rarp_to_overlay: bool = False
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -193,10 +202,12 @@ class Dataplane:
 
     def _announce(self, port: Port, arrived: bool, now_ns: int) -> None:
         """A VM's port is up here: tell its vNIC; if the VM came from another host, send a RARP
-        broadcast for it into its VLAN (as vMotion does; a new VM announces itself by talking)."""
+        broadcast for it into its VLAN (as vMotion does; a new VM announces itself by talking):
+        to this host's ports of the VLAN, and over the overlay only with `rarp_to_overlay`
+        (other hosts learn the move from the control plane)."""
         if arrived:
             self.counters["rarp_sent"] += 1
-            self._flood(vxlan.rarp(port.mac, port.vlan), port.vlan, port, from_overlay=False)
+            self._flood(vxlan.rarp(port.mac, port.vlan), port.vlan, port, from_overlay=not self.config.rarp_to_overlay)
         backend = self.vnics.get(port.mac)
         if backend is not None:
             self.counters["link_notices"] += 1

@@ -45,6 +45,7 @@ from dvswitch import auth, keys
 from dvswitch.bus import (
     NOBLOCK,
     Reader,
+    Soon,
     Timer,
     bind_ephemeral,
     on_stop_signals,
@@ -143,12 +144,16 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
         self.core.extra_methods["profile"] = Profiler().api  # (admin only: every rpc REQUEST is)
         self._open_events()
         self.timer = Timer(loop, self._on_timer)
+        # Every reader's input is followed by one _after per loop iteration, however many of
+        # our sockets (a SUB per peer) were ready in it: under load their flushes, reports and
+        # timer updates are shared.
+        self._after_soon = Soon(loop, self._after)
         if guard:
-            self.rpc_reader = Reader(loop, self.rpc, self._on_rpc_auth, self._after, roles=True)
+            self.rpc_reader = Reader(loop, self.rpc, self._on_rpc_auth, self._after_soon, roles=True)
         else:
-            self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after)
-        self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after)
-        self.ctl_reader = Reader(loop, self.ctl, self._on_ctl, self._after)
+            self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after_soon)
+        self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after_soon)
+        self.ctl_reader = Reader(loop, self.ctl, self._on_ctl, self._after_soon)
         self.readers = [self.rpc_reader, self.pull_reader, self.ctl_reader]
         if guard:
             self._watch_auth(guard)
@@ -346,7 +351,7 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
         self.ctl.close(linger=0)
         self._ctl_key = ctl_key
         self.ctl = self._ctl_socket(ctl_key)
-        self.ctl_reader = Reader(self.loop, self.ctl, self._on_ctl, self._after)
+        self.ctl_reader = Reader(self.loop, self.ctl, self._on_ctl, self._after_soon)
         self.readers.append(self.ctl_reader)
         self.ctl_reader.kick()
         log.info("the controller's key is now %s: control connection renewed", keys.fingerprint(ctl_key))
@@ -370,7 +375,7 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
             self.guard.client(sub, server_key)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(peer.pub_endpoint)
-        reader = Reader(self.loop, sub, lambda frames: self._on_sub(host, frames), self._after, single=True)
+        reader = Reader(self.loop, sub, lambda frames: self._on_sub(host, frames), self._after_soon, single=True)
         self.subs[host] = (sub, reader)
         reader.kick()
         # A fresh alias per connection: libzmq aborts (router.cpp "!has_out_pipe") when a

@@ -98,9 +98,13 @@ def _vtep_base_value(ctx, param, value: str) -> str:
                    "address; its addresses must be this machine's (e.g. 127.x). See README, Several machines.")
 @click.option("--insecure", is_flag=True,
               help="No CURVE: any process that reaches a socket may command the cluster. For comparison only.")
+@click.option("--rarp-to-overlay", is_flag=True,
+              help="Flood a moved VM's RARP over VXLAN to every host of its VLAN, as a flood-and-learn switch "
+                   "does (default: to the new host's own ports only; the other hosts learn the move from the "
+                   "control plane, as EVPN's VTEPs do).")
 @state_dir_option
 def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_base, log_level, no_metrics,
-       cluster_file, insecure, state_dir) -> None:
+       cluster_file, insecure, rarp_to_overlay, state_dir) -> None:
     """Start the controller and N agents, wait until the mesh is connected, place VMs."""
     if hosts is None and cluster_file is None:
         raise click.UsageError("give --hosts N (or --cluster FILE)")
@@ -118,7 +122,8 @@ def up(hosts, vms, foreground, heartbeat_interval_ms, timeout_s, netns, vtep_bas
     with err_console.status(f"starting controller and {what}"):
         levels = (["--log-level", log_level] if log_level != "info" else []) + \
             (["--metrics-port", "-1"] if no_metrics else [])
-        cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms) + levels,
+        dp_flags = ["--rarp-to-overlay"] if rarp_to_overlay else []
+        cluster = Cluster.up(state_dir, hosts, agent_args=agent_flags(heartbeat_interval_ms) + levels + dp_flags,
                              controller_args=levels, ready_timeout_s=timeout_s, netns=netns, vtep_base=vtep_base,
                              cluster_file=cluster_file, insecure=insecure)
     try:

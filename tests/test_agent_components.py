@@ -30,16 +30,30 @@ def test_the_origin_log_numbers_keeps_the_last_updates_and_serves_ranges_of_them
     assert log.updates(6, 9, 100) == []  # (nothing past our latest yet)
 
 
-def test_the_apply_reporter_waits_out_the_delay_but_sends_own_claims_at_once():
-    rep = ApplyReporter("h1", AgentConfig(applied_report_delay_ms=5, applied_report_interval_ms=20))
+def test_the_apply_reporter_sends_at_once_then_at_most_once_per_interval():
+    rep = ApplyReporter("h1", AgentConfig(applied_report_interval_ms=5))
     assert rep.take(0) == []
     rep.ranges.append(["h2", 1, 1, 1, 1 * MS])
-    assert rep.take(1 * MS) == [] and rep.deadline_ns() == 21 * MS
-    (frame,) = rep.take(6 * MS)
+    (frame,) = rep.take(1 * MS)  # a quiet agent reports in the wake-up that applied it
     assert wire.decode(frame) == (MsgType.APPLY_REPORT, ["h1", [], [["h2", 1, 1, 1, 1 * MS]]])
-    rep.row(100, 7, Entry("h1", "vEth7", 0), 7 * MS, n=1)  # our own claim: with the ack
+    rep.ranges.append(["h2", 1, 2, 2, 2 * MS])
+    assert rep.take(2 * MS) == [] and rep.deadline_ns() == 6 * MS  # 1 ms after the last: waits out the interval
+    rep.ranges.append(["h2", 1, 3, 3, 3 * MS])
+    assert rep.take(5 * MS) == []
+    (frame,) = rep.take(6 * MS)  # ...then both in one frame, exact stamps
+    assert wire.decode(frame)[1][2] == [["h2", 1, 2, 2, 2 * MS], ["h2", 1, 3, 3, 3 * MS]]
+    rep.row(100, 7, Entry("h1", "vEth7", 0), 7 * MS, n=1)  # our own claim: with the ack, interval or not
     (frame,) = rep.take(7 * MS)
     assert wire.decode(frame)[1][1] == [[100, 7, "h1", 0, False, 7 * MS, 1]]
+
+
+def test_the_apply_reporter_holds_reports_back_for_a_delay_if_asked():
+    rep = ApplyReporter("h1", AgentConfig(applied_report_delay_ms=5, applied_report_interval_ms=20))
+    rep.ranges.append(["h2", 1, 1, 1, 1 * MS])
+    assert rep.take(1 * MS) == [] and rep.deadline_ns() == 6 * MS
+    assert len(rep.take(6 * MS)) == 1
+    rep.ranges.append(["h2", 1, 2, 2, 7 * MS])
+    assert rep.take(7 * MS) == [] and rep.deadline_ns() == 26 * MS  # the interval since the last one
 
 
 def test_the_apply_reporter_splits_a_large_report_into_frames():

@@ -852,8 +852,7 @@ def test_prepared_port_is_released_when_the_switchover_never_comes():
 
 def test_apply_reports_share_a_frame_under_load_but_keep_exact_stamps():
     ms = NS_PER_MS
-    core = AgentCore("h2", 1, AgentConfig(applied_report_interval_ms=20, applied_report_delay_ms=5),
-                     pub_endpoint="p", rpc_endpoint="r")
+    core = AgentCore("h2", 1, AgentConfig(applied_report_interval_ms=5), pub_endpoint="p", rpc_endpoint="r")
     core.start(0)
     core.on_message("ctl", MsgType.PEERS, [[["h1", 1, "p1", "r1"], ["h2", 1, "p", "r"]], 1], 0)  # h1 is a member
     core.on_timer(0)  # first heartbeat and status: the next ones are 500 ms away
@@ -861,29 +860,26 @@ def test_apply_reports_share_a_frame_under_load_but_keep_exact_stamps():
 
     def update(n: int, t: int) -> None:
         core.on_frame("sub", wire.encode(MsgType.UPDATES, ["h1", 1, [[n, 100, mac_of(n), "h1", "vEth1", 0, False]]]), t)
-        core.flush(t)
 
-    def reports(t: int | None = None) -> list:
-        if t is not None:
-            core.flush(t)
+    def reports(t: int) -> list:
+        core.flush(t)
         # (h1's update n is mac_of(n): its ranges name the MACs taken, with their stamps)
         return [[(mac_of(n), r[4]) for r in wire.decode(p)[1][2] for n in range(r[2], r[3] + 1)]
                 for p in ctl_frames(core.take_outbox()) if wire.decode(p)[0] is MsgType.APPLY_REPORT]
 
     update(1, 1 * ms)
-    assert reports() == []  # a quiet agent holds its report back for the delay...
-    assert core.next_deadline_ns() == 21 * ms  # ...and asks for a wake-up one interval on at the latest
-    assert reports(5 * ms) == []
-    assert reports(6 * ms) == [[(mac_of(1), 1 * ms)]]  # ...but any wake-up after the delay sends it
-    update(2, 7 * ms)
-    update(3, 8 * ms)
-    assert reports(20 * ms) == []  # within the interval after the last report: held back...
-    assert core.next_deadline_ns() == 27 * ms
-    assert reports(26 * ms) == [[(mac_of(2), 7 * ms), (mac_of(3), 8 * ms)]]  # ...then together, exact stamps
-    update(4, 30 * ms)
+    assert reports(1 * ms) == [[(mac_of(1), 1 * ms)]]  # a quiet agent reports in the same wake-up
+    update(2, 2 * ms)
+    assert reports(2 * ms) == []  # within the interval after the last report: held back...
+    assert core.next_deadline_ns() == 6 * ms  # ...with a wake-up asked for at its end
+    update(3, 3 * ms)
+    assert reports(3 * ms) == []
+    assert reports(6 * ms) == [[(mac_of(2), 2 * ms), (mac_of(3), 3 * ms)]]  # ...then together, exact stamps
+    update(4, 8 * ms)
+    assert reports(8 * ms) == [] and core.next_deadline_ns() == 11 * ms
     core.on_timer(core.next_deadline_ns())  # nothing else happens: the agent's own timer sends it
-    assert core.next_deadline_ns() == 50 * ms
-    assert reports(50 * ms) == [[(mac_of(4), 30 * ms)]]
+    assert reports(11 * ms) == [[(mac_of(4), 8 * ms)]]
+    assert core.next_deadline_ns() == 500 * ms  # (nothing pending: the next heartbeat)
 
 
 

@@ -189,12 +189,27 @@ def test_a_new_vm_gets_a_link_notice_but_no_rarp():
     assert [vxlan.parse_link_notice(f) for _, f in vnic_out(out)] == [("h2", MS)]
 
 
-def test_switchover_sends_rarp_to_the_vlan_and_tells_the_vnic():
+def test_switchover_sends_rarp_to_the_vlans_local_ports_and_tells_the_vnic():
     h = Host("h2")
     h.remote(C, "h3")
     h.remote(A, "h1")
+    h.vm(B)  # a VM of the VLAN on this host
     h.settle()
     h.vm(A, seq=1)  # switchover: the port is activated and the MAC claimed
+    out = h.settle(now_ns=5 * MS)
+    # EVPN's way: h3 learns the move from the control plane, so no RARP crosses the overlay.
+    assert vxlan_out(out) == [] and h.dp.counters["rarp_sent"] == 1
+    rarp, (nic, notice) = vnic_out(out)
+    assert rarp[0] == NIC[B] and vxlan.parse_tagged(rarp[1]) == (vxlan.BROADCAST, A, 100, vxlan.ETHERTYPE_RARP)
+    assert nic == NIC[A] and vxlan.parse_link_notice(notice) == ("h2", 5 * MS)
+
+
+def test_switchover_floods_the_rarp_over_the_overlay_when_asked():
+    h = Host("h2", DataplaneConfig(rarp_to_overlay=True))
+    h.remote(C, "h3")
+    h.remote(A, "h1")
+    h.settle()
+    h.vm(A, seq=1)
     out = h.settle(now_ns=5 * MS)
     [(dest, d)] = vxlan_out(out)
     assert dest == "h3"

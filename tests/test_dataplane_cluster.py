@@ -208,7 +208,8 @@ def test_tshark_decodes_the_traffic_as_vxlan(make_cluster, tmp_path):
     reason = _tshark_can_capture()
     if reason:
         pytest.skip(reason)
-    cluster = make_cluster(3)
+    # The RARP of a move crosses the overlay only as a flood-and-learn switch floods it.
+    cluster = make_cluster(3, agent_args=["--rarp-to-overlay"])
     cluster.create_vms(3)  # vm1 on h1, vm2 on h2, vm3 on h3 (the mover's destination)
     base = cluster.vtep_base
     vteps = {vxlan.vtep_ip(base, h) for h in cluster.agents}
