@@ -86,7 +86,6 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
         self.faults = NetFaults(fault_seed)
         self.ctx = zmq.Context.instance()
         self._peer_eps: dict[str, tuple[str, str]] = {}
-        self._flaps_logged = 0
         self._alias: dict[str, bytes] = {}  # peer host -> routing id of our pull connection to it
         self._connects = 0
         self.vtep_base = vtep_base

@@ -61,6 +61,24 @@ def test_a_flapping_mac_is_one_event_per_agent_when_it_starts_flapping():
     assert all(core.stats.flap_reports == 1 for core in c.cores.values())
 
 
+def test_the_runtime_logs_each_flapping_mac_once_however_many_flap(caplog):
+    # A long run of moves makes many MACs flap; each is one log line, when it starts flapping
+    # (the runtime once logged every flapping MAC again at each new flap: a quadratic log).
+    from agent.rtevents import RuntimeEvents
+    from dvswitch.events import NoEventLog
+
+    class Runtime(RuntimeEvents):
+        pass
+
+    rt = Runtime()
+    rt.events = NoEventLog("h2")
+    for mac in range(1, 51):
+        rt._emit_core_event({"kind": "flap.suppressed", "vlan": VLAN, "mac": f"02:00:00:00:00:{mac:02x}",
+                             "host": "h1", "moves": 6, "window_ms": 180_000, "message": f"MAC flap: mac {mac}"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent"]
+    assert lines == [f"MAC flap: mac {mac}" for mac in range(1, 51)]
+
+
 def test_events_carry_no_timestamps_the_runtime_stamps_them():
     c = Cluster(["h1", "h2"])
     c.drop = lambda src, dst, mt, frame: mt is MsgType.UPDATES
