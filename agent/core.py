@@ -113,7 +113,7 @@ class AgentCore:
         self._next_heartbeat_ns = 0
         self._next_status_ns = 0
         self.membership = Membership(host, c, self.peers, self.liveness, self.repair, peer_of=self._peer,
-                                     send=self._send)
+                                     send=self._send, resized=self.reports.rescale)
         self.peers_epoch = 0  # the controller's membership epoch of the last PEERS we took
         self.ports = PortCommands(host, c, self.switch, table=lambda: self.table, claim=self.claim, send=self._send)
         self._status_ns = c.heartbeat_interval_ms * NS_PER_MS

@@ -23,11 +23,11 @@ MEMBERSHIP_GRACE_SUSPECTS = 3
 
 class Membership:
     __slots__ = ("leaving", "_bootstrapped", "_host", "_config", "_peers", "_liveness", "_repair", "_peer_of",
-                 "_send")
+                 "_send", "_resized")
 
     def __init__(self, host: str, config: AgentConfig, peers: dict[str, PeerState], liveness: Liveness,
                  repair: Repair, *, peer_of: Callable[[str, int], PeerState | None],
-                 send: Callable[[Effect], None]) -> None:
+                 send: Callable[[Effect], None], resized: Callable[[int], None] | None = None) -> None:
         # Peers the last PEERS did not list -> when a PEERS first left them out (see expire).
         self.leaving: dict[str, int] = {}
         self._bootstrapped = False
@@ -38,6 +38,7 @@ class Membership:
         self._repair = repair
         self._peer_of = peer_of  # the member's state for an incarnation (or None: an older life)
         self._send = send
+        self._resized = resized  # told the membership's size (us included) whenever it changes
 
     def update(self, members: list, now_ns: int) -> None:
         """The controller's list of members [host, incarnation, pub, rpc], ourselves included."""
@@ -64,7 +65,7 @@ class Membership:
                 leaving[host] = now_ns
         if leaving:
             self.expire(now_ns)
-        self._liveness.rescale(len(peers) + 1)
+        self._rescale()
         if not self._bootstrapped and peers:
             # Joining (or rejoining): one snapshot beats pulling every origin's history.
             self._bootstrapped = True
@@ -96,4 +97,10 @@ class Membership:
             self._send(Unsubscribe(host))
             left = True
         if left:
-            self._liveness.rescale(len(peers) + 1)
+            self._rescale()
+
+    def _rescale(self) -> None:
+        members = len(self._peers) + 1
+        self._liveness.rescale(members)
+        if self._resized is not None:
+            self._resized(members)

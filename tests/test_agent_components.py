@@ -47,6 +47,18 @@ def test_the_apply_reporter_sends_at_once_then_at_most_once_per_interval():
     assert wire.decode(frame)[1][1] == [[100, 7, "h1", 0, False, 7 * MS, 1]]
 
 
+def test_the_apply_reporters_interval_keeps_all_agents_within_the_report_budget():
+    rep = ApplyReporter("h1", AgentConfig())  # 20,000 reports/s across the cluster; no minimum
+    assert [rep.interval_ms(n) for n in (1, 8, 32, 64, 1000)] == [0.05, 0.4, 1.6, 3.2, 50.0]
+    assert ApplyReporter("h1", AgentConfig(applied_report_interval_ms=2)).interval_ms(8) == 2
+    assert ApplyReporter("h1", AgentConfig(applied_report_budget_per_s=0)).interval_ms(1000) == 0
+    rep.rescale(1000)
+    rep.ranges.append(["h2", 1, 1, 1, 0])
+    assert len(rep.take(0)) == 1
+    rep.ranges.append(["h2", 1, 2, 2, 1 * MS])
+    assert rep.take(1 * MS) == [] and rep.deadline_ns() == 50 * MS
+
+
 def test_the_apply_reporter_holds_reports_back_for_a_delay_if_asked():
     rep = ApplyReporter("h1", AgentConfig(applied_report_delay_ms=5, applied_report_interval_ms=20))
     rep.ranges.append(["h2", 1, 1, 1, 1 * MS])

@@ -48,8 +48,9 @@ class Cluster:
 
     def __init__(self, hosts: list[str], config: AgentConfig | None = None, now_ns: int = 1_000 * NS_PER_MS):
         self.now = now_ns
-        # The harness's clock stands still unless a test moves it: apply reports go out at once.
-        self.config = config or AgentConfig(applied_report_delay_ms=0)
+        # The harness's clock stands still unless a test moves it: apply reports go out at once
+        # (no interval between two of an agent's reports, however large the membership).
+        self.config = config or AgentConfig(applied_report_budget_per_s=0)
         self.cores: dict[str, AgentCore] = {}
         self.ctl: list[tuple[str, MsgType, list]] = []
         self.down: set[str] = set()
@@ -881,6 +882,28 @@ def test_apply_reports_share_a_frame_under_load_but_keep_exact_stamps():
     assert reports(11 * ms) == [[(mac_of(4), 8 * ms)]]
     assert core.next_deadline_ns() == 500 * ms  # (nothing pending: the next heartbeat)
 
+
+
+def test_the_report_interval_follows_the_membership_the_controller_lists():
+    ms = NS_PER_MS
+    core = AgentCore("h2", 1, AgentConfig(), pub_endpoint="p", rpc_endpoint="r")  # 20,000 reports/s budget
+    core.start(0)
+    members = [[f"h{i}", 1, f"p{i}", f"r{i}"] for i in range(1, 41)]
+    core.on_message("ctl", MsgType.PEERS, [members, 1], 0)  # 40 hosts: 2 ms between our reports
+    core.on_timer(0)
+    core.take_outbox()
+    for n, t in ((1, 10 * ms), (2, 11 * ms)):
+        core.on_frame("sub", wire.encode(MsgType.UPDATES, ["h1", 1, [[n, 100, mac_of(n), "h1", "vEth1", 0, False]]]), t)
+        core.flush(t)
+    assert len(ctl_frames(core.take_outbox())) == 1 and core.next_deadline_ns() == 12 * ms
+    core.flush(12 * ms)
+    assert len(ctl_frames(core.take_outbox())) == 1
+    # 4 hosts now (the 36 others, never heard from, leave at once): 0.2 ms between our reports.
+    core.on_message("ctl", MsgType.PEERS, [members[:4], 2], 12 * ms)
+    for n, t in ((3, 14 * ms), (4, 14_100_000)):
+        core.on_frame("sub", wire.encode(MsgType.UPDATES, ["h1", 1, [[n, 100, mac_of(n), "h1", "vEth1", 0, False]]]), t)
+        core.flush(t)
+    assert len(ctl_frames(core.take_outbox())) == 1 and core.next_deadline_ns() == 14_200_000
 
 
 @settings(max_examples=60, deadline=None)

@@ -639,7 +639,7 @@ class Lab:
     def __init__(self, hosts: list[str]):
         self.ctl = Ctl()
         # The lab's clock stands still: apply reports go out at once (no report window).
-        cfg = AgentConfig(applied_report_interval_ms=0)
+        cfg = AgentConfig(applied_report_budget_per_s=0)
         self.agents = {h: AgentCore(h, 1, cfg, pub_endpoint=f"pub-{h}", rpc_endpoint=f"rpc-{h}")
                        for h in hosts}
         self.client_replies: list[list] = []
