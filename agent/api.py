@@ -30,6 +30,7 @@ def status(core: AgentCore, now_ns: int) -> dict:
         "peers": len(core.peers),
         "peers_heard": core.peers_heard(now_ns),
         "gossip_interval_ms": core.liveness.hb_ns // NS_PER_MS,
+        "report_batch_ms": core.reports.batch_ms,  # the controller asked for batched apply reports
         "mac_entries": core.table.live_count(),
         "table_size": len(core.table),
         "digest": f"{core.table.digest:016x}",

@@ -310,13 +310,15 @@ class AgentCore:
     def _on_request(self, body: list, now_ns: int, envelope: object) -> None:
         """A request from the controller (`envelope` None) or from a client on our rpc socket."""
         req_id, method, args = body
-        if envelope is None and method in ("register", "repair"):
+        if envelope is None and method in ("register", "repair", "reports"):
             if method == "register":
                 # The controller does not know us (it restarted): introduce ourselves again.
                 self.registered = False
                 self._send_register()
-            else:
+            elif method == "repair":
                 self.repair.on_hint(args, now_ns)
+            elif not self.reports.pace(args, now_ns):
+                self.stats.dropped_malformed += 1
             return  # notices: no reply
         try:
             result = api.call(self, method, args, now_ns)

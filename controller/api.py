@@ -79,6 +79,11 @@ class ClientApi:
             "hosts": [h.describe() for h in sorted(self.c.inv.hosts.values(), key=lambda h: host_order(h.name))],
             "vms": sum(1 for v in self.c.inv.vms.values() if v.state != "deleted"),
             "ops_in_flight": len(self.c.ops),
+            # Agents asked to batch apply reports (controller/reportpace.py), the smoothed ops in
+            # flight that decides it, and the notices sent to agents so far.
+            "report_pacing": {"batching": self.c.pacing.batching, "batch_ms": self.c.pacing.interval_ms(),
+                              "ops_in_flight_smoothed": round(self.c.pacing.load, 2),
+                              "notices": self.c.pacing.notices},
             "moves_done": len(self.c.history),
             "peers_epoch": self.c.members.peers_epoch,
             "repair_hints": self.c.hints.repair_hints,

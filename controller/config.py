@@ -37,6 +37,11 @@ class ControllerConfig:
     # repaired only by the origin's next heartbeat, whose interval grows with N (seconds at
     # 64 hosts, minutes at 1,000). 0 turns hints off.
     repair_hint_after_ms: int = 100
+    # With more than one op in flight (smoothed over a few ticks), agents are asked to send
+    # their apply reports at most once per this long, riding on their other wake-ups, in ms.
+    # Default 10; 0: never ask (every agent reports each apply at once). Moves one after
+    # another never batch: someone waits on each one. See controller/reportpace.py.
+    report_batch_ms: int = 10
     # Finished moves and restarts kept for `dvs moves`, in records. Default 100,000.
     history_max: int = 100_000
     # A VM create, move or delete that has not converged by then is reported as not

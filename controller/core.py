@@ -8,6 +8,7 @@ with what they say (the h11 shape: no mixins, no component calls another's actio
 - placement.py: the one placement scorer and the VM rules;
 - ha.py: which VMs wait for an HA restart, the restart budget;
 - hints.py: repair hints for agents that lack a converging op's update;
+- reportpace.py: whether agents report applies at once or batch them (ops in flight);
 - api.py / maintenance.py: client request handlers, drain/evacuate/rebalance.
 What stays here is each op's life (start, ack, finish, with the restarts an abort needs) and
 the glue of agent messages; it stays whole (a little over 500 lines) because those steps act
@@ -43,6 +44,7 @@ from controller.maintenance import Maintenance
 from controller.membership import READY_WAITERS_MAX, Membership
 from controller.ops import CLAIM_MAY_BE_OUT, FIRST_PHASE, Op, Outcome, Phase, is_commanding, next_phase
 from controller.placement import Placement
+from controller.reportpace import ReportPacing
 
 # (Re-exported: the CLI and the clusterfile name them from here.)
 __all__ = ["NAME_RE", "READY_WAITERS_MAX", "RETRY_PREFIX", "ApiError", "ControllerCore"]
@@ -90,6 +92,7 @@ class ControllerCore:
         self._started_ns: int | None = None
         self.placement = Placement(self.inv, self.ops_by_key)
         self.hints = RepairHints(self.config.repair_hint_after_ms, self.event)
+        self.pacing = ReportPacing(self.config.report_batch_ms)
         self._hint_ns = self.config.repair_hint_after_ms * NS_PER_MS
         self.api = ClientApi(self)
         self.maint = Maintenance(self)
@@ -215,6 +218,8 @@ class ControllerCore:
         if self._started_ns is None:
             self._started_ns = now_ns
         self._next_tick_ns = now_ns + self._tick_ns
+        if self.pacing.tick(len(self.ops), now_ns):
+            self._tell_pacing(h for h in self.inv.hosts.values() if h.state != "dead")
         self._check_liveness(now_ns)
         if self.restarts.pending:
             self._retry_restarts(now_ns)
@@ -254,6 +259,8 @@ class ControllerCore:
         name, prev, incarnation = got
         if prev is not None and incarnation < prev:
             return  # a stale message from an earlier life of that host
+        if self.pacing.batching:
+            self._tell_pacing([self.inv.hosts[name]])
         if prev is not None and incarnation > prev:
             # The host's agent restarted (maybe while we were down: the journal knows its last
             # incarnation): the VMs it ran died with it. Start them again there
@@ -281,6 +288,15 @@ class ControllerCore:
                 if vm.key not in self.ops_by_key:
                     self._restart(vm, now_ns, prefer=name)
         self.members.check_ready(now_ns)
+
+    def _tell_pacing(self, hosts) -> None:
+        """How the agents on `hosts` should pace their apply reports now (controller/reportpace.py)."""
+        frame = None
+        for h in hosts:
+            if h.route:
+                frame = frame or self.pacing.notice()
+                self.pacing.notices += 1
+                self.outbox.append((h.route, frame))
 
     def _check_liveness(self, now_ns: int) -> None:
         died = self.members.scan(now_ns)

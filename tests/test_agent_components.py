@@ -59,6 +59,28 @@ def test_the_apply_reporters_interval_keeps_all_agents_within_the_report_budget(
     assert rep.take(1 * MS) == [] and rep.deadline_ns() == 50 * MS
 
 
+def test_a_batching_reporter_rides_on_later_wake_ups_until_its_lease_ends():
+    rep = ApplyReporter("h1", AgentConfig(applied_report_budget_per_s=0))
+    assert rep.pace({"batch_ms": 10, "for_ms": 100}, 0)
+    rep.ranges.append(["h2", 1, 1, 1, 1 * MS])
+    assert len(rep.take(1 * MS)) == 1  # the first after a quiet spell goes at once, batching or not
+    rep.ranges.append(["h2", 1, 2, 2, 2 * MS])
+    assert rep.take(2 * MS) == []  # within the batch: held...
+    assert rep.deadline_ns() == 21 * MS  # ...its own timer a batch after it may go: a later wake-up carries it
+    assert rep.take(10 * MS) == []
+    rep.ranges.append(["h2", 1, 3, 3, 12 * MS])
+    (frame,) = rep.take(12 * MS)  # a wake-up after the batch's end carries both
+    assert [r[2] for r in wire.decode(frame)[1][2]] == [2, 3]
+    rep.ranges.append(["h2", 1, 4, 4, 150 * MS])
+    assert len(rep.take(150 * MS)) == 1  # the lease ran out unrenewed: at once again
+    rep.ranges.append(["h2", 1, 5, 5, 151 * MS])
+    assert len(rep.take(151 * MS)) == 1
+    for bad in (None, [], {"batch_ms": -1, "for_ms": 10}, {"batch_ms": 10}, {"batch_ms": 10**6, "for_ms": 10},
+                {"batch_ms": True, "for_ms": 10}, {"batch_ms": 5, "for_ms": 10**9}):
+        assert not rep.pace(bad, 0), bad
+    assert rep.batch_ms == 0
+
+
 def test_the_apply_reporter_holds_reports_back_for_a_delay_if_asked():
     rep = ApplyReporter("h1", AgentConfig(applied_report_delay_ms=5, applied_report_interval_ms=20))
     rep.ranges.append(["h2", 1, 1, 1, 1 * MS])

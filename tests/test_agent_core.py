@@ -906,6 +906,21 @@ def test_the_report_interval_follows_the_membership_the_controller_lists():
     assert len(ctl_frames(core.take_outbox())) == 1 and core.next_deadline_ns() == 14_200_000
 
 
+def test_the_controllers_pacing_notice_batches_reports_and_a_bad_one_is_counted():
+    core = AgentCore("h2", 1, AgentConfig(), pub_endpoint="p", rpc_endpoint="r")
+    core.start(0)
+    core.take_outbox()  # (its REGISTER)
+    notice = [0, "reports", {"batch_ms": 10, "for_ms": 3_000}]
+    core.on_frame("ctl", wire.encode(MsgType.REQUEST, notice), 0)
+    assert core.status(0)["report_batch_ms"] == 10 and core.take_outbox() == []  # a notice: no reply
+    core.on_frame("ctl", wire.encode(MsgType.REQUEST, [0, "reports", {"batch_ms": "soon"}]), 0)
+    assert core.stats.dropped_malformed == 1 and core.status(0)["report_batch_ms"] == 10
+    # Only the controller paces: from a client it is an unknown API method, answered as such.
+    core.on_frame("rpc", wire.encode(MsgType.REQUEST, [5, "reports", {"batch_ms": 0, "for_ms": 0}]), 0, [b"c"])
+    (reply,) = [e for e in core.take_outbox() if isinstance(e, Reply)]
+    assert wire.decode(reply.frame)[1][1] is False and core.status(0)["report_batch_ms"] == 10
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3_000), st.booleans()), max_size=60))
 def test_peers_heard_count_matches_a_full_scan(events):

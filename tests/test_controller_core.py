@@ -32,6 +32,7 @@ class Ctl:
         self.sent: list[tuple[list, MsgType, list]] = []  # everything the controller sent
         self._last_peers: dict[tuple, list] = {}
         self.hints: list[tuple[str, dict]] = []  # repair hints sent: (host, args), kept apart
+        self.pacing: list[tuple[str, dict]] = []  # report pacing notices sent: (host, args), kept apart
         self._req = 0
 
     # -------------------------------------------------------------- input
@@ -48,6 +49,9 @@ class Ctl:
             mt, body = wire.decode(frame)
             if mt is MsgType.REQUEST and body[1] == "repair":
                 self.hints.append((self.core.members.routes.get(envelope[0], "?"), body[2]))
+                continue
+            if mt is MsgType.REQUEST and body[1] == "reports":
+                self.pacing.append((self.core.members.routes.get(envelope[0], "?"), body[2]))
                 continue
             if mt is MsgType.PEERS:
                 # These tests look at the members; the epoch has tests of its own.
@@ -1508,3 +1512,56 @@ def test_rebalance_by_traffic_moves_the_heavy_vm_and_keeps_rules():
     assert not ok and "frame rates" in err
     ok, err = lab.call("rebalance", {"metric": "cpu"})
     assert not ok and "metric must be vms or traffic" in err
+
+
+# ------------------------------------------------------------------ report pacing
+
+
+def test_agents_are_asked_to_batch_reports_only_while_several_ops_are_in_flight():
+    c = Ctl()
+    for h in ("h1", "h2", "h3"):
+        c.register(h)
+    c.take()
+
+    def ticks(n: int) -> None:
+        for _ in range(n):
+            for h in c.core.inv.hosts:
+                c.status(h, len(c.core.inv.hosts) - 1)  # (alive: none of them dies meanwhile)
+            c.advance(50)
+
+    # One op at a time, for a long while: whoever started it waits on it, so no batching.
+    c.request("vm_create", {"name": "vm1", "host": "h1"})
+    ticks(40)
+    assert c.pacing == [] and not c.core.pacing.batching
+    # Three in flight: after a few ticks every live agent is asked to batch, with a lease...
+    for vm, h in ((2, "h2"), (3, "h3")):
+        c.request("vm_create", {"name": f"vm{vm}", "host": h})
+    ticks(6)
+    assert sorted(h for h, _ in c.pacing) == ["h1", "h2", "h3"]
+    assert {a["batch_ms"] for _, a in c.pacing} == {c.config.report_batch_ms} and c.pacing[0][1]["for_ms"] > 1_000
+    c.pacing.clear()
+    # ...renewed while it lasts (a crashed or restarted controller stops renewing it)...
+    ticks(22)
+    assert sorted(h for h, _ in c.pacing) == ["h1", "h2", "h3"]
+    c.pacing.clear()
+    c.register("h4")  # ...and told to an agent that registers meanwhile
+    assert c.pacing == [("h4", c.pacing[0][1])] and c.pacing[0][1]["batch_ms"] > 0
+    c.pacing.clear()
+    # Every op converges: the agents are told to report at once again.
+    for op in list(c.core.ops.values()):
+        c.ack(op.target[0], op.op_id)
+        for h in c.core.inv.live_hosts():
+            c.applied(h, int(op.vm[2:]), op.target[0], op.target[1])
+    ticks(10)
+    assert sorted(h for h, _ in c.pacing) == ["h1", "h2", "h3", "h4"] and {a["batch_ms"] for _, a in c.pacing} == {0}
+    assert c.core.api.api_status({}, c.now, None, None)["report_pacing"]["batching"] is False
+
+
+def test_report_pacing_can_be_turned_off():
+    c = Ctl(ControllerConfig(report_batch_ms=0))
+    c.register("h1")
+    for vm in range(1, 6):
+        c.request("vm_create", {"name": f"vm{vm}", "host": "h1"})
+    for _ in range(20):
+        c.advance(50)
+    assert c.pacing == [] and c.core.pacing.load > 4
