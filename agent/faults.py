@@ -175,6 +175,9 @@ class NetFaults:
         self.rng = random.Random(seed)
         self.rules: dict[str, Rule] = {}  # in the order they were added
         self.blocked: set[str] = set()  # hosts (or "controller") we neither hear nor send to: a partition
+        # Any rule or partition in force: read on every frame the agent takes, so kept as a plain
+        # attribute (rules and blocked change only in configure and reset).
+        self.active = False
         self.hits: dict[str, int] = {}  # rule id -> frames it acted on
         self.dropped = 0
         self.delayed = 0
@@ -184,10 +187,7 @@ class NetFaults:
         self.rules.clear()
         self.hits.clear()
         self.blocked.clear()
-
-    @property
-    def active(self) -> bool:
-        return bool(self.rules or self.blocked)
+        self.active = False
 
     def configure(self, args: dict) -> dict:
         """Change faults from an API call, all or nothing:
@@ -234,6 +234,7 @@ class NetFaults:
         if seed is not None:
             self.rng.seed(seed)
         self.rules, self.blocked = rules, blocked
+        self.active = bool(rules or blocked)
         fresh = {r.id for r in new}
         self.hits = {rid: 0 if rid in fresh else self.hits.get(rid, 0) for rid in rules}
         return self.describe()

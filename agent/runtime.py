@@ -45,7 +45,6 @@ from dvswitch import auth, keys
 from dvswitch.bus import (
     NOBLOCK,
     Reader,
-    Soon,
     Timer,
     bind_ephemeral,
     on_stop_signals,
@@ -143,16 +142,12 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
         self.core.extra_methods["profile"] = Profiler().api  # (admin only: every rpc REQUEST is)
         self._open_events()
         self.timer = Timer(loop, self._on_timer)
-        # Every reader's input is followed by one _after per loop iteration, however many of
-        # our sockets (a SUB per peer) were ready in it: under load their flushes, reports and
-        # timer updates are shared.
-        self._after_soon = Soon(loop, self._after)
         if guard:
-            self.rpc_reader = Reader(loop, self.rpc, self._on_rpc_auth, self._after_soon, roles=True)
+            self.rpc_reader = Reader(loop, self.rpc, self._on_rpc_auth, self._after, roles=True)
         else:
-            self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after_soon)
-        self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after_soon)
-        self.ctl_reader = Reader(loop, self.ctl, self._on_ctl, self._after_soon)
+            self.rpc_reader = Reader(loop, self.rpc, self._on_rpc, self._after)
+        self.pull_reader = Reader(loop, self.pull, self._on_pull, self._after)
+        self.ctl_reader = Reader(loop, self.ctl, self._on_ctl, self._after)
         self.readers = [self.rpc_reader, self.pull_reader, self.ctl_reader]
         if guard:
             self._watch_auth(guard)
@@ -217,15 +212,6 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
 
     # ---- input
 
-    def _on_sub(self, host: str, frames: list[bytes]) -> None:
-        # `host`: whose publisher this SUB socket is connected to; the core holds the frame's
-        # origin to it.
-        frame = frames[-1]
-        if self.faults.active:
-            self._faulty("sub", host, frame, host)
-        else:
-            self._on_frame("sub", frame, time.monotonic_ns(), envelope=host)
-
     def _on_rpc(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
             self.core.note_malformed()
@@ -266,11 +252,8 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
         self._after()
 
     def _on_frame(self, channel: str, frame: bytes, now_ns: int, envelope=None) -> None:
-        core = self.core
-        core.on_frame(channel, frame, now_ns, envelope)
-        s = core.stats
-        drops = (s.dropped_malformed + s.dropped_unexpected + s.forged_claims + s.non_member_claims
-                 + s.non_member_messages)
+        self.core.on_frame(channel, frame, now_ns, envelope)
+        drops = _drops(self.core.stats)
         if drops != self._drops_seen:
             self._dropped(channel, envelope, drops)
 
@@ -350,7 +333,7 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
         self.ctl.close(linger=0)
         self._ctl_key = ctl_key
         self.ctl = self._ctl_socket(ctl_key)
-        self.ctl_reader = Reader(self.loop, self.ctl, self._on_ctl, self._after_soon)
+        self.ctl_reader = Reader(self.loop, self.ctl, self._on_ctl, self._after)
         self.readers.append(self.ctl_reader)
         self.ctl_reader.kick()
         log.info("the controller's key is now %s: control connection renewed", keys.fingerprint(ctl_key))
@@ -374,7 +357,7 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
             self.guard.client(sub, server_key)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(peer.pub_endpoint)
-        reader = Reader(self.loop, sub, lambda frames: self._on_sub(host, frames), self._after_soon, single=True)
+        reader = Reader(self.loop, sub, _SubHandler(self, host), self._after, single=True)
         self.subs[host] = (sub, reader)
         reader.kick()
         # A fresh alias per connection: libzmq aborts (router.cpp "!has_out_pipe") when a
@@ -405,3 +388,29 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
             sub[1].close()
             sub[0].close(linger=0)
 
+
+class _SubHandler:
+    """Frames of the SUB socket connected to `host`'s publisher (the core holds each frame's
+    origin to it), straight to the core: the hot path of every gossip update."""
+
+    __slots__ = ("rt", "host", "on_frame")
+
+    def __init__(self, rt: AgentRuntime, host: str) -> None:
+        self.rt = rt
+        self.host = host
+        self.on_frame = rt.core.on_frame
+
+    def __call__(self, frames: list[bytes]) -> None:
+        rt = self.rt
+        if rt.faults.active:
+            rt._faulty("sub", self.host, frames[-1], self.host)
+            return
+        self.on_frame("sub", frames[-1], time.monotonic_ns(), self.host)
+        drops = _drops(rt.core.stats)
+        if drops != rt._drops_seen:
+            rt._dropped("sub", self.host, drops)
+
+
+def _drops(s) -> int:
+    """The sum of the core's drop counters (agent/rtevents.py DROP_COUNTERS), after every frame."""
+    return s.dropped_malformed + s.dropped_unexpected + s.forged_claims + s.non_member_claims + s.non_member_messages

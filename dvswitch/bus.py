@@ -149,29 +149,6 @@ class Reader:
             pass
 
 
-class Soon:
-    """`fn` once per loop iteration however often it is asked for: readers of several sockets
-    that became ready in one wake-up (an agent has a SUB socket per peer) share one `fn` after
-    all of them drained, instead of one each (uvloop runs a call_soon callback before it polls
-    again, so this adds no wait)."""
-
-    __slots__ = ("loop", "fn", "_pending")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
-        self.loop = loop
-        self.fn = fn
-        self._pending = False
-
-    def __call__(self) -> None:
-        if not self._pending:
-            self._pending = True
-            self.loop.call_soon(self._run)
-
-    def _run(self) -> None:
-        self._pending = False
-        self.fn()
-
-
 def wildcard(ip: str | None) -> bool:
     """Is `ip` (or an endpoint's host) one that binds every address of the machine?"""
     return ip in ("0.0.0.0", "*", "::", "[::]", "")
