@@ -63,6 +63,9 @@ def test_quick_bench_measures_every_phase_and_cleans_up(tmp_path):
     assert floor["latency_ms"]["count"] == 100 and len(floor["latencies_ms"]) == 100
     assert set(floor["latency_ms"]) >= {"p50", "p90", "p99", "max"}
     assert floor["cpu_us_per_msg_per_subscriber"]["mean"] > 0
+    shaped = e["floor_agent"]  # the agent-shaped floor: the same fan-out read as an agent reads
+    assert (shaped["subscribers"], shaped["msgs"], shaped["lost"], shaped["shape"]) == (3, 100, 0, "agent")
+    assert "uvloop" in shaped["receive_loop"] and shaped["cpu_us_per_msg_per_subscriber"]["mean"] > 0
 
     m = e["moves"]
     assert (m["moves"], m["converged"], m["latency_ms"]["count"]) == (20, 20, 20)
@@ -131,9 +134,9 @@ def test_quick_bench_measures_every_phase_and_cleans_up(tmp_path):
     assert "…" not in again.stdout and "re-rendered" in again.stderr and "re-rendered" not in again.stdout
     assert json.loads((out / "bench.json").read_text())["results"] == r
 
-    # 1 controller + 4 agents per cluster (two clusters) + 3 floor subscribers (+ the two perf
-    # recordings of phase profile, where perf is), all stopped.
-    assert len(doc["pids"]) == 2 * 5 + 3 + (0 if r["profile"]["perf"].get("skipped") else 2)
+    # 1 controller + 4 agents per cluster (two clusters) + 3 subscribers of each floor (+ the
+    # two perf recordings of phase profile, where perf is), all stopped.
+    assert len(doc["pids"]) == 2 * 5 + 2 * 3 + (0 if r["profile"]["perf"].get("skipped") else 2)
     assert still_running(doc["pids"]) == []
     assert not list(out.glob("cluster-*")), "cluster state dirs are removed after a good run"
 
@@ -157,12 +160,13 @@ def test_bad_input_is_one_clear_line(tmp_path, args, needle):
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
 
-def test_floor_runs_on_its_own():
-    proc = subprocess.run([sys.executable, "-m", "testbed.bench.floor", "--hosts", "3", "--msgs", "20"],
-                          capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("shape", ["blocking", "agent"])
+def test_floor_runs_on_its_own(shape):
+    proc = subprocess.run([sys.executable, "-m", "testbed.bench.floor", "--hosts", "3", "--msgs", "20",
+                           "--shape", shape], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     floor = json.loads(proc.stdout)
-    assert (floor["subscribers"], floor["msgs"], floor["lost"]) == (2, 20, 0)
+    assert (floor["subscribers"], floor["msgs"], floor["lost"], floor["shape"]) == (2, 20, 0, shape)
     assert floor["latency_ms"]["count"] == 20
 
 

@@ -76,6 +76,13 @@ def p50_p99(part: dict | None) -> str:
     return f"{fmt(part['latency_ms']['p50'])} / {fmt(part['latency_ms']['p99'])}" if part else "-"
 
 
+def floor_cpus(e: dict) -> str:
+    """`(floor 35, agent-shaped 83)`: both floors' CPU per message per subscriber of this N."""
+    parts = [f"{name} {fmt(e[key]['cpu_us_per_msg_per_subscriber']['mean'], 0)}"
+             for key, name in (("floor", "floor"), ("floor_agent", "agent-shaped")) if e.get(key)]
+    return f"({', '.join(parts)})" if parts else ""
+
+
 def by_hosts(results: dict, n: int) -> dict | None:
     return next((e for e in results["per_hosts"] if e["hosts"] == n), None)
 
@@ -93,6 +100,9 @@ def headline(results: dict) -> dict:
         if big.get("floor"):
             h["floor_p99_ms"] = big["floor"]["latency_ms"]["p99"]
             h["p99_vs_floor"] = ratio(h["move_p99_ms"], h["floor_p99_ms"])
+            if big.get("floor_agent"):
+                h["floor_agent_p99_ms"] = big["floor_agent"]["latency_ms"]["p99"]
+                h["p99_vs_floor_agent"] = ratio(h["move_p99_ms"], h["floor_agent_p99_ms"])
         if big.get("etcd"):
             h["etcd_p99_ms"] = big["etcd"]["latency_ms"]["p99"]
             h["p99_vs_etcd"] = ratio(h["move_p99_ms"], h["etcd_p99_ms"])
@@ -135,7 +145,7 @@ def goals(results: dict) -> list[dict]:
     sizes = " and ".join(map(str, GOAL_FLOOR_HOSTS))
     both = [e for e in results["per_hosts"] if e.get("moves") and e.get("floor")]
 
-    def vs_floor(name: str, limit: float, of) -> None:
+    def vs_floor(name: str, limit: float, of, shape_of) -> None:
         rs = {e["hosts"]: ratio(*of(e)) for e in both}
         rs = {n: r for n, r in rs.items() if r is not None}
         if not rs:
@@ -143,16 +153,22 @@ def goals(results: dict) -> list[dict]:
             return
         judged = set(GOAL_FLOOR_HOSTS) <= set(rs)
         worst = max(r for n, r in rs.items() if n in GOAL_FLOOR_HOSTS) if judged else max(rs.values())
-        note = "; ".join(f"{n} hosts {r:.2f}×" for n, r in rs.items())
+        # What the agent-shaped floor (no dvswitch code: uvloop, CURVE, a report per message)
+        # alone costs against the floor: how much of the gap the architecture takes.
+        shaped = {e["hosts"]: ratio(shape_of(e), of(e)[1]) for e in both if e.get("floor_agent")}
+        note = "; ".join(f"{n} hosts {r:.2f}×" + (f" (agent-shaped floor {shaped[n]:.2f}×)" if shaped.get(n) else "")
+                         for n, r in rs.items())
         add(name, worst, worst <= limit if judged else None,
             note + ("" if judged else f": not every one of {sizes} hosts run, so not judged"), limit=limit)
 
     vs_floor(f"move p99 within {GOAL_P99_RATIO:g}× of the floor's p99 at {sizes} hosts", GOAL_P99_RATIO,
-             lambda e: (e["moves"]["latency_ms"]["p99"], e["floor"]["latency_ms"]["p99"]))
+             lambda e: (e["moves"]["latency_ms"]["p99"], e["floor"]["latency_ms"]["p99"]),
+             lambda e: e["floor_agent"]["latency_ms"]["p99"])
     vs_floor(f"agent CPU per move per receiver within {GOAL_CPU_RATIO:g}× of the floor's per message per "
              f"subscriber at {sizes} hosts", GOAL_CPU_RATIO,
              lambda e: (e["moves"]["cost"]["cpu"]["agent_us_per_move_per_receiver"],
-                        e["floor"]["cpu_us_per_msg_per_subscriber"]["mean"]))
+                        e["floor"]["cpu_us_per_msg_per_subscriber"]["mean"]),
+             lambda e: e["floor_agent"]["cpu_us_per_msg_per_subscriber"]["mean"])
     name = f">= {GOAL_RATE_PER_S} moves/s with p99 < 50 ms"
     load = results.get("load")
     if load:
@@ -218,14 +234,18 @@ def tables(doc: dict) -> list[Table]:
                   *(with_ratios(d[k], q.get(k), qe.get(k)) for k in ("p50", "p90", "p99", "max")),
                   p50_p99(f), p50_p99(e.get("etcd")))
     out.append(t)
-    t = Table("hosts", "subscribers", "msgs", "p50 ms", "p90 ms", "p99 ms", "max ms", "CPU µs/msg/sub", "lost",
-              title="Floor: raw pyzmq PUB → N-1 subscriber processes, blocking recv() (until the last has it)")
+    t = Table("hosts", "receive loop", "subscribers", "msgs", "p50 ms", "p90 ms", "p99 ms", "max ms",
+              "CPU µs/msg/sub", "lost",
+              title="Floor: raw pyzmq PUB → N-1 subscriber processes (until the last has it); the agent-shaped "
+                    "one reads as an agent does: uvloop, CURVE, a report per message")
     for e in r["per_hosts"]:
-        f = e.get("floor")
-        if f:
-            d = f["latency_ms"]
-            t.add_row(str(e["hosts"]), str(f["subscribers"]), str(f["msgs"]), fmt(d["p50"]), fmt(d["p90"]),
-                      fmt(d["p99"]), fmt(d["max"]), fmt(f["cpu_us_per_msg_per_subscriber"]["mean"], 0), str(f["lost"]))
+        for key, loop in (("floor", "blocking recv()"), ("floor_agent", "agent-shaped")):
+            f = e.get(key)
+            if f:
+                d = f["latency_ms"]
+                t.add_row(str(e["hosts"]), loop, str(f["subscribers"]), str(f["msgs"]), fmt(d["p50"]), fmt(d["p90"]),
+                          fmt(d["p99"]), fmt(d["max"]), fmt(f["cpu_us_per_msg_per_subscriber"]["mean"], 0),
+                          str(f["lost"]))
     if t.row_count:
         out.append(t)
     t = Table("hosts", "watchers", "puts", "puts/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "CPU µs/msg/watcher",
@@ -252,8 +272,7 @@ def tables(doc: dict) -> list[Table]:
             continue
         c = m["cost"]
         lo = c["loopback"]
-        f = e.get("floor")
-        floor_cpu = f"(floor {fmt(f['cpu_us_per_msg_per_subscriber']['mean'], 0)})" if f else ""
+        floor_cpu = floor_cpus(e)
         t.add_row(str(e["hosts"]), fmt(c["msgs_per_move"]["total"], 1), fmt(c["payload_bytes_per_move"]["total"], 0),
                   fmt(lo["bytes_per_move_minus_idle"], 0) if lo else "-",
                   f"{fmt(c['cpu']['agent_us_per_move_per_receiver'], 0)} {floor_cpu}",
@@ -380,7 +399,8 @@ def plots(doc: dict, out: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, e in enumerate(per):
             color = f"C{i}"
-            for key, style, label in (("moves", "-", "moves"), ("floor", "--", "floor"), ("etcd", ":", "etcd")):
+            for key, style, label in (("moves", "-", "moves"), ("floor", "--", "floor"),
+                                      ("floor_agent", "-.", "agent-shaped floor"), ("etcd", ":", "etcd")):
                 part = e.get(key)
                 vals = sorted(part["latencies_ms"] if part and "latencies_ms" in part else [])
                 if vals:
@@ -389,7 +409,8 @@ def plots(doc: dict, out: Path) -> dict[str, str]:
         ax.set_xscale("log")
         ax.set_xlabel("ms until the last host has it")
         ax.set_ylabel("fraction of moves / messages")
-        ax.set_title("Latency CDF (solid: dvswitch moves, dashed: pyzmq floor, dotted: etcd watch)", fontsize=10)
+        ax.set_title("Latency CDF (solid: dvswitch moves, dashed: pyzmq floor, dash-dot: agent-shaped floor, "
+                     "dotted: etcd watch)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -398,7 +419,7 @@ def plots(doc: dict, out: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         ns = [e["hosts"] for e in per]
         for key, label, style, color in (("moves", "moves", "o-", "C0"), ("floor", "floor", "s--", "C2"),
-                                         ("etcd", "etcd", "^:", "C3")):
+                                         ("floor_agent", "agent-shaped floor", "d-.", "C4"), ("etcd", "etcd", "^:", "C3")):
             for q, alpha in (("p99", 1.0), ("p50", 0.4)):
                 pts = [(e["hosts"], e[key]["latency_ms"][q]) for e in per if e.get(key)]
                 if pts:
@@ -592,6 +613,12 @@ DEFINITIONS = """### What is measured, exactly
   subscriber's stamp minus the send stamp. Run with no cluster up. CPU per message per subscriber =
   the subscriber's process CPU time over the messages / messages. Every latency figure is also shown
   as a ratio to the floor's figure of the same N.
+- **Agent-shaped floor**: the same fan-out, each subscriber built as an agent reads (uvloop, an
+  `add_reader` on the SUB socket's FD drained until `ZMQ_EVENTS` shows no `POLLIN`, CURVE on the
+  SUB and on a DEALER) and sending one small message to a ROUTER in the publisher's process per
+  wake-up that took one, as an agent's apply report. No dvswitch code runs in it: the gap between
+  it and the floor is what the architecture costs (an event loop's wake-up, CURVE, a second wake
+  of libzmq's I/O thread per message to send), the gap between dvswitch and it dvswitch's own work.
 - **etcd**: what a user would run instead of gossip (Calico and Flannel keep routes in etcd). One
   etcd member (Debian's `etcd-server`) on a tmpfs data dir, started and stopped by the bench by pid,
   and N watcher processes, one per host, each with one gRPC watch on the bench's prefix: etcd's own
@@ -762,7 +789,9 @@ def markdown(doc: dict, plot_files: dict[str, str]) -> str:
     lines += ["### Headline", ""]
     if "p99_vs_floor" in h:
         lines.append(f"- {h['hosts']} hosts: move p99 {fmt(h['move_p99_ms'])} ms vs floor p99 "
-                     f"{fmt(h['floor_p99_ms'])} ms = **{h['p99_vs_floor']:.1f}×** the floor.")
+                     f"{fmt(h['floor_p99_ms'])} ms = **{h['p99_vs_floor']:.1f}×** the floor"
+                     + (f"; the agent-shaped floor (no dvswitch code) alone: p99 {fmt(h['floor_agent_p99_ms'])} ms, "
+                        f"so moves are **{h['p99_vs_floor_agent']:.1f}×** it." if "p99_vs_floor_agent" in h else "."))
     if h.get("p99_vs_etcd_by_hosts"):
         lines.append("- Move p99 / etcd watch p99, same run: "
                      + ", ".join(f"**{v:.2f}×** at {n} hosts" for n, v in h["p99_vs_etcd_by_hosts"].items()
@@ -803,17 +832,20 @@ def markdown(doc: dict, plot_files: dict[str, str]) -> str:
                      + " | ".join(with_ratios(d[k], q.get(k), qe.get(k)) for k in ("p50", "p90", "p99", "max"))
                      + f" | {p50_p99(f)} | {p50_p99(e.get('etcd'))} |")
     lines += ["", "### Floor: raw pyzmq fan-out", "",
-              f"One PUB → N−1 subscriber processes, blocking `recv()`, {doc['params']['floor_rate']:g} msg/s; "
-              "ms until the last subscriber has the message.", "",
-              "| hosts | msgs | frame bytes | p50 | p90 | p99 | max | CPU µs/msg/subscriber | lost |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              f"One PUB → N−1 subscriber processes, {doc['params']['floor_rate']:g} msg/s; ms until the last "
+              "subscriber has the message. The floor waits in a blocking `recv()`; the agent-shaped floor reads as "
+              "an agent does, with no dvswitch code: uvloop `add_reader` on the socket's FD, CURVE, and one small "
+              "report to the publisher's process per wake-up that took a message (an agent's apply report).", "",
+              "| hosts | receive loop | msgs | frame bytes | p50 | p90 | p99 | max | CPU µs/msg/subscriber | lost |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for e in r["per_hosts"]:
-        f = e.get("floor")
-        if f:
-            d = f["latency_ms"]
-            lines.append(f"| {e['hosts']} | {f['msgs']} | {f['frame_bytes']} | {fmt(d['p50'])} | {fmt(d['p90'])} | "
-                         f"{fmt(d['p99'])} | {fmt(d['max'])} | {fmt(f['cpu_us_per_msg_per_subscriber']['mean'], 0)} | "
-                         f"{f['lost']} |")
+        for key, loop in (("floor", "blocking `recv()`"), ("floor_agent", "agent-shaped")):
+            f = e.get(key)
+            if f:
+                d = f["latency_ms"]
+                lines.append(f"| {e['hosts']} | {loop} | {f['msgs']} | {f['frame_bytes']} | {fmt(d['p50'])} | "
+                             f"{fmt(d['p90'])} | {fmt(d['p99'])} | {fmt(d['max'])} | "
+                             f"{fmt(f['cpu_us_per_msg_per_subscriber']['mean'], 0)} | {f['lost']} |")
     ets = [e for e in r["per_hosts"] if e.get("etcd")]
     if ets:
         v = ets[0]["etcd"]
@@ -849,7 +881,8 @@ def markdown(doc: dict, plot_files: dict[str, str]) -> str:
             f"| {e['hosts']} | {fmt(mm['total'], 1)} ({mm['control']} + {fmt(mm['gossip_updates'], 1)} + "
             f"{fmt(mm['applied_reports'], 1)} + {fmt(mm['repair'], 2)}) | {fmt(c['payload_bytes_per_move']['total'], 0)} | "
             f"{fmt(lo['bytes_per_move_minus_idle'], 0) if lo else '-'} | "
-            f"{fmt(c['cpu']['agent_us_per_move_per_receiver'], 0)} | {fmt(c['cpu']['controller_ms_per_move'])} | "
+            f"{fmt(c['cpu']['agent_us_per_move_per_receiver'], 0)} {floor_cpus(e)} | "
+            f"{fmt(c['cpu']['controller_ms_per_move'])} | "
             f"{fmt(c['background']['heartbeats_received_per_s_idle'], 0)} | "
             f"{fmt(c['background']['agents_cpu_cores_idle'])} | "
             f"{fmt(c['memory']['agent_rss_mb_mean'], 1)} / {fmt(c['memory']['agent_rss_mb_max'], 1)} |")

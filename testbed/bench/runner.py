@@ -262,6 +262,10 @@ class Bench:
                                    p.floor_msgs) as adv:
                         entry["floor"] = run_floor(n, p.floor_msgs, p.floor_rate, self.log_dir, track=self.track,
                                                    advance=adv)
+                    with self.step(f"N={n}: agent-shaped floor (uvloop, CURVE, a report per message)",
+                                   p.floor_msgs) as adv:
+                        entry["floor_agent"] = run_floor(n, p.floor_msgs, p.floor_rate, self.log_dir,
+                                                         track=self.track, advance=adv, shape="agent")
                 if "etcd" in p.phases and not etcd_skip:
                     with self.step(f"N={n}: etcd, {p.floor_msgs} puts watched by {n} processes",
                                    p.floor_msgs) as adv:
