@@ -409,8 +409,8 @@ def plots(doc: dict, out: Path) -> dict[str, str]:
         ax.set_xscale("log")
         ax.set_xlabel("ms until the last host has it")
         ax.set_ylabel("fraction of moves / messages")
-        ax.set_title("Latency CDF (solid: dvswitch moves, dashed: pyzmq floor, dash-dot: agent-shaped floor, "
-                     "dotted: etcd watch)", fontsize=9)
+        ax.set_title("Latency CDF (solid: moves, dashed: floor, dash-dot: agent-shaped floor, dotted: etcd)",
+                     fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -489,7 +489,75 @@ CPU per message, one publisher → 31 subscriber processes, ~60-byte msgpack fra
 At 32 hosts the idle mesh (heartbeats at 500 ms) cost about 0.55 of one core in total then.
 """
 
-SESSION_NOTES = """### What changed 2026-12-04, side by side (same sitting, old and new build alternating)
+SESSION_NOTES = """### What changed 2026-12-08, side by side (same sitting, old and new build alternating)
+
+Three pairs of `dvs bench --hosts 32 --vms 1280 --moves 200 --rates 100,300,600 --phases
+floor,moves,load --no-docs` (CURVE on), build 645807b against 18e3713; medians, per-pair ratios
+in brackets:
+
+| figure | before | after | ratio |
+|---|---|---|---|
+| sequential move p50 ms | 5.28 | 3.51 | 0.66 (0.66, 0.62, 0.81) |
+| sequential move p99 ms | 9.21 | 6.80 | 0.74 (0.67, 0.73, 0.87) |
+| agent CPU µs/move/receiver | 462 | 176 | 0.38 (0.38, 0.37, 0.43) |
+| controller CPU ms/move | 2.33 | 1.47 | 0.63 (0.63, 0.62, 0.74) |
+| moves one after another, per s | 36 | 184 | 5.1 |
+| 100 moves/s: p99 ms, agents' cores | 8.57, 0.93 | 6.30, 0.77 | 0.74 (0.78, 0.72, 0.87) |
+| 300 moves/s: p99 ms, agents' cores | 61.5, 1.60 | 29.9, 1.43 | 0.49 (0.36, 0.43, 1.53) |
+| 600 moves/s: achieved/s | 538 | 572 | 1.06 |
+
+Against the build before the redesign of issue 17 (8a2890c, no CURVE, so this build with
+`--insecure`), three pairs of `dvs bench --hosts 8,32 --vms 1280 --moves 200 --phases moves
+--no-docs`: at 8 / 32 hosts p50 0.58 / 0.75×, p99 0.55 / 0.76×, agent CPU 0.48 / 0.45×,
+controller CPU 0.77 / 0.82× (it was 1.15 / 1.09× at the end of 2026-12-04).
+
+- **Apply reports at once.** An agent held each apply report back: at most one per 20 ms, each
+  waiting 5 ms after its first apply to ride on a later wake-up (the RARP's, mostly), its own
+  timer at 20 ms. Moves one after another wait for every report, so they ran at ~36/s at 32
+  hosts and most reports cost a timer wake-up. Now a report goes in the wake-up that applied the
+  update, at most one per 1000 × N / 20,000 ms (`applied_report_budget_per_s`: 1.6 ms apart at
+  32 hosts, 50 ms at 1,000, where the simulated controller now reads 188,000 reports instead of
+  340,000). A first try at "at once, unless within 5 ms of the last" showed why a fixed hold is
+  wrong: whenever consecutive moves came closer than the hold, every report waited for the timer
+  and the moves fell into step with it.
+- **Report pacing** (controller/reportpace.py): while more than one op is in flight (smoothed
+  over ticks), the controller asks every agent to batch (10 ms, renewed every second, a 3 s
+  lease), and a held report rides on the agent's next gossip wake-up. Nobody waits on one move
+  then; moves one after another never batch. At 300 moves/s it took the agents from ~1.55 to
+  ~1.45 cores and p99 from 49-123 to 24-40 ms in alternating pairs (one pair above: 56 ms).
+- **No RARP over the overlay** (EVPN's way; `dvs up --rarp-to-overlay` floods it as before):
+  every VTEP learns a move from the gossip, so the flooded copy told no host anything and cost
+  each a second wake-up per move (~30 % of a bystander's CPU).
+- **Sockets drain until `ZMQ_EVENTS` shows no `POLLIN`**, not until a NOBLOCK `recv` raises:
+  pyzmq's `zmq.Again` runs two function-level imports and a `strerror` per exception, twice per
+  update (the SUB, then the control socket after the report). Gossip frames go from the SUB
+  reader straight to the core.
+- **A quadratic log**: every new flapping MAC made each agent log every flapping MAC again
+  (61,000 lines per agent after 4,000 moves of 1,280 VMs, and most of its CPU). Now one line per
+  MAC as it starts flapping.
+- **The agent-shaped floor** (new in this run's tables): the floor's fan-out read as an agent
+  reads, with no dvswitch code: uvloop `add_reader`, CURVE, a report per wake-up. ~81 µs per
+  message per subscriber against the blocking floor's ~32 µs (2.3-2.6×), p99 1.4-2.2× the
+  floor's: the goals "within 2× of the floor" on CPU and p99 are beyond this architecture (an
+  event loop, CURVE, a report per move) before any of dvswitch's own code runs. Measured by hand
+  beside it (one-off harness, 32 hosts): + the agent core's work per update (decode, validate,
+  merge, report) 130 µs, + one SUB socket per peer 138 µs, a real bystander ~145-150 µs (main
+  thread ~105, libzmq I/O thread ~45, 1.4 and 1.9 wake-ups per move). The core's own path is
+  ~10 µs per update in a hot loop; with 33 processes on 2 cores every wake-up starts with cold
+  caches, and it costs ~45.
+- **Where a bystander's time goes now** (Linux perf, 32 hosts at 300 moves/s, all agents): the
+  Python interpreter 46 %, the kernel 32 % (context switches alone ~20 %: three per update, the
+  I/O thread's read, the event loop's wake, the I/O thread's send of the report), libzmq 9 %,
+  uvloop 4 %, libsodium 1.5 %. What would cut it further is structural: fewer wake-ups per update
+  (the report's send wakes libzmq's I/O thread a second time) or fewer receivers per update.
+- **CURVE at 64 hosts**: the acceptance run above measured +19 % p50 and +13 % p99 with CURVE
+  (+2.8 % / +3.6 % on 2026-12-04); a one-off run: 32 hosts -0.9 % / +20.8 %, 64 hosts +23 % /
+  +15 %. Per move the agents spent the same CPU with and without it (64 hosts, 700 moves: 14.4
+  vs 14.3 ms for all agents together), so what CURVE adds is latency, not work: the
+  destination's libzmq I/O thread encrypts each update once per subscriber, one after another.
+"""
+
+SESSION_NOTES_1204 = """### What changed 2026-12-04, side by side (same sitting, old and new build alternating)
 
 Three pairs of `dvs bench --hosts 32 --vms 1280 --moves 200 --rates 100,300,600 --phases moves,load
 --no-docs` (CURVE on), build 9bdd786 against this one; medians, per-pair ratios in brackets:
@@ -939,5 +1007,5 @@ def markdown(doc: dict, plot_files: dict[str, str]) -> str:
     if pngs:
         lines += ["", "Plots written next to `bench.json` in the output directory: "
                   + ", ".join(f"`{p}`" for p in pngs) + "."]
-    lines += ["", DEFINITIONS, SESSION_NOTES, PROFILE_NOTES, EARLIER]
+    lines += ["", DEFINITIONS, SESSION_NOTES, SESSION_NOTES_1204, PROFILE_NOTES, EARLIER]
     return "\n".join(lines).rstrip() + "\n"
