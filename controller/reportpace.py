@@ -15,8 +15,9 @@ another never have more than one, open-loop moves at 300/s at 32 hosts have 2-5.
 starts above BATCH_ABOVE and stops below UNBATCH_BELOW (hysteresis: each change is a notice to
 every agent). A batching notice holds for LEASE_MS: the controller renews it every RENEW_MS
 while it wants batching, so an agent never keeps batching for a controller that crashed, lost
-the notice that ended it, or restarted without it. Measured at 32 hosts, 300 moves/s: convergence p99 61 -> 24 ms, agents 1.55 ->
-1.43 cores (docs/benchmarks.md).
+the notice that ended it, or restarted without it. Measured at 32 hosts, 300 moves/s, in
+alternating pairs with and without it: convergence p99 49-123 -> 24-40 ms, agents ~1.55 -> ~1.45
+cores (docs/benchmarks.md).
 
 Pure: no I/O, no clock, no randomness (tests/test_core_purity.py).
 """
