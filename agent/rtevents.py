@@ -25,6 +25,12 @@ DROP_COUNTERS = ("dropped_malformed", "dropped_unexpected", "forged_claims", "no
                  "non_member_messages")
 
 
+def drops_total(s) -> int:
+    """The sum of DROP_COUNTERS in the core's Stats `s`, spelled out: it runs after every frame the
+    agent takes (tests/test_agent_events.py holds the two together)."""
+    return s.dropped_malformed + s.dropped_unexpected + s.forged_claims + s.non_member_claims + s.non_member_messages
+
+
 class RuntimeEvents:
     # Set by AgentRuntime: its host, config, core, faults and event log (NoEventLog until
     # _open_events, and when the agent runs without one), and what was last told.

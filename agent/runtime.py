@@ -40,7 +40,7 @@ from agent.effects import Emit, Publish, Reply, Subscribe, ToController, ToPeer,
 from agent.faults import CONTROLLER, NetFaults, host_of_identity
 from agent.lifeline import watch_owner
 from agent.rtauth import RuntimeAuth
-from agent.rtevents import RuntimeEvents
+from agent.rtevents import RuntimeEvents, drops_total
 from dvswitch import auth, keys
 from dvswitch.bus import (
     NOBLOCK,
@@ -253,7 +253,7 @@ class AgentRuntime(RuntimeAuth, RuntimeEvents):
 
     def _on_frame(self, channel: str, frame: bytes, now_ns: int, envelope=None) -> None:
         self.core.on_frame(channel, frame, now_ns, envelope)
-        drops = _drops(self.core.stats)
+        drops = drops_total(self.core.stats)
         if drops != self._drops_seen:
             self._dropped(channel, envelope, drops)
 
@@ -406,11 +406,6 @@ class _SubHandler:
             rt._faulty("sub", self.host, frames[-1], self.host)
             return
         self.on_frame("sub", frames[-1], time.monotonic_ns(), self.host)
-        drops = _drops(rt.core.stats)
+        drops = drops_total(rt.core.stats)
         if drops != rt._drops_seen:
             rt._dropped("sub", self.host, drops)
-
-
-def _drops(s) -> int:
-    """The sum of the core's drop counters (agent/rtevents.py DROP_COUNTERS), after every frame."""
-    return s.dropped_malformed + s.dropped_unexpected + s.forged_claims + s.non_member_claims + s.non_member_messages

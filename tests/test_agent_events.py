@@ -137,3 +137,13 @@ def test_the_simulators_route_refuses_an_effect_it_does_not_know():
     assert sent == [[b"a", b"b"]]  # (frames to the controller travel together; events stay out of the sim)
     with pytest.raises(AssertionError):
         route_agent(sim, None, [Teleport("h2")], 0)
+
+
+def test_the_runtimes_drop_sum_counts_exactly_the_drop_counters():
+    from agent.rtevents import DROP_COUNTERS, drops_total
+    from agent.updates import Stats
+
+    s = Stats()
+    for i, name in enumerate(s.__slots__):
+        setattr(s, name, 1 << i)  # a distinct bit per counter: any one missing or extra shows
+    assert drops_total(s) == sum(getattr(s, n) for n in DROP_COUNTERS)

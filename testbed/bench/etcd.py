@@ -420,7 +420,6 @@ def summarize_etcd(hosts: int, msgs: int, rate: float, frame_bytes: int, send_ns
 
     out = summarize_floor(hosts, msgs, rate, frame_bytes, send_ns, results)
     out.pop("subscribers")
-    out.pop("receive_loop")
     cpu = out.pop("cpu_us_per_msg_per_subscriber")
     out["first_watcher_latency_ms"] = out.pop("first_subscriber_latency_ms")
     span_s = (send_ns[-1] - send_ns[0]) / 1e9 if len(send_ns) > 1 else 0.0

@@ -289,10 +289,8 @@ def run_floor(hosts: int, msgs: int, rate: float, log_dir: Path, *, track: Calla
         for s in (pub, pull, sink):
             if s is not None:
                 s.close(linger=0)
-    out = summarize_floor(hosts, msgs, rate, frame_bytes, send_ns, results)
-    out["receive_loop"] = LOOPS[shape]
-    out["shape"] = shape
-    return out
+    return {**summarize_floor(hosts, msgs, rate, frame_bytes, send_ns, results),
+            "receive_loop": LOOPS[shape], "shape": shape}
 
 
 def summarize_floor(hosts: int, msgs: int, rate: float, frame_bytes: int, send_ns: list[int],
@@ -316,7 +314,6 @@ def summarize_floor(hosts: int, msgs: int, rate: float, frame_bytes: int, send_n
         "msgs": msgs,
         "rate_per_s": rate,
         "frame_bytes": frame_bytes,
-        "receive_loop": "blocking recv()",
         "lost": lost,
         "latency_ms": dist(last),  # until the LAST subscriber has the message
         "first_subscriber_latency_ms": dist(first),
